@@ -1,0 +1,158 @@
+"""Loaders over the WebDataset shards written by :mod:`icehpc.shards`.
+
+CPU workers only *decode* (PNG → uint8 grayscale on a fixed square canvas); augmentation runs
+batched on the accelerator later, because per-sample CPU augmentation is ~200× slower (issue 2).
+Two uses:
+
+- :func:`train_loader`: resampled shards (with replacement, seeded per rank/worker/epoch), a fixed
+  number of batches per epoch that is the SAME on every rank, so no rank waits in a collective.
+- :func:`ordered_loader`: every sample of the given shards exactly once (for the embedding job;
+  give each rank :func:`assign_shards` of the index).
+
+Batches are ``(images, metas)``: ``images`` a ``torch.uint8`` tensor ``[B, 1, canvas, canvas]``
+(particle dark on a light background, padding 255), ``metas`` a list of the sample JSON dicts plus
+``__key__`` and ``__shard__``. Physical size is not in the pixels (crops are rescaled): read
+``particle_width_um`` / ``pixel_um`` / ``orig_width`` from the metadata.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+BACKGROUND = 255  # uint8 padding value: CPI/OAP images are dark particles on a light field
+
+Batch = tuple[torch.Tensor, list[dict[str, Any]]]
+
+
+def read_index(shard_dir: str | os.PathLike) -> dict:
+    """``shard_dir/index.json`` as written by ``icehpc shards build``."""
+    path = Path(shard_dir) / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: build shards first (icehpc shards build ... --out {shard_dir})")
+    return json.loads(path.read_text())
+
+
+def shard_paths(shard_dir: str | os.PathLike) -> list[str]:
+    """Absolute shard paths in index order (shards with zero samples are left out)."""
+    root = Path(shard_dir).resolve()
+    return [str(root / s["name"]) for s in read_index(shard_dir)["shards"] if s["samples"] > 0]
+
+
+def assign_shards(paths: list[str], rank: int, world: int) -> list[str]:
+    """Shards of one rank: round-robin over the given order, so every shard goes to exactly one rank."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside 0..{world - 1}")
+    return list(paths[rank::world])
+
+
+def decode_image(png_bytes: bytes, canvas: int, max_upscale: float = 1.0) -> torch.Tensor:
+    """PNG bytes → ``uint8 [1, canvas, canvas]``, aspect kept, centred, padded with 255.
+
+    Crops larger than the canvas are shrunk so their longest side fits; smaller crops are enlarged
+    by at most ``max_upscale`` (default 1: never), so tiny particles are not blown up into blurry
+    blobs and the pixel scale of small crops is kept.
+    """
+    with Image.open(io.BytesIO(png_bytes)) as im:
+        im = im.convert("L") if im.mode != "L" else im
+        w, h = im.size
+        scale = min(canvas / max(w, h), max_upscale)
+        if scale != 1.0:
+            w, h = max(1, round(w * scale)), max(1, round(h * scale))
+            im = im.resize((w, h), Image.Resampling.BILINEAR)
+        pixels = np.asarray(im)
+    out = np.full((1, canvas, canvas), BACKGROUND, dtype=np.uint8)
+    top, left = (canvas - h) // 2, (canvas - w) // 2
+    out[0, top:top + h, left:left + w] = pixels
+    return torch.from_numpy(out)
+
+
+def _sample_to_item(sample: dict, canvas: int) -> tuple[torch.Tensor, dict]:
+    meta = json.loads(sample["json"])
+    meta["__key__"] = sample["__key__"]
+    meta["__shard__"] = os.path.basename(sample["__url__"])
+    return decode_image(sample["png"], canvas), meta
+
+
+def _collate(items: list[tuple[torch.Tensor, dict]]) -> Batch:
+    return torch.stack([img for img, _ in items]), [meta for _, meta in items]
+
+
+def _worker_seed(rank: int) -> int:
+    """Per (rank, DataLoader worker) seed; explicit rank so the loader never guesses it from env."""
+    info = torch.utils.data.get_worker_info()
+    return rank * 1000 + (info.id if info is not None else 0)
+
+
+class _SeededShuffle:
+    """Sample shuffle buffer whose RNG depends on (seed, epoch, rank, worker): reproducible runs."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int) -> None:
+        self.bufsize, self.seed, self.epoch, self.rank = bufsize, seed, epoch, rank
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        rng = random.Random(f"{self.seed}/{self.epoch}/{_worker_seed(self.rank)}")
+        return wds.shuffle(self.bufsize, min(self.bufsize, 100), rng=rng)(src)
+
+
+def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, num_workers: int,
+                 seed: int, rank: int, world_size: int, epoch: int = 0,
+                 batches_per_epoch: int | None = None, shuffle_buffer: int = 2000) -> Iterable[Batch]:
+    """Infinite-source training batches, exactly ``batches_per_epoch`` per call to ``iter``.
+
+    Each rank resamples (with replacement) from its own share of the shards (all shards when there
+    are fewer shards than ranks); each DataLoader worker draws with its own seed derived from
+    (seed, epoch, rank, worker). Default ``batches_per_epoch`` = total samples // (batch_size ×
+    world_size), identical on all ranks. Deterministic for a given (seed, epoch, rank, world_size,
+    num_workers).
+    """
+    index = read_index(shard_dir)
+    urls = shard_paths(shard_dir)
+    if not urls:
+        raise ValueError(f"{shard_dir}: index lists no non-empty shard")
+    if batches_per_epoch is None:
+        batches_per_epoch = index["totals"]["written"] // (batch_size * world_size)
+    if batches_per_epoch < 1:
+        raise ValueError(f"{shard_dir}: {index['totals']['written']} samples are fewer than one batch of "
+                         f"{batch_size} per rank × {world_size} ranks; lower batch_size or pass batches_per_epoch")
+    mine = assign_shards(urls, rank, world_size) if len(urls) >= world_size else urls
+    dataset = wds.DataPipeline(
+        wds.ResampledShards(mine, seed=wds.utils.make_seed(seed, epoch), deterministic=True,
+                            worker_seed=functools.partial(_worker_seed, rank)),
+        wds.tarfile_to_samples(),
+        _SeededShuffle(shuffle_buffer, seed, epoch, rank),
+        wds.map(functools.partial(_sample_to_item, canvas=canvas)),
+        wds.batched(batch_size, collation_fn=_collate, partial=False),
+    )
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
+                           persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    return loader.with_epoch(batches_per_epoch)
+
+
+def ordered_loader(paths: list[str], *, batch_size: int, canvas: int, num_workers: int = 0) -> Iterable[Batch]:
+    """Every sample of ``paths`` exactly once, batches never mixing shards of different workers.
+
+    With ``num_workers <= 1`` the order is exactly shard order, then sample order. With more
+    workers shard ``i`` goes to worker ``i % num_workers`` and batches arrive worker-interleaved
+    (still deterministic); use ``__shard__``/``__key__`` in the metas, not position, to join results.
+    """
+    dataset = wds.DataPipeline(
+        wds.SimpleShardList(list(paths)),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.map(functools.partial(_sample_to_item, canvas=canvas)),
+        wds.batched(batch_size, collation_fn=_collate, partial=True),
+    )
+    if num_workers == 0:
+        return dataset
+    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
+                         prefetch_factor=4)

@@ -1,0 +1,57 @@
+"""Fused kernels. ``vmf_xent``: iBOT-vMF prototype softmax + soft cross-entropy.
+
+Importing this package does not import Triton; the fused backend is loaded on first use.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .vmf_xent_torch import vmf_xent_torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def vmf_xent(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
+             tau_t: float, pairs: Tensor | None = None, weights: Tensor | None = None,
+             vmf: bool = True, backend: str = "auto") -> tuple[Tensor, dict[str, Tensor]]:
+    """Soft cross-entropy between teacher and student vMF prototype softmaxes.
+
+    zs [Ns, D] student rows (L2-normalised), ws [K, D] student prototypes (unnormalised: ‖w_k‖
+    carries the concentration), zt [Nt, D] / wt [K, D] teacher (no gradient), center [K] teacher
+    centre in logit space, tau_s / tau_t temperatures.
+
+    l_s[i,k] = zs_i·ws_k/τ_s + b_s[k];  l_t[j,k] = zt_j·wt_k/τ_t + b_t[k] − center[k];
+    b[k] = log C_p(‖w_k‖/τ) (p = D) if vmf else 0;  P_t = softmax(l_t), log P_s = log_softmax(l_s).
+
+    pairs: None (student row i ↔ teacher row i, Ns == Nt; iBOT patch loss) or LongTensor [Ns, m] of
+    teacher rows, −1 = none (DINO [CLS] loss). weights [Ns] ≥ 0, default ones.
+
+    loss = Σ_i w_i Σ_{j∈pairs(i)} H(P_t[j], P_s[i]) / Σ_i w_i |pairs(i)|  (0 when the denominator is 0);
+    gradients flow to zs and ws (through b_s too). stats (float32, no gradient):
+    ``teacher_logit_mean`` [K] = mean over all Nt teacher rows of the uncentred l_t (+center),
+    ``teacher_prob_mean`` [K] = mean over all Nt rows of P_t.
+
+    backend: "torch" (plain reference), "triton" (fused, no N×K tensor), "auto" (triton on CUDA).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if zs.is_cuda and _triton_available() else "torch"
+    if backend == "torch":
+        return vmf_xent_torch(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf)
+    from .vmf_xent_triton import vmf_xent_triton
+
+    return vmf_xent_triton(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf)
+
+
+def _triton_available() -> bool:
+    """True when Triton imports (it is an optional dependency, extras `gpu`)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+__all__ = ["vmf_xent", "vmf_xent_torch", "BACKENDS"]

@@ -1,0 +1,75 @@
+"""Plain PyTorch reference of the iBOT-vMF prototype soft cross-entropy (any device, any float dtype).
+
+It materialises the N×K logits on purpose: it is the specification the fused Triton kernel is tested
+against (in float64) and the loss CPU pretraining trains with.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def vmf_bias(w: Tensor, tau: float, vmf: bool) -> Tensor | None:
+    """b[k] = log C_p(‖w_k‖/τ) with p = D (the vMF normaliser of prototype k), or None without vMF.
+
+    w: [K, D]. Returns [K] in float32 (float64 for float64 input); differentiable through ‖w_k‖.
+    """
+    if not vmf:
+        return None
+    from icehpc.vmf import log_cp_torch  # science helper's module; exact gradient −A_p(κ)
+
+    acc = torch.promote_types(w.dtype, torch.float32)
+    return log_cp_torch(w.to(acc).norm(dim=1) / tau, w.shape[1])
+
+
+def pair_matrix(pairs: Tensor | None, n_student: int, n_teacher: int, dtype: torch.dtype,
+                device: torch.device) -> Tensor | None:
+    """Dense 0/1 (or count) matrix A [Ns, Nt] with A[i, j] = #times teacher row j is paired with
+    student row i; −1 entries of ``pairs`` [Ns, m] are ignored. None for the identity pairing."""
+    if pairs is None:
+        return None
+    if pairs.dim() != 2 or pairs.shape[0] != n_student:
+        raise ValueError(f"pairs must be [Ns={n_student}, m], got {tuple(pairs.shape)}")
+    if pairs.numel() and int(pairs.max()) >= n_teacher:
+        raise ValueError(f"pairs holds teacher row {int(pairs.max())} but Nt = {n_teacher}")
+    valid = pairs >= 0
+    rows = torch.arange(n_student, device=device).unsqueeze(1).expand_as(pairs)[valid]
+    a = torch.zeros(n_student, n_teacher, dtype=dtype, device=device)
+    a.index_put_((rows, pairs[valid].to(device)), torch.ones((), dtype=dtype, device=device),
+                 accumulate=True)
+    return a
+
+
+def vmf_xent_torch(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
+                   tau_t: float, pairs: Tensor | None = None, weights: Tensor | None = None,
+                   vmf: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """Reference of ``icehpc.kernels.vmf_xent`` (see there for shapes and the formula).
+
+    Matmuls run in the input dtype; logits and softmaxes in float32 (float64 for float64 input),
+    as plain mixed-precision PyTorch code does.
+    """
+    ns, d = zs.shape
+    nt = zt.shape[0]
+    if pairs is None and ns != nt:
+        raise ValueError(f"pairs=None pairs row i with row i, so Ns ({ns}) must equal Nt ({nt})")
+    acc = torch.promote_types(zs.dtype, torch.float32)
+    ls = (zs @ ws.T).to(acc) / tau_s
+    b_s = vmf_bias(ws, tau_s, vmf)
+    if b_s is not None:
+        ls = ls + b_s.to(acc)
+    with torch.no_grad():
+        lt_raw = (zt @ wt.T).to(acc) / tau_t
+        b_t = vmf_bias(wt, tau_t, vmf)
+        if b_t is not None:
+            lt_raw = lt_raw + b_t.to(acc)
+        p_t = torch.softmax(lt_raw - center.to(acc), dim=1)
+        stats = {"teacher_logit_mean": lt_raw.mean(0).float(), "teacher_prob_mean": p_t.mean(0).float()}
+        a = pair_matrix(pairs, ns, nt, acc, zs.device)
+        target = p_t if a is None else a @ p_t  # Σ_{j∈pairs(i)} P_t[j], linear in P_t
+        count = torch.ones(ns, dtype=acc, device=zs.device) if a is None else a.sum(1)
+        w = torch.ones(ns, dtype=acc, device=zs.device) if weights is None else weights.detach().to(acc)
+        den = (w * count).sum()
+    log_ps = torch.log_softmax(ls, dim=1)
+    num = -(w.unsqueeze(1) * target * log_ps).sum()
+    loss = num / den if bool(den > 0) else num * 0.0
+    return loss, stats

@@ -1,0 +1,369 @@
+"""Fused Triton backend of ``vmf_xent``: no N×K tensor in forward or backward.
+
+Algebra (per student row i, target T_i = Σ_{j∈pairs(i)} P_t[j], c_i = |pairs(i)|, a_i = w_i / Σ w c):
+
+  loss   = Σ_i a_i (c_i·lse_s[i] − Σ_k T_ik l_s[i,k])
+  Σ_k P_t[j,k] l_s[i,k] = zs_i·U_j/τ_s + v_j   with U_j = P_t[j] @ ws  [D],  v_j = P_t[j]·b_s
+  ∂/∂zs_i = a_i (c_i·O_i − Σ_{j∈pairs(i)} U_j)/τ_s   with O_i = P_s[i] @ ws  [D]
+  ∂/∂ws_k = (1/τ_s) Σ_i G_ik zs_i,  ∂/∂b_s[k] = Σ_i G_ik,  G = a·c·P_s − Σ_pairs a·P_t
+
+So one *row* pass (online softmax over K tiles, like flash attention with the prototypes as values)
+gives lse_s, O, lse_t, U, v for every row, hence the loss and ∂zs; one *column* pass (logits
+recomputed tile by tile from the saved per-row lse) gives ∂ws, ∂b_s and Σ_j P_t[j] (the
+teacher_prob_mean statistic). The loss is linear in P_t, so with ``pairs`` the teacher rows are
+processed once each and their U_j, v_j (and, in the column pass, the paired student rows summed per
+teacher row) are combined by an O(N·m·D) gather — never per pair over K.
+The identity pairing runs teacher and student in the same launch (shared prototype tiles).
+Both passes run in the forward (the loss is a scalar, so the backward only scales the saved fp32
+gradients); the column pass is needed there anyway for teacher_prob_mean.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .vmf_xent_torch import vmf_bias
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_D = 1024  # the D axis is one register tile
+
+
+def _row_configs() -> list[triton.Config]:
+    if INTERPRET:  # the interpreter fails with several autotune configs
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2),
+                                 (128, 64, 8, 2), (32, 128, 4, 2), (64, 32, 4, 3)]]
+
+
+def _col_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2),
+                                 (128, 64, 8, 2), (64, 32, 4, 3), (32, 128, 8, 2)]]
+
+
+@triton.autotune(configs=_row_configs(), key=["N", "K", "BLOCK_D", "DO_S", "DO_T", "NEED_O"])
+@triton.jit
+def _row_kernel(xs_ptr, ws_ptr, bs_ptr, xt_ptr, wt_ptr, bt_ptr,
+                lse_s_ptr, o_ptr, lse_t_ptr, u_ptr, v_ptr,
+                N, K, D, inv_tau_s, inv_tau_t,
+                DO_S: tl.constexpr, DO_T: tl.constexpr, NEED_O: tl.constexpr,
+                DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per row block, online softmax over all K tiles. Student: lse_s and O = P_s@ws (if NEED_O);
+    teacher: lse_t, U = P_t@ws, v = P_t·b_s. Tensors are row-major contiguous; fp32 outputs."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    cols = tl.arange(0, BLOCK_D)
+    dmask = cols < D
+    xmask = rmask[:, None] & dmask[None, :]
+    xoff = rows[:, None] * D + cols[None, :]
+    if DO_S:
+        xs = tl.load(xs_ptr + xoff, mask=xmask, other=0.0).to(DOT)
+        m_s = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_s = tl.zeros([BLOCK_N], tl.float32)
+        o = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if DO_T:
+        xt = tl.load(xt_ptr + xoff, mask=xmask, other=0.0).to(DOT)
+        m_t = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_t = tl.zeros([BLOCK_N], tl.float32)
+        u = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        v = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        kmask = ks < K
+        woff = ks[:, None] * D + cols[None, :]
+        wmask = kmask[:, None] & dmask[None, :]
+        w_s = tl.load(ws_ptr + woff, mask=wmask, other=0.0).to(DOT)
+        b_s = tl.load(bs_ptr + ks, mask=kmask, other=0.0)
+        if DO_S:
+            s = tl.dot(xs, tl.trans(w_s), input_precision=PRECISION) * inv_tau_s + b_s[None, :]
+            s = tl.where(kmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_s, tl.max(s, axis=1))
+            alpha = tl.exp(m_s - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_s = l_s * alpha + tl.sum(p, axis=1)
+            if NEED_O:
+                o = o * alpha[:, None] + tl.dot(p.to(DOT), w_s, input_precision=PRECISION)
+            m_s = m_new
+        if DO_T:
+            w_t = tl.load(wt_ptr + woff, mask=wmask, other=0.0).to(DOT)
+            b_t = tl.load(bt_ptr + ks, mask=kmask, other=0.0)
+            t = tl.dot(xt, tl.trans(w_t), input_precision=PRECISION) * inv_tau_t + b_t[None, :]
+            t = tl.where(kmask[None, :], t, float("-inf"))
+            m_new_t = tl.maximum(m_t, tl.max(t, axis=1))
+            alpha_t = tl.exp(m_t - m_new_t)
+            q = tl.exp(t - m_new_t[:, None])
+            l_t = l_t * alpha_t + tl.sum(q, axis=1)
+            u = u * alpha_t[:, None] + tl.dot(q.to(DOT), w_s, input_precision=PRECISION)
+            v = v * alpha_t + tl.sum(q * b_s[None, :], axis=1)
+            m_t = m_new_t
+    if DO_S:
+        tl.store(lse_s_ptr + rows, m_s + tl.log(l_s), mask=rmask)
+        if NEED_O:
+            tl.store(o_ptr + xoff, o / l_s[:, None], mask=xmask)
+    if DO_T:
+        tl.store(lse_t_ptr + rows, m_t + tl.log(l_t), mask=rmask)
+        tl.store(u_ptr + xoff, u / l_t[:, None], mask=xmask)
+        tl.store(v_ptr + rows, v / l_t, mask=rmask)
+
+
+@triton.autotune(configs=_col_configs(), key=["N", "K", "BLOCK_D", "DO_S", "DO_T", "NEED_DW"],
+                 reset_to_zero=["dw_ptr", "db_ptr", "pm_ptr"])
+@triton.jit
+def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
+                xt_ptr, wt_ptr, bt_ptr, lse_t_ptr, atw_ptr, atb_ptr,
+                y_ptr, dw_ptr, db_ptr, pm_ptr,
+                N, K, D, inv_tau_s, inv_tau_t,
+                DO_S: tl.constexpr, DO_T: tl.constexpr, NEED_DW: tl.constexpr,
+                DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per K tile and row split, recompute P tiles from the saved lse and reduce over rows:
+    G = as·P_s − atw·P_t;  dw += Gᵀ@y, db += Σ_rows (as·P_s − atb·P_t), pm += Σ_rows P_t.
+    Outputs are fp32 and accumulated with atomics across the row splits (grid axis 1)."""
+    pid_k = tl.program_id(0)
+    n_split = tl.num_programs(1)
+    chunk = tl.cdiv(tl.cdiv(N, n_split), BLOCK_N) * BLOCK_N
+    row_start = tl.program_id(1).to(tl.int64) * chunk
+    row_end = tl.minimum(row_start + chunk, N)
+    ks = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    cols = tl.arange(0, BLOCK_D)
+    dmask = cols < D
+    woff = ks[:, None] * D + cols[None, :]
+    wmask = kmask[:, None] & dmask[None, :]
+    if DO_S:
+        w_s = tl.load(ws_ptr + woff, mask=wmask, other=0.0).to(DOT)
+        b_s = tl.load(bs_ptr + ks, mask=kmask, other=0.0)
+    if DO_T:
+        w_t = tl.load(wt_ptr + woff, mask=wmask, other=0.0).to(DOT)
+        b_t = tl.load(bt_ptr + ks, mask=kmask, other=0.0)
+        pm = tl.zeros([BLOCK_K], tl.float32)
+    db = tl.zeros([BLOCK_K], tl.float32)
+    if NEED_DW:
+        dw = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        rmask = rows < row_end
+        xoff = rows[:, None] * D + cols[None, :]
+        xmask = rmask[:, None] & dmask[None, :]
+        tile_mask = rmask[:, None] & kmask[None, :]
+        g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        if DO_S:
+            xs = tl.load(xs_ptr + xoff, mask=xmask, other=0.0).to(DOT)
+            lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=float("inf"))
+            a_s = tl.load(as_ptr + rows, mask=rmask, other=0.0)
+            s = tl.dot(xs, tl.trans(w_s), input_precision=PRECISION) * inv_tau_s + b_s[None, :]
+            p = tl.where(tile_mask, tl.exp(s - lse_s[:, None]), 0.0)
+            g += a_s[:, None] * p
+            db += tl.sum(a_s[:, None] * p, axis=0)
+        if DO_T:
+            xt = tl.load(xt_ptr + xoff, mask=xmask, other=0.0).to(DOT)
+            lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=float("inf"))
+            t = tl.dot(xt, tl.trans(w_t), input_precision=PRECISION) * inv_tau_t + b_t[None, :]
+            q = tl.where(tile_mask, tl.exp(t - lse_t[:, None]), 0.0)
+            pm += tl.sum(q, axis=0)
+            if NEED_DW:
+                a_tw = tl.load(atw_ptr + rows, mask=rmask, other=0.0)
+                a_tb = tl.load(atb_ptr + rows, mask=rmask, other=0.0)
+                g -= a_tw[:, None] * q
+                db -= tl.sum(a_tb[:, None] * q, axis=0)
+        if NEED_DW:
+            y = tl.load(y_ptr + xoff, mask=xmask, other=0.0).to(DOT)
+            dw += tl.dot(tl.trans(g.to(DOT)), y, input_precision=PRECISION)
+    if NEED_DW:
+        tl.atomic_add(dw_ptr + woff, dw, mask=wmask)
+        tl.atomic_add(db_ptr + ks, db, mask=kmask)
+    if DO_T:
+        tl.atomic_add(pm_ptr + ks, pm, mask=kmask)
+
+
+_DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _dot_setup(dtype: torch.dtype) -> tuple[tl.dtype, str]:
+    """Operand type of tl.dot and its fp32 precision. The interpreter computes bf16/fp16 wrongly, so
+    there every tile is cast to fp32 right after tl.load; on the GPU half inputs stay half (tensor
+    cores, fp32 accumulation) and fp32 follows torch's TF32 matmul switch."""
+    if dtype not in _DOT_DTYPES:
+        raise TypeError(f"triton backend takes float32/bfloat16/float16 inputs, got {dtype}")
+    if INTERPRET or dtype == torch.float32:
+        tf32 = not INTERPRET and torch.backends.cuda.matmul.allow_tf32
+        return tl.float32, "tf32" if tf32 else "ieee"
+    return _DOT_DTYPES[dtype], "ieee"
+
+
+def _col_split(n_rows: int, k: int, device: torch.device) -> int:
+    """Row splits of the column pass: enough programs to fill the GPU twice over."""
+    if INTERPRET or device.type != "cuda":
+        return 2 if n_rows > 16 else 1  # exercise the atomics across splits in the CPU tests
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, triton.cdiv(k, 64)), triton.cdiv(n_rows, 64)))
+
+
+def _row_pass(xs: Tensor | None, ws: Tensor, b_s: Tensor, xt: Tensor | None, wt: Tensor,
+              b_t: Tensor, inv_tau_s: float, inv_tau_t: float, need_o: bool
+              ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Launch the row kernel on student rows xs and/or teacher rows xt (same N when both)."""
+    x = xs if xs is not None else xt
+    n, d = x.shape
+    k = ws.shape[0]
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    dummy = torch.empty(1, **f32)
+    do_s, do_t = xs is not None, xt is not None
+    lse_s = torch.empty(n, **f32) if do_s else dummy
+    o = torch.empty(n, d, **f32) if do_s and need_o else dummy
+    lse_t = torch.empty(n, **f32) if do_t else dummy
+    u = torch.empty(n, d, **f32) if do_t else dummy
+    v = torch.empty(n, **f32) if do_t else dummy
+    dot, prec = _dot_setup(x.dtype)
+    _row_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        xs if do_s else x, ws, b_s, xt if do_t else x, wt, b_t,
+        lse_s, o, lse_t, u, v, n, k, d, inv_tau_s, inv_tau_t,
+        DO_S=do_s, DO_T=do_t, NEED_O=need_o, DOT=dot, PRECISION=prec,
+        BLOCK_D=max(16, triton.next_power_of_2(d)))
+    return ((lse_s if do_s else None), (o if do_s and need_o else None), (lse_t if do_t else None),
+            (u if do_t else None), (v if do_t else None))
+
+
+def _col_pass(ws: Tensor, wt: Tensor, b_s: Tensor, b_t: Tensor, inv_tau_s: float, inv_tau_t: float,
+              dw: Tensor, db: Tensor, pm: Tensor, *, xs: Tensor | None = None,
+              lse_s: Tensor | None = None, a_s: Tensor | None = None, xt: Tensor | None = None,
+              lse_t: Tensor | None = None, a_tw: Tensor | None = None, a_tb: Tensor | None = None,
+              y: Tensor | None = None) -> None:
+    """Launch the column kernel; accumulates into dw [K, D], db [K], pm [K] (fp32, zeroed)."""
+    x = xs if xs is not None else xt
+    n, d = x.shape
+    k = ws.shape[0]
+    dummy = torch.empty(1, dtype=torch.float32, device=x.device)
+    do_s, do_t, need_dw = xs is not None, xt is not None, y is not None
+    dot, prec = _dot_setup(x.dtype)
+    split = _col_split(n, k, x.device)
+    _col_kernel[lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), split)](
+        x, ws, b_s, lse_s if do_s else dummy, a_s if do_s else dummy,
+        xt if do_t else x, wt, b_t, lse_t if do_t else dummy, a_tw if do_t else dummy,
+        a_tb if do_t else dummy, y if need_dw else x, dw, db, pm,
+        n, k, d, inv_tau_s, inv_tau_t,
+        DO_S=do_s, DO_T=do_t, NEED_DW=need_dw, DOT=dot, PRECISION=prec,
+        BLOCK_D=max(16, triton.next_power_of_2(d)))
+
+
+class _VmfXentFn(torch.autograd.Function):
+    """loss (scalar) and Σ_j P_t[j] (non-differentiable); gradients for zs, ws (matmul part) and
+    b_s are computed in the forward and scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, zs: Tensor, ws: Tensor, b_s: Tensor, zt: Tensor, wt: Tensor, b_t: Tensor,
+                w: Tensor, pairs: Tensor | None, tau_s: float, tau_t: float) -> tuple[Tensor, Tensor]:
+        ns, d = zs.shape
+        k = ws.shape[0]
+        need_z, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        its, itt = 1.0 / tau_s, 1.0 / tau_t
+        f32 = dict(dtype=torch.float32, device=zs.device)
+        b_s32 = b_s.detach().float().contiguous()
+        dw = torch.zeros(k, d, **f32) if need_w else torch.empty(1, **f32)
+        db = torch.zeros(k, **f32)
+        pm = torch.zeros(k, **f32)
+        if pairs is None:
+            count = torch.ones(ns, **f32)
+            den = w.sum()
+            inv_den = torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
+            a = w * inv_den
+            lse_s, o, lse_t, u, v = _row_pass(zs, ws, b_s32, zt, wt, b_t, its, itt, need_z)
+            u_bar, v_bar = u, v
+            if need_w:
+                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xs=zs, lse_s=lse_s, a_s=a, xt=zt,
+                          lse_t=lse_t, a_tw=a, a_tb=a, y=zs)
+            else:
+                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xt=zt, lse_t=lse_t)
+        else:
+            valid = pairs >= 0
+            idx = pairs.clamp_min(0)
+            count = valid.sum(1).float()
+            den = (w * count).sum()
+            inv_den = torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
+            a = w * inv_den
+            lse_s, o, _, _, _ = _row_pass(zs, ws, b_s32, None, wt, b_t, its, itt, need_z)
+            _, _, lse_t, u, v = _row_pass(None, ws, b_s32, zt, wt, b_t, its, itt, False)
+            vm = valid.float()
+            u_bar = torch.einsum("im,imd->id", vm, u[idx])
+            v_bar = (vm * v[idx]).sum(1)
+            if need_w:
+                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xs=zs, lse_s=lse_s, a_s=a * count,
+                          y=zs)
+                # per teacher row j: Σ_{i paired with j} a_i (for b_s) and a_i·zs_i (for ws)
+                flat_i = torch.arange(ns, device=zs.device).unsqueeze(1).expand_as(pairs)[valid]
+                flat_j = pairs[valid]
+                a_t = torch.zeros(zt.shape[0], **f32).index_add_(0, flat_j, a[flat_i])
+                z_t = torch.zeros(zt.shape[0], d, **f32).index_add_(
+                    0, flat_j, a[flat_i, None] * zs[flat_i].float())
+                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xt=zt, lse_t=lse_t,
+                          a_tw=torch.ones_like(a_t), a_tb=a_t, y=z_t)
+            else:
+                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xt=zt, lse_t=lse_t)
+        cross = (zs.float() * u_bar).sum(1) * its + v_bar
+        loss = (a * (count * lse_s - cross)).sum()
+        dz = (a * count * its).unsqueeze(1) * o - (a * its).unsqueeze(1) * u_bar if need_z else None
+        ctx.save_for_backward(dz, dw if need_w else None, db if need_w else None)
+        ctx.dtypes = (zs.dtype, ws.dtype, b_s.dtype)
+        ctx.inv_tau_s = its
+        ctx.mark_non_differentiable(pm)
+        return loss, pm
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss: Tensor, _g_pm: Tensor) -> tuple[Tensor | None, ...]:
+        dz, dw, db = ctx.saved_tensors
+        tz, tw, tb = ctx.dtypes
+        gz = (g_loss * dz).to(tz) if ctx.needs_input_grad[0] else None
+        gw = (g_loss * ctx.inv_tau_s * dw).to(tw) if ctx.needs_input_grad[1] else None
+        gb = (g_loss * db).to(tb) if ctx.needs_input_grad[2] else None
+        return gz, gw, gb, None, None, None, None, None, None, None
+
+
+def vmf_xent_triton(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
+                    tau_t: float, pairs: Tensor | None = None, weights: Tensor | None = None,
+                    vmf: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """Fused ``vmf_xent`` (same contract as the torch reference). Inputs fp32/bf16/fp16, one dtype;
+    the loss is fp32 and so are the statistics."""
+    ns, d = zs.shape
+    nt, k = zt.shape[0], ws.shape[0]
+    if not (ws.shape == wt.shape == (k, d) and zt.shape[1] == d and center.shape == (k,)):
+        raise ValueError(f"shape mismatch: zs {tuple(zs.shape)} ws {tuple(ws.shape)} zt "
+                         f"{tuple(zt.shape)} wt {tuple(wt.shape)} center {tuple(center.shape)}")
+    if len({zs.dtype, ws.dtype, zt.dtype, wt.dtype}) != 1:
+        raise TypeError("zs, ws, zt, wt must share one dtype")
+    if d > MAX_D:
+        raise ValueError(f"triton backend supports D <= {MAX_D}, got {d}")
+    if pairs is None and ns != nt:
+        raise ValueError(f"pairs=None pairs row i with row i, so Ns ({ns}) must equal Nt ({nt})")
+    if not zs.is_cuda and not INTERPRET:
+        raise RuntimeError("triton backend needs CUDA tensors (or TRITON_INTERPRET=1 before import)")
+    if pairs is not None:
+        if pairs.dim() != 2 or pairs.shape[0] != ns:
+            raise ValueError(f"pairs must be [Ns={ns}, m], got {tuple(pairs.shape)}")
+        pairs = pairs.to(device=zs.device, dtype=torch.long)
+        if pairs.numel() and int(pairs.max()) >= nt:
+            raise ValueError(f"pairs holds teacher row {int(pairs.max())} but Nt = {nt}")
+    zs, ws, zt, wt = (t.contiguous() for t in (zs, ws, zt, wt))
+    b_s = vmf_bias(ws, tau_s, vmf)
+    if b_s is None:
+        b_s = torch.zeros(k, dtype=torch.float32, device=zs.device)
+    with torch.no_grad():
+        b_t = vmf_bias(wt.detach(), tau_t, vmf)
+        b_t = torch.zeros(k, dtype=torch.float32, device=zs.device) if b_t is None else b_t.float()
+        # mean of the uncentred teacher logits is linear in zt: one [D]·[K, D] product
+        logit_mean = (zt.float().mean(0) @ wt.detach().float().T) / tau_t + b_t
+        w = (torch.ones(ns, dtype=torch.float32, device=zs.device) if weights is None
+             else weights.detach().to(device=zs.device, dtype=torch.float32))
+        b_tc = (b_t - center.detach().float()).contiguous()
+    loss, pm = _VmfXentFn.apply(zs, ws, b_s, zt.detach(), wt.detach(), b_tc, w, pairs, tau_s, tau_t)
+    return loss, {"teacher_logit_mean": logit_mean, "teacher_prob_mean": pm / nt}

@@ -1,0 +1,410 @@
+"""Habit probes: are the embeddings meaningful? kNN and logistic regression against baselines.
+
+The protocol follows the paper: a weighted cosine kNN (k = 20, T = 0.07, votes weighted by
+exp(cos/T), as in DINO) and a logistic regression on standardised features, on one stratified
+train/test split with a fixed seed. Every representation is scored on the *same* split (rows are
+matched by the sample key), so the numbers are directly comparable:
+
+- the store under test (usually the pretrained backbone),
+- optionally a store from a random-init backbone (``--random-store``): what the architecture alone
+  gives,
+- optionally the paper's geometric baseline (``--images SHARDS``): six contour features of the
+  binarised particle (aspect ratio, area ratio, circularity, solidity, complexity, equivalent
+  diameter) with logistic regression.
+
+Output in DIR: ``probe.json`` (all metrics, class names, split, inputs), ``summary.csv`` (one row
+per representation × method) and one confusion-matrix PNG per representation × method.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+GEOMETRIC_FEATURES = ("aspect_ratio", "area_ratio", "circularity", "solidity", "complexity",
+                      "log10_equivalent_diameter_um")
+
+
+# --------------------------------------------------------------------------- geometric baseline
+def particle_mask(image: np.ndarray, min_contrast: float = 16.0) -> np.ndarray:
+    """bool [h, w]: the particle's pixels, holes filled, specks removed, cropped to its bounding
+    box plus a one-pixel background margin (shape features do not depend on position).
+
+    Works for either polarity (the real OAP archives are white-on-black, the shards and synthetic
+    CPI images dark-on-light): the background level is the median of the border pixels and a pixel
+    belongs to the particle when it differs from it by more than half the largest difference (the
+    half-maximum contour, robust to blur and noise). Components under 1 % of the largest one are
+    dropped as noise; an image without contrast gives an empty mask.
+    """
+    from scipy import ndimage
+
+    img = np.asarray(image, dtype=np.float32)
+    border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+    contrast = np.abs(img - np.median(border))
+    peak = float(contrast.max())
+    if peak < min_contrast:
+        return np.zeros((0, 0), dtype=bool)
+    mask = contrast > 0.5 * peak
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    mask = np.pad(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], 1)  # crop: 5× faster below
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n > 1:
+        sizes = np.bincount(labels.ravel())[1:]
+        keep = np.flatnonzero(sizes >= 0.01 * sizes.max()) + 1
+        mask = np.isin(labels, keep)
+    return ndimage.binary_fill_holes(mask)
+
+
+def contour_features(image: np.ndarray, pixel_um: float = 1.0) -> np.ndarray:
+    """float64 [6] in :data:`GEOMETRIC_FEATURES` order (NaN for an empty image).
+
+    aspect ratio = minor/major axis of the second moments; area ratio = area / area of the circle
+    whose diameter is the maximum (Feret) dimension; circularity = 4πA/P²; solidity = A / convex
+    hull area; complexity = P / convex hull perimeter (1 for convex shapes, larger for branched
+    ones); equivalent diameter = 2√(A/π) in µm (log10). The perimeter P is the Crofton estimate
+    from boundary crossings in four directions, unbiased for every orientation within a few %
+    (plain edge counts overestimate diagonal edges by up to √2).
+    """
+    from scipy.spatial import ConvexHull, QhullError
+
+    mask = particle_mask(image)
+    area = float(mask.sum())
+    if area == 0:
+        return np.full(len(GEOMETRIC_FEATURES), np.nan)
+    # Crofton perimeter: boundary crossings along lines in 4 directions (spacing 1, 1, 1/√2, 1/√2).
+    padded = np.pad(mask, 1)  # a particle cut off at the image border still gets a closed contour
+    axial = (np.count_nonzero(padded[1:, :] != padded[:-1, :])
+             + np.count_nonzero(padded[:, 1:] != padded[:, :-1]))
+    diagonal = (np.count_nonzero(padded[1:, 1:] != padded[:-1, :-1])
+                + np.count_nonzero(padded[1:, :-1] != padded[:-1, 1:]))
+    perimeter = np.pi / 8.0 * (axial + diagonal / np.sqrt(2.0))
+
+    ys, xs = np.nonzero(mask)
+    # Second moments; +1/12 is a pixel's own variance, so a one-pixel-wide line has finite axes.
+    cov = np.cov(np.stack([xs, ys]).astype(np.float64), bias=True) if area > 1 else np.zeros((2, 2))
+    evals = np.linalg.eigvalsh(cov + np.eye(2) / 12.0)
+    aspect_ratio = float(np.sqrt(evals[0] / evals[1]))
+
+    # Hull over the corners of the boundary pixels: the exact hull of the pixelated particle.
+    eroded = np.zeros_like(mask)
+    eroded[1:-1, 1:-1] = (mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1]
+                          & mask[1:-1, :-2] & mask[1:-1, 2:])
+    by, bx = np.nonzero(mask & ~eroded)
+    corners = np.concatenate([np.stack([bx + dx, by + dy], axis=1)
+                              for dx in (0, 1) for dy in (0, 1)]).astype(np.float64)
+    corners = np.unique(corners, axis=0)
+    try:
+        hull = ConvexHull(corners)
+        hull_area, hull_perimeter = float(hull.volume), float(hull.area)
+        vertices = corners[hull.vertices]
+    except QhullError:  # cannot happen for ≥ 1 pixel (4 corners), kept for degenerate inputs
+        hull_area, hull_perimeter, vertices = area, perimeter, corners
+    diffs = vertices[:, None, :] - vertices[None, :, :]
+    max_dimension = float(np.sqrt((diffs ** 2).sum(-1).max()))
+
+    equivalent_diameter_um = 2.0 * np.sqrt(area / np.pi) * pixel_um
+    return np.array([
+        aspect_ratio,
+        area / (np.pi * max_dimension ** 2 / 4.0),
+        4.0 * np.pi * area / perimeter ** 2,
+        area / hull_area,
+        perimeter / hull_perimeter,
+        np.log10(equivalent_diameter_um),
+    ])
+
+
+def iter_shard_images(shard_dir: str | Path) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """(key, uint8 [H, W] at the stored resolution, metadata) for every sample of a shard folder.
+
+    Reads the tar members directly rather than through the canvas loader, because the geometric
+    features need the stored pixel scale, which the canvas resize would change.
+    """
+    from PIL import Image
+
+    from .data import shard_paths
+
+    for path in shard_paths(str(shard_dir)):
+        pending: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                sample = pending.setdefault(key, {})
+                sample[ext] = data
+                if "png" in sample and "json" in sample:
+                    del pending[key]
+                    image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L"))
+                    yield os.path.basename(key), image, json.loads(sample["json"])
+
+
+def geometric_features_from_shards(shard_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(keys [N] str, features float64 [N, 6]) of every sample in a shard folder."""
+    keys, rows = [], []
+    for key, image, meta in iter_shard_images(shard_dir):
+        pixel_um = meta.get("pixel_um")
+        try:
+            pixel_um = float(pixel_um)
+        except (TypeError, ValueError):
+            pixel_um = float("nan")
+        keys.append(key)
+        rows.append(contour_features(image, pixel_um if np.isfinite(pixel_um) and pixel_um > 0 else 1.0))
+    return np.asarray(keys, dtype=str), np.asarray(rows, dtype=np.float64).reshape(-1, len(GEOMETRIC_FEATURES))
+
+
+# --------------------------------------------------------------------------- probes
+def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int,
+                k: int = 20, temperature: float = 0.07, chunk: int = 2048) -> np.ndarray:
+    """Weighted cosine kNN (DINO protocol): int [n_test] predicted class indices.
+
+    train_x [n_train, D], test_x [n_test, D] any float; rows are L2-normalised here. The k nearest
+    training rows by cosine vote for their class with weight exp(cos / temperature).
+    """
+    def normalise(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    train, test = normalise(train_x), normalise(test_x)
+    k = min(k, len(train))
+    out = np.empty(len(test), dtype=np.int64)
+    for start in range(0, len(test), chunk):
+        sim = test[start:start + chunk] @ train.T
+        idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(sim, idx, axis=1)
+        weights = np.exp((top - 1.0) / temperature)  # shifted by the max cosine: no overflow
+        votes = np.zeros((len(sim), n_classes), dtype=np.float64)
+        np.add.at(votes, (np.arange(len(sim))[:, None], train_y[idx]), weights)
+        out[start:start + chunk] = votes.argmax(axis=1)
+    return out
+
+
+def logreg_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
+                   c: float = 1.0, max_iter: int = 2000) -> np.ndarray:
+    """Logistic regression on standardised features (missing values → training median)."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
+                          LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
+    model.fit(np.asarray(train_x, dtype=np.float64), train_y)
+    return model.predict(np.asarray(test_x, dtype=np.float64))
+
+
+def score(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    """accuracy, balanced accuracy, per-class recall and the confusion matrix (rows = true)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score
+
+    labels = np.arange(len(classes))
+    recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "per_class_recall": {c: float(r) for c, r in zip(classes, recall)},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, test indices), stratified by label, fixed seed."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    train, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=labels)
+    return np.sort(train), np.sort(test)
+
+
+# --------------------------------------------------------------------------- inputs
+def _as_str(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype.kind in "SO":
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=str)
+    return values.astype(str)
+
+
+def read_store(path: str | Path, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys [N] str, labels [N] str, embeddings float32 [N, D]) of an embedding store."""
+    from .store import open_store
+
+    store = open_store(str(path))
+    for column in ("key", label):
+        if column not in store.columns:
+            raise ValueError(f"store {path} has no meta column '{column}' (columns: {sorted(store.columns)})")
+    embeddings, meta = store.read(0, store.n_rows)
+    return _as_str(meta["key"]), _as_str(meta[label]), np.asarray(embeddings, dtype=np.float32)
+
+
+def _align(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray, what: str) -> np.ndarray:
+    """Rows of ``values`` reordered to the order of ``wanted`` keys; error if any is missing."""
+    position = {k: i for i, k in enumerate(keys)}
+    missing = [k for k in wanted if k not in position]
+    if missing:
+        raise ValueError(f"{what}: {len(missing)} of {len(wanted)} keys of the store are missing "
+                         f"(first: {missing[:3]}); it must hold the same samples")
+    return values[np.fromiter((position[k] for k in wanted), dtype=np.int64, count=len(wanted))]
+
+
+# --------------------------------------------------------------------------- output
+def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+    """Row-normalised confusion matrix (rows: true class), annotated with recall and counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(matrix, dtype=np.float64)
+    fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = 1.6 + 0.55 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if counts[i, j]:
+                ax.text(j, i, f"{fractions[i, j]:.2f}\n{int(counts[i, j])}", ha="center", va="center",
+                        fontsize=7, color="white" if fractions[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class ProbeSettings:
+    k: int = 20
+    temperature: float = 0.07
+    test_fraction: float = 0.2
+    seed: int = 0
+    logreg_c: float = 1.0
+    min_class_count: int = 5
+
+
+def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", name: str = "pretrained",
+               random_store: str | Path | None = None, images: str | Path | None = None,
+               settings: ProbeSettings = ProbeSettings()) -> dict:
+    """Score every representation on one stratified split and write probe.json, summary.csv, PNGs.
+
+    Rows whose label is empty and classes with fewer than ``settings.min_class_count`` samples are
+    left out (listed in the JSON) because a stratified split cannot place them in both halves.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys, labels, features = read_store(store, label)
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"store {store}: duplicate keys; cannot match rows across representations")
+    names, counts = np.unique(labels, return_counts=True)
+    too_small = {str(n): int(c) for n, c in zip(names, counts) if c < settings.min_class_count or n == ""}
+    keep = ~np.isin(labels, list(too_small))
+    keys, labels, features = keys[keep], labels[keep], features[keep]
+    classes = sorted(set(labels.tolist()))
+    if len(classes) < 2:
+        raise ValueError(f"store {store}: need at least 2 classes in '{label}' with "
+                         f">= {settings.min_class_count} samples, found {classes}")
+    y = np.searchsorted(np.asarray(classes), labels)
+    train, test = stratified_split(y, settings.test_fraction, settings.seed)
+
+    representations: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {name: (features, ("knn", "logreg"))}
+    inputs = {name: str(store)}
+    if random_store is not None:
+        r_keys, _, r_features = read_store(random_store, label)
+        representations["random_init"] = (_align(r_keys, r_features, keys, f"random store {random_store}"),
+                                          ("knn", "logreg"))
+        inputs["random_init"] = str(random_store)
+    extra: dict = {}
+    if images is not None:
+        g_keys, g_features = geometric_features_from_shards(images)
+        geometric = _align(g_keys, g_features, keys, f"shards {images}")
+        representations["geometric"] = (geometric, ("logreg",))
+        inputs["geometric"] = str(images)
+        extra["geometric_empty_images"] = int(np.isnan(geometric).all(axis=1).sum())
+        extra["geometric_features"] = list(GEOMETRIC_FEATURES)
+
+    results: dict[str, dict] = {}
+    rows = []
+    for rep, (x, methods) in representations.items():
+        results[rep] = {"dim": int(x.shape[1])}
+        for method in methods:
+            if method == "knn":
+                pred = knn_predict(x[train], y[train], x[test], len(classes), settings.k, settings.temperature)
+            else:
+                pred = logreg_predict(x[train], y[train], x[test], settings.seed, settings.logreg_c)
+            metrics = score(y[test], pred, classes)
+            results[rep][method] = metrics
+            plot_confusion(np.asarray(metrics["confusion_matrix"]), classes,
+                           f"{rep} / {method}: acc {metrics['accuracy']:.3f}, "
+                           f"bal. acc {metrics['balanced_accuracy']:.3f}",
+                           out / f"confusion_{rep}_{method}.png")
+            rows.append((rep, method, metrics["accuracy"], metrics["balanced_accuracy"]))
+
+    report = {
+        "label": label, "classes": classes, "inputs": inputs,
+        "split": {"seed": settings.seed, "test_fraction": settings.test_fraction, "n_train": int(len(train)),
+                  "n_test": int(len(test)), "left_out_classes": too_small},
+        "settings": {"knn_k": settings.k, "knn_temperature": settings.temperature,
+                     "logreg_c": settings.logreg_c},
+        "results": results, **extra,
+    }
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["representation", "method", "accuracy", "balanced_accuracy"])
+    writer.writerows([(r, m, f"{a:.4f}", f"{b:.4f}") for r, m, a, b in rows])
+    _write_atomic(out / "summary.csv", buf.getvalue())
+    _write_atomic(out / "probe.json", json.dumps(report, indent=2) + "\n")  # last: marks completion
+    return report
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help="HDF5 embedding store (master or single file) to probe")
+    parser.add_argument("--label", default="habit", help="meta column with the class label (default habit)")
+    parser.add_argument("--out", required=True, help="output folder (probe.json, summary.csv, PNGs)")
+    parser.add_argument("--name", default="pretrained", help="name of STORE's representation in the output")
+    parser.add_argument("--random-store", help="store of the same samples from a random-init backbone")
+    parser.add_argument("--images", help="shard folder of the same samples: adds the geometric baseline")
+    parser.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (default 0.07)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="stratified test share (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="split and solver seed (default 0)")
+    parser.add_argument("--logreg-c", type=float, default=1.0, help="inverse L2 strength (default 1.0)")
+    parser.add_argument("--min-class-count", type=int, default=5,
+                        help="classes with fewer samples are left out and listed (default 5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = ProbeSettings(k=args.k, temperature=args.temperature, test_fraction=args.test_fraction,
+                             seed=args.seed, logreg_c=args.logreg_c, min_class_count=args.min_class_count)
+    report = run_probes(args.store, args.out, label=args.label, name=args.name,
+                        random_store=args.random_store, images=args.images, settings=settings)
+    print(f"probe on '{report['label']}': {len(report['classes'])} classes, "
+          f"{report['split']['n_train']} train / {report['split']['n_test']} test")
+    for rep, res in report["results"].items():
+        for method in ("knn", "logreg"):
+            if method in res:
+                print(f"  {rep:<12} {method:<7} accuracy {res[method]['accuracy']:.4f}  "
+                      f"balanced {res[method]['balanced_accuracy']:.4f}")
+    print(f"results: {Path(args.out) / 'probe.json'}")
+    return 0

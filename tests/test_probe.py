@@ -1,0 +1,166 @@
+"""Habit probes: geometric features, weighted kNN, the probe CLI on hand-written stores and real data."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from icehpc.probe import (GEOMETRIC_FEATURES, contour_features, knn_predict, logreg_predict, score,
+                          stratified_split)
+
+
+def _disc(radius: float, size: int = 96, dark_on_light: bool = True) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= radius ** 2
+    return np.where(inside, 0, 255).astype(np.uint8) if dark_on_light else np.where(inside, 255, 0).astype(np.uint8)
+
+
+def test_contour_features_of_known_shapes():
+    f = dict(zip(GEOMETRIC_FEATURES, contour_features(_disc(30), pixel_um=2.0)))
+    assert f["aspect_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert f["circularity"] == pytest.approx(1.0, abs=0.08)
+    assert f["solidity"] == pytest.approx(1.0, abs=0.05)  # pixel staircase vs its corner hull
+    assert f["area_ratio"] == pytest.approx(1.0, abs=0.08)
+    assert 10 ** f["log10_equivalent_diameter_um"] == pytest.approx(2 * 30 * 2.0, rel=0.03)
+
+    needle = np.full((96, 96), 255, np.uint8)
+    needle[10:86, 47:49] = 0
+    g = dict(zip(GEOMETRIC_FEATURES, contour_features(needle)))
+    assert g["aspect_ratio"] < 0.05 and g["area_ratio"] < 0.05 and g["circularity"] < 0.1
+
+    # A cross (dendrite-like) is far less solid and more complex than its convex hull.
+    cross = np.full((96, 96), 255, np.uint8)
+    cross[44:52, 8:88] = 0
+    cross[8:88, 44:52] = 0
+    h = dict(zip(GEOMETRIC_FEATURES, contour_features(cross)))
+    assert h["solidity"] < 0.4 and h["complexity"] > 1.2 > 1.05 > f["complexity"]
+
+
+def test_contour_features_polarity_noise_and_empty():
+    rng = np.random.default_rng(0)
+    light = _disc(20, dark_on_light=True).astype(np.float64)
+    noisy = np.clip(light + rng.normal(0, 8, light.shape), 0, 255).astype(np.uint8)
+    a = contour_features(light.astype(np.uint8))
+    b = contour_features(_disc(20, dark_on_light=False))
+    c = contour_features(noisy)
+    np.testing.assert_allclose(a, b)
+    np.testing.assert_allclose(a, c, rtol=0.1)
+    assert np.isnan(contour_features(np.full((40, 40), 250, np.uint8))).all()
+
+
+def _knn_reference(train_x, train_y, test_x, n_classes, k, temperature):
+    """Straightforward per-row version of the DINO weighted kNN, to check the vectorised one."""
+    tn = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    out = []
+    for row in test_x:
+        sim = tn @ (row / np.linalg.norm(row))
+        order = np.argsort(-sim)[:k]
+        votes = np.zeros(n_classes)
+        for j in order:
+            votes[train_y[j]] += np.exp(sim[j] / temperature)
+        out.append(int(np.argmax(votes)))
+    return np.array(out)
+
+
+def test_knn_matches_reference_and_uses_weights():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 16))
+    y = rng.integers(0, 4, 600)
+    x = centres[y] + rng.normal(scale=1.2, size=(600, 16))
+    pred = knn_predict(x[:500], y[:500], x[500:], 4, k=20, temperature=0.07, chunk=37)
+    np.testing.assert_array_equal(pred, _knn_reference(x[:500], y[:500], x[500:], 4, 20, 0.07))
+    assert (pred == y[500:]).mean() > 0.6
+
+    # Weights matter: one very close neighbour of class 1 beats 3 farther ones of class 0 at low T.
+    train = np.array([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8], [0.55, 0.83]])
+    labels = np.array([1, 0, 0, 0])
+    test = np.array([[0.99, 0.05]])
+    assert knn_predict(train, labels, test, 2, k=4, temperature=0.07)[0] == 1
+    assert knn_predict(train, labels, test, 2, k=4, temperature=100.0)[0] == 0
+
+
+def write_store(path: Path, embeddings: np.ndarray, meta: dict[str, np.ndarray]) -> None:
+    """A store written by hand with h5py, following the schema in the README."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("embeddings", data=embeddings.astype(np.float32))
+        for name, values in meta.items():
+            values = np.asarray(values)
+            if values.dtype.kind in "UO":
+                f.create_dataset(f"meta/{name}", data=values.astype(object), dtype=h5py.string_dtype())
+            else:
+                f.create_dataset(f"meta/{name}", data=values)
+
+
+def test_probe_cli_on_hand_written_stores(tmp_path, icehpc_cmd):
+    rng = np.random.default_rng(2)
+    classes = np.array(["column", "plate", "dendrite", "sphere", "rare"])
+    labels = np.concatenate([np.repeat(classes[:4], 120), ["rare"] * 3])
+    keys = np.array([f"s{i:05d}" for i in range(len(labels))])
+    centres = rng.normal(size=(5, 32)) * 2
+    informative = centres[np.searchsorted(np.sort(classes), labels)] + rng.normal(size=(len(labels), 32))
+    write_store(tmp_path / "trained.h5", informative, {"key": keys, "habit": labels,
+                                                        "temperature_c": rng.uniform(-40, 0, len(keys))})
+    perm = rng.permutation(len(keys))  # another row order: rows must be matched by key
+    write_store(tmp_path / "random.h5", rng.normal(size=(len(keys), 32))[perm],
+                {"key": keys[perm], "habit": labels[perm]})
+
+    out = tmp_path / "probe"
+    res = subprocess.run([*icehpc_cmd, "probe", str(tmp_path / "trained.h5"), "--label", "habit",
+                          "--out", str(out), "--random-store", str(tmp_path / "random.h5")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "probe.json").read_text())
+    assert report["classes"] == ["column", "dendrite", "plate", "sphere"]
+    assert report["split"]["left_out_classes"] == {"rare": 3}
+    assert report["split"]["n_test"] == 96
+    trained, random = report["results"]["pretrained"], report["results"]["random_init"]
+    for method in ("knn", "logreg"):
+        assert trained[method]["accuracy"] > 0.9
+        assert random[method]["accuracy"] < 0.5
+        cm = np.array(trained[method]["confusion_matrix"])
+        assert cm.sum() == 96 and (cm.sum(axis=1) == 24).all()  # stratified: 24 test rows per class
+        assert (out / f"confusion_pretrained_{method}.png").stat().st_size > 5000
+    assert len((out / "summary.csv").read_text().splitlines()) == 5
+
+    # A random store that lacks samples of the probed store is an error, not a silent subset.
+    write_store(tmp_path / "short.h5", rng.normal(size=(10, 32)), {"key": keys[:10], "habit": labels[:10]})
+    res = subprocess.run([*icehpc_cmd, "probe", str(tmp_path / "trained.h5"), "--out", str(tmp_path / "p2"),
+                          "--random-store", str(tmp_path / "short.h5")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and "missing" in res.stderr
+
+
+def _zip_sample(archive: Path, per_class: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Up to ``per_class`` images per class folder of a real probe archive, read in place."""
+    by_class: dict[str, list[str]] = defaultdict(list)
+    with zipfile.ZipFile(archive) as zf:
+        for name in zf.namelist():
+            if name.lower().endswith(".png"):
+                by_class[name.split("/")[1]].append(name)
+        images, labels = [], []
+        for cls, names in sorted(by_class.items()):
+            for name in sorted(names)[:per_class]:
+                images.append(np.asarray(Image.open(io.BytesIO(zf.read(name))).convert("L")))
+                labels.append(cls)
+    return images, np.asarray(labels)
+
+
+@pytest.mark.parametrize("archive,chance_margin", [("2ds_training.zip", 0.3), ("pip_training.zip", 0.35)])
+def test_geometric_baseline_on_real_probe_images(shared_data, archive, chance_margin):
+    images, labels = _zip_sample(shared_data / archive, per_class=120)
+    features = np.array([contour_features(im) for im in images])
+    assert np.isfinite(features).all(), "every real particle must give a finite contour"
+    classes = sorted(set(labels))
+    y = np.searchsorted(classes, labels)
+    train, test = stratified_split(y, 0.25, seed=0)
+    metrics = score(y[test], logreg_predict(features[train], y[train], features[test], seed=0), classes)
+    chance = 1 / len(classes)
+    assert metrics["balanced_accuracy"] > chance + chance_margin, metrics
