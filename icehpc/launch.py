@@ -52,7 +52,10 @@ class StageJob(submitit.helpers.Checkpointable):
                     local_world_size=env.num_tasks // max(env.num_nodes, 1),
                     master_addr=env.hostnames[0] if env.hostnames else "127.0.0.1",
                     master_port=dist.default_port(str(env.job_id).split("_")[0]), launcher="submitit"))
-        code = main([self.stage, *self.argv])
+        try:
+            code = main([self.stage, *self.argv])
+        except SystemExit as exc:  # argparse errors: turn into a failure submitit can report
+            code = exc.code if isinstance(exc.code, int) else 1
         if code:
             raise RuntimeError(f"icehpc {self.stage} exited with code {code}")
         return code

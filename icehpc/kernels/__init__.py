@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .vmf_xent_torch import vmf_xent_torch
+from .vmf_xent_torch import crop_pairs, vmf_xent_torch
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -25,7 +25,8 @@ def vmf_xent(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau
     b[k] = log C_p(‖w_k‖/τ) (p = D) if vmf else 0;  P_t = softmax(l_t), log P_s = log_softmax(l_s).
 
     pairs: None (student row i ↔ teacher row i, Ns == Nt; iBOT patch loss) or LongTensor [Ns, m] of
-    teacher rows, −1 = none (DINO [CLS] loss). weights [Ns] ≥ 0, default ones.
+    teacher rows, −1 = none (DINO [CLS] loss; ``crop_pairs`` builds it). weights [Ns] ≥ 0, default
+    ones (constants: no gradient).
 
     loss = Σ_i w_i Σ_{j∈pairs(i)} H(P_t[j], P_s[i]) / Σ_i w_i |pairs(i)|  (0 when the denominator is 0);
     gradients flow to zs and ws (through b_s too). stats (float32, no gradient):
@@ -54,4 +55,4 @@ def _triton_available() -> bool:
     return torch.cuda.is_available()
 
 
-__all__ = ["vmf_xent", "vmf_xent_torch", "BACKENDS"]
+__all__ = ["vmf_xent", "vmf_xent_torch", "crop_pairs", "BACKENDS"]

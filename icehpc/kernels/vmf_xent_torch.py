@@ -22,6 +22,15 @@ def vmf_bias(w: Tensor, tau: float, vmf: bool) -> Tensor | None:
     return log_cp_torch(w.to(acc).norm(dim=1) / tau, w.shape[1])
 
 
+def crop_pairs(n_crops: int, n_global: int, batch: int, device: torch.device | str = "cpu") -> Tensor:
+    """DINO [CLS] pairing: student row c·B+b (crop c of image b) against teacher rows g·B+b of every
+    *other* global crop g < n_global; −1 where g == c. Returns LongTensor [n_crops·B, n_global]."""
+    crop = torch.arange(n_crops, device=device).repeat_interleave(batch).unsqueeze(1)
+    image = torch.arange(batch, device=device).repeat(n_crops).unsqueeze(1)
+    g = torch.arange(n_global, device=device).unsqueeze(0)
+    return torch.where(g == crop, -1, g * batch + image)
+
+
 def pair_matrix(pairs: Tensor | None, n_student: int, n_teacher: int, dtype: torch.dtype,
                 device: torch.device) -> Tensor | None:
     """Dense 0/1 (or count) matrix A [Ns, Nt] with A[i, j] = #times teacher row j is paired with
@@ -30,7 +39,7 @@ def pair_matrix(pairs: Tensor | None, n_student: int, n_teacher: int, dtype: tor
         return None
     if pairs.dim() != 2 or pairs.shape[0] != n_student:
         raise ValueError(f"pairs must be [Ns={n_student}, m], got {tuple(pairs.shape)}")
-    if pairs.numel() and int(pairs.max()) >= n_teacher:
+    if not torch.compiler.is_compiling() and pairs.numel() and int(pairs.max()) >= n_teacher:
         raise ValueError(f"pairs holds teacher row {int(pairs.max())} but Nt = {n_teacher}")
     valid = pairs >= 0
     rows = torch.arange(n_student, device=device).unsqueeze(1).expand_as(pairs)[valid]
@@ -71,5 +80,5 @@ def vmf_xent_torch(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tenso
         den = (w * count).sum()
     log_ps = torch.log_softmax(ls, dim=1)
     num = -(w.unsqueeze(1) * target * log_ps).sum()
-    loss = num / den if bool(den > 0) else num * 0.0
+    loss = num / torch.where(den > 0, den, torch.ones_like(den))  # no weight → num = 0 → loss 0
     return loss, stats

@@ -1,0 +1,177 @@
+"""Benchmark of ``icehpc.kernels.vmf_xent`` forward+backward (issue 4): plain eager PyTorch,
+torch.compile of the same reference, and the fused Triton op, on the three shapes of the issue, with
+peak extra GPU memory, ratios and the bf16 matmul floor (the four N×K×D products of the loss).
+
+    python bench/vmf_kernel.py            # CUDA: all three shapes, bf16
+    python bench/vmf_kernel.py --small    # CPU smoke: torch backend vs the Triton interpreter
+
+Without CUDA (and without --small) it prints why and exits 0. The vMF bias b[k] = log C_p(‖w_k‖/τ)
+goes through icehpc.vmf.log_cp_torch (a K-vector round trip to the CPU, the same in every backend),
+so by default it is off and the timings isolate the loss; --vmf includes it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# (student rows, teacher rows, K, D, DINO pairing (12 crops, 2 global) or identity, goals ms / GB)
+SHAPES = {
+    "patch N=25088 K=8192": dict(ns=25088, nt=25088, k=8192, d=256, cls=False, goal_ms=1.0, goal_gb=0.3),
+    "patch N=100352 K=8192": dict(ns=100352, nt=100352, k=8192, d=256, cls=False, goal_ms=3.9, goal_gb=1.0),
+    "cls 12x128 K=65536": dict(ns=1536, nt=256, k=65536, d=256, cls=True, goal_ms=0.6, goal_gb=None),
+}
+SMALL = {
+    "patch N=203 K=301": dict(ns=203, nt=203, k=301, d=64, cls=False, goal_ms=None, goal_gb=None),
+    "cls 12x8 K=513": dict(ns=96, nt=16, k=513, d=64, cls=True, goal_ms=None, goal_gb=None),
+}
+TAU_S, TAU_T = 0.1, 0.04
+
+
+def make_case(shape: dict, device: str, dtype: torch.dtype) -> dict:
+    """Unit rows, random prototypes, ~45 % masked (weighted) rows as in iBOT, DINO pairs for cls."""
+    from icehpc.kernels import crop_pairs
+
+    g = torch.Generator(device).manual_seed(0)
+    ns, nt, k, d = shape["ns"], shape["nt"], shape["k"], shape["d"]
+
+    def rn(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=g, device=device)
+
+    case = {
+        "zs": F.normalize(rn(ns, d), dim=1).to(dtype).requires_grad_(),
+        "ws": rn(k, d).to(dtype).requires_grad_(),
+        "zt": F.normalize(rn(nt, d), dim=1).to(dtype),
+        "wt": rn(k, d).to(dtype),
+        "center": (0.1 * rn(k)).to(dtype),
+        "pairs": crop_pairs(12, 2, ns // 12, device) if shape["cls"] else None,
+    }
+    case["weights"] = (None if shape["cls"] else
+                       (torch.rand(ns, generator=g, device=device) < 0.45).to(dtype))
+    return case
+
+
+def step_fn(case: dict, loss_fn, vmf: bool):
+    """One forward+backward returning the gradients (no accumulation into .grad)."""
+    def step():
+        loss, _ = loss_fn(case["zs"], case["ws"], case["zt"], case["wt"], case["center"], TAU_S,
+                          TAU_T, case["pairs"], case["weights"], vmf)
+        return torch.autograd.grad(loss, (case["zs"], case["ws"]))
+    return step
+
+
+def matmul_floor_fn(case: dict):
+    """The loss's four bf16 products: student and teacher logits, ∂zs = G@ws, ∂ws = Gᵀ@zs."""
+    zs, ws, zt, wt = (case[n].detach() for n in ("zs", "ws", "zt", "wt"))
+    grad_logits = torch.randn(zs.shape[0], ws.shape[0], device=zs.device, dtype=zs.dtype)
+
+    def step():
+        return zs @ ws.T, zt @ wt.T, grad_logits @ ws, grad_logits.T @ zs
+    return step
+
+
+def gpu_time_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def peak_extra_gb(fn) -> float:
+    """Peak GPU memory above what was allocated before one call (inputs excluded), in GB."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 1e9
+
+
+def run_gpu(vmf: bool, skip_compile: bool) -> None:
+    from icehpc.kernels import vmf_xent_torch
+    from icehpc.kernels.vmf_xent_triton import vmf_xent_triton
+
+    dev = torch.cuda.get_device_name()
+    print(f"# vmf_xent fwd+bwd, bf16 inputs, {dev}, torch {torch.__version__}, vmf={vmf}, "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"{'shape':<24}{'variant':<10}{'ms':>9}{'peak GB':>9}{'x fused':>9}")
+    for name, shape in SHAPES.items():
+        case = make_case(shape, "cuda", torch.bfloat16)
+        torch._dynamo.reset()
+        variants = {"eager": vmf_xent_torch, "compile": torch.compile(vmf_xent_torch, dynamic=False),
+                    "fused": vmf_xent_triton}
+        if skip_compile:
+            del variants["compile"]
+        res: dict[str, tuple[float, float]] = {}
+        for vname in ("fused", *[v for v in variants if v != "fused"]):
+            fn = step_fn(case, variants[vname], vmf)
+            try:
+                fn()  # compile / autotune outside the timings
+                res[vname] = (gpu_time_ms(fn), peak_extra_gb(fn))
+            except Exception as exc:  # a failing variant must not hide the others' figures
+                print(f"{name:<24}{vname:<10} failed: {type(exc).__name__}: {exc}"[:300])
+        floor_ms = gpu_time_ms(matmul_floor_fn(case))
+        fused_ms = res.get("fused", (float("nan"),))[0]
+        for vname, (ms, gb) in res.items():
+            print(f"{name:<24}{vname:<10}{ms:9.3f}{gb:9.3f}{ms / fused_ms:9.2f}")
+        print(f"{name:<24}{'matmuls':<10}{floor_ms:9.3f}{'':>9}{floor_ms / fused_ms:9.2f}")
+        if "fused" in res:
+            gb = res["fused"][1]
+            ok_ms = fused_ms <= shape["goal_ms"]
+            ok_gb = shape["goal_gb"] is None or gb <= shape["goal_gb"]
+            goal_gb = "" if shape["goal_gb"] is None else f", <= {shape['goal_gb']} GB"
+            print(f"{name:<24}goal <= {shape['goal_ms']} ms{goal_gb}: "
+                  f"{'met' if ok_ms and ok_gb else 'NOT met'} (fused / matmul floor = "
+                  f"{fused_ms / floor_ms:.2f})")
+        del case
+        torch.cuda.empty_cache()
+
+
+def run_small(vmf: bool) -> None:
+    """CPU smoke: the fused kernels under the Triton interpreter against the torch backend."""
+    from icehpc.kernels import vmf_xent_torch
+    from icehpc.kernels.vmf_xent_triton import vmf_xent_triton
+
+    print(f"# CPU smoke (--small): torch backend vs Triton interpreter, fp32, vmf={vmf}; "
+          "times are not GPU figures")
+    for name, shape in SMALL.items():
+        case = make_case(shape, "cpu", torch.float32)
+        out = {}
+        for vname, fn in (("torch", vmf_xent_torch), ("interp", vmf_xent_triton)):
+            step = step_fn(case, fn, vmf)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                out[vname] = step()
+                times.append(time.perf_counter() - t0)
+            print(f"{name:<22}{vname:<8}{1e3 * statistics.median(times):10.1f} ms (CPU)")
+        diff = max((a - b).abs().max().item() for a, b in zip(out["torch"], out["interp"]))
+        print(f"{name:<22}max |grad torch - grad interp| = {diff:.2e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--small", action="store_true", help="CPU smoke run with the Triton interpreter")
+    ap.add_argument("--vmf", action="store_true", help="include the vMF bias log C_p(‖w‖/τ)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    args = ap.parse_args(argv)
+    if args.small:
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
+        run_small(args.vmf)
+        return 0
+    if not torch.cuda.is_available():
+        print("bench/vmf_kernel.py: no CUDA device here; nothing measured (use --small for a CPU "
+              "smoke run).")
+        return 0
+    run_gpu(args.vmf, args.no_compile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""``icehpc embed``: [CLS] embeddings of every sample of a shard folder, MPI-parallel, resumable.
+
+Each MPI rank (mpiexec, ``srun --mpi=pmix``, or one plain process) takes its shards from
+:func:`icehpc.data.assign_shards`, runs the backbone on the evaluation transform (decode on the
+canvas, resize to the model's input size, the pretraining normalisation; no augmentation) under
+``torch.inference_mode`` (bf16 autocast on GPU, fp32 on CPU) and writes ONE store part per shard,
+atomically: ``STORE.parts/<shard>.h5`` with the [CLS] token after the final norm and every metadata
+column of the shard samples plus ``key``. A restarted job therefore recomputes only the shards whose
+part is missing. After a barrier rank 0 writes the master ``STORE`` (virtual datasets over the
+parts, :func:`icehpc.store.write_master`) and checks that its row count equals ``index.json``'s
+total and that no key occurs twice. ``STORE.parts/embed.json`` pins the model and inputs of the
+parts, so parts of a different model are never mixed into one store.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_ARCH = "vit_small_patch16_224"
+DEFAULT_MEAN, DEFAULT_STD = 0.449, 0.226  # icehpc.augment defaults (gray mean/std of ImageNet)
+
+#: Columns whose type is fixed by the shard contract, so every part has the same dtype even when a
+#: shard holds only missing values of one of them.
+NUMERIC_COLUMNS = frozenset({"temperature_c", "pressure_hpa", "particle_width_um", "particle_height_um",
+                             "pixel_um", "orig_width", "orig_height"})
+STRING_COLUMNS = frozenset({"key", "shard", "campaign", "time", "habit", "probe", "source_path",
+                            "source_sha256"})
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What defines the embeddings: architecture, timm kwargs, weights and input normalisation."""
+
+    arch: str
+    timm_kwargs: dict[str, Any]
+    img_size: int
+    mean: float
+    std: float
+    weights: str  # checkpoint path, or "random-init(seed=S)"
+    weights_sha256: str
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _exported_metadata(checkpoint: str) -> dict[str, str]:
+    """String metadata of a .safetensors header ({} for other files)."""
+    if not checkpoint.endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(checkpoint, framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def backbone_spec(checkpoint: str | None, arch: str | None, img_size: int | None, seed: int,
+                  like: str | None = None) -> BackboneSpec:
+    """Resolve the backbone from an exported file's header, else from ``arch``/``img_size``.
+
+    ``icehpc export`` records the timm architecture, its kwargs, input size and the pretraining
+    normalisation (``arch``, ``timm_kwargs``, ``input_size``, ``input_mean``, ``input_std``) in the
+    safetensors header; a plain timm checkpoint needs ``arch`` (default ViT-S/16). ``like`` (an
+    export) takes only that header, for a random-init baseline of exactly the trained shape.
+    """
+    header_source = checkpoint or like
+    meta = _exported_metadata(header_source) if header_source else {}
+    file_arch = meta.get("arch")
+    if arch and file_arch and arch != file_arch:
+        raise ValueError(f"--model {arch} but {header_source} holds a {file_arch} backbone; drop --model")
+    kwargs = json.loads(meta.get("timm_kwargs", "{}"))
+    for fixed in ("in_chans", "num_classes", "img_size", "dynamic_img_size"):  # set by build_backbone
+        kwargs.pop(fixed, None)
+    size = img_size or int(meta.get("input_size", 0)) or 224
+    return BackboneSpec(arch=arch or file_arch or DEFAULT_ARCH, timm_kwargs=kwargs, img_size=size,
+                        mean=float(meta.get("input_mean", DEFAULT_MEAN)),
+                        std=float(meta.get("input_std", DEFAULT_STD)),
+                        weights=checkpoint or f"random-init(seed={seed})",
+                        weights_sha256=_sha256(checkpoint) if checkpoint else "")
+
+
+def build_backbone(spec: BackboneSpec, seed: int):
+    """A grayscale timm ViT (model.py's convention: in_chans=1, RGB checkpoints folded) in eval mode.
+
+    A random-init backbone is seeded, so every rank builds the same network.
+    """
+    import timm
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from .model import MaskedViT, load_backbone_weights
+
+    torch.manual_seed(seed)
+    vit = timm.create_model(spec.arch, pretrained=False, in_chans=1, num_classes=0, img_size=spec.img_size,
+                            dynamic_img_size=True, **spec.timm_kwargs)
+    if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
+        raise ValueError(f"--model {spec.arch}: need a timm VisionTransformer with a [CLS] token")
+    if spec.weights_sha256:
+        load_backbone_weights(MaskedViT(vit), spec.weights)
+    return vit.eval()
+
+
+def eval_transform(images, img_size: int, mean: float, std: float, dtype):
+    """uint8 [B, 1, canvas, canvas] → normalised float [B, 1, img_size, img_size] (no augmentation)."""
+    import torch.nn.functional as F
+
+    x = images.to(dtype) / 255.0
+    if x.shape[-1] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - mean) / std
+
+
+# --------------------------------------------------------------------------- metadata columns
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def meta_columns(metas: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Per-sample JSON dicts → one array per column (float64 or str), plus ``key`` and ``shard``.
+
+    Numbers with gaps become NaN; strings with gaps become ""; nested values are stored as JSON.
+    """
+    names = sorted({k for m in metas for k in m if not k.startswith("__")})
+    columns: dict[str, np.ndarray] = {
+        "key": np.array([m["__key__"] for m in metas], dtype=str),
+        "shard": np.array([m["__shard__"] for m in metas], dtype=str),
+    }
+    for name in names:
+        values = [m.get(name) for m in metas]
+        numeric = name in NUMERIC_COLUMNS or (name not in STRING_COLUMNS and all(_is_number(v) for v in values)
+                                              and any(v is not None for v in values))
+        if numeric:
+            columns[name] = _float_or_nan(values)
+        else:
+            columns[name] = np.array(["" if v is None else v if isinstance(v, str) else json.dumps(v)
+                                      for v in values], dtype=str)
+    return columns
+
+
+def _float_or_nan(values: list[Any]) -> np.ndarray:
+    """float64 column; None and non-numeric values (the shard builder's missing values) → NaN."""
+    out = np.full(len(values), np.nan)
+    for i, v in enumerate(values):
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------- the job
+def parts_dir(store: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(store)}.parts")
+
+
+def part_path(store: str | os.PathLike, shard: str) -> Path:
+    return parts_dir(store) / (Path(shard).name.split(".")[0] + ".h5")
+
+
+def _pin_run(store: Path, manifest: dict[str, Any]) -> None:
+    """Create STORE.parts/embed.json, or check that existing parts came from the same model/inputs."""
+    path = parts_dir(store) / "embed.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+        if diff:
+            raise ValueError(f"{parts_dir(store)} holds parts of a different run (differs in {diff}); "
+                             "use another --out or delete that folder")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Path, spec: BackboneSpec, *,
+                 seed: int, canvas: int, batch_size: int, num_workers: int, device: str) -> dict[str, Any]:
+    """Embed the given shards of this rank, one atomic part per shard; returns timing counters."""
+    import torch
+
+    from .data import ordered_loader
+    from .store import write_part
+
+    todo = [p for p in shard_paths if not part_path(store, p).exists()]
+    stats = {"shards_done": len(shard_paths) - len(todo), "shards_computed": 0, "images": 0, "seconds": 0.0}
+    if not todo:
+        return stats
+    model = build_backbone(spec, seed).to(device)
+    on_gpu = device.startswith("cuda")
+    pending: dict[str, tuple[list[np.ndarray], list[dict]]] = {}
+    start = time.perf_counter()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+        for images, metas in ordered_loader(todo, batch_size=batch_size, canvas=canvas, num_workers=num_workers):
+            x = eval_transform(images.to(device, non_blocking=True), spec.img_size, spec.mean, spec.std,
+                               torch.float32)
+            cls = model.forward_features(x)[:, 0].float().cpu().numpy()
+            # Batches from several loader workers interleave shards: route rows by their shard.
+            for row, meta in zip(cls, metas):
+                name = meta["__shard__"]
+                embeddings, rows = pending.setdefault(name, ([], []))
+                embeddings.append(row)
+                rows.append(meta)
+                if len(rows) == shard_counts[name]:
+                    write_part(part_path(store, name), np.stack(embeddings).astype(np.float32), meta_columns(rows))
+                    del pending[name]
+                    stats["shards_computed"] += 1
+            stats["images"] += len(metas)
+    stats["seconds"] = time.perf_counter() - start
+    if pending:
+        raise RuntimeError(f"shards ended early: {({k: len(v[1]) for k, v in pending.items()})} samples read "
+                           f"vs index counts {({k: shard_counts[k] for k in pending})}; run "
+                           "`icehpc shards verify` on the shard folder")
+    return stats
+
+
+def finalize_store(store: Path, shard_names: list[str], expected_rows: int) -> tuple[int, int]:
+    """Write the master over all parts (index order), check row count and key uniqueness.
+
+    Returns (rows, embedding dimension).
+    """
+    from .store import open_store, write_master
+
+    parts = [part_path(store, name) for name in shard_names]
+    missing = [str(p) for p in parts if not p.exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} store parts missing after all ranks finished: {missing[:3]}")
+    write_master(str(store), [str(p) for p in parts])
+    with open_store(str(store)) as opened:
+        if opened.n_rows != expected_rows:
+            raise RuntimeError(f"{store}: {opened.n_rows} rows but index.json lists {expected_rows} samples")
+        _, meta = opened.read(0, opened.n_rows, columns=["key"], embeddings=False)
+        keys, counts = np.unique(meta["key"], return_counts=True)
+        if len(keys) != opened.n_rows:
+            raise RuntimeError(f"{store}: keys occur more than once, e.g. {keys[counts > 1][:3].tolist()}; "
+                               "the shards hold duplicate sample keys")
+        return opened.n_rows, opened.dim
+
+
+def _torch_threads(local_world: int) -> None:
+    """One rank per core share when the launcher left OMP_NUM_THREADS unset (mpiexec does)."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+
+
+def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init: bool, arch: str | None,
+              img_size: int | None, canvas: int | None, batch_size: int, num_workers: int | None,
+              seed: int = 0, like: str | None = None) -> dict[str, Any] | None:
+    """The whole MPI job (every rank calls this); returns the summary on rank 0, None elsewhere."""
+    import torch
+
+    from . import dist
+    from .data import assign_shards, read_index, shard_paths
+
+    if bool(checkpoint) == bool(random_init):
+        raise ValueError("give exactly one of --checkpoint PATH and --random-init")
+    if like and checkpoint:
+        raise ValueError("--like only goes with --random-init (a checkpoint's header already says its shape)")
+    comm = dist.mpi_comm()
+    rank, world = comm.Get_rank(), comm.Get_size()
+    env = dist.from_env()
+    store_path = Path(store)
+    try:
+        index = read_index(shard_dir)
+        paths = shard_paths(shard_dir)
+        counts = {Path(s["name"]).name: int(s["samples"]) for s in index["shards"] if s["samples"] > 0}
+        spec = backbone_spec(checkpoint, arch, img_size, seed, like=like)
+        canvas = canvas or spec.img_size
+        manifest = {"backbone": asdict(spec), "seed": seed, "canvas": canvas,
+                    "shards": str(Path(shard_dir).resolve()), "shard_counts": counts}
+        dist.run_on_root(comm, lambda: _pin_run(store_path, manifest))
+        device = f"cuda:{env.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            _torch_threads(env.local_world_size)
+        workers = num_workers if num_workers is not None else (0 if device == "cpu" else 6)
+        mine = assign_shards(paths, rank, world)
+        stats = embed_shards(mine, counts, store_path, spec, seed=seed, canvas=canvas, batch_size=batch_size,
+                             num_workers=workers, device=device)
+    except Exception:  # one failing rank must not leave the others waiting in the barrier forever
+        if world > 1:
+            traceback.print_exc()
+            sys.stderr.flush()
+            comm.Abort(1)
+        raise
+    all_stats = comm.gather(stats, root=0)
+    comm.Barrier()
+    summary = None
+    if rank == 0:
+        rows, dim = finalize_store(store_path, list(counts), int(index["totals"]["written"]))
+        computed = sum(s["images"] for s in all_stats)
+        wall = max(s["seconds"] for s in all_stats)
+        summary = {"store": str(store_path), "rows": rows, "dim": dim,
+                   "ranks": world, "device": device,
+                   "shards": len(counts), "shards_reused": sum(s["shards_done"] for s in all_stats),
+                   "images_computed": computed, "seconds": wall,
+                   "images_per_s": computed / wall if wall > 0 else math.nan, "backbone": asdict(spec)}
+        tmp = Path(f"{store}.json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, f"{store}.json")
+    comm.Barrier()
+    return summary
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", help="shard folder (with index.json) from `icehpc shards build`")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="exported backbone (.safetensors from `icehpc export`) or any "
+                                              "local timm/DINO/iBOT checkpoint")
+    weights.add_argument("--random-init", action="store_true", help="a seeded random-init backbone (baseline)")
+    parser.add_argument("--out", required=True, help="master store file; parts go to OUT.parts/")
+    parser.add_argument("--like", help="with --random-init: an exported backbone whose architecture, input "
+                                       "size and normalisation to copy (its weights are not used)")
+    parser.add_argument("--model", default=None,
+                        help=f"timm architecture (default: from the exported file, else {DEFAULT_ARCH})")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="model input side (default: from the exported file, else 224)")
+    parser.add_argument("--canvas", type=int, default=None, help="decode canvas side (default: the input side)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None, help="decode workers per rank (default: 0 on CPU, 6 on GPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-init backbone")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = run_embed(args.shards, args.out, checkpoint=args.checkpoint, random_init=args.random_init,
+                        arch=args.model, img_size=args.img_size, canvas=args.canvas, batch_size=args.batch_size,
+                        num_workers=args.workers, seed=args.seed, like=args.like)
+    if summary is not None:
+        print(f"embedded {summary['rows']} samples ({summary['dim']}-d, {summary['shards']} shards, "
+              f"{summary['shards_reused']} reused) on {summary['ranks']} rank(s): "
+              f"{summary['images_per_s']:.1f} img/s → {summary['store']}")
+    return 0

@@ -1,0 +1,622 @@
+"""MPI-parallel vMF concentration κ per group of L2-normalised embeddings, with bootstrap CIs.
+
+``icehpc kappa STORE --out DIR [--by COLUMNS]`` — one pass over the embeddings, any number of
+ranks (mpiexec/srun) or none:
+
+1. every rank reads the metadata of its row range; categorical levels and the range of auto-binned
+   numeric columns are agreed with one allgather, so group ids mean the same on every rank;
+2. every rank reads its embeddings, L2-normalises them in float64 and accumulates per group the
+   count, Σx̂ and, for B Poisson(1) bootstrap replicates, Σw, Σw² and Σw·x̂;
+3. one Allreduce; rank 0 turns the sums into R̄, κ̂ and CIs and writes ``kappa.csv``,
+   ``kappa.json`` and ``similarity.csv`` atomically.
+
+Rank-count invariance: rows are cut into global blocks of :data:`RNG_BLOCK` rows; ranks own
+whole blocks, and the Poisson weights of block b come from Philox keyed by (seed, b). The same row
+gets the same weights for 1 or 64 ranks, so results agree to float64 summation order (~1e-15).
+
+Statistics. In p ≈ 384 dimensions R̄ of n unit vectors is biased upward by ≈ (1 − A²)/(2nA), which
+moves the MLE by more than its standard error even at n = 1000. So besides the exact MLE (and the
+paper's closed form) each group reports ``kappa_debiased`` = A_p⁻¹(√Û) with Û = (|Σx̂|² − n)/(n(n−1)),
+the mean pairwise cosine, an unbiased estimate of A_p(κ)²; the CI is the percentile interval of
+the same estimator over the Poisson bootstrap (Û_b = (|Σwx̂|² − Σw²)/((Σw)² − Σw²)).
+
+Crossed groupings (``campaign:temperature_c``) are accumulated once; any grouping whose columns are
+a subset of another's is summed from it on rank 0 instead of accumulated again.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import __version__
+from . import config as cfgmod
+from .config import field
+from .dist import mpi_comm, sum_op
+from .store import Store, StoreError, open_store
+from .vmf import kappa_closed_form, kappa_mle
+
+RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
+READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)
+MISSING, BELOW, ABOVE = "missing", "below range", "above range"
+
+
+class KappaError(ValueError):
+    """Bad input or configuration for the κ stage; the message says what and how to fix it."""
+
+
+@dataclass
+class BinSpec:
+    """Bins of one numeric column: explicit ``edges`` or ``n_bins`` equal bins over the data range."""
+
+    edges: list[float] = field([], help="ascending bin edges; empty → n_bins equal bins over [min, max] of the data")
+    n_bins: int = field(10, help="number of equal-width bins when edges is empty")
+    merge_last: int = field(1, help="merge the last k equal-width bins into one (paper's width bins: 2)")
+
+    def validate(self) -> None:
+        if self.edges and (len(self.edges) < 2 or np.any(np.diff(self.edges) <= 0)):
+            raise ValueError(f"bin edges must be ≥ 2 strictly ascending numbers, got {self.edges}")
+        if self.n_bins < 1 or not 1 <= self.merge_last <= self.n_bins:
+            raise ValueError(f"need n_bins ≥ 1 and 1 ≤ merge_last ≤ n_bins, got {self.n_bins}, {self.merge_last}")
+
+
+def paper_bins() -> dict[str, BinSpec]:
+    """The paper's bins: 10 °C from −70 to 0; particle width in 10 equal bins, last two merged."""
+    return {"temperature_c": BinSpec(edges=[float(t) for t in range(-70, 1, 10)]),
+            "particle_width_um": BinSpec(n_bins=10, merge_last=2)}
+
+
+@dataclass
+class KappaConfig:
+    groupings: list[str] = field(
+        ["campaign", "habit", "temperature_c", "particle_width_um",
+         "campaign:temperature_c", "campaign:particle_width_um"],
+        help="groupings: a column, or columns crossed with ':' (campaign:temperature_c)")
+    bins: dict[str, BinSpec] = dataclasses.field(
+        default_factory=paper_bins,
+        metadata={"help": "per numeric column: {edges: [...]} or {n_bins, merge_last}; other numeric "
+                          "columns get 10 equal bins"})
+    min_count: int = field(20, help="groups with fewer valid rows are reported and flagged, not estimated")
+    bootstrap: int = field(200, help="Poisson bootstrap replicates B (0: no CI)")
+    confidence: float = field(0.95, help="confidence level of the percentile interval")
+    seed: int = field(0, help="bootstrap seed (with the global row index, fixes every weight)")
+    similarity_by: str = field("habit", help="column for the inter-class similarity matrix ('' : none)")
+    max_stats_gib: float = field(4.0, help="refuse groupings whose bootstrap sums would exceed this")
+
+    def validate(self) -> None:
+        if not self.groupings:
+            raise ValueError("groupings is empty")
+        if self.min_count < 1 or self.bootstrap < 0 or not 0 < self.confidence < 1:
+            raise ValueError("need min_count ≥ 1, bootstrap ≥ 0 and 0 < confidence < 1")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError("seed must be in [0, 2^63)")
+
+
+# ----------------------------------------------------------------------------------- levels
+
+@dataclass
+class Column:
+    """How one metadata column maps to integer level codes (same on every rank)."""
+
+    name: str
+    kind: str  # "cat" | "bin"
+    levels: list[str]
+    edges: np.ndarray | None = None  # bins: ascending edges; last bin closed
+
+    def codes(self, values: np.ndarray) -> np.ndarray:
+        if self.kind == "cat":
+            return np.searchsorted(np.asarray(self.levels), values).astype(np.int64)
+        e = self.edges
+        nb = len(e) - 1
+        v = np.asarray(values, dtype=np.float64)
+        c = np.searchsorted(e, v, side="right") - 1
+        c[v == e[-1]] = nb - 1
+        c[v < e[0]] = nb
+        c[v > e[-1]] = nb + 1
+        c[np.isnan(v)] = nb + 2
+        return c.astype(np.int64)
+
+    def level_info(self, code: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": self.levels[code]}
+        if self.kind == "bin" and code < len(self.edges) - 1:
+            out.update(low=float(self.edges[code]), high=float(self.edges[code + 1]))
+        return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _bin_labels(edges: np.ndarray) -> list[str]:
+    nb = len(edges) - 1
+    return [f"[{_fmt(edges[i])}, {_fmt(edges[i + 1])}{']' if i == nb - 1 else ')'}" for i in range(nb)] + [
+        f"{BELOW} (< {_fmt(edges[0])})", f"{ABOVE} (> {_fmt(edges[-1])})", MISSING]
+
+
+def _auto_edges(spec: BinSpec, lo: float, hi: float) -> np.ndarray:
+    if not np.isfinite(lo):  # no finite values at all: one dummy bin, everything is "missing"
+        return np.array([0.0, 1.0])
+    if hi <= lo:  # a single value: one closed bin [lo, lo]
+        return np.array([lo, lo])
+    e = np.linspace(lo, hi, spec.n_bins + 1)
+    if spec.merge_last > 1:
+        e = np.delete(e, np.arange(spec.n_bins + 1 - spec.merge_last, spec.n_bins))
+    return e
+
+
+def parse_groupings(items: Sequence[str]) -> list[tuple[str, ...]]:
+    """``["campaign", "campaign:temperature_c"]`` → [("campaign",), ("campaign", "temperature_c")]."""
+    out: list[tuple[str, ...]] = []
+    for item in items:
+        cols = tuple(c.strip() for c in str(item).split(":"))
+        if not all(cols) or len(set(cols)) != len(cols):
+            raise KappaError(f"bad grouping '{item}': use column or col1:col2 (no repeats)")
+        if cols not in out:
+            out.append(cols)
+    return out
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+def block_range(n_rows: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows [lo, hi) of ``rank``: a contiguous run of whole RNG blocks (the last may be short)."""
+    nblocks = -(-n_rows // RNG_BLOCK)
+    b0, b1 = nblocks * rank // size, nblocks * (rank + 1) // size
+    return min(b0 * RNG_BLOCK, n_rows), min(b1 * RNG_BLOCK, n_rows)
+
+
+_POISSON_LUT: np.ndarray | None = None
+
+
+def poisson_lut() -> np.ndarray:
+    """uint16 → Poisson(1) by inverse CDF at the cell mid-points (2¹⁶ cells; P(k ≥ 8) ≈ 1e-5 is
+    folded into 7): mean and variance are 1 to ~1e-5, far inside bootstrap noise."""
+    global _POISSON_LUT
+    if _POISSON_LUT is None:
+        pmf = np.exp(-1.0) / np.cumprod(np.r_[1.0, np.arange(1.0, 20.0)])
+        cdf = np.cumsum(pmf)
+        u = (np.arange(65536) + 0.5) / 65536
+        _POISSON_LUT = np.searchsorted(cdf, u).astype(np.uint8)
+    return _POISSON_LUT
+
+
+def poisson_weights(seed: int, block: int, n_boot: int) -> np.ndarray:
+    """[RNG_BLOCK, n_boot] uint8 Poisson(1) weights of global block ``block`` (counter-based)."""
+    bits = np.random.Philox(key=np.array([seed, block], dtype=np.uint64))
+    raw = bits.random_raw(-(-RNG_BLOCK * n_boot // 4)).view(np.uint16)[: RNG_BLOCK * n_boot]
+    return poisson_lut()[raw].reshape(RNG_BLOCK, n_boot)
+
+
+@dataclass
+class Sums:
+    """Sufficient statistics of one partition into G groups (float64)."""
+
+    raw: np.ndarray  # [G] rows assigned (incl. skipped ones)
+    n: np.ndarray  # [G] valid rows
+    s: np.ndarray  # [G, D] Σ x̂
+    w: np.ndarray  # [G, B] Σ w
+    w2: np.ndarray  # [G, B] Σ w²
+    sw: np.ndarray  # [G, B, D] Σ w x̂
+
+    @classmethod
+    def zeros(cls, g: int, d: int, b: int) -> "Sums":
+        return cls(np.zeros(g), np.zeros(g), np.zeros((g, d)), np.zeros((g, b)), np.zeros((g, b)),
+                   np.zeros((g, b, d)))
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.raw, self.n, self.s, self.w, self.w2, self.sw]
+
+    def add(self, codes: np.ndarray, valid: np.ndarray, x: np.ndarray, w: np.ndarray | None) -> None:
+        """Accumulate rows with group ``codes`` [m]; ``x`` [m, D] normalised (rows with
+        ``valid`` False are only counted in ``raw``), ``w`` [m, B] bootstrap weights."""
+        self.raw += np.bincount(codes, minlength=len(self.raw))
+        c = codes[valid]
+        if not c.size:
+            return
+        order = np.argsort(c, kind="stable")
+        rows = np.flatnonzero(valid)[order]
+        cs = c[order]
+        starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
+        ends = np.r_[starts[1:], cs.size]
+        xs = x[rows]
+        groups = cs[starts]
+        self.n[groups] += ends - starts
+        self.s[groups] += np.add.reduceat(xs, starts, axis=0)
+        if w is None:
+            return
+        ws = w[rows].astype(np.float64)
+        self.w[groups] += np.add.reduceat(ws, starts, axis=0)
+        self.w2[groups] += np.add.reduceat(ws * ws, starts, axis=0)
+        for g, a, e in zip(groups, starts, ends):
+            self.sw[g] += ws[a:e].T @ xs[a:e]
+
+    def aggregate(self, mapping: np.ndarray, g_out: int) -> "Sums":
+        """Sum groups into coarser ones: group i → ``mapping[i]``."""
+        out = Sums.zeros(g_out, self.s.shape[1], self.w.shape[1])
+        for a, b in zip(self.arrays(), out.arrays()):
+            np.add.at(b, mapping, a)
+        return out
+
+
+def _allreduce(comm: Any, arrays: list[np.ndarray]) -> None:
+    """Sum every array over ranks in place, in one collective."""
+    flat = np.concatenate([a.ravel() for a in arrays])
+    out = np.empty_like(flat)
+    comm.Allreduce(flat, out, op=sum_op(comm))
+    off = 0
+    for a in arrays:
+        a[...] = out[off:off + a.size].reshape(a.shape)
+        off += a.size
+
+
+def _agree_on_errors(comm: Any, err: BaseException | None) -> None:
+    """Collective: if any rank failed, raise the first failure on every rank (no hung ranks)."""
+    msgs = comm.allgather(None if err is None else f"{type(err).__name__}: {err}")
+    bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if bad:
+        if err is not None and comm.Get_size() == 1:
+            raise err
+        raise KappaError("; ".join(f"rank {r}: {m}" for r, m in bad[:3]))
+
+
+# ------------------------------------------------------------------------------------ result
+
+def _estimates(sums: Sums, p: int, cfg: KappaConfig) -> dict[str, np.ndarray]:
+    """Per-group R̄, κ̂ (MLE, debiased, closed form) and the percentile CI from ``sums``."""
+    n = sums.n
+    norm = np.linalg.norm(sums.s, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rbar = np.where(n > 0, norm / np.maximum(n, 1), np.nan)
+        u = np.where(n > 1, (norm**2 - n) / (n * (n - 1)), np.nan)
+    ok = n >= cfg.min_count
+    kappa = np.full(n.shape, np.nan)
+    kdeb = np.full(n.shape, np.nan)
+    kcf = np.full(n.shape, np.nan)
+    lo = np.full(n.shape, np.nan)
+    hi = np.full(n.shape, np.nan)
+    unstable = np.zeros(n.shape, dtype=bool)
+    if ok.any():
+        kappa[ok] = kappa_mle(rbar[ok], p)
+        kcf[ok] = kappa_closed_form(rbar[ok], p)
+        kdeb[ok] = kappa_mle(np.sqrt(np.clip(u[ok], 0.0, 1.0)), p)
+    if cfg.bootstrap and ok.any():
+        sw2 = np.einsum("gbd,gbd->gb", sums.sw[ok], sums.sw[ok])
+        den = sums.w[ok] ** 2 - sums.w2[ok]
+        good = den > 0
+        ub = np.where(good, (sw2 - sums.w2[ok]) / np.where(good, den, 1.0), np.nan)
+        kb = np.full(ub.shape, np.nan)
+        kb[good] = kappa_mle(np.sqrt(np.clip(ub[good], 0.0, 1.0)), p)
+        alpha = (1.0 - cfg.confidence) / 2
+        with np.errstate(all="ignore"):
+            q = np.nanquantile(kb, [alpha, 1 - alpha], axis=1)
+        lo[ok], hi[ok] = q[0], q[1]
+        unstable[ok] = good.mean(axis=1) < 0.95
+    return dict(n=n, rbar=rbar, mean_cos_centroid=rbar, mean_pairwise_cos=u, kappa=kappa,
+                kappa_debiased=kdeb, kappa_closed_form=kcf, ci_low=lo, ci_high=hi,
+                unstable=unstable)
+
+
+def _flags(n_valid: float, raw: float, est: dict, i: int, cfg: KappaConfig) -> str:
+    f = []
+    if n_valid == 0:
+        f.append("empty")
+    elif n_valid < cfg.min_count:
+        f.append(f"n<{cfg.min_count}")
+    if raw > n_valid:
+        f.append("rows_skipped")
+    if est["unstable"][i]:
+        f.append("ci_unstable")
+    k, lo, hi = est["kappa"][i], est["ci_low"][i], est["ci_high"][i]
+    if np.isfinite(k) and np.isfinite(lo) and not lo <= k <= hi:
+        f.append("mle_outside_ci")
+    return ",".join(f)
+
+
+CSV_COLUMNS = ["grouping", "group", "n", "n_skipped", "rbar", "mean_cos_centroid", "mean_pairwise_cos",
+               "kappa", "kappa_debiased", "kappa_closed_form", "ci_low", "ci_high", "flag"]
+
+
+@dataclass
+class _Partition:
+    """One grouping: its columns and the present combinations of level codes (sorted)."""
+
+    cols: tuple[str, ...]
+    combos: np.ndarray  # [G, len(cols)] level codes
+
+
+def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] | None:
+    """Run the distributed reduction; rank 0 gets the result dict (rows, similarity, run info),
+    other ranks None. Raises KappaError/StoreError identically on every rank."""
+    comm = comm if comm is not None else mpi_comm()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    groupings = parse_groupings(cfg.groupings)
+    if cfg.similarity_by and (cfg.similarity_by,) not in groupings:
+        groupings.append((cfg.similarity_by,))
+    needed = sorted({c for g in groupings for c in g})
+    missing = [c for c in needed if c not in store.column_kinds]
+    if missing:
+        raise KappaError(f"{store.path}: no metadata column(s) {missing} (have {store.columns}); "
+                         "choose groupings with --by, or --similarity-by ''")
+    d, b = store.dim, cfg.bootstrap
+    lo, hi = block_range(store.n_rows, rank, size)
+
+    # pass 1: metadata of my rows → global levels → per-column codes
+    err: BaseException | None = None
+    local: dict[str, Any] = {}
+    meta: dict[str, np.ndarray] = {}
+    try:
+        _, meta = store.read(lo, hi, columns=needed, embeddings=False)
+        for c in needed:
+            v = meta[c]
+            if store.column_kinds[c] == "str":
+                local[c] = np.unique(v).tolist()
+            else:
+                fv = np.asarray(v, dtype=np.float64)
+                fv = fv[np.isfinite(fv)]
+                local[c] = (float(fv.min()), float(fv.max())) if fv.size else (np.inf, -np.inf)
+    except (StoreError, OSError, ValueError) as exc:
+        err = exc
+    _agree_on_errors(comm, err)
+    gathered = comm.allgather(local)
+    columns: dict[str, Column] = {}
+    for c in needed:
+        if store.column_kinds[c] == "str":
+            levels = sorted(set().union(*(set(g[c]) for g in gathered)))
+            columns[c] = Column(c, "cat", levels)
+        else:
+            spec = cfg.bins.get(c, BinSpec())
+            if spec.edges:
+                edges = np.asarray(spec.edges, dtype=np.float64)
+            else:
+                edges = _auto_edges(spec, min(g[c][0] for g in gathered), max(g[c][1] for g in gathered))
+            columns[c] = Column(c, "bin", _bin_labels(edges), edges)
+    col_codes = {c: columns[c].codes(meta[c]) for c in needed}
+    del meta
+
+    # partitions: accumulate only groupings not contained in another one
+    bases = [g for g in groupings if not any(set(g) < set(h) for h in groupings)]
+    parts: dict[tuple[str, ...], _Partition] = {}
+    row_codes: dict[tuple[str, ...], np.ndarray] = {}
+    for g in bases:
+        radix = [len(columns[c].levels) for c in g]
+        flat = np.ravel_multi_index([col_codes[c] for c in g], radix) if g else np.zeros(hi - lo, int)
+        present = np.unique(np.concatenate([np.asarray(x, dtype=np.int64) for x in comm.allgather(np.unique(flat))]))
+        parts[g] = _Partition(g, np.stack(np.unravel_index(present, radix), axis=1))
+        row_codes[g] = np.searchsorted(present, flat)
+    n_groups = sum(len(p.combos) for p in parts.values())
+    gib = n_groups * (b + 1) * d * 8 / 2**30
+    if gib > cfg.max_stats_gib:
+        raise KappaError(f"{n_groups} groups × (B+1={b + 1}) × D={d} need {gib:.1f} GiB of sums "
+                         f"(> max_stats_gib={cfg.max_stats_gib}); group by coarser columns or lower --bootstrap")
+    timings["metadata_s"] = time.perf_counter() - t0
+
+    # pass 2: embeddings
+    t1 = time.perf_counter()
+    acc = {g: Sums.zeros(len(parts[g].combos), d, b) for g in bases}
+    bad_rows = np.zeros(2)  # non-finite, zero-norm
+    err = None
+    try:
+        step = READ_BLOCKS * RNG_BLOCK
+        for start in range(lo, hi, step):
+            stop = min(start + step, hi)
+            x, _ = store.read(start, stop, columns=[])
+            x = x.astype(np.float64)
+            sq = np.einsum("ij,ij->i", x, x)
+            finite = np.isfinite(sq)
+            valid = finite & (sq > 0)
+            bad_rows += (np.count_nonzero(~finite), np.count_nonzero(finite & (sq == 0)))
+            x[valid] /= np.sqrt(sq[valid])[:, None]
+            w = None
+            if b:
+                blocks = range(start // RNG_BLOCK, -(-stop // RNG_BLOCK))
+                w = np.concatenate([poisson_weights(cfg.seed, k, b) for k in blocks])[: stop - start]
+            for g in bases:
+                acc[g].add(row_codes[g][start - lo: stop - lo], valid, x, w)
+    except (StoreError, OSError, ValueError) as exc:
+        err = exc
+    _agree_on_errors(comm, err)
+    timings["embeddings_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    _allreduce(comm, [a for g in bases for a in acc[g].arrays()] + [bad_rows])
+    timings["allreduce_s"] = time.perf_counter() - t2
+    if rank != 0:
+        return None
+
+    t3 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    sim_sums: tuple[Sums, list[str]] | None = None
+    for g in groupings:
+        base = next(h for h in bases if set(g) <= set(h))
+        part = parts[base]
+        idx = [base.index(c) for c in g]
+        sub = part.combos[:, idx]
+        combos, mapping = np.unique(sub, axis=0, return_inverse=True)
+        sums = acc[base].aggregate(mapping.ravel(), len(combos)) if g != base else acc[base]
+        if len(g) == 1 and columns[g[0]].kind == "bin":  # show every declared bin, even empty ones
+            nb = len(columns[g[0]].edges) - 1
+            full = np.union1d(np.arange(nb), combos[:, 0])[:, None]
+            pos = np.searchsorted(full[:, 0], combos[:, 0])
+            sums = sums.aggregate(pos, len(full))
+            combos = full
+        est = _estimates(sums, d, cfg)
+        for i, combo in enumerate(combos):
+            levels = {c: columns[c].level_info(int(k)) for c, k in zip(g, combo)}
+            row = {"grouping": ":".join(g), "group": " | ".join(v["label"] for v in levels.values()),
+                   "levels": levels, "n": int(sums.n[i]), "n_skipped": int(sums.raw[i] - sums.n[i])}
+            for k in CSV_COLUMNS[4:-1]:
+                row[k] = float(est[k][i])
+            row["flag"] = _flags(sums.n[i], sums.raw[i], est, i, cfg)
+            rows.append(row)
+        if g == (cfg.similarity_by,):
+            sim_sums = (sums, [columns[g[0]].levels[int(k)] for k in combos[:, 0]])
+
+    similarity = None
+    if sim_sums is not None:
+        sums, labels = sim_sums
+        keep = sums.n > 0
+        s, n = sums.s[keep], sums.n[keep]
+        cent = s / np.linalg.norm(s, axis=1, keepdims=True)
+        similarity = {"column": cfg.similarity_by, "labels": [l for l, k in zip(labels, keep) if k],
+                      "n": n.astype(int).tolist(), "matrix": ((s @ cent.T) / n[:, None]).tolist()}
+    timings["estimates_s"] = time.perf_counter() - t3
+    timings["total_s"] = time.perf_counter() - t0
+    run = {"store": str(store.path), "n_rows": store.n_rows, "dim": d, "parts": len(store.parts) or 1,
+           "ranks": size, "rows_nonfinite": int(bad_rows[0]), "rows_zero_norm": int(bad_rows[1]),
+           "rng_block_rows": RNG_BLOCK, "bins": {c: columns[c].edges.tolist() for c in needed
+                                                 if columns[c].kind == "bin"},
+           "timings": timings}
+    return {"rows": rows, "similarity": similarity, "run": run}
+
+
+# ------------------------------------------------------------------------------------ output
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if not np.isfinite(v) else repr(v)
+    return str(v)
+
+
+def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> None:
+    """kappa.csv, similarity.csv, then kappa.json last (its presence marks a complete run)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    wr = csv.writer(buf)
+    wr.writerow(CSV_COLUMNS)
+    for r in result["rows"]:
+        wr.writerow([_num(r[k]) for k in CSV_COLUMNS])
+    _write_text(out / "kappa.csv", buf.getvalue())
+    buf = io.StringIO()
+    wr = csv.writer(buf)
+    sim = result["similarity"]
+    if sim is not None:
+        wr.writerow([f"{sim['column']} of samples \\ centroid of"] + sim["labels"])
+        for lab, vals in zip(sim["labels"], sim["matrix"]):
+            wr.writerow([lab] + [repr(float(v)) for v in vals])
+    _write_text(out / "similarity.csv", buf.getvalue())
+
+    def clean(o: Any) -> Any:
+        if isinstance(o, float) and not np.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [clean(v) for v in o]
+        return o
+
+    _write_text(out / "kappa.json", json.dumps(clean(result), indent=1, ensure_ascii=False) + "\n")
+
+
+def fingerprint(store_path: str | os.PathLike, store: Store, cfg: KappaConfig) -> str:
+    """Hash of the config and the store files' sizes and mtimes: same hash → same result."""
+    files = [Path(store.path)] + list(store.parts)
+    facts = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
+    blob = json.dumps({"cfg": cfgmod.to_dict(cfg), "files": facts, "block": RNG_BLOCK}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: KappaConfig,
+              force: bool = False, comm: Any = None) -> dict[str, Any] | None:
+    """Library entry point: skip if ``out_dir`` already holds this exact run (requeue-safe),
+    else compute and write on rank 0. Returns the result on rank 0."""
+    comm = comm if comm is not None else mpi_comm()
+    out = Path(out_dir)
+    with open_store(store_path) as store:
+        fp = fingerprint(store_path, store, cfg)
+        done = out / "kappa.json"
+        if not force and done.exists() and (out / "kappa.csv").exists():
+            try:
+                prev = json.loads(done.read_text())["run"].get("fingerprint")
+            except (ValueError, KeyError):
+                prev = None
+            if prev == fp:
+                if comm.Get_rank() == 0:
+                    print(f"icehpc kappa: {out} is up to date (fingerprint {fp}); --force to redo")
+                return None
+        t = time.time()
+        result = compute(store, cfg, comm)
+    if result is None:
+        return None
+    result["run"].update(
+        fingerprint=fp, config=cfgmod.to_dict(cfg), started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)),
+        host=socket.gethostname(), icehpc=__version__, python=platform.python_version(),
+        numpy=np.__version__, argv=sys.argv)
+    write_outputs(out, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help="store: master .h5, a hand-written .h5, or a folder with store.h5")
+    parser.add_argument("--out", required=True, help="output folder (kappa.csv, kappa.json, similarity.csv)")
+    parser.add_argument("--by", help="comma-separated groupings, ':' crosses columns "
+                                     "(e.g. campaign,habit,campaign:temperature_c); default from config")
+    parser.add_argument("--bins", action="append", default=[], metavar="COLUMN=E0,E1,...",
+                        help="explicit bin edges of a numeric column (repeatable)")
+    parser.add_argument("--min-count", type=int, help="minimum valid rows to estimate κ (default 20)")
+    parser.add_argument("--bootstrap", type=int, help="bootstrap replicates B (default 200; 0 = no CI)")
+    parser.add_argument("--seed", type=int, help="bootstrap seed")
+    parser.add_argument("--similarity-by", help="column of the inter-class similarity ('' = none)")
+    parser.add_argument("--force", action="store_true", help="recompute even if --out is up to date")
+    cfgmod.add_config_arguments(parser, KappaConfig, "configs/kappa.yaml")
+
+
+def config_from_args(args: argparse.Namespace) -> KappaConfig:
+    """Config file, then dotted overrides, then the explicit flags (flags win)."""
+    ov = list(args.overrides)
+    if args.by:
+        ov.append("groupings=" + json.dumps([g.strip() for g in args.by.split(",") if g.strip()]))
+    for item in args.bins:
+        col, _, edges = item.partition("=")
+        if not col or not edges:
+            raise cfgmod.ConfigError(f"--bins {item!r}: expected COLUMN=E0,E1,...")
+        ov.append(f"bins.{col}=" + json.dumps({"edges": [float(e) for e in edges.split(",")]}))
+    for flag, key in (("min_count", "min_count"), ("bootstrap", "bootstrap"), ("seed", "seed")):
+        if getattr(args, flag) is not None:
+            ov.append(f"{key}={getattr(args, flag)}")
+    if args.similarity_by is not None:
+        ov.append(f"similarity_by={json.dumps(args.similarity_by)}")
+    return cfgmod.load(KappaConfig, args.config, ov)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    comm = mpi_comm()
+    try:
+        res = run_kappa(args.store, args.out, cfg, force=args.force, comm=comm)
+    except (KappaError, StoreError) as exc:
+        if comm.Get_rank() == 0:
+            print(f"icehpc kappa: error: {exc}", file=sys.stderr)
+        return 2
+    if res is not None:
+        r = res["run"]
+        flagged = sum(1 for row in res["rows"] if row["flag"])
+        print(f"icehpc kappa: {r['n_rows']} rows × D={r['dim']} on {r['ranks']} rank(s) in "
+              f"{r['timings']['total_s']:.1f} s; {len(res['rows'])} groups ({flagged} flagged); "
+              f"skipped {r['rows_nonfinite']} non-finite and {r['rows_zero_norm']} zero-norm rows → {args.out}")
+    return 0

@@ -1,0 +1,804 @@
+"""WebDataset shards from folder trees, zips or CSV manifests: ``icehpc shards build|verify|stats``.
+
+Output of ``build INPUT... --out DIR``:
+
+- ``DIR/shard-000000.tar …``: per sample ``<key>.png`` (8-bit grayscale) and ``<key>.json`` (all
+  metadata + ``source_path``, ``source_sha256``, ``orig_width``, ``orig_height``, ``conversion``).
+  Keys are the sample's position in the sorted input listing (``000000042``): no dots, stable
+  under ``--shuffle``. Tar members carry fixed mtime/owner/mode, so a build is byte-reproducible.
+- ``DIR/rejected.jsonl``: one ``{"path", "input", "reason", "detail"}`` per rejected input.
+- ``DIR/index.json``: shards (samples, bytes, sha256), label vocabulary, the command and config,
+  the accounting ``inputs == written + rejected`` (checked; the build fails if it does not hold).
+
+Inputs. A folder tree or ``.zip`` where the first-level folder is the label (stored under
+``--label-column``, default ``habit``); a tree whose only top-level entry is one folder that itself
+holds folders is descended into (``DS_training_data/Class (01) Pri/x.png`` → ``Class (01) Pri``).
+Symlinked folders are not followed. A ``.csv`` input (or ``--manifest``) is a manifest: a ``path``
+column (relative to the CSV's folder) plus metadata columns, rows kept in file order.
+
+Per-column policy for manifest values: the label column must be non-empty (else ``missing_label``);
+float columns (temperature_c, pressure_hpa, particle_width_um, particle_height_um, pixel_um) accept
+numbers, and empty/NA/NaN/null mean *unknown* (stored as null); anything else, or ±inf, rejects the
+sample (``bad_metadata``); ``time`` must be ISO 8601 when present; other columns are kept as
+strings, empty → null. ``--probe``/``--pixel-um`` fill ``probe``/``pixel_um`` where unknown.
+
+Hostile inputs are rejected with a reason and never stop the build: ``empty``, ``unreadable``,
+``too_large``, ``no_label``, ``not_image``, ``corrupt`` (truncated, bad CRC/zlib/JPEG data),
+``decompression_bomb`` (declared pixels > ``max_pixels``, checked before decoding),
+``unsupported_mode`` (float images or 32-bit integers beyond 16 bits), ``duplicate`` (same sha256
+as an earlier input). Faithful conversions are applied instead and listed in ``conversion``:
+EXIF orientation, 16-bit → 8-bit (v/257), alpha composited over white, palette/RGB/CMYK → luma,
+first frame of multi-frame files. An 8-bit grayscale PNG is stored byte-for-byte.
+
+Resume: the sample→shard plan is decided up front from the sorted inputs (+ seed), each shard is
+written to a temporary name and renamed, and a rerun of the same command skips finished shards, so
+a build killed at any point ends byte-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import tarfile
+import warnings
+import zipfile
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import config as cfg
+
+FORMAT = "icehpc-shards/1"
+METADATA_KEYS: tuple[str, ...] = ("campaign", "time", "temperature_c", "pressure_hpa", "particle_width_um",
+                                  "particle_height_um", "habit", "probe", "pixel_um")
+FLOAT_KEYS = frozenset({"temperature_c", "pressure_hpa", "particle_width_um", "particle_height_um", "pixel_um"})
+MISSING_TEXT = frozenset({"", "na", "n/a", "nan", "null", "none"})
+ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "PPM")  # never e.g. EPS (runs Ghostscript)
+TAR_MTIME = 946684800  # 2000-01-01: fixed so builds are byte-identical (0 makes GNU tar warn)
+WORK = ".work"
+
+
+class Reject(Exception):
+    """An input that cannot become a sample: ``reason`` is a short code, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    label_column: str = cfg.field("habit", help="metadata key that holds the class (folder name for trees/zips)")
+    probe: str | None = cfg.field(None, help="probe name stored where the input gives none")
+    pixel_um: float | None = cfg.field(None, help="pixel size (µm) stored where the input gives none")
+    shard_samples: int = cfg.field(1000, help="at most this many samples per shard")
+    shard_bytes: int = cfg.field(64 * 2**20, help="at most about this many bytes per shard (planned from source sizes)")
+    shuffle: bool = cfg.field(False, help="seeded shuffle of samples across shards")
+    seed: int = cfg.field(0, help="seed of --shuffle")
+    max_pixels: int = cfg.field(2**25, help="reject images declaring more pixels (decompression bombs)")
+    max_file_bytes: int = cfg.field(64 * 2**20, help="reject source files larger than this")
+    duplicates: Literal["reject", "keep"] = cfg.field("reject", help="byte-identical inputs after the first")
+
+    def validate(self) -> None:
+        if self.shard_samples < 1 or self.shard_bytes < 1:
+            raise ValueError("shard_samples and shard_bytes must be >= 1")
+        if not self.label_column or "." in self.label_column:
+            raise ValueError("label_column must be a non-empty key without dots")
+
+
+@dataclasses.dataclass
+class Item:
+    """One input file. ``where``: a filesystem path, or (zip path, member index)."""
+    ordinal: int
+    input_name: str
+    source_path: str          # printable, location-independent: "<input name>/<path inside>"
+    where: str | tuple[str, int]
+    size: int
+    mtime: float | tuple
+    meta: dict[str, Any]
+    reject: tuple[str, str] | None = None
+    sha256: str | None = None
+
+
+def printable(path: str) -> str:
+    """A path with non-UTF-8 bytes shown as ``\\xNN`` (valid JSON/UTF-8 everywhere)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+# ---------------------------------------------------------------- scanning inputs
+def _descend(tops: dict[str, bool], children: Any) -> list[str]:
+    """Prefix parts to strip: descend while the only top entry is a folder that holds folders."""
+    prefix: list[str] = []
+    while len(tops) == 1:
+        (name, is_dir), = tops.items()
+        sub = children(prefix + [name])
+        if not is_dir or not any(sub.values()):
+            break
+        prefix.append(name)
+        tops = sub
+    return prefix
+
+
+def _tree_items(root: Path) -> Iterator[tuple[str, str, str, int, float]]:
+    """(path below the label root, path below ``root``, full path, size, mtime) per file, byte-sorted."""
+    def children(parts: list[str]) -> dict[str, bool]:
+        d = root.joinpath(*parts)
+        return {e.name: e.is_dir(follow_symlinks=False) for e in os.scandir(d)}
+
+    prefix = _descend(children([]), children)
+    base = root.joinpath(*prefix)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+        for f in filenames:
+            full = os.path.join(dirpath, f)
+            found.append((os.path.relpath(full, base), full))
+    found.sort(key=lambda x: os.fsencode(x[0]))
+    for rel, full in found:
+        try:
+            st = os.stat(full)
+            size, mtime = st.st_size, st.st_mtime
+        except OSError:  # broken symlink: read_source rejects it as unreadable
+            size, mtime = -1, 0.0
+        yield rel, os.path.relpath(full, root), full, size, mtime
+
+
+def _zip_items(path: Path) -> Iterator[tuple[str, str, int, int, tuple]]:
+    """(path below the label root, member name, member index, size, date) per file member, sorted."""
+    with zipfile.ZipFile(path) as z:
+        infos = list(z.infolist())
+    entries = [(zi.filename.strip("/").split("/"), zi.is_dir()) for zi in infos]
+
+    def children(parts: list[str]) -> dict[str, bool]:
+        n, out = len(parts), {}
+        for p, is_dir in entries:
+            if len(p) > n and p[:n] == parts:
+                out[p[n]] = out.get(p[n], False) or len(p) > n + 1 or is_dir
+        return out
+
+    skip = len(_descend(children([]), children))
+    rows = [("/".join(p[skip:]), zi.filename, i, zi.file_size, zi.date_time)
+            for i, ((p, is_dir), zi) in enumerate(zip(entries, infos)) if not is_dir]
+    rows.sort(key=lambda r: (r[0].encode("utf-8", "surrogateescape"), r[2]))
+    yield from rows
+
+
+def _parse_float(column: str, text: str) -> float | None:
+    if text.strip().lower() in MISSING_TEXT:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise Reject("bad_metadata", f"column {column}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise Reject("bad_metadata", f"column {column}: {text!r} is not finite")
+    return value
+
+
+def _row_meta(row: dict[str, str], label_column: str) -> dict[str, Any]:
+    """Typed metadata of one manifest row under the per-column policy (module docstring)."""
+    meta: dict[str, Any] = {}
+    for column, raw in row.items():
+        if column == "path" or column is None:
+            continue
+        text = (raw or "").strip()
+        if column in FLOAT_KEYS:
+            meta[column] = _parse_float(column, text)
+        elif text.lower() in MISSING_TEXT:
+            meta[column] = None
+        elif column == "time":
+            try:
+                datetime.fromisoformat(text)
+            except ValueError:
+                raise Reject("bad_metadata", f"column time: {text!r} is not ISO 8601") from None
+            meta[column] = text
+        else:
+            meta[column] = text
+    if not meta.get(label_column):
+        raise Reject("missing_label", f"label column {label_column!r} is empty or absent")
+    return meta
+
+
+def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = ()) -> list[Item]:
+    """Every input file as an :class:`Item`, in a deterministic order (inputs as given, then sorted)."""
+    items: list[Item] = []
+    manifest_set = {str(m) for m in manifests}
+    for given in [*inputs, *manifests]:
+        path = Path(given)
+        name = printable(path.resolve().name)
+        if str(given) in manifest_set or path.suffix.lower() == ".csv":
+            items += _scan_manifest(path, name, label_column, len(items))
+        elif path.is_dir():
+            for rel, below, full, size, mtime in _tree_items(path):
+                parts = Path(rel).parts
+                item = Item(len(items), name, f"{name}/{printable(below)}", full, size, mtime, {})
+                if len(parts) < 2:
+                    item.reject = ("no_label", "file is not inside a label folder")
+                else:
+                    item.meta[label_column] = printable(parts[0])
+                items.append(item)
+        elif path.is_file() and zipfile.is_zipfile(path):
+            for rel, member, index, size, date in _zip_items(path):
+                parts = rel.split("/")
+                item = Item(len(items), name, f"{name}/{printable(member)}", (str(path), index), size, date, {})
+                if len(parts) < 2:
+                    item.reject = ("no_label", "file is not inside a label folder")
+                else:
+                    item.meta[label_column] = parts[0]
+                items.append(item)
+        else:
+            raise cfg.ConfigError(f"input {given}: not a folder, a .zip or a .csv manifest")
+    return items
+
+
+def _scan_manifest(path: Path, name: str, label_column: str, start: int) -> list[Item]:
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "path" not in reader.fieldnames or label_column not in reader.fieldnames:
+            raise cfg.ConfigError(f"manifest {path}: needs a 'path' and a {label_column!r} column "
+                                  f"(has {reader.fieldnames})")
+        rows = list(reader)
+    items = []
+    for row in rows:
+        rel = (row.get("path") or "").strip()
+        full = str(path.parent / rel)
+        item = Item(start + len(items), name, f"{name}/{printable(rel)}", full, -1, 0.0, {})
+        try:
+            if not rel:
+                raise Reject("unreadable", "empty path cell")
+            item.meta = _row_meta(row, label_column)
+            st = os.stat(full)
+            item.size, item.mtime = st.st_size, st.st_mtime
+        except Reject as exc:
+            item.reject = (exc.reason, exc.detail)
+        except OSError as exc:
+            item.reject = ("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
+        items.append(item)
+    return items
+
+
+# ---------------------------------------------------------------- reading and normalising
+_ZIPS: dict[tuple[int, str], zipfile.ZipFile] = {}
+
+
+def read_source(item: Item, max_bytes: int) -> bytes:
+    """The bytes of one input (raises :class:`Reject`); zips are opened once per process."""
+    if item.size > max_bytes:
+        raise Reject("too_large", f"{item.size} bytes > max_file_bytes {max_bytes}")
+    try:
+        if isinstance(item.where, tuple):
+            zpath, index = item.where
+            z = _ZIPS.get((os.getpid(), zpath))
+            if z is None:
+                z = _ZIPS[(os.getpid(), zpath)] = zipfile.ZipFile(zpath)
+            with z.open(z.infolist()[index]) as f:
+                data = f.read(max_bytes + 1)
+        else:
+            with open(item.where, "rb") as f:
+                data = f.read(max_bytes + 1)
+    except (OSError, RuntimeError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise Reject("unreadable", f"{type(exc).__name__}: {exc}") from None
+    if len(data) > max_bytes:
+        raise Reject("too_large", f"more than max_file_bytes {max_bytes}")
+    if not data:
+        raise Reject("empty", "zero bytes")
+    return data
+
+
+def _to_gray(im: Image.Image, notes: list[str]) -> Image.Image:
+    """Any decoded mode → 8-bit 'L' by a faithful conversion, or :class:`Reject`."""
+    mode = im.mode
+    if (mode in ("L", "P", "1") and "transparency" in im.info) or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        notes.append(f"{mode}_alpha_over_white")
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("L")
+    if mode == "L":
+        return im
+    if mode in ("1", "P"):
+        notes.append(f"{mode}_to_gray")
+        return im.convert("L")
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im)
+        if a.min() < 0 or a.max() > 65535:
+            raise Reject("unsupported_mode", f"{mode} values outside 0..65535")
+        notes.append("16bit_to_8bit")
+        return Image.fromarray(((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
+        notes.append(f"{mode}_to_gray")
+        return im.convert("RGB").convert("L")
+    raise Reject("unsupported_mode", f"image mode {mode} has no faithful 8-bit grayscale conversion")
+
+
+def normalise(data: bytes, max_pixels: int) -> tuple[bytes, int, int, list[str]]:
+    """Source bytes → (8-bit grayscale PNG bytes, width, height, conversions applied)."""
+    try:
+        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise Reject("not_image", f"not a {'/'.join(ALLOWED_FORMATS)} image") from None
+    except Image.DecompressionBombError as exc:
+        raise Reject("decompression_bomb", str(exc)) from None
+    except Exception as exc:  # hostile headers raise anything (SyntaxError, struct.error, ...)
+        raise Reject("corrupt", f"{type(exc).__name__}: {exc}") from None
+    w, h = im.size
+    fmt = im.format
+    if w * h > max_pixels:
+        raise Reject("decompression_bomb", f"declares {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+    if w < 1 or h < 1:
+        raise Reject("corrupt", f"declares {w}x{h} pixels")
+    raw_mode = im.tile[0].args if fmt == "PNG" and im.tile else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. odd EXIF: harmless for the pixels
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if fmt == "PNG":  # CRC of every chunk; zlib alone may not notice a flipped byte
+                Image.open(io.BytesIO(data), formats=("PNG",)).verify()
+            im.load()
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception as exc:
+        raise Reject("corrupt", f"{type(exc).__name__}: {exc}") from None
+    notes: list[str] = []
+    frames = getattr(im, "n_frames", 1)
+    if fmt == "PNG" and raw_mode == "L" and orientation == 1 and frames == 1 and "transparency" not in im.info:
+        return data, w, h, notes  # already what we store: keep the bytes (and their sha256)
+    if frames > 1:
+        notes.append(f"first_of_{frames}_frames")
+    if orientation != 1:
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception as exc:
+            raise Reject("corrupt", f"EXIF orientation: {type(exc).__name__}: {exc}") from None
+        notes.append(f"exif_orientation_{orientation}")
+    gray = _to_gray(im, notes)
+    if fmt != "PNG" or raw_mode != "L":
+        notes.insert(0, f"{fmt}_{raw_mode or im.mode}_reencoded")
+    buf = io.BytesIO()
+    gray.save(buf, format="PNG")
+    return buf.getvalue(), gray.width, gray.height, notes
+
+
+# ---------------------------------------------------------------- planning
+def _hash_items(items: list[Item], max_bytes: int) -> list[tuple[str | None, tuple[str, str] | None]]:
+    out = []
+    for item in items:
+        try:
+            out.append((hashlib.sha256(read_source(item, max_bytes)).hexdigest(), None))
+        except Reject as exc:
+            out.append((None, (exc.reason, exc.detail)))
+    return out
+
+
+def _plan_shards(candidates: list[Item], c: BuildConfig) -> list[list[Item]]:
+    """Greedy split of the (shuffled) candidates by sample count and estimated bytes."""
+    order = list(candidates)
+    if c.shuffle:
+        perm = np.random.default_rng(c.seed).permutation(len(order))
+        order = [order[i] for i in perm]
+    shards: list[list[Item]] = []
+    current: list[Item] = []
+    size = 0
+    for item in order:
+        est = item.size + 2048  # two tar headers, padding, the JSON
+        if current and (len(current) >= c.shard_samples or size + est > c.shard_bytes):
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += est
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = len(data), TAR_MTIME, 0o444
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = "icehpc"
+    tf.addfile(ti, io.BytesIO(data))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name beside ``path``, fsync, rename: readers never see partial files."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_shard(out: str, index: int, items: list[Item], c: BuildConfig, fingerprint: str) -> dict:
+    """Normalise and write one shard; returns its summary (also kept in DIR/.work for resumes)."""
+    buf = io.BytesIO()
+    rejected, labels = [], {}
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for item in items:
+            try:
+                data = read_source(item, c.max_file_bytes)
+                if hashlib.sha256(data).hexdigest() != item.sha256:
+                    raise Reject("unreadable", "file changed during the build")
+                png, w, h, notes = normalise(data, c.max_pixels)
+            except Reject as exc:
+                rejected.append([item.ordinal, _rejection(item, exc.reason, exc.detail)])
+                continue
+            meta: dict[str, Any] = {k: None for k in METADATA_KEYS}
+            meta.update(item.meta)
+            if meta.get("probe") is None and c.probe is not None:
+                meta["probe"] = c.probe
+            if meta.get("pixel_um") is None and c.pixel_um is not None:
+                meta["pixel_um"] = c.pixel_um
+            meta.update(source_path=item.source_path, source_sha256=item.sha256, orig_width=w, orig_height=h,
+                        conversion=notes)
+            key = f"{item.ordinal:09d}"
+            _tar_add(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            _tar_add(tf, f"{key}.png", png)
+            label = str(meta[c.label_column])
+            labels[label] = labels.get(label, 0) + 1
+    data = buf.getvalue()
+    summary = {"name": shard_name(index), "samples": sum(labels.values()), "bytes": len(data),
+               "sha256": hashlib.sha256(data).hexdigest(), "labels": labels, "rejected": rejected,
+               "fingerprint": fingerprint}
+    root = Path(out)
+    write_atomic(root / WORK / f"{shard_name(index)}.json", json.dumps(summary).encode())
+    write_atomic(root / shard_name(index), data)  # the rename commits the shard
+    return summary
+
+
+def _rejection(item: Item, reason: str, detail: str) -> dict:
+    return {"path": item.source_path, "input": item.input_name, "reason": reason, "detail": detail}
+
+
+def _done_summary(root: Path, index: int, fingerprint: str) -> dict | None:
+    side = root / WORK / f"{shard_name(index)}.json"
+    if not (root / shard_name(index)).exists() or not side.exists():
+        return None
+    summary = json.loads(side.read_text())
+    return summary if summary.get("fingerprint") == fingerprint else None
+
+
+def _canonical_command(inputs: list[str], manifests: list[str], out: str, c: BuildConfig) -> list[str]:
+    cmd = ["icehpc", "shards", "build", *inputs, "--out", out]
+    for m in manifests:
+        cmd += ["--manifest", m]
+    for f in dataclasses.fields(BuildConfig):
+        value = getattr(c, f.name)
+        if value != f.default:
+            flag = "--" + f.name.replace("_", "-")
+            cmd += [flag] if value is True else [flag, str(value)]
+    return cmd
+
+
+def _pool_map(fn: Any, tasks: list[tuple], workers: int) -> Iterator[Any]:
+    """``fn(*task)`` for each task, in task order; in-process when one worker."""
+    if workers <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            yield fn(*t)
+        return
+    with ProcessPoolExecutor(min(workers, len(tasks))) as pool:
+        yield from pool.map(fn, *zip(*tasks))
+
+
+def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifests: list[str] = (),
+          workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict:
+    """Build (or finish, or confirm) the shards of ``inputs`` in ``out``; returns the index."""
+    from tqdm import tqdm
+
+    manifests = list(manifests)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    work = root / WORK
+    if overwrite:
+        _clean(root, keep_index=False)
+    items = scan(list(inputs), c.label_column, manifests)
+    scan_key = hashlib.sha256(json.dumps([[i.source_path, str(i.where), i.size, i.mtime, i.reject]
+                                          for i in items]).encode()).hexdigest()
+    cached = _read_json(work / "hashes.json")
+    todo = [i for i in items if i.reject is None]
+    if cached and cached.get("scan_key") == scan_key:  # a resumed build: do not re-read everything
+        hashes = [(h, tuple(r) if r else None) for h, r in cached["hashes"]]
+    else:
+        chunks = [todo[s:s + 500] for s in range(0, len(todo), 500)]
+        hashes = []
+        with tqdm(total=len(todo), unit="file", desc="hash", disable=not progress) as bar:
+            for part in _pool_map(_hash_items, [(ch, c.max_file_bytes) for ch in chunks], workers):
+                hashes += part
+                bar.update(len(part))
+    first_of: dict[str, Item] = {}
+    for item, (sha, rej) in zip(todo, hashes):
+        item.sha256, item.reject = sha, rej
+        if sha is None:
+            continue
+        if sha in first_of and c.duplicates == "reject":
+            item.reject = ("duplicate", f"same sha256 as {first_of[sha].source_path}")
+        first_of.setdefault(sha, item)
+    candidates = [i for i in items if i.reject is None]
+    plan = _plan_shards(candidates, c)
+    import PIL
+    fingerprint = hashlib.sha256(json.dumps({
+        "format": FORMAT, "config": cfg.to_dict(c), "pillow": PIL.__version__, "zlib": zlib.ZLIB_VERSION,
+        "plan": [[[i.ordinal, i.source_path, i.sha256, i.meta] for i in shard] for shard in plan],
+    }, sort_keys=True).encode()).hexdigest()
+
+    index_path = root / "index.json"
+    old = _read_json(index_path)
+    if old is not None:
+        if old.get("fingerprint") == fingerprint:
+            shutil.rmtree(work, ignore_errors=True)
+            _report(old, root)
+            return old
+        raise cfg.ConfigError(f"{root} already holds a different shard build; delete it, choose another "
+                              f"--out, or pass --overwrite")
+    plan_file = _read_json(work / "plan.json")
+    if plan_file is not None and plan_file.get("fingerprint") != fingerprint:
+        _clean(root, keep_index=True)  # leftovers of an unfinished build of another command
+    work.mkdir(exist_ok=True)
+    write_atomic(work / "hashes.json", json.dumps({"scan_key": scan_key, "hashes": hashes}).encode())
+    write_atomic(work / "plan.json", json.dumps({"fingerprint": fingerprint}).encode())
+
+    summaries: dict[int, dict] = {}
+    pending = []
+    for k, shard in enumerate(plan):
+        done = _done_summary(root, k, fingerprint)
+        if done is not None:
+            summaries[k] = done
+        else:
+            pending.append(k)
+    with tqdm(total=len(candidates), unit="img", desc="shards", disable=not progress,
+              initial=sum(len(plan[k]) for k in summaries)) as bar:
+        tasks = [(str(root), k, plan[k], c, fingerprint) for k in pending]
+        for k, summary in zip(pending, _pool_map(_write_shard, tasks, workers)):
+            summaries[k] = summary
+            bar.update(len(plan[k]))
+
+    rejected = [(i.ordinal, _rejection(i, *i.reject)) for i in items if i.reject is not None]
+    for s in summaries.values():
+        rejected += [(ordinal, r) for ordinal, r in s["rejected"]]
+    rejected.sort(key=lambda r: r[0])
+    write_atomic(root / "rejected.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for _, r in rejected).encode())
+    label_counts: dict[str, int] = {}
+    for s in summaries.values():
+        for label, n in s["labels"].items():
+            label_counts[label] = label_counts.get(label, 0) + n
+    reasons: dict[str, int] = {}
+    for _, r in rejected:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    shards = [{k: summaries[i][k] for k in ("name", "samples", "bytes", "sha256")} for i in range(len(plan))]
+    written = sum(s["samples"] for s in shards)
+    index = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "shards": shards,
+        "labels": {"column": c.label_column, "vocabulary": sorted(label_counts),
+                   "counts": dict(sorted(label_counts.items()))},
+        "totals": {"inputs": len(items), "written": written, "rejected": len(rejected),
+                   "rejected_by_reason": dict(sorted(reasons.items()))},
+        "inputs": _input_summary(items),
+        "command": _canonical_command(list(inputs), manifests, str(out), c),
+        "config": cfg.to_dict(c),
+    }
+    if index["totals"]["inputs"] != written + len(rejected):
+        raise RuntimeError(f"accounting broken: {len(items)} inputs != {written} written + {len(rejected)} rejected")
+    write_atomic(index_path, (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode())
+    shutil.rmtree(work, ignore_errors=True)
+    _report(index, root)
+    return index
+
+
+def _input_summary(items: list[Item]) -> list[dict]:
+    counts: dict[str, int] = {}
+    for i in items:
+        counts[i.input_name] = counts.get(i.input_name, 0) + 1
+    return [{"name": k, "files": v} for k, v in counts.items()]
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _clean(root: Path, keep_index: bool) -> None:
+    """Remove this tool's outputs from ``root`` (shards, work files, temporary files)."""
+    for p in root.glob("shard-*.tar"):
+        p.unlink()
+    for p in root.glob(".*.tmp"):
+        p.unlink()
+    names = ["rejected.jsonl"] + ([] if keep_index else ["index.json"])
+    for n in names:
+        (root / n).unlink(missing_ok=True)
+    shutil.rmtree(root / WORK, ignore_errors=True)
+
+
+def _report(index: dict, root: Path) -> None:
+    t = index["totals"]
+    reasons = ", ".join(f"{k} {v}" for k, v in t["rejected_by_reason"].items()) or "none"
+    print(f"shards: {t['inputs']} inputs = {t['written']} written + {t['rejected']} rejected ({reasons}); "
+          f"{len(index['shards'])} shards, {len(index['labels']['vocabulary'])} labels in {root}")
+
+
+# ---------------------------------------------------------------- verify and stats
+def verify(shard_dir: str | os.PathLike) -> list[str]:
+    """Problems found re-reading every shard with stock webdataset (empty list: all good)."""
+    import webdataset as wds
+
+    root = Path(shard_dir)
+    index = _read_json(root / "index.json")
+    if index is None:
+        return [f"{root}/index.json missing"]
+    problems = []
+    total = 0
+    for s in index["shards"]:
+        path = root / s["name"]
+        if not path.exists():
+            problems.append(f"{s['name']}: missing")
+            continue
+        data = path.read_bytes()
+        if len(data) != s["bytes"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
+            problems.append(f"{s['name']}: bytes/sha256 differ from index.json")
+        n = 0
+        try:
+            for sample in wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
+                n += 1
+                if set(sample) - {"__key__", "__url__", "__local_path__"} != {"png", "json"} or "." in sample["__key__"]:
+                    problems.append(f"{s['name']}: sample {sample['__key__']} has members {sorted(sample)}")
+                    continue
+                meta = json.loads(sample["json"])
+                with Image.open(io.BytesIO(sample["png"])) as im:
+                    if im.mode != "L" or (im.width, im.height) != (meta["orig_width"], meta["orig_height"]):
+                        problems.append(f"{s['name']}: {sample['__key__']} is {im.mode} {im.size}, json says "
+                                        f"{meta['orig_width']}x{meta['orig_height']}")
+        except Exception as exc:
+            problems.append(f"{s['name']}: unreadable by webdataset: {type(exc).__name__}: {exc}")
+        if n != s["samples"]:
+            problems.append(f"{s['name']}: {n} samples, index.json says {s['samples']}")
+        total += n
+    t = index["totals"]
+    rej = root / "rejected.jsonl"
+    n_rej = len(rej.read_text().splitlines()) if rej.exists() else -1
+    if total != t["written"] or n_rej != t["rejected"] or t["inputs"] != t["written"] + t["rejected"]:
+        problems.append(f"accounting: read {total} samples and {n_rej} rejections; index.json says inputs "
+                        f"{t['inputs']} = written {t['written']} + rejected {t['rejected']}")
+    return problems
+
+
+def iter_metadata(shard_dir: str | os.PathLike) -> Iterator[dict]:
+    """Every sample's JSON, in index order (reads only the small JSON members)."""
+    root = Path(shard_dir)
+    for s in _read_json(root / "index.json")["shards"]:
+        with tarfile.open(root / s["name"]) as tf:
+            for m in tf:
+                if m.name.endswith(".json"):
+                    yield json.loads(tf.extractfile(m).read())
+
+
+def stats(shard_dir: str | os.PathLike, png: str | os.PathLike | None = None) -> dict:
+    """Label and size summaries of a shard folder; writes a histogram PNG (default DIR/stats.png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(shard_dir)
+    index = _read_json(root / "index.json")
+    if index is None:
+        raise cfg.ConfigError(f"{root}/index.json missing: not a shard folder")
+    label_key = index["labels"]["column"]
+    metas = list(iter_metadata(root))
+    labels: dict[str, int] = {}
+    for m in metas:
+        labels[str(m[label_key])] = labels.get(str(m[label_key]), 0) + 1
+    side = np.array([max(m["orig_width"], m["orig_height"]) for m in metas], dtype=float)
+    width_um = np.array([m["particle_width_um"] for m in metas if m.get("particle_width_um") is not None], dtype=float)
+    result = {"samples": len(metas), "labels": dict(sorted(labels.items(), key=lambda kv: -kv[1])),
+              "crop_side_px": _summary(side), "particle_width_um": _summary(width_um)}
+    print(f"{len(metas)} samples in {len(index['shards'])} shards; {index['totals']['rejected']} inputs rejected")
+    print(f"{label_key:<40} {'count':>7} {'%':>6}")
+    for label, n in result["labels"].items():
+        print(f"{label:<40} {n:>7} {100 * n / max(1, len(metas)):>6.1f}")
+    for name in ("crop_side_px", "particle_width_um"):
+        s = result[name]
+        print(f"{name}: " + (", ".join(f"{k} {v:.4g}" for k, v in s.items()) if s else "not in the metadata"))
+    n_panels = 3 if width_um.size else 2
+    fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4), constrained_layout=True)
+    names = list(result["labels"])
+    axes[0].barh(names[::-1], [result["labels"][n] for n in names[::-1]])
+    axes[0].set_xlabel("samples")
+    axes[0].set_title(label_key)
+    axes[1].hist(side, bins=40)
+    axes[1].set_xlabel("crop side (px, longer)")
+    axes[1].set_title("crop sizes")
+    if width_um.size:
+        axes[2].hist(width_um, bins=np.geomspace(max(width_um.min(), 1e-3), width_um.max() * 1.001, 40))
+        axes[2].set_xscale("log")
+        axes[2].set_xlabel("particle width (µm)")
+        axes[2].set_title("particle sizes")
+    out = Path(png) if png else root / "stats.png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(out, buf.getvalue())
+    print(f"histogram: {out}")
+    result["png"] = str(out)
+    return result
+
+
+def _summary(x: np.ndarray) -> dict[str, float]:
+    if x.size == 0:
+        return {}
+    q = np.percentile(x, [5, 50, 95])
+    return {"n": float(x.size), "min": float(x.min()), "p5": q[0], "median": q[1], "p95": q[2], "max": float(x.max())}
+
+
+# ---------------------------------------------------------------- command line
+def default_workers() -> int:
+    """CPUs this process may use (Slurm's allocation where there is one)."""
+    return int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
+
+
+_FLAGS = ("label_column", "probe", "pixel_um", "shard_samples", "shard_bytes", "seed", "max_pixels",
+          "max_file_bytes", "duplicates")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    b = sub.add_parser("build", help="folder trees / zips / CSV manifests → WebDataset shards",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("inputs", nargs="*", metavar="INPUT", help="folder tree, .zip, or .csv manifest")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--manifest", action="append", default=[], metavar="CSV", help="CSV manifest input (repeatable)")
+    b.add_argument("--config", help="YAML with BuildConfig keys; flags given here override it")
+    for f in dataclasses.fields(BuildConfig):
+        if f.name in _FLAGS:
+            kind = {"shard_samples": int, "shard_bytes": int, "seed": int, "max_pixels": int,
+                    "max_file_bytes": int, "pixel_um": float}.get(f.name, str)
+            b.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=kind,
+                           choices=("reject", "keep") if f.name == "duplicates" else None,
+                           help=f"{f.metadata['help']} (default {f.default!r})")
+    b.add_argument("--shuffle", action="store_true", default=None, help=BuildConfig.__dataclass_fields__["shuffle"].metadata["help"])
+    b.add_argument("--workers", type=int, default=default_workers(), help="processes (output does not depend on it)")
+    b.add_argument("--overwrite", action="store_true", help="replace a different earlier build in --out")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    v = sub.add_parser("verify", help="re-read every shard with stock webdataset; check counts and hashes")
+    v.add_argument("dir")
+    s = sub.add_parser("stats", help="label and size summaries, and a histogram PNG")
+    s.add_argument("dir")
+    s.add_argument("--png", help="histogram path (default DIR/stats.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "verify":
+        problems = verify(args.dir)
+        for p in problems:
+            print(f"verify: {p}")
+        if not problems:
+            index = _read_json(Path(args.dir) / "index.json")
+            t = index["totals"]
+            print(f"verify: OK: {len(index['shards'])} shards, {t['written']} samples match index.json; "
+                  f"{t['inputs']} inputs = {t['written']} written + {t['rejected']} rejected")
+        return 1 if problems else 0
+    if args.action == "stats":
+        stats(args.dir, args.png)
+        return 0
+    if not args.inputs and not args.manifest:
+        raise cfg.ConfigError("shards build needs at least one INPUT or --manifest")
+    c = cfg.load(BuildConfig, args.config)
+    flags = {k: getattr(args, k) for k in (*_FLAGS, "shuffle") if getattr(args, k) is not None}
+    c = dataclasses.replace(c, **flags)
+    try:
+        c.validate()
+    except ValueError as exc:
+        raise cfg.ConfigError(str(exc)) from exc
+    build(args.inputs, args.out, c, manifests=args.manifest, workers=args.workers,
+          progress=not args.no_progress, overwrite=args.overwrite)
+    return 0

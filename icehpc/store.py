@@ -1,0 +1,256 @@
+"""HDF5 embedding store: one part file per writer rank, a master file of virtual datasets over them.
+
+Schema (also what a user writes by hand; a single such file is a valid store):
+
+* ``embeddings`` — [N, D] float32 or float16, one row per particle image;
+* ``meta/<column>`` — length-N numbers or UTF-8 strings (``campaign``, ``habit``, ``temperature_c``,
+  ``particle_width_um``, ``key``, …).
+
+Parts written by :func:`write_part` also hold ``icehpc/present`` (uint8 ones). The master written by
+:func:`write_master` maps every dataset onto its parts with HDF5 virtual datasets; ``icehpc/present``
+is virtual with fill value 0, which no part contains. HDF5 silently returns fill values for a
+missing source file, so :func:`open_store` checks every part exists with the recorded row count and
+:meth:`Store.read` checks the marker — a lost part is a :class:`StoreError`, never rows of zeros.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import h5py
+import numpy as np
+
+EMB = "embeddings"
+META = "meta"
+PRESENT = "icehpc/present"
+MASTER_NAME = "store.h5"  # what open_store looks for when given a directory
+_STR = h5py.string_dtype("utf-8")
+
+
+class StoreError(ValueError):
+    """The store is unusable as given; the message says which file/dataset and why."""
+
+
+def _atomic_h5(path: str | os.PathLike, fill) -> None:
+    """Run ``fill(h5py.File)`` on a temp file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            fill(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _column_array(name: str, values, n: int) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise StoreError(f"meta column '{name}' has shape {arr.shape}, expected ({n},)")
+    if arr.dtype.kind in "US" or arr.dtype == object:
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in arr], dtype=object)
+    if arr.dtype.kind not in "biuf":
+        raise StoreError(f"meta column '{name}': unsupported dtype {arr.dtype} (numbers or strings)")
+    return arr
+
+
+def write_part(path: str | os.PathLike, embeddings, meta: Mapping[str, Sequence]) -> None:
+    """Write one part: ``embeddings`` [n, D] (float16 stays float16, other floats → float32) and
+    ``meta`` columns of length n. Atomic: readers see the old file or the complete new one."""
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2:
+        raise StoreError(f"embeddings must be [n, D], got shape {emb.shape}")
+    if emb.dtype.kind != "f":
+        raise StoreError(f"embeddings must be floating point, got {emb.dtype}")
+    emb = emb if emb.dtype == np.float16 else emb.astype(np.float32, copy=False)
+    n = emb.shape[0]
+    cols = {str(k): _column_array(str(k), v, n) for k, v in meta.items()}
+
+    def fill(f: h5py.File) -> None:
+        f.create_dataset(EMB, data=emb)
+        g = f.create_group(META)
+        for k, arr in cols.items():
+            g.create_dataset(k, data=arr, dtype=_STR if arr.dtype == object else arr.dtype)
+        f.create_dataset(PRESENT, data=np.ones(n, dtype=np.uint8))
+        f.attrs["icehpc_store"] = "part"
+
+    _atomic_h5(path, fill)
+
+
+def _describe_part(path: Path) -> tuple[int, int, np.dtype, dict[str, h5py.Datatype]]:
+    if not path.exists():
+        raise StoreError(f"part file {path} does not exist")
+    with h5py.File(path, "r") as f:
+        if EMB not in f:
+            raise StoreError(f"{path}: no '{EMB}' dataset")
+        e = f[EMB]
+        if e.ndim != 2:
+            raise StoreError(f"{path}: '{EMB}' has shape {e.shape}, expected [N, D]")
+        cols = {k: f[META][k].dtype for k in f[META]} if META in f else {}
+        for k in cols:
+            if f[META][k].shape != (e.shape[0],):
+                raise StoreError(f"{path}: meta/{k} has shape {f[META][k].shape}, expected ({e.shape[0]},)")
+        return e.shape[0], e.shape[1], e.dtype, cols
+
+
+def write_master(path: str | os.PathLike, part_paths: Sequence[str | os.PathLike]) -> None:
+    """Master file whose datasets are virtual over ``part_paths`` in order (atomic).
+
+    Parts must agree on D, the embedding dtype and the set of meta columns. Sources are recorded
+    relative to the master's folder, so the store folder can be moved as a whole.
+    """
+    path = Path(path)
+    parts = [Path(p) for p in part_paths]
+    if not parts:
+        raise StoreError("write_master: no part files given")
+    info = [_describe_part(p) for p in parts]
+    rows = [i[0] for i in info]
+    d, dtype, cols = info[0][1], info[0][2], info[0][3]
+    for p, (_, dp, tp, cp) in zip(parts, info):
+        if dp != d:
+            raise StoreError(f"embedding dimension mismatch: {parts[0]} has D={d}, {p} has D={dp}")
+        if tp != dtype:
+            raise StoreError(f"embedding dtype mismatch: {parts[0]} is {dtype}, {p} is {tp}")
+        if set(cp) != set(cols):
+            raise StoreError(f"meta columns differ: {parts[0]} has {sorted(cols)}, {p} has {sorted(cp)}")
+    total = int(sum(rows))
+    rel = [os.path.relpath(p.resolve(), path.resolve().parent) for p in parts]
+
+    def vds(f: h5py.File, name: str, dt, tail: tuple, fillvalue) -> None:
+        layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dt)
+        off = 0
+        for src, n in zip(rel, rows):
+            if n:
+                layout[off:off + n] = h5py.VirtualSource(src, name, shape=(n, *tail), dtype=dt)
+            off += n
+        f.create_virtual_dataset(name, layout, fillvalue=fillvalue)
+
+    def fill(f: h5py.File) -> None:
+        vds(f, EMB, dtype, (d,), np.nan)
+        for k, dt in cols.items():
+            is_str = h5py.check_string_dtype(dt) is not None
+            vds(f, f"{META}/{k}", _STR if is_str else dt, (), None if is_str else 0)
+        vds(f, PRESENT, np.uint8, (), 0)
+        f.attrs["icehpc_store"] = "master"
+        f.attrs["parts"] = np.array(rel, dtype=_STR)
+        f.attrs["part_rows"] = np.array(rows, dtype=np.int64)
+
+    _atomic_h5(path, fill)
+
+
+@dataclass
+class Store:
+    """An open store (file handle kept open; use as a context manager or call :meth:`close`)."""
+
+    path: Path
+    n_rows: int
+    dim: int
+    columns: list[str]
+    column_kinds: dict[str, str]  # column → "str" | "num"
+    parts: list[Path] = field(default_factory=list)
+    part_rows: list[int] = field(default_factory=list)
+    _f: h5py.File | None = None
+
+    def read(self, start: int, stop: int, columns: Sequence[str] | None = None,
+             embeddings: bool = True) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """Rows [start, stop): (float32 [n, D] or None, {column: values}); strings come back as
+        a numpy ``str`` array. Raises StoreError if any row maps to a missing part."""
+        if not 0 <= start <= stop <= self.n_rows:
+            raise StoreError(f"read({start}, {stop}) outside 0..{self.n_rows}")
+        f = self._f
+        assert f is not None, "store is closed"
+        if self.parts:
+            present = f[PRESENT][start:stop]
+            if present.size and not present.all():
+                bad = start + int(np.flatnonzero(present == 0)[0])
+                raise StoreError(f"{self.path}: row {bad} maps to a missing or truncated part "
+                                 f"({self._part_of(bad)}); re-run the stage that wrote the parts")
+        emb = None
+        if embeddings:
+            emb = f[EMB][start:stop]
+            emb = emb.astype(np.float32, copy=False)
+        meta = {}
+        for c in self.columns if columns is None else columns:
+            if c not in self.column_kinds:
+                raise StoreError(f"{self.path}: no meta column '{c}' (have {self.columns})")
+            ds = f[META][c]
+            if self.column_kinds[c] == "str":
+                meta[c] = ds.asstr()[start:stop].astype(str)
+            else:
+                meta[c] = ds[start:stop]
+        return emb, meta
+
+    def _part_of(self, row: int) -> str:
+        ends = np.cumsum(self.part_rows)
+        i = int(np.searchsorted(ends, row, side="right"))
+        return str(self.parts[i]) if i < len(self.parts) else "?"
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open a master file, a single hand-written file, or a folder holding ``store.h5``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MASTER_NAME
+    if not path.exists():
+        raise StoreError(f"store {path} does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise StoreError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    try:
+        if EMB not in f:
+            raise StoreError(f"{path}: no '{EMB}' dataset (schema: embeddings [N, D] + meta/<column>)")
+        e = f[EMB]
+        if e.ndim != 2 or e.dtype.kind != "f":
+            raise StoreError(f"{path}: '{EMB}' must be a float [N, D] array, got {e.dtype} {e.shape}")
+        n, d = int(e.shape[0]), int(e.shape[1])
+        kinds: dict[str, str] = {}
+        if META in f:
+            for k, ds in f[META].items():
+                if ds.shape != (n,):
+                    raise StoreError(f"{path}: meta/{k} has shape {ds.shape}, expected ({n},)")
+                if h5py.check_string_dtype(ds.dtype) is not None:
+                    kinds[k] = "str"
+                elif ds.dtype.kind in "biuf":
+                    kinds[k] = "num"
+                else:
+                    raise StoreError(f"{path}: meta/{k} has unsupported dtype {ds.dtype}")
+        parts: list[Path] = []
+        rows: list[int] = []
+        if f.attrs.get("icehpc_store") == "master":
+            rel = [p.decode() if isinstance(p, bytes) else str(p) for p in f.attrs["parts"]]
+            rows = [int(r) for r in f.attrs["part_rows"]]
+            parts = [(path.parent / r) for r in rel]
+            for p, r in zip(parts, rows):
+                if not p.exists():
+                    raise StoreError(f"{path}: part {p} is missing (the master maps {r} rows onto it)")
+                with h5py.File(p, "r") as pf:
+                    got = pf[EMB].shape if EMB in pf else None
+                if got is None or got[0] != r or got[1] != d:
+                    raise StoreError(f"{path}: part {p} has embeddings {got}, the master expects ({r}, {d}); "
+                                     "it was rewritten after the master — rebuild the master")
+            if sum(rows) != n:
+                raise StoreError(f"{path}: parts hold {sum(rows)} rows but the master has {n}")
+        return Store(path=path, n_rows=n, dim=d, columns=sorted(kinds), column_kinds=kinds,
+                     parts=parts, part_rows=rows, _f=f)
+    except BaseException:
+        f.close()
+        raise

@@ -1,0 +1,48 @@
+#!/bin/bash
+# The whole pipeline on Slurm: one job per step, chained with --dependency=afterok.
+#   bash jobs/pipeline.sh [--config configs/demo.yaml] --out runs/demo [key.sub=value ...]
+# Submits the steps of `icehpc pipeline --plan` (steps whose output already exists are left out),
+# MPI stages with `srun --mpi=pmix`, then a last job `icehpc pipeline --finish-only` that checks
+# every output and writes science.json. Prints "STEP JOBID" per job (ids from sbatch --parsable);
+# job logs go to OUT/slurm/. Extra sbatch options for every job: ICEHPC_SBATCH_ARGS="-p debug -t 30".
+# The same file is the job script of each step (called by sbatch with --step STAGE ARGS).
+#SBATCH --job-name=icehpc-step
+#SBATCH --cpus-per-task=1
+#SBATCH --requeue
+set -euo pipefail
+if [ "${1:-}" = "--step" ]; then
+  shift
+  source "${ICEHPC_ROOT:-$SLURM_SUBMIT_DIR}/jobs/_env.sh"
+  case "$1" in
+    embed|kappa) exec srun --mpi=pmix $ICEHPC "$@" ;;
+    *) exec srun $ICEHPC "$@" ;;
+  esac
+fi
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PYTHON=python3
+if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; fi
+plan=$("$PYTHON" -m icehpc.cli pipeline --plan "$@")
+out=$(sed -n 's/^# out=//p' <<< "$plan")
+mkdir -p "$out/slurm"
+read -r -a extra <<< "${ICEHPC_SBATCH_ARGS:-}"
+declare -A ids=()
+all=""
+while IFS=$'\t' read -r name ntasks after command; do
+  case "$name" in ''|'#'*) continue ;; esac
+  dep=""
+  for a in ${after//,/ }; do
+    if [ -n "${ids[$a]:-}" ]; then dep="$dep:${ids[$a]}"; fi
+  done
+  eval "stage_args=($command)"
+  id=$(sbatch --parsable --job-name="icehpc-$name" --ntasks="$ntasks" --output="$out/slurm/$name-%j.out" \
+       ${dep:+--dependency=afterok$dep} "${extra[@]}" "$ROOT/jobs/pipeline.sh" --step "${stage_args[@]}")
+  id=${id%%;*}  # "id;cluster" on federated setups
+  ids[$name]=$id
+  all="$all:$id"
+  echo "$name $id"
+done <<< "$plan"
+id=$(sbatch --parsable --job-name=icehpc-finish --ntasks=1 --output="$out/slurm/finish-%j.out" \
+     ${all:+--dependency=afterok$all} "${extra[@]}" "$ROOT/jobs/pipeline.sh" --step pipeline "$@" --finish-only)
+echo "finish ${id%%;*}"

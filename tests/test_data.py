@@ -1,0 +1,139 @@
+"""Loader API (icehpc.data) on real shards built from synthetic images."""
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from icehpc import data, shards, synth
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    synth.synthesize(root / "synth", synth.SynthConfig(n=230, seed=3), workers=1, progress=False)
+    out = root / "shards"
+    shards.build([str(root / "synth" / "manifest.csv")], out, shards.BuildConfig(shard_samples=40),
+                 workers=1, progress=False)
+    return out
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, "L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_image_keeps_aspect_and_pads_with_background():
+    wide = np.zeros((20, 40), np.uint8)  # a black 40x20 particle, larger than the canvas
+    img = data.decode_image(_png(wide), 32)
+    assert img.shape == (1, 32, 32) and img.dtype == torch.uint8
+    dark_rows = (img[0] < 128).any(dim=1).nonzero().flatten()
+    dark_cols = (img[0] < 128).any(dim=0).nonzero().flatten()
+    assert len(dark_cols) == 32 and len(dark_rows) == 16  # 40x20 → 32x16: aspect kept
+    assert dark_rows.min() == 8 and dark_rows.max() == 23  # centred vertically
+    assert (img[0, :8] == data.BACKGROUND).all() and (img[0, 24:] == data.BACKGROUND).all()
+
+
+def test_decode_image_does_not_upscale_small_crops_by_default():
+    small = np.full((10, 6), 50, np.uint8)
+    img = data.decode_image(_png(small), 64)
+    assert int((img[0] == 50).sum()) == 60
+    assert int((data.decode_image(_png(small), 64, max_upscale=2.0)[0] < 128).sum()) == 20 * 12
+
+
+def test_assign_shards_is_a_partition():
+    paths = [f"s{i}.tar" for i in range(11)]
+    for world in (1, 2, 3, 4, 16):
+        parts = [data.assign_shards(paths, r, world) for r in range(world)]
+        assert sorted(p for part in parts for p in part) == sorted(paths)
+        assert parts == [data.assign_shards(paths, r, world) for r in range(world)]
+    with pytest.raises(ValueError):
+        data.assign_shards(paths, 3, 3)
+
+
+def test_index_helpers(shard_dir):
+    index = data.read_index(shard_dir)
+    paths = data.shard_paths(shard_dir)
+    assert [Path(p).name for p in paths] == [s["name"] for s in index["shards"]]
+    assert all(Path(p).is_absolute() and Path(p).exists() for p in paths)
+    with pytest.raises(FileNotFoundError, match="build shards first"):
+        data.read_index(shard_dir.parent)
+
+
+def _keys_in_tar_order(paths: list[str]) -> list[str]:
+    keys = []
+    for p in paths:
+        with tarfile.open(p) as tf:
+            keys += [m.name[:-5] for m in tf if m.name.endswith(".json")]
+    return keys
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ordered_loader_exactly_once(shard_dir, num_workers):
+    paths = data.shard_paths(shard_dir)
+    keys, shard_of = [], {}
+    for images, metas in data.ordered_loader(paths, batch_size=16, canvas=48, num_workers=num_workers):
+        assert images.shape[1:] == (1, 48, 48) and images.dtype == torch.uint8
+        assert images.shape[0] == len(metas)
+        for m in metas:
+            assert {"__key__", "__shard__", "habit", "source_sha256", "particle_width_um"} <= set(m)
+            shard_of[m["__key__"]] = m["__shard__"]
+        keys += [m["__key__"] for m in metas]
+    expected = _keys_in_tar_order(paths)
+    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys)) == 230
+    if num_workers == 0:
+        assert keys == expected
+    for shard in set(shard_of.values()):
+        in_tar = set(_keys_in_tar_order([str(shard_dir / shard)]))
+        assert {k for k, s in shard_of.items() if s == shard} == in_tar
+
+
+def test_ordered_loader_split_over_ranks_covers_everything_once(shard_dir):
+    paths = data.shard_paths(shard_dir)
+    seen = Counter()
+    for rank in range(3):
+        for _, metas in data.ordered_loader(data.assign_shards(paths, rank, 3), batch_size=32, canvas=32):
+            seen.update(m["__key__"] for m in metas)
+    assert len(seen) == 230 and set(seen.values()) == {1}
+
+
+def _epoch_keys(shard_dir, rank, world, epoch=0, seed=7, num_workers=2) -> list[list[str]]:
+    loader = data.train_loader(shard_dir, batch_size=8, canvas=32, num_workers=num_workers, seed=seed,
+                               rank=rank, world_size=world, epoch=epoch)
+    batches = []
+    for images, metas in loader:
+        assert images.shape == (8, 1, 32, 32) and len(metas) == 8
+        batches.append([m["__key__"] for m in metas])
+    return batches
+
+
+def test_train_loader_same_batch_count_on_every_rank_and_deterministic(shard_dir):
+    world = 3
+    runs = [_epoch_keys(shard_dir, r, world) for r in range(world)]
+    assert [len(b) for b in runs] == [230 // (8 * world)] * world
+    assert _epoch_keys(shard_dir, 1, world) == runs[1]  # same seed, epoch, rank → same batches
+    assert _epoch_keys(shard_dir, 1, world, epoch=1) != runs[1]
+    assert runs[0] != runs[1]
+
+
+def test_train_loader_ranks_draw_from_their_own_shards(shard_dir):
+    paths = data.shard_paths(shard_dir)  # 6 shards ≥ 2 ranks: each rank resamples its share only
+    for rank in range(2):
+        allowed = set(_keys_in_tar_order(data.assign_shards(paths, rank, 2)))
+        keys = {k for b in _epoch_keys(shard_dir, rank, 2, num_workers=0) for k in b}
+        assert keys <= allowed and len(keys) > 8
+
+
+def test_train_loader_explicit_batches_and_too_small_dataset(shard_dir):
+    loader = data.train_loader(shard_dir, batch_size=4, canvas=32, num_workers=0, seed=0, rank=0,
+                               world_size=1, batches_per_epoch=5)
+    assert sum(1 for _ in loader) == 5
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        data.train_loader(shard_dir, batch_size=300, canvas=32, num_workers=0, seed=0, rank=0, world_size=1)

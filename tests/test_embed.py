@@ -1,0 +1,273 @@
+"""The embedding job: exact [CLS] values, every metadata column, resume per shard, MPI, Slurm."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from icehpc.data import decode_image, read_index, shard_paths
+from icehpc.embed import meta_columns, part_path
+from icehpc.store import open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+CANVAS = 48  # decode canvas; the tiny backbone's input side is 32: the job must resize
+
+
+def _run(cmd: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert res.returncode == 0, f"{cmd}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """120 synthetic particles in 5 shards, built with the real CLI."""
+    import sys
+
+    root = tmp_path_factory.mktemp("embed-data")
+    cli = [sys.executable, "-m", "icehpc.cli"]
+    _run([*cli, "synth", "--out", str(root / "synth"), "--n", "120", "--seed", "3", "--no-progress"])
+    _run([*cli, "shards", "build", "--manifest", str(root / "synth" / "manifest.csv"), "--out", str(root / "shards"),
+          "--shard-samples", "25", "--no-progress"])
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    """A tiny seeded backbone exported by the real export code (arch and normalisation in the header)."""
+    from icehpc.augment import AugmentConfig
+    from icehpc.model import ModelConfig, build_model
+    from icehpc.pretrain_export import export_teacher
+
+    torch.manual_seed(7)
+    model_cfg = ModelConfig(arch_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+                            head_hidden=16, head_bottleneck=8, n_prototypes=16)
+    cfg = SimpleNamespace(model=model_cfg, augment=AugmentConfig(global_size=32, mean=0.5, std=0.25))
+    return export_teacher(build_model(model_cfg, 32), cfg, tmp_path_factory.mktemp("backbone") / "b.safetensors", 5)
+
+
+@pytest.fixture(scope="module")
+def trained(shards, backbone, tmp_path_factory) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The single-process store of the exported backbone: the reference other launches must match."""
+    import sys
+
+    store = tmp_path_factory.mktemp("trained") / "s.h5"
+    _run([sys.executable, "-m", "icehpc.cli", "embed", str(shards), "--checkpoint", str(backbone), "--out",
+          str(store), "--canvas", str(CANVAS)])
+    return _read(store)
+
+
+def _read(store: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    with open_store(store) as s:
+        return s.read(0, s.n_rows)
+
+
+def _reference_cls(shard_dir: Path, backbone: Path) -> dict[str, np.ndarray]:
+    """[CLS] per key from the exported file loaded by its own loader, images decoded one by one."""
+    import tarfile
+
+    from icehpc.pretrain_export import load_backbone, read_metadata
+
+    meta = read_metadata(backbone)
+    model = load_backbone(backbone)
+    mean, std, size = float(meta["input_mean"]), float(meta["input_std"]), int(meta["input_size"])
+    out = {}
+    for path in shard_paths(shard_dir):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".png"):
+                    img = decode_image(tar.extractfile(member).read(), CANVAS)[None].float() / 255
+                    img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True)
+                    with torch.no_grad():
+                        out[member.name.split(".")[0]] = model.forward_features((img - mean) / std)[0, 0].numpy()
+    return out
+
+
+def test_meta_columns_types_and_gaps():
+    metas = [{"__key__": "a", "__shard__": "s.tar", "temperature_c": -5.5, "habit": "plate", "extra": 3,
+              "conversion": ["exif"], "particle_height_um": None},
+             {"__key__": "b", "__shard__": "s.tar", "temperature_c": None, "habit": None, "extra": 4,
+              "particle_height_um": None}]
+    cols = meta_columns(metas)
+    assert cols["key"].tolist() == ["a", "b"] and cols["shard"].tolist() == ["s.tar", "s.tar"]
+    np.testing.assert_array_equal(cols["temperature_c"], [-5.5, np.nan])
+    assert cols["habit"].tolist() == ["plate", ""]
+    assert cols["extra"].dtype == np.float64
+    assert cols["conversion"].tolist() == ['["exif"]', ""]
+    assert cols["particle_height_um"].dtype == np.float64  # a contract column stays numeric when all missing
+
+
+def test_embed_exact_cls_all_columns_and_resume(shards, backbone, tmp_path, icehpc_cmd):
+    store = tmp_path / "emb" / "store.h5"
+    cmd = [*icehpc_cmd, "embed", str(shards), "--checkpoint", str(backbone), "--out", str(store),
+           "--canvas", str(CANVAS), "--batch-size", "16"]
+    _run(cmd)
+    emb, meta = _read(store)
+    index = read_index(shards)
+    assert emb.shape == (index["totals"]["written"], 32)
+    assert len(set(meta["key"])) == len(meta["key"])
+
+    # values: the [CLS] token after the final norm of the exported backbone, key by key
+    reference = _reference_cls(shards, backbone)
+    assert sorted(reference) == sorted(meta["key"])
+    for row, key in zip(emb, meta["key"]):
+        np.testing.assert_allclose(row, reference[key], rtol=1e-4, atol=1e-5)
+
+    # every metadata field of the shard samples is a column, with the same values
+    import webdataset as wds
+    first = next(iter(wds.WebDataset(shard_paths(shards)[0], shardshuffle=False)))
+    sample = json.loads(first["json"])
+    row = list(meta["key"]).index(first["__key__"])
+    for column, value in sample.items():
+        got = meta[column][row]
+        if isinstance(value, (int, float)):
+            assert got == pytest.approx(value), column
+        elif value is not None and isinstance(value, str):
+            assert got == value, column
+
+    # resume: a lost part is recomputed, the others are reused untouched
+    parts = sorted(part_path(store, p) for p in shard_paths(shards))
+    mtimes = {p: p.stat().st_mtime_ns for p in parts}
+    parts[2].unlink()
+    res = _run(cmd)
+    assert "4 reused" in res.stdout
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in parts if p != parts[2])
+    emb2, meta2 = _read(store)
+    np.testing.assert_array_equal(emb, emb2)
+    assert (meta["key"] == meta2["key"]).all()
+
+    # parts of another model are never mixed into this store
+    res = subprocess.run([*icehpc_cmd, "embed", str(shards), "--random-init", "--like", str(backbone), "--out",
+                          str(store), "--canvas", str(CANVAS)], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "different run" in res.stderr
+
+
+def test_embed_random_init_like_and_rgb_timm_checkpoint(shards, backbone, trained, tmp_path, icehpc_cmd):
+    # --random-init --like: the exported shape with seeded random weights, same on every call
+    for out in ("r1", "r2"):
+        _run([*icehpc_cmd, "embed", str(shards), "--random-init", "--like", str(backbone), "--seed", "1",
+              "--out", str(tmp_path / out / "s.h5"), "--canvas", str(CANVAS)])
+    a, _ = _read(tmp_path / "r1" / "s.h5")
+    b, _ = _read(tmp_path / "r2" / "s.h5")
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == trained[0].shape and not np.allclose(a, trained[0])
+
+    # a 3-channel timm checkpoint (.pth) is folded to grayscale: same as summing the RGB filters
+    import timm
+
+    kwargs = dict(pretrained=False, num_classes=0, img_size=32)
+    torch.manual_seed(0)
+    rgb = timm.create_model("vit_tiny_patch16_224", in_chans=3, **kwargs)
+    torch.save({"model": rgb.state_dict()}, tmp_path / "rgb.pth")
+    _run([*icehpc_cmd, "embed", str(shards), "--checkpoint", str(tmp_path / "rgb.pth"), "--model",
+          "vit_tiny_patch16_224", "--img-size", "32", "--out", str(tmp_path / "rgb" / "s.h5"), "--canvas", str(CANVAS)])
+    got, meta = _read(tmp_path / "rgb" / "s.h5")
+    gray = timm.create_model("vit_tiny_patch16_224", in_chans=1, **kwargs)
+    state = rgb.state_dict()
+    state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].sum(dim=1, keepdim=True)
+    gray.load_state_dict(state)
+    gray.eval()
+    first = shard_paths(shards)[0]
+    from icehpc.data import ordered_loader
+
+    images, metas = next(iter(ordered_loader([first], batch_size=8, canvas=CANVAS)))
+    x = F.interpolate(images.float() / 255, size=(32, 32), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        want = gray.forward_features((x - 0.449) / 0.226)[:, 0].numpy()
+    rows = [list(meta["key"]).index(m["__key__"]) for m in metas]
+    np.testing.assert_allclose(got[rows], want, rtol=1e-4, atol=1e-5)
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    children = [int(p) for p in out]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL mpiexec and every rank it started (ranks may sit in their own process groups)."""
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+@pytest.mark.mpi
+def test_embed_two_mpi_ranks_equal_one_and_survive_sigkill(shards, backbone, trained, tmp_path, icehpc_cmd,
+                                                            mpiexec):
+    one, one_meta = trained
+    store = tmp_path / "mpi" / "s.h5"
+    _run([*mpiexec, "-n", "2", *icehpc_cmd, "embed", str(shards), "--checkpoint", str(backbone), "--out",
+          str(store), "--canvas", str(CANVAS), "--batch-size", "8"])
+    two, two_meta = _read(store)
+    assert (one_meta["key"] == two_meta["key"]).all()
+    np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
+    summary = json.loads(Path(f"{store}.json").read_text())
+    assert summary["ranks"] == 2 and summary["rows"] == len(one)
+
+    # SIGKILL both ranks once the first part exists; the same command then finishes the store.
+    # A bigger model (ViT-S/16 at 224 px, random-init) makes the job slow enough to interrupt.
+    killed = tmp_path / "killed" / "s.h5"
+    cmd = [*mpiexec, "-n", "2", *icehpc_cmd, "embed", str(shards), "--random-init", "--model",
+           "vit_small_patch16_224", "--out", str(killed), "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = [part_path(killed, p) for p in shard_paths(shards)]
+    deadline = time.monotonic() + 240
+    while not any(p.exists() for p in parts) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _kill_tree(proc)
+    done_at_kill = sum(p.exists() for p in parts)
+    assert 0 < done_at_kill < len(parts), f"kill came at {done_at_kill}/{len(parts)} parts; cannot test resume"
+    assert not Path(f"{killed}.json").exists()
+    mtimes = {p: p.stat().st_mtime_ns for p in parts if p.exists()}
+    res = _run(cmd)
+    assert f"{done_at_kill} reused" in res.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    resumed, resumed_meta = _read(killed)
+    fresh = tmp_path / "fresh" / "s.h5"
+    _run([*icehpc_cmd, "embed", str(shards), "--random-init", "--model", "vit_small_patch16_224", "--out", str(fresh),
+          "--batch-size", "4"])
+    ref, ref_meta = _read(fresh)
+    assert (resumed_meta["key"] == ref_meta["key"]).all()
+    np.testing.assert_allclose(resumed, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_embed_sbatch_and_submit_on_slurm(shards, backbone, trained, tmp_path, slurm_cluster, icehpc_cmd):
+    reference, ref_meta = trained
+    out = tmp_path / "slurm" / "s.h5"
+    res = subprocess.run(["sbatch", "--parsable", "--wait", "--ntasks=2", f"--partition={slurm_cluster['partition']}",
+                          f"--output={tmp_path / 'slurm-%j.out'}", str(ROOT / "jobs" / "embed.sh"), str(shards),
+                          "--checkpoint", str(backbone), "--out", str(out), "--canvas", str(CANVAS)],
+                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert res.returncode == 0, f"{res.stderr}\n{logs}"
+    got, meta = _read(out)
+    assert json.loads(Path(f"{out}.json").read_text())["ranks"] == 2, logs
+    assert (meta["key"] == ref_meta["key"]).all()
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-6)
+
+    out2 = tmp_path / "submitit" / "s.h5"
+    res = subprocess.run([*icehpc_cmd, "submit", "embed", "--tasks-per-node", "2", "--partition",
+                          slurm_cluster["partition"], "--folder", str(tmp_path / "submitit-logs"), "--time-min", "5",
+                          "--wait", "--", str(shards), "--checkpoint", str(backbone), "--out", str(out2),
+                          "--canvas", str(CANVAS)], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    got2, meta2 = _read(out2)
+    assert json.loads(Path(f"{out2}.json").read_text())["ranks"] == 2
+    assert (meta2["key"] == ref_meta["key"]).all()
+    np.testing.assert_allclose(got2, reference, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,258 @@
+"""vmf_xent: the fused Triton kernel (interpreter on the CPU, real on CUDA) against a float64
+PyTorch reference; the reference itself against finite differences and an explicit per-pair loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from icehpc.kernels import crop_pairs, vmf_xent
+
+OUTS = ("loss", "grad_zs", "grad_ws", "teacher_logit_mean", "teacher_prob_mean")
+
+
+def make_inputs(ns: int, nt: int, k: int, d: int, seed: int = 0, w_scale: float = 1.0,
+                zero_frac: float = 0.25) -> dict[str, torch.Tensor]:
+    """Unit-norm rows, unnormalised prototypes (‖w‖ varies per prototype), weights with zeros."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "zs": F.normalize(torch.randn(ns, d, generator=g, dtype=torch.float64), dim=1),
+        "ws": torch.randn(k, d, generator=g, dtype=torch.float64) * w_scale
+        * torch.rand(k, 1, generator=g, dtype=torch.float64).add(0.5),
+        "zt": F.normalize(torch.randn(nt, d, generator=g, dtype=torch.float64), dim=1),
+        "wt": torch.randn(k, d, generator=g, dtype=torch.float64) * w_scale,
+        "center": torch.randn(k, generator=g, dtype=torch.float64) * 0.3,
+        "weights": torch.rand(ns, generator=g, dtype=torch.float64)
+        * (torch.rand(ns, generator=g) >= zero_frac),
+    }
+
+
+def make_pairs(ns: int, nt: int, m: int, seed: int = 0) -> torch.Tensor:
+    """[ns, m] teacher indices with −1 padding, one row all −1, repeated indices allowed."""
+    g = torch.Generator().manual_seed(seed + 1)
+    pairs = torch.randint(0, nt, (ns, m), generator=g)
+    pairs[torch.rand(ns, m, generator=g) < 0.3] = -1
+    pairs[0] = -1
+    return pairs
+
+
+def run(inp: dict, backend: str, dtype: torch.dtype, device: str = "cpu", *, pairs=None,
+        vmf: bool = True, tau_s: float = 0.1, tau_t: float = 0.04, grad: tuple = (True, True),
+        weights: bool = True) -> dict[str, torch.Tensor | None]:
+    """Loss, gradients and stats, all returned as float64 CPU tensors."""
+    zs = inp["zs"].to(device, dtype, copy=True).requires_grad_(grad[0])
+    ws = inp["ws"].to(device, dtype, copy=True).requires_grad_(grad[1])
+    zt, wt, center = (inp[n].to(device, dtype) for n in ("zt", "wt", "center"))
+    w = inp["weights"].to(device, dtype) if weights else None
+    p = None if pairs is None else pairs.to(device)
+    loss, stats = vmf_xent(zs, ws, zt, wt, center, tau_s, tau_t, pairs=p, weights=w, vmf=vmf,
+                           backend=backend)
+    if loss.requires_grad:
+        loss.backward()
+    out = {"loss": loss.detach(), "grad_zs": zs.grad, "grad_ws": ws.grad, **stats}
+    if w is not None and pairs is None:  # size of a_i·c_i·(P_s@ws)/τ_s, the terms ∂zs cancels
+        out["zs_term"] = w.abs().max() / w.sum().clamp_min(1e-30) * ws.abs().max() / tau_s
+    else:
+        out["zs_term"] = torch.tensor(0.0)
+    return {n: None if t is None else t.detach().double().cpu() for n, t in out.items()}
+
+
+def assert_close(ref: dict, out: dict, rtol: float, names=OUTS) -> None:
+    """max |out − ref| ≤ rtol · max |ref| (+ a tiny floor for all-zero references), per output.
+    The loss is lse − Σ P_t·l_s and ∂zs is a·(c·P_s − T)@ws/τ_s: their rounding errors scale with
+    the logits and with those terms, not with the (possibly much smaller) results."""
+    logit_scale = ref["teacher_logit_mean"].abs().max().item()
+    for n in names:
+        assert out[n] is not None and ref[n] is not None, n
+        assert torch.isfinite(out[n]).all(), n
+        err = (out[n] - ref[n]).abs().max().item()
+        floor = {"loss": logit_scale, "grad_zs": ref["zs_term"].item()}.get(n, 0.0)
+        scale = max(ref[n].abs().max().item(), floor)
+        assert err <= rtol * scale + 1e-9, f"{n}: max err {err:.3g} vs max |ref| {scale:.3g}"
+
+
+# ----------------------------------------------------------------------------- reference checks
+
+def test_reference_matches_finite_differences():
+    """The reference's autograd (incl. the vMF bias through log_cp_torch) is the true gradient."""
+    inp = make_inputs(5, 5, 7, 6, seed=3)
+    pairs = make_pairs(5, 5, 2, seed=3)
+
+    def f(zs, ws):
+        return vmf_xent(zs, ws, inp["zt"], inp["wt"], inp["center"], 0.3, 0.2, pairs=pairs,
+                        weights=inp["weights"], vmf=True, backend="torch")[0]
+
+    assert torch.autograd.gradcheck(f, (inp["zs"].clone().requires_grad_(),
+                                        inp["ws"].clone().requires_grad_()), eps=1e-6, atol=1e-6)
+
+
+def test_reference_matches_explicit_pair_loop():
+    """Linearity in P_t: the reference equals Σ over every (i, j) pair of w_i·H(P_t[j], P_s[i])."""
+    inp = make_inputs(9, 4, 11, 8, seed=4)
+    pairs = make_pairs(9, 4, 3, seed=4)
+    tau_s, tau_t = 0.2, 0.05
+    loss, _ = vmf_xent(inp["zs"], inp["ws"], inp["zt"], inp["wt"], inp["center"], tau_s, tau_t,
+                       pairs=pairs, weights=inp["weights"], vmf=False, backend="torch")
+    log_ps = torch.log_softmax(inp["zs"] @ inp["ws"].T / tau_s, dim=1)
+    p_t = torch.softmax(inp["zt"] @ inp["wt"].T / tau_t - inp["center"], dim=1)
+    num = den = 0.0
+    for i in range(9):
+        for j in pairs[i].tolist():
+            if j >= 0:
+                num += inp["weights"][i] * -(p_t[j] * log_ps[i]).sum()
+                den += inp["weights"][i]
+    assert torch.allclose(loss, num / den, rtol=1e-12)
+
+
+def test_reference_float32_close_to_float64():
+    """CPU pretraining trains with the torch backend in float32."""
+    inp = make_inputs(37, 37, 203, 48)
+    ref = run(inp, "torch", torch.float64)
+    assert_close(ref, run(inp, "torch", torch.float32), 1e-4)
+
+
+def test_crop_pairs_pairs_each_crop_with_the_other_global_crops():
+    p = crop_pairs(4, 2, 3)
+    assert p.shape == (12, 2)
+    assert p[0].tolist() == [-1, 3] and p[3].tolist() == [0, -1]  # global crops 0 and 1, image 0
+    assert p[8].tolist() == [2, 5] and p[11].tolist() == [2, 5]  # local crops 2 and 3, image 2
+
+
+def test_auto_is_torch_on_cpu_and_errors():
+    inp = make_inputs(6, 6, 9, 16)
+    assert run(inp, "auto", torch.float64)["loss"] == run(inp, "torch", torch.float64)["loss"]
+    args = (inp["zs"], inp["ws"], inp["zt"][:5], inp["wt"], inp["center"], 0.1, 0.04)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="Ns"):
+            vmf_xent(*args, backend=backend)
+        with pytest.raises(ValueError, match="teacher row"):
+            vmf_xent(*args, pairs=torch.full((6, 2), 5), backend=backend)
+    with pytest.raises(ValueError, match="backend"):
+        vmf_xent(*args, backend="cuda")
+
+
+# ------------------------------------------------------------------ fused kernel vs float64 reference
+
+@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
+@pytest.mark.parametrize("vmf", [True, False], ids=["vmf", "plain"])
+def test_triton_matches_reference(paired, vmf):
+    """Odd shapes (no dimension a multiple of a block), zero weights, −1 padding, repeated pairs."""
+    ns, nt, k, d = (37, 37, 203, 48) if not paired else (41, 13, 203, 48)
+    inp = make_inputs(ns, nt, k, d, seed=int(paired) + 2 * int(vmf))
+    pairs = make_pairs(ns, nt, 3, seed=5) if paired else None
+    ref = run(inp, "torch", torch.float64, pairs=pairs, vmf=vmf)
+    out = run(inp, "triton", torch.float32, pairs=pairs, vmf=vmf)
+    assert_close(ref, out, 2e-5)
+
+
+@pytest.mark.parametrize("tau_s,tau_t", [(1e-2, 1e-3), (10.0, 5.0)], ids=["sharp", "flat"])
+def test_triton_extreme_temperatures(tau_s, tau_t):
+    """Logits of magnitude ~10^4 (online max must not overflow) and nearly uniform softmaxes."""
+    inp = make_inputs(37, 37, 203, 48, seed=7, w_scale=2.0)
+    pairs = make_pairs(37, 37, 2, seed=7)
+    for p in (None, pairs):
+        ref = run(inp, "torch", torch.float64, pairs=p, tau_s=tau_s, tau_t=tau_t)
+        out = run(inp, "triton", torch.float32, pairs=p, tau_s=tau_s, tau_t=tau_t)
+        # fp32 logits of size L carry an absolute error ~ L·2^-24; P and the gradients inherit it
+        assert_close(ref, out, 1e-3 if tau_t < 0.01 else 2e-5)
+
+
+@pytest.mark.parametrize("ns,k,d", [(1, 17, 20), (19, 64, 32), (70, 33, 100)])
+def test_triton_odd_and_tiny_shapes(ns, k, d):
+    """K smaller than a tile, exact tile multiples, one row, D not a power of two."""
+    inp = make_inputs(ns, ns, k, d, seed=ns)
+    ref = run(inp, "torch", torch.float64)
+    assert_close(ref, run(inp, "triton", torch.float32), 2e-5)
+
+
+def test_triton_all_weights_zero():
+    """Σ w |pairs| = 0: loss and gradients are exactly 0 (no NaN), stats still computed."""
+    inp = make_inputs(37, 37, 203, 48, seed=9)
+    inp["weights"] = torch.zeros(37, dtype=torch.float64)
+    for p in (None, make_pairs(37, 37, 2)):
+        out = run(inp, "triton", torch.float32, pairs=p)
+        ref = run(inp, "torch", torch.float64, pairs=p)
+        for n in ("loss", "grad_zs", "grad_ws"):
+            assert torch.equal(out[n], torch.zeros_like(out[n])), n
+        assert_close(ref, out, 2e-5, names=OUTS[3:])
+
+
+def test_triton_partial_gradients_and_no_grad():
+    """Only the gradients asked for are computed; without any, only the stats pass runs."""
+    inp = make_inputs(37, 37, 203, 48, seed=11)
+    ref = run(inp, "torch", torch.float64)
+    only_z = run(inp, "triton", torch.float32, grad=(True, False))
+    assert only_z["grad_ws"] is None
+    assert_close(ref, only_z, 2e-5, names=("loss", "grad_zs", *OUTS[3:]))
+    only_w = run(inp, "triton", torch.float32, grad=(False, True))
+    assert only_w["grad_zs"] is None
+    assert_close(ref, only_w, 2e-5, names=("loss", "grad_ws", *OUTS[3:]))
+    with torch.no_grad():
+        none = run(inp, "triton", torch.float32)
+    assert_close(ref, none, 2e-5, names=("loss", *OUTS[3:]))
+
+
+# ----------------------------------------------------------------------------------- GPU only
+
+def _err(ref: dict, out: dict) -> dict[str, float]:
+    return {n: (out[n] - ref[n]).abs().max().item() / ref[n].abs().max().item() for n in OUTS}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", ["patch", "cls"])
+def test_gpu_error_no_worse_than_plain_torch(dtype, case):
+    """Error vs float64 of the fused op ≤ that of plain PyTorch in the same dtype, plus a margin."""
+    if case == "patch":
+        inp, pairs = make_inputs(4099, 4099, 8191, 256, seed=21), None
+    else:  # DINO [CLS]: 12 crops × 16 images against the other of 2 global teacher crops
+        inp, pairs = make_inputs(12 * 16, 2 * 16, 65536, 256, seed=22), crop_pairs(12, 2, 16)
+    ref = run(inp, "torch", torch.float64, "cuda", pairs=pairs)
+    plain = _err(ref, run(inp, "torch", dtype, "cuda", pairs=pairs))
+    fused = _err(ref, run(inp, "triton", dtype, "cuda", pairs=pairs))
+    floor = 1e-5 if dtype == torch.float32 else 2e-3
+    for n in OUTS:
+        assert fused[n] <= 1.5 * plain[n] + floor, (n, fused[n], plain[n])
+
+
+@pytest.mark.gpu
+def test_gpu_large_k_matches_float64():
+    """K = 131,072 prototypes (many K tiles, large K offsets)."""
+    inp = make_inputs(67, 67, 131072, 256, seed=23)
+    ref = run(inp, "torch", torch.float64, "cuda")
+    assert_close(ref, run(inp, "triton", torch.float32, "cuda"), 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_million_rows_64bit_offsets():
+    """N ≈ 1.04·10⁶ rows made of one small block repeated: the loss, per-row gradients and ws
+    gradient must equal the small block's (identity pairing, so the mean is unchanged)."""
+    reps, n, k, d = 28_000, 37, 1024, 256
+    inp = make_inputs(n, n, k, d, seed=24, zero_frac=0.0)
+    small = run(inp, "triton", torch.float32, "cuda")
+    big_inp = {key: (v.repeat(reps, 1) if key in ("zs", "zt") else
+                     v.repeat(reps) if key == "weights" else v) for key, v in inp.items()}
+    big = run(big_inp, "triton", torch.float32, "cuda")
+    assert big["grad_zs"].shape[0] == n * reps
+    big["grad_zs"] = big["grad_zs"][-n:] * reps  # each copy carries 1/reps of the row gradient
+    assert_close(small, big, 1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_has_no_n_by_k_tensor():
+    """Patch shape N = 25,088, K = 8,192, D = 256 in bf16: extra peak memory far below one N×K."""
+    n, k, d = 25088, 8192, 256
+    inp = make_inputs(n, n, k, d, seed=25)
+    dev = torch.device("cuda")
+    zs = inp["zs"].to(dev, torch.bfloat16).requires_grad_()
+    ws = inp["ws"].to(dev, torch.bfloat16).requires_grad_()
+    zt, wt, c, w = (inp[x].to(dev, torch.bfloat16) for x in ("zt", "wt", "center", "weights"))
+    vmf_xent(zs, ws, zt, wt, c, 0.1, 0.04, weights=w, backend="triton")[0].backward()  # warm-up
+    zs.grad = ws.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    vmf_xent(zs, ws, zt, wt, c, 0.1, 0.04, weights=w, backend="triton")[0].backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 0.1 * n * k * 2, f"peak extra {extra / 2**20:.0f} MiB"

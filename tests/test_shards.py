@@ -1,0 +1,400 @@
+"""Shard building: hostile inputs, manifests, zips, real probe data, resume after SIGKILL, stock readers."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import tarfile
+import time
+import zipfile
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from icehpc import config, shards, synth
+
+RNG = np.random.default_rng(0)
+
+
+def _enc(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _noise(w: int = 48, h: int = 32) -> Image.Image:
+    return Image.fromarray(RNG.integers(0, 256, (h, w), dtype=np.uint8), "L")
+
+
+def _chunk(tag: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
+
+def _png_declaring(w: int, h: int) -> bytes:
+    """A few hundred bytes that declare a w×h 8-bit image (a decompression bomb's header)."""
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + _chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + _chunk(b"IEND", b""))
+
+
+def _hostile_files() -> dict[str, tuple[bytes, str | None]]:
+    """relative path → (bytes, expected rejection reason or None for accepted)."""
+    good = _enc(_noise(), "PNG")
+    png = _enc(_noise(64, 64), "PNG")
+    flipped = bytearray(png)
+    flipped[png.find(b"IDAT") + 100] ^= 0xFF
+    jpeg = _enc(_noise(64, 64).convert("RGB"), "JPEG", quality=90)
+    tiff = _enc(_noise(64, 64), "TIFF")
+    rgba = Image.new("RGBA", (3, 1), (0, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))          # transparent → background white
+    rgba.putpixel((2, 0), (255, 0, 0, 128))
+    rotated = Image.new("L", (40, 20), 30)
+    exif = rotated.getexif()
+    exif[0x0112] = 6                              # "rotate 90° clockwise to display"
+    palette = _noise(16, 16).convert("RGB").convert("P")
+    frames = [Image.new("L", (8, 8), v) for v in (10, 200)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    return {
+        "plate/good.png": (good, None),
+        "plate/with space.png": (_enc(_noise(), "PNG"), None),
+        "plate/dots.in.the.name.png": (_enc(_noise(), "PNG"), None),
+        "plate/colon:name (1).png": (_enc(_noise(), "PNG"), None),
+        "sphere/copy of good.png": (good, "duplicate"),
+        "column/truncated.png": (png[: len(png) // 2], "corrupt"),
+        "column/flipped-byte.png": (bytes(flipped), "corrupt"),
+        "column/truncated.jpg": (jpeg[: int(len(jpeg) * 0.6)], "corrupt"),
+        "column/truncated.tif": (tiff[: len(tiff) // 2], "corrupt"),
+        "column/zero.png": (b"", "empty"),
+        "column/notes.txt": (b"not an image\n", "not_image"),
+        "column/fake.png": (b"<html>404</html>", "not_image"),
+        "column/bomb.png": (_png_declaring(60000, 60000), "decompression_bomb"),
+        "column/bomb-under-pillow-limit.png": (_png_declaring(7000, 7000), "decompression_bomb"),
+        "column/float.tif": (_enc(Image.fromarray(RNG.random((8, 8), dtype=np.float32)), "TIFF"), "unsupported_mode"),
+        "sphere/sixteen-bit.png": (_enc(Image.fromarray(np.array([[0, 257 * 100, 65535]], np.uint16)), "PNG"), None),
+        "sphere/rgba.png": (_enc(rgba, "PNG"), None),
+        "sphere/palette.png": (_enc(palette, "PNG"), None),
+        "sphere/palette-transparent.png": (_enc(palette, "PNG", transparency=0), None),
+        "sphere/cmyk.jpg": (_enc(Image.new("CMYK", (8, 8), (0, 0, 0, 255)), "JPEG"), None),
+        "sphere/exif-rotated.jpg": (_enc(rotated.convert("RGB"), "JPEG", exif=exif.tobytes()), None),
+        "sphere/two-frames.gif": (gif.getvalue(), None),
+        "stray-at-top.png": (_enc(_noise(), "PNG"), "no_label"),
+    }
+
+
+NON_UTF8 = b"plate/bad-\xff\xfe-name.png"
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("hostile")
+    tree = root / "tree"
+    files = _hostile_files()
+    for rel, (data, _) in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(data)
+    with open(os.fsencode(tree) + b"/" + NON_UTF8, "wb") as f:
+        f.write(_enc(_noise(), "PNG"))
+    out = root / "out"
+    shards.build([str(tree)], out, shards.BuildConfig(probe="CPI", pixel_um=2.3, shard_samples=4),
+                 workers=2, progress=False)
+    return tree, out, files
+
+
+def _samples(out: Path) -> dict[str, tuple[dict, bytes]]:
+    """source_path → (json, png) read with stock webdataset."""
+    index = json.loads((out / "index.json").read_text())
+    urls = [str(out / s["name"]) for s in index["shards"]]
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
+    result = {}
+    for sample in ds:
+        meta = json.loads(sample["json"])
+        result[meta["source_path"]] = (meta, sample["png"])
+    return result
+
+
+def test_hostile_inputs_are_rejected_with_reasons_or_normalised(hostile):
+    tree, out, files = hostile
+    index = json.loads((out / "index.json").read_text())
+    rejected = {r["path"]: r for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    samples = _samples(out)
+    name = tree.name
+    for rel, (_, reason) in files.items():
+        if reason is None:
+            assert f"{name}/{rel}" in samples, rel
+        else:
+            assert rejected[f"{name}/{rel}"]["reason"] == reason, (rel, rejected.get(f"{name}/{rel}"))
+            assert rejected[f"{name}/{rel}"]["detail"]
+    assert rejected[f"{name}/sphere/copy of good.png"]["detail"] == f"same sha256 as {name}/plate/good.png"
+    n_inputs = len(files) + 1
+    t = index["totals"]
+    assert t["inputs"] == n_inputs == t["written"] + t["rejected"] == len(samples) + len(rejected)
+    assert t["rejected_by_reason"] == dict(Counter(r["reason"] for r in rejected.values()))
+    assert index["labels"]["vocabulary"] == ["plate", "sphere"]
+    assert shards.verify(out) == []
+
+
+def test_every_stored_image_is_8bit_gray_and_conversions_are_faithful(hostile):
+    tree, out, _ = hostile
+    samples = _samples(out)
+    for meta, png in samples.values():
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and im.mode == "L" and im.size == (meta["orig_width"], meta["orig_height"])
+        assert set(shards.METADATA_KEYS) <= set(meta) and meta["probe"] == "CPI" and meta["pixel_um"] == 2.3
+    def pixels(rel):
+        meta, png = samples[f"{tree.name}/{rel}"]
+        return np.asarray(Image.open(io.BytesIO(png))), meta
+
+    a, meta = pixels("sphere/sixteen-bit.png")
+    assert a.tolist() == [[0, 100, 255]] and "16bit_to_8bit" in meta["conversion"]
+    a, meta = pixels("sphere/rgba.png")
+    assert a[0, 0] == 255 and a[0, 1] == 0 and 150 < a[0, 2] < 200  # over white
+    a, meta = pixels("sphere/exif-rotated.jpg")
+    assert a.shape == (40, 20) and "exif_orientation_6" in meta["conversion"]
+    a, meta = pixels("sphere/cmyk.jpg")
+    assert a.max() < 10 and "CMYK_to_gray" in meta["conversion"]
+    a, meta = pixels("sphere/two-frames.gif")
+    assert (a == 10).all() and "first_of_2_frames" in meta["conversion"]
+    meta, png = samples[f"{tree.name}/plate/good.png"]
+    assert png == (tree / "plate/good.png").read_bytes() and meta["conversion"] == []  # stored as is
+    assert meta["source_sha256"] == hashlib.sha256(png).hexdigest()
+
+
+def test_odd_file_names_survive(hostile):
+    tree, out, _ = hostile
+    samples = _samples(out)
+    assert f"{tree.name}/plate/bad-\\xff\\xfe-name.png" in samples  # non-UTF-8 bytes shown escaped
+    assert f"{tree.name}/plate/colon:name (1).png" in samples
+    for meta, _ in samples.values():
+        assert meta["habit"] in ("plate", "sphere")
+    for s in json.loads((out / "index.json").read_text())["shards"]:
+        with tarfile.open(out / s["name"]) as tf:
+            for m in tf:
+                key, ext = m.name.split(".")  # exactly one dot: keys have none
+                assert key.isdigit() and ext in ("png", "json")
+                assert (m.mtime, m.uid, m.gid, m.mode) == (shards.TAR_MTIME, 0, 0, 0o444)
+
+
+def test_tampering_is_found_by_verify(hostile, tmp_path):
+    _, out, _ = hostile
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    first = copy / "shard-000000.tar"
+    data = bytearray(first.read_bytes())
+    data[600] ^= 0x01
+    first.write_bytes(bytes(data))
+    (copy / "shard-000001.tar").unlink()
+    problems = shards.verify(copy)
+    assert any("shard-000000.tar: bytes/sha256" in p for p in problems)
+    assert any("shard-000001.tar: missing" in p for p in problems)
+
+
+def test_stock_tar_lists_and_extracts(hostile, tmp_path):
+    _, out, _ = hostile
+    index = json.loads((out / "index.json").read_text())
+    shard = out / next(s["name"] for s in index["shards"] if s["samples"] > 0)  # rejections can empty a shard
+    listed = subprocess.run(["tar", "tf", str(shard)], capture_output=True, text=True, check=True)
+    names = listed.stdout.split()
+    assert names and len(names) % 2 == 0
+    subprocess.run(["tar", "xf", str(shard), "-C", str(tmp_path)], check=True, capture_output=True)
+    with tarfile.open(shard) as tf:
+        for m in tf:
+            assert (tmp_path / m.name).read_bytes() == tf.extractfile(m).read()
+
+
+def _write_tree(root: Path, n_per_class: dict[str, int]) -> None:
+    for label, n in n_per_class.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / label / f"{i}.png").write_bytes(_enc(_noise(20 + i % 7, 16), "PNG"))
+
+
+def test_zip_with_single_top_folder_is_descended_and_matches_the_folder(tmp_path):
+    tree = tmp_path / "DS_data"
+    _write_tree(tree / "Classes", {"Class (01) Pri": 3, "Class (02) Co": 4})
+    zpath = tmp_path / "data.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for p in sorted(tree.rglob("*")):
+            z.write(p, str(p.relative_to(tree.parent)))
+    a, b = tmp_path / "a", tmp_path / "b"
+    ia = shards.build([str(zpath)], a, shards.BuildConfig(), progress=False)
+    ib = shards.build([str(tree)], b, shards.BuildConfig(), progress=False)
+    assert ia["labels"]["counts"] == ib["labels"]["counts"] == {"Class (01) Pri": 3, "Class (02) Co": 4}
+    sa, sb = _samples(a), _samples(b)
+    assert "data.zip/DS_data/Classes/Class (02) Co/3.png" in sa
+    assert sorted(p for _, p in sa.values()) == sorted(p for _, p in sb.values())
+
+
+def test_manifest_column_policy(tmp_path):
+    img = tmp_path / "img"
+    img.mkdir()
+    for i in range(8):
+        (img / f"{i}.png").write_bytes(_enc(_noise(10 + i, 12), "PNG"))
+    rows = [
+        ("img/0.png", "plate", "-12.5", "2020-01-01T00:00:00+00:00", "", None),
+        ("img/1.png", "plate", "", "", "NaN", None),                      # unknown values → null
+        ("img/2.png", "plate", "warm", "", "", "bad_metadata"),
+        ("img/3.png", "plate", "inf", "", "", "bad_metadata"),
+        ("img/4.png", "", "-3", "", "", "missing_label"),
+        ("img/5.png", "column", "-3", "yesterday", "", "bad_metadata"),
+        ("img/missing.png", "column", "-3", "", "", "unreadable"),
+        ("img/6.png", "column", "-40", "", "120.5", None),
+    ]
+    lines = ["path,habit,temperature_c,time,particle_width_um,comment"]
+    lines += [",".join(r[:5]) + ",hello" for r in rows]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    index = shards.build([str(tmp_path / "m.csv")], out, shards.BuildConfig(), progress=False)
+    rejected = {r["path"]: r["reason"] for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    samples = _samples(out)
+    for path, *_, reason in rows:
+        if reason is None:
+            assert f"m.csv/{path}" in samples
+        else:
+            assert rejected[f"m.csv/{path}"] == reason
+    meta = samples["m.csv/img/1.png"][0]
+    assert meta["temperature_c"] is None and meta["particle_width_um"] is None and meta["time"] is None
+    meta = samples["m.csv/img/6.png"][0]
+    assert meta["temperature_c"] == -40.0 and meta["particle_width_um"] == 120.5 and meta["comment"] == "hello"
+    assert index["totals"] == {"inputs": 8, "written": 3, "rejected": 5,
+                               "rejected_by_reason": {"bad_metadata": 3, "missing_label": 1, "unreadable": 1}}
+    (tmp_path / "nopath.csv").write_text("file,habit\na.png,plate\n")
+    with pytest.raises(config.ConfigError, match="'path'"):
+        shards.build([str(tmp_path / "nopath.csv")], tmp_path / "o2", shards.BuildConfig(), progress=False)
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthdata")
+    synth.synthesize(root, synth.SynthConfig(n=600, seed=4), workers=2, progress=False)
+    return root
+
+
+def _all_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_shard_limits_shuffle_and_worker_independence(synth_data, tmp_path):
+    manifest = str(synth_data / "manifest.csv")
+    c = shards.BuildConfig(shard_samples=70, shard_bytes=300_000, shuffle=True, seed=5)
+    one = shards.build([manifest], tmp_path / "x", c, workers=1, progress=False)
+    two = shards.build([manifest], tmp_path / "y", c, workers=2, progress=False)
+    assert {k: v for k, v in one.items() if k != "command"} == {k: v for k, v in two.items() if k != "command"}
+    assert {k: v for k, v in _all_bytes(tmp_path / "x").items() if k != "index.json"} == \
+        {k: v for k, v in _all_bytes(tmp_path / "y").items() if k != "index.json"}
+    for s in one["shards"]:
+        assert 0 < s["samples"] <= 70 and (s["bytes"] <= 300_000 + 20_000 or s["samples"] == 1)
+    keys = [m.name for m in tarfile.open(tmp_path / "x" / "shard-000000.tar")]
+    assert keys != sorted(keys)  # shuffled
+    other = shards.build([manifest], tmp_path / "z", shards.BuildConfig(shard_samples=70, shuffle=True, seed=6),
+                         workers=1, progress=False)
+    assert other["shards"][0]["sha256"] != one["shards"][0]["sha256"]
+    again = shards.build([manifest], tmp_path / "x", c, workers=1, progress=False)  # already built: no-op
+    assert again == one
+    with pytest.raises(config.ConfigError, match="different shard build"):
+        shards.build([manifest], tmp_path / "x", shards.BuildConfig(shard_samples=71), progress=False)
+
+
+def test_sigkill_then_rerun_is_byte_identical(synth_data, tmp_path, icehpc_cmd):
+    out = tmp_path / "out"
+    cmd = [*icehpc_cmd, "shards", "build", str(synth_data / "manifest.csv"), "--out", str(out),
+           "--shard-samples", "15", "--workers", "1", "--no-progress"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    reference = _all_bytes(out)
+    out.rename(tmp_path / "reference")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while len(list(out.glob("shard-*.tar"))) < 8 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert 8 <= len(partial) < 40 and not (out / "index.json").exists(), partial  # really killed mid-build
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    assert _all_bytes(out) == reference
+    assert not (out / shards.WORK).exists() and not list(out.glob(".*.tmp"))
+
+
+def test_cli_verify_and_stats(synth_data, tmp_path, icehpc_cmd):
+    out = tmp_path / "s"
+    r = subprocess.run([*icehpc_cmd, "shards", "build", str(synth_data / "manifest.csv"), "--out", str(out),
+                        "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "600 inputs = 600 written + 0 rejected" in r.stdout
+    r = subprocess.run([*icehpc_cmd, "shards", "verify", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "verify: OK" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([*icehpc_cmd, "shards", "stats", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    counts = Counter(row.split(",")[7] for row in (synth_data / "manifest.csv").read_text().splitlines()[1:])
+    for habit, n in counts.items():
+        assert any(line.split()[:2] == [habit, str(n)] for line in r.stdout.splitlines()), (habit, n, r.stdout)
+    with Image.open(out / "stats.png") as im:
+        assert im.format == "PNG" and im.width > 300
+    (out / "shard-000000.tar").write_bytes(b"")
+    r = subprocess.run([*icehpc_cmd, "shards", "verify", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "shard-000000.tar" in r.stdout
+
+
+def _zip_class_counts(zpath: Path) -> tuple[Counter, Counter]:
+    """Files per class folder (the folder under the single top folder) and duplicates per class,
+    computed from the zip directly: a duplicate is a file whose sha256 was seen earlier in name order."""
+    with zipfile.ZipFile(zpath) as z:
+        members = sorted((i for i in z.infolist() if not i.is_dir()), key=lambda i: i.filename.split("/", 1)[1])
+        per_class, dups, seen = Counter(), Counter(), set()
+        for info in members:
+            label = info.filename.split("/")[1]
+            per_class[label] += 1
+            digest = hashlib.sha256(z.read(info)).hexdigest()
+            dups[label] += digest in seen
+            seen.add(digest)
+    return per_class, dups
+
+
+@pytest.mark.parametrize("archive,probe,pixel,total", [("2ds_training.zip", "2D-S", 10.0, 5025),
+                                                       ("pip_training.zip", "PIP", 100.0, 3281)])
+def test_real_probe_archives_ingest_with_exact_counts(shared_data, tmp_path, archive, probe, pixel, total):
+    zpath = shared_data / archive
+    per_class, dups = _zip_class_counts(zpath)
+    assert sum(per_class.values()) == total
+    out = tmp_path / "out"
+    index = shards.build([str(zpath)], out, shards.BuildConfig(probe=probe, pixel_um=pixel), workers=2, progress=False)
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert {r["reason"] for r in rejected} <= {"duplicate"}
+    rejected_per_class = Counter(r["path"].split("/")[2] for r in rejected)
+    assert index["totals"]["inputs"] == total
+    for label, n in per_class.items():
+        assert index["labels"]["counts"].get(label, 0) + rejected_per_class[label] == n, label
+        assert rejected_per_class[label] == dups[label], label
+    assert shards.verify(out) == []
+    keep = shards.build([str(zpath)], tmp_path / "keep", shards.BuildConfig(duplicates="keep"), workers=2,
+                        progress=False)
+    assert keep["labels"]["counts"] == dict(sorted(per_class.items())) and keep["totals"]["rejected"] == 0
+
+
+@pytest.mark.slurm
+def test_sbatch_build_matches_local_build(slurm_cluster, synth_data, tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    args = [str(synth_data / "manifest.csv"), "--shard-samples", "100", "--shuffle", "--seed", "3"]
+    local = tmp_path / "local"
+    shards.build([args[0]], local, shards.BuildConfig(shard_samples=100, shuffle=True, seed=3), workers=1,
+                 progress=False)
+    remote = tmp_path / "slurm"
+    r = subprocess.run(["sbatch", "--wait", "-p", slurm_cluster["partition"], "-c", "2", "-t", "5",
+                        "--output", str(tmp_path / "job.out"), "jobs/build_shards.sh", *args, "--out", str(remote)],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert r.returncode == 0, r.stdout + r.stderr + log
+    assert "600 inputs = 600 written + 0 rejected" in log
+    a, b = _all_bytes(local), _all_bytes(remote)
+    assert {k: v for k, v in a.items() if k != "index.json"} == {k: v for k, v in b.items() if k != "index.json"}
+    ia, ib = (json.loads((d / "index.json").read_text()) for d in (local, remote))
+    assert ia.pop("command") != ib.pop("command") and ia == ib  # only --out differs
