@@ -58,11 +58,11 @@ def assign_shards(paths: list[str], rank: int, world: int) -> list[str]:
 def decode_image(png_bytes: bytes, canvas: int, max_upscale: float = 1.0) -> torch.Tensor:
     """PNG bytes → ``uint8 [1, canvas, canvas]``, aspect kept, centred, padded with 255.
 
-    Crops larger than the canvas are shrunk so their longest side fits; smaller crops are enlarged
-    by at most ``max_upscale`` (default 1: never), so tiny particles are not blown up into blurry
-    blobs and the pixel scale of small crops is kept.
+    Crops larger than the canvas are shrunk (Pillow's antialiased bilinear) so their longest side
+    fits; smaller crops are enlarged by at most ``max_upscale`` (default 1: never), so tiny
+    particles are not blown up into blurry blobs and the pixel scale of small crops is kept.
     """
-    with Image.open(io.BytesIO(png_bytes)) as im:
+    with Image.open(io.BytesIO(png_bytes), formats=("PNG",)) as im:
         im = im.convert("L") if im.mode != "L" else im
         w, h = im.size
         scale = min(canvas / max(w, h), max_upscale)
@@ -107,7 +107,9 @@ class _SeededShuffle:
 def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, num_workers: int,
                  seed: int, rank: int, world_size: int, epoch: int = 0,
                  batches_per_epoch: int | None = None, shuffle_buffer: int = 2000) -> Iterable[Batch]:
-    """Infinite-source training batches, exactly ``batches_per_epoch`` per call to ``iter``.
+    """Training batches from an infinite resampled stream, exactly ``batches_per_epoch`` of them.
+
+    Build one loader per epoch and iterate it once: ``epoch`` (with ``seed``) decides the draw.
 
     Each rank resamples (with replacement) from its own share of the shards (all shards when there
     are fewer shards than ranks); each DataLoader worker draws with its own seed derived from
@@ -134,7 +136,7 @@ def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, 
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
-                           persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                           prefetch_factor=4 if num_workers else None)
     return loader.with_epoch(batches_per_epoch)
 
 

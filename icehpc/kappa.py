@@ -52,6 +52,7 @@ from .vmf import kappa_closed_form, kappa_mle
 
 RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
 READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)
+_ONEHOT_MAX = 256  # up to this many groups in a read, Σx̂ is one one-hot matrix product
 MISSING, BELOW, ABOVE = "missing", "below range", "above range"
 
 
@@ -221,28 +222,36 @@ class Sums:
         return [self.raw, self.n, self.s, self.w, self.w2, self.sw]
 
     def add(self, codes: np.ndarray, valid: np.ndarray, x: np.ndarray, w: np.ndarray | None) -> None:
-        """Accumulate rows with group ``codes`` [m]; ``x`` [m, D] normalised (rows with
-        ``valid`` False are only counted in ``raw``), ``w`` [m, B] bootstrap weights."""
+        """Accumulate rows with group ``codes`` [m]; ``x`` [m, D] normalised, with rows where
+        ``valid`` is False zeroed (they count only in ``raw``), ``w`` [m, B] bootstrap weights."""
         self.raw += np.bincount(codes, minlength=len(self.raw))
-        c = codes[valid]
-        if not c.size:
+        c = np.where(valid, codes, -1)
+        groups, local = np.unique(c, return_inverse=True)
+        if groups[0] == -1:
+            groups, local = groups[1:], local - 1
+        if not groups.size:
             return
-        order = np.argsort(c, kind="stable")
-        rows = np.flatnonzero(valid)[order]
-        cs = c[order]
-        starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
-        ends = np.r_[starts[1:], cs.size]
-        xs = x[rows]
-        groups = cs[starts]
-        self.n[groups] += ends - starts
-        self.s[groups] += np.add.reduceat(xs, starts, axis=0)
-        if w is None:
+        self.n[groups] += np.bincount(local[local >= 0], minlength=groups.size)
+        if w is None and groups.size <= _ONEHOT_MAX:
+            # few groups: one BLAS product Σx̂ = onehotᵀ x, no gather of x (memory-bound otherwise)
+            onehot = np.zeros((len(c), groups.size))
+            ok = local >= 0
+            onehot[np.flatnonzero(ok), local[ok]] = 1.0
+            self.s[groups] += onehot.T @ x
             return
-        ws = w[rows].astype(np.float64)
-        self.w[groups] += np.add.reduceat(ws, starts, axis=0)
-        self.w2[groups] += np.add.reduceat(ws * ws, starts, axis=0)
-        for g, a, e in zip(groups, starts, ends):
-            self.sw[g] += ws[a:e].T @ xs[a:e]
+        order = np.argsort(local, kind="stable")
+        order = order[local[order] >= 0]
+        ls = local[order]
+        starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])
+        ends = np.r_[starts[1:], ls.size]
+        xs = x[order]
+        ws = None if w is None else w[order].astype(np.float64)
+        for k, a, e in zip(groups, starts, ends):
+            self.s[k] += xs[a:e].sum(axis=0)
+            if ws is not None:
+                self.w[k] += ws[a:e].sum(axis=0)
+                self.w2[k] += np.einsum("ib,ib->b", ws[a:e], ws[a:e])
+                self.sw[k] += ws[a:e].T @ xs[a:e]
 
     def aggregate(self, mapping: np.ndarray, g_out: int) -> "Sums":
         """Sum groups into coarser ones: group i → ``mapping[i]``."""
@@ -310,14 +319,12 @@ def _estimates(sums: Sums, p: int, cfg: KappaConfig) -> dict[str, np.ndarray]:
                 unstable=unstable)
 
 
-def _flags(n_valid: float, raw: float, est: dict, i: int, cfg: KappaConfig) -> str:
+def _flags(n_valid: float, est: dict, i: int, cfg: KappaConfig) -> str:
     f = []
     if n_valid == 0:
         f.append("empty")
     elif n_valid < cfg.min_count:
         f.append(f"n<{cfg.min_count}")
-    if raw > n_valid:
-        f.append("rows_skipped")
     if est["unstable"][i]:
         f.append("ci_unstable")
     k, lo, hi = est["kappa"][i], est["ci_low"][i], est["ci_high"][i]
@@ -343,7 +350,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
     other ranks None. Raises KappaError/StoreError identically on every rank."""
     comm = comm if comm is not None else mpi_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
     groupings = parse_groupings(cfg.groupings)
     if cfg.similarity_by and (cfg.similarity_by,) not in groupings:
@@ -421,7 +428,9 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
             finite = np.isfinite(sq)
             valid = finite & (sq > 0)
             bad_rows += (np.count_nonzero(~finite), np.count_nonzero(finite & (sq == 0)))
-            x[valid] /= np.sqrt(sq[valid])[:, None]
+            if not valid.all():
+                x[~valid] = 0.0  # NaN·0 is NaN: invalid rows must not reach any product
+            x *= np.where(valid, 1.0 / np.sqrt(np.where(valid, sq, 1.0)), 0.0)[:, None]
             w = None
             if b:
                 blocks = range(start // RNG_BLOCK, -(-stop // RNG_BLOCK))
@@ -433,6 +442,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
     _agree_on_errors(comm, err)
     timings["embeddings_s"] = time.perf_counter() - t1
 
+    rank_cpu = comm.gather(time.process_time() - cpu0, root=0)  # work per rank, load-independent
     t2 = time.perf_counter()
     _allreduce(comm, [a for g in bases for a in acc[g].arrays()] + [bad_rows])
     timings["allreduce_s"] = time.perf_counter() - t2
@@ -462,7 +472,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
                    "levels": levels, "n": int(sums.n[i]), "n_skipped": int(sums.raw[i] - sums.n[i])}
             for k in CSV_COLUMNS[4:-1]:
                 row[k] = float(est[k][i])
-            row["flag"] = _flags(sums.n[i], sums.raw[i], est, i, cfg)
+            row["flag"] = _flags(sums.n[i], est, i, cfg)
             rows.append(row)
         if g == (cfg.similarity_by,):
             sim_sums = (sums, [columns[g[0]].levels[int(k)] for k in combos[:, 0]])
@@ -477,6 +487,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
                       "n": n.astype(int).tolist(), "matrix": ((s @ cent.T) / n[:, None]).tolist()}
     timings["estimates_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t0
+    timings["rank_cpu_s"] = rank_cpu
     run = {"store": str(store.path), "n_rows": store.n_rows, "dim": d, "parts": len(store.parts) or 1,
            "ranks": size, "rows_nonfinite": int(bad_rows[0]), "rows_zero_norm": int(bad_rows[1]),
            "rng_block_rows": RNG_BLOCK, "bins": {c: columns[c].edges.tolist() for c in needed
@@ -491,6 +502,7 @@ def _write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -498,6 +510,17 @@ def _num(v: Any) -> str:
     if isinstance(v, float):
         return "" if not np.isfinite(v) else repr(v)
     return str(v)
+
+
+def jsonable(o: Any) -> Any:
+    """NaN/inf → None (JSON null), recursively: what kappa.json holds."""
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: jsonable(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [jsonable(v) for v in o]
+    return o
 
 
 def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> None:
@@ -519,19 +542,10 @@ def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> None:
             wr.writerow([lab] + [repr(float(v)) for v in vals])
     _write_text(out / "similarity.csv", buf.getvalue())
 
-    def clean(o: Any) -> Any:
-        if isinstance(o, float) and not np.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return [clean(v) for v in o]
-        return o
-
-    _write_text(out / "kappa.json", json.dumps(clean(result), indent=1, ensure_ascii=False) + "\n")
+    _write_text(out / "kappa.json", json.dumps(jsonable(result), indent=1, ensure_ascii=False) + "\n")
 
 
-def fingerprint(store_path: str | os.PathLike, store: Store, cfg: KappaConfig) -> str:
+def fingerprint(store: Store, cfg: KappaConfig) -> str:
     """Hash of the config and the store files' sizes and mtimes: same hash → same result."""
     files = [Path(store.path)] + list(store.parts)
     facts = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
@@ -542,11 +556,11 @@ def fingerprint(store_path: str | os.PathLike, store: Store, cfg: KappaConfig) -
 def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: KappaConfig,
               force: bool = False, comm: Any = None) -> dict[str, Any] | None:
     """Library entry point: skip if ``out_dir`` already holds this exact run (requeue-safe),
-    else compute and write on rank 0. Returns the result on rank 0."""
+    else compute and write on rank 0. Returns what kappa.json holds on rank 0 (NaN as None)."""
     comm = comm if comm is not None else mpi_comm()
     out = Path(out_dir)
     with open_store(store_path) as store:
-        fp = fingerprint(store_path, store, cfg)
+        fp = fingerprint(store, cfg)
         done = out / "kappa.json"
         if not force and done.exists() and (out / "kappa.csv").exists():
             try:
@@ -566,7 +580,7 @@ def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: Ka
         host=socket.gethostname(), icehpc=__version__, python=platform.python_version(),
         numpy=np.__version__, argv=sys.argv)
     write_outputs(out, result)
-    return result
+    return jsonable(result)
 
 
 # --------------------------------------------------------------------------------------- CLI

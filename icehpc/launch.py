@@ -148,13 +148,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="STAGE", help="stage to run (or `pipeline`)")
     add_resource_arguments(parser)
     parser.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status")
-    parser.add_argument("stage_args", nargs=argparse.REMAINDER, help="arguments for the stage, after --")
+    parser.add_argument("stage_args", nargs=argparse.REMAINDER,
+                        help="arguments for the stage, after -- (submit options may stand before the --)")
+
+
+def split_stage_args(args: argparse.Namespace) -> list[str]:
+    """Stage arguments after ``--``; submit options between STAGE and ``--`` are parsed into ``args``.
+
+    argparse hands everything after STAGE to REMAINDER, so ``icehpc submit kappa --wait -- …`` would
+    otherwise silently ignore ``--wait``. Options given before STAGE keep their values.
+    """
+    rest = list(args.stage_args)
+    if "--" not in rest:
+        return rest
+    cut = rest.index("--")
+    if cut:
+        again = argparse.ArgumentParser(prog=f"icehpc submit {args.target}")
+        add_resource_arguments(again)
+        again.add_argument("--wait", action="store_true", default=args.wait)
+        again.parse_args(rest[:cut], namespace=args)
+    return rest[cut + 1:]
 
 
 def run(args: argparse.Namespace) -> int:
-    stage_args = list(args.stage_args)
-    if stage_args[:1] == ["--"]:
-        stage_args = stage_args[1:]
+    stage_args = split_stage_args(args)
     if args.target == "pipeline":
         from .pipeline import submit_pipeline
 

@@ -184,10 +184,11 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
                     dest / "probe.json", after=(f"{prefix}embed", f"{prefix}embed-random"))
 
     steps += embed_pair("", o / "shards", o / "embed", ("shards",))
-    kappa_args = ["--config", str(_resolve_config(cfg.kappa.config)), *cfg.kappa.overrides]
+    kappa_config = ["--config", str(_resolve_config(cfg.kappa.config))]
     for which, after in (("trained", "embed"), ("random", "embed-random")):
-        steps.append(Step(f"kappa-{which}", "kappa", [str(o / "embed" / f"{which}.h5"), "--out",
-                                                      str(o / "kappa" / which), *kappa_args],
+        # overrides right after the store: argparse takes positionals only as one contiguous run
+        steps.append(Step(f"kappa-{which}", "kappa", [str(o / "embed" / f"{which}.h5"), *cfg.kappa.overrides,
+                                                      "--out", str(o / "kappa" / which), *kappa_config],
                           o / "kappa" / which / "kappa.json", cfg.kappa.ranks, (after,)))
     steps.append(Step("report", "report", [str(o / "kappa" / "trained"), "--out", str(o / "report")],
                       o / "report" / "index.html", after=("kappa-trained",)))
@@ -370,12 +371,14 @@ def finish(out: Path, steps: list[Step], min_count: int, seconds: float | None =
 # ---------------------------------------------------------------------------------------- submission
 def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folder: str | Path = "runs/submitit",
                     cpus_per_task: int = 1, time_min: int = 60, partition: str | None = None,
-                    mem_gb: float | None = None, **_ignored: Any) -> list[Any]:
+                    mem_gb: float | None = None, gpus_per_node: int = 0, **_fixed_by_plan: Any) -> list[Any]:
     """Submit the pending steps of ``icehpc pipeline STAGE_ARGS`` through submitit, chained afterok.
 
-    Multi-process steps get ``ranks`` tasks on one node; the last job runs ``icehpc pipeline
-    --finish-only`` (checks every output, writes science.json). Steps already complete are not
-    submitted. Returns the jobs in submission order (each has ``_icehpc_cmd``).
+    Each step gets ``ranks`` tasks on one node (node and task counts come from the plan, so
+    ``nodes``/``tasks_per_node`` are ignored); ``gpus_per_node`` goes to the pretrain and embed
+    steps. The last job runs ``icehpc pipeline --finish-only`` (checks every output, writes
+    science.json). Steps already complete are not submitted. Returns the jobs in submission order
+    (each has ``_icehpc_cmd``).
     """
     from . import launch
 
@@ -393,6 +396,7 @@ def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folde
             continue
         deps = [jobs[name] for name in step.after if name in jobs]
         job = launch.submit_stage(step.stage, step.argv, executor, tasks_per_node=step.ranks,
+                                  gpus_per_node=gpus_per_node if step.stage in ("pretrain", "embed") else 0,
                                   dependency=deps or None, **common)
         job._icehpc_cmd = [step.stage, *step.argv]
         jobs[step.name] = job
@@ -413,12 +417,14 @@ def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folde
 
 def print_plan(steps: list[Step], out: Path) -> None:
     """``# out=DIR``, then one tab-separated line per pending step for jobs/pipeline.sh: name,
-    ranks, the steps it waits for, and the shell-quoted ``STAGE ARGV``."""
+    ranks, the steps it waits for (``-``: none), and the shell-quoted ``STAGE ARGV``."""
     print(f"# out={out}")
     for step in steps:
         if step.is_done():
             continue
-        print("\t".join([step.name, str(step.ranks), ",".join(step.after), shlex.join([step.stage, *step.argv])]))
+        # "-" for no dependency: bash `read` would merge two adjacent tabs and shift the fields
+        print("\t".join([step.name, str(step.ranks), ",".join(step.after) or "-",
+                         shlex.join([step.stage, *step.argv])]))
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -283,6 +283,13 @@ def init_distributed(backend: str):
     if env.world_size == 1 and env.launcher == "none":
         env = replace(env, master_port=_free_port())  # lone process: never collide with another run
     dist.export_torch_env(env)
+    if backend == "gloo":
+        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op at init (~60 s, under a file
+        # lock; under srun it even rebuilds, so ranks queued behind the lock). Training never uses
+        # it (gloo does the collectives): mark it unavailable in DeepSpeed's op table.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return env
 

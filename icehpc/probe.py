@@ -100,8 +100,7 @@ def contour_features(image: np.ndarray, pixel_um: float = 1.0) -> np.ndarray:
                           & mask[1:-1, :-2] & mask[1:-1, 2:])
     by, bx = np.nonzero(mask & ~eroded)
     corners = np.concatenate([np.stack([bx + dx, by + dy], axis=1)
-                              for dx in (0, 1) for dy in (0, 1)]).astype(np.float64)
-    corners = np.unique(corners, axis=0)
+                              for dx in (0, 1) for dy in (0, 1)]).astype(np.float64)  # duplicates: harmless
     try:
         hull = ConvexHull(corners)
         hull_area, hull_perimeter = float(hull.volume), float(hull.area)
@@ -122,43 +121,57 @@ def contour_features(image: np.ndarray, pixel_um: float = 1.0) -> np.ndarray:
     ])
 
 
-def iter_shard_images(shard_dir: str | Path) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """(key, uint8 [H, W] at the stored resolution, metadata) for every sample of a shard folder.
+def iter_shard_images(shard_path: str) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """(key, uint8 [H, W] at the stored resolution, metadata) for every sample of one shard tar.
 
     Reads the tar members directly rather than through the canvas loader, because the geometric
     features need the stored pixel scale, which the canvas resize would change.
     """
     from PIL import Image
 
-    from .data import shard_paths
-
-    for path in shard_paths(str(shard_dir)):
-        pending: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                sample = pending.setdefault(key, {})
-                sample[ext] = data
-                if "png" in sample and "json" in sample:
-                    del pending[key]
-                    image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L"))
-                    yield os.path.basename(key), image, json.loads(sample["json"])
+    pending: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard_path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            sample = pending.setdefault(key, {})
+            sample[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+            if "png" in sample and "json" in sample:
+                del pending[key]
+                image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L"))
+                yield os.path.basename(key), image, json.loads(sample["json"])
 
 
-def geometric_features_from_shards(shard_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(keys [N] str, features float64 [N, 6]) of every sample in a shard folder."""
+def _shard_geometric_features(shard_path: str) -> tuple[list[str], list[np.ndarray]]:
     keys, rows = [], []
-    for key, image, meta in iter_shard_images(shard_dir):
-        pixel_um = meta.get("pixel_um")
+    for key, image, meta in iter_shard_images(shard_path):
         try:
-            pixel_um = float(pixel_um)
+            pixel_um = float(meta.get("pixel_um"))
         except (TypeError, ValueError):
             pixel_um = float("nan")
         keys.append(key)
         rows.append(contour_features(image, pixel_um if np.isfinite(pixel_um) and pixel_um > 0 else 1.0))
+    return keys, rows
+
+
+def geometric_features_from_shards(shard_dir: str | Path, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(keys [N] str, features float64 [N, 6]) of every sample in a shard folder, shards in parallel.
+
+    Particles without a known ``pixel_um`` get their equivalent diameter in pixels.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .data import shard_paths
+
+    paths = shard_paths(str(shard_dir))
+    if workers > 1 and len(paths) > 1:
+        with ProcessPoolExecutor(min(workers, len(paths))) as pool:
+            results = list(pool.map(_shard_geometric_features, paths))
+    else:
+        results = [_shard_geometric_features(p) for p in paths]
+    keys = [k for ks, _ in results for k in ks]
+    rows = [r for _, rs in results for r in rs]
     return np.asarray(keys, dtype=str), np.asarray(rows, dtype=np.float64).reshape(-1, len(GEOMETRIC_FEATURES))
 
 
@@ -196,10 +209,14 @@ def logreg_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from threadpoolctl import threadpool_limits
+
     model = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
                           LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
-    model.fit(np.asarray(train_x, dtype=np.float64), train_y)
-    return model.predict(np.asarray(test_x, dtype=np.float64))
+    # One BLAS thread: these matrices are small, and spinning BLAS threads slow a busy node badly.
+    with threadpool_limits(limits=1):
+        model.fit(np.asarray(train_x, dtype=np.float64), train_y)
+        return model.predict(np.asarray(test_x, dtype=np.float64))
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
@@ -305,7 +322,7 @@ class ProbeSettings:
 
 def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", name: str = "pretrained",
                random_store: str | Path | None = None, images: str | Path | None = None,
-               settings: ProbeSettings = ProbeSettings()) -> dict:
+               settings: ProbeSettings = ProbeSettings(), workers: int = 1) -> dict:
     """Score every representation on one stratified split and write probe.json, summary.csv, PNGs.
 
     Rows whose label is empty and classes with fewer than ``settings.min_class_count`` samples are
@@ -336,7 +353,7 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
         inputs["random_init"] = str(random_store)
     extra: dict = {}
     if images is not None:
-        g_keys, g_features = geometric_features_from_shards(images)
+        g_keys, g_features = geometric_features_from_shards(images, workers)
         geometric = _align(g_keys, g_features, keys, f"shards {images}")
         representations["geometric"] = (geometric, ("logreg",))
         inputs["geometric"] = str(images)
@@ -390,6 +407,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2, help="stratified test share (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="split and solver seed (default 0)")
     parser.add_argument("--logreg-c", type=float, default=1.0, help="inverse L2 strength (default 1.0)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes for the geometric features (default: CPUs available)")
     parser.add_argument("--min-class-count", type=int, default=5,
                         help="classes with fewer samples are left out and listed (default 5)")
 
@@ -398,7 +417,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ProbeSettings(k=args.k, temperature=args.temperature, test_fraction=args.test_fraction,
                              seed=args.seed, logreg_c=args.logreg_c, min_class_count=args.min_class_count)
     report = run_probes(args.store, args.out, label=args.label, name=args.name,
-                        random_store=args.random_store, images=args.images, settings=settings)
+                        random_store=args.random_store, images=args.images, settings=settings,
+                        workers=args.workers)
     print(f"probe on '{report['label']}': {len(report['classes'])} classes, "
           f"{report['split']['n_train']} train / {report['split']['n_test']} test")
     for rep, res in report["results"].items():

@@ -58,7 +58,7 @@ def _yerr(rows: list[dict]) -> np.ndarray:
 
 def _log_if_wide(ax, values: list[float]) -> None:
     v = [x for x in values if _finite(x) and x > 0]
-    if v and max(v) / min(v) > 20:
+    if v and max(v) / min(v) > 3:
         ax.set_yscale("log")
 
 
@@ -69,7 +69,7 @@ def _estimable(rows: list[dict]) -> list[dict]:
 def fig_categorical(plt, grouping: str, rows: list[dict], path: Path) -> str:
     """κ per category with CI bars, n written beside each point."""
     est = _estimable(rows)
-    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.38 * max(len(est), 1)))
+    fig, ax = plt.subplots(figsize=(8, 1.9 + 0.4 * max(len(est), 1)))
     y = np.arange(len(est))
     ax.errorbar([r[ESTIMATE] for r in est], y, xerr=_yerr(est), fmt="o", color="C0", capsize=3,
                 label="κ̂ (debiased) with CI")
@@ -80,12 +80,12 @@ def fig_categorical(plt, grouping: str, rows: list[dict], path: Path) -> str:
     ax.set_yticks(y, [r["group"] for r in est])
     ax.invert_yaxis()
     ax.set_xlabel("vMF concentration κ  (higher = less diverse)")
-    ax.set_title(f"κ per {_axis(grouping)}")
     v = [r[ESTIMATE] for r in est]
-    if v and max(v) / max(min(v), 1e-300) > 20:
+    if v and max(v) / max(min(v), 1e-300) > 3:
         ax.set_xscale("log")
-    ax.margins(x=0.15)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.margins(x=0.15, y=0.5 / max(len(est), 1))
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0 + 0.6 / (1.9 + 0.4 * max(len(est), 1))),
+              ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -97,7 +97,8 @@ def _centre(r: dict, col: str) -> float | None:
     return 0.5 * (lev["low"] + lev["high"]) if "low" in lev else None
 
 
-def fig_binned(plt, cat: str | None, col: str, rows: list[dict], pooled: list[dict], path: Path) -> str:
+def fig_binned(plt, cat: str | None, col: str, rows: list[dict], pooled: list[dict], path: Path,
+               min_count: int = 0) -> str:
     """κ versus bin centre of ``col``, one line per level of ``cat`` (+ pooled, dashed); counts below."""
     fig, (ax, axn) = plt.subplots(2, 1, figsize=(8, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
     series: dict[str, list[dict]] = {}
@@ -122,6 +123,18 @@ def fig_binned(plt, cat: str | None, col: str, rows: list[dict], pooled: list[di
             width = np.min(np.diff(sorted(set(xs))))
     ax.set_ylabel("κ̂ (debiased) with CI")
     _log_if_wide(ax, all_est)
+    # a near-threshold group's CI can span 0..10×κ̂; keep the axis on the estimates (bars run off)
+    shown = _estimable([r for rs in series.values() for r in rs])
+    if shown:
+        lo = [max(r["ci_low"], r[ESTIMATE] / 3) if _finite(r["ci_low"]) else r[ESTIMATE] for r in shown]
+        hi = [min(r["ci_high"], r[ESTIMATE] * 3) if _finite(r["ci_high"]) else r[ESTIMATE] for r in shown]
+        pad = 0.08 * (max(hi) - min(lo)) or 0.05 * max(hi)
+        ax.set_ylim(min(lo) / 1.15 if ax.get_yscale() == "log" else min(lo) - pad,
+                    max(hi) * 1.15 if ax.get_yscale() == "log" else max(hi) + pad)
+    if min_count:
+        axn.axhline(min_count, color="0.5", ls=":", lw=1)
+        axn.annotate(f"min n = {min_count}", (1.0, min_count), xycoords=("axes fraction", "data"),
+                     ha="right", va="bottom", fontsize=7, color="0.4")
     axn.set_yscale("log")
     axn.set_ylabel("n")
     axn.set_xlabel(_axis(col))
@@ -214,20 +227,21 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         figures.append((name, title, caption))
 
     # categorical × binned first (the paper's figures), then single binned, then categorical
-    order = sorted(by, key=lambda g: (-len(g.split(":")), g))
+    rank = {"temperature_c": 0, "particle_width_um": 1, "campaign": 2, "habit": 3}
+    order = sorted(by, key=lambda g: (-len(g.split(":")), [rank.get(c, 9) for c in reversed(g.split(":"))], g))
     for g in order:
         cols = g.split(":")
         name = "kappa_" + g.replace(":", "_by_") + ".png"
         if len(cols) == 2 and (cols[0] in bins) != (cols[1] in bins):
             cat, col = (cols[1], cols[0]) if cols[0] in bins else (cols[0], cols[1])
-            note = fig_binned(plt, cat, col, by[g], by.get(col, []), out / name)
+            note = fig_binned(plt, cat, col, by[g], by.get(col, []), out / name, run["config"]["min_count"])
             add(name, f"κ versus {_axis(col)} per {_axis(cat)}",
                 f"Points: debiased κ̂ with {run['config']['confidence']:.0%} Poisson-bootstrap CI; "
                 f"dashed: all {_axis(cat)}s pooled. Lower panel: rows per bin. {note}")
         elif len(cols) == 1 and cols[0] in bins:
             if any(cols[0] in g2.split(":") for g2 in by if g2 != g):
                 continue  # drawn as the pooled line of a crossed figure
-            note = fig_binned(plt, None, cols[0], by[g], [], out / name)
+            note = fig_binned(plt, None, cols[0], by[g], [], out / name, run["config"]["min_count"])
             add(name, f"κ versus {_axis(cols[0])}", f"All rows pooled. {note}")
         else:
             note = fig_categorical(plt, g.replace(":", " × "), by[g], out / name)
@@ -260,10 +274,11 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
                      f"File: <code>{name}</code>.</figcaption></figure>")
     parts.append(f"<h2>Flagged groups ({len(flagged)})</h2>")
     parts.append("<p>Flags: <code>n&lt;min</code> too few rows (not estimated), <code>empty</code> no valid "
-                 "rows, <code>rows_skipped</code> some rows were non-finite or zero, <code>mle_outside_ci"
+                 "rows, <code>mle_outside_ci"
                  "</code> the MLE's small-sample bias exceeds the CI, <code>ci_unstable</code> too few "
                  "usable bootstrap replicates.</p>")
-    parts.append(_table(flagged, ["grouping", "group", "n", "n_skipped", "kappa", "kappa_debiased", "flag"])
+    parts.append(_table(flagged, ["grouping", "group", "n", "n_skipped", "kappa", "kappa_debiased", "ci_low",
+                                  "ci_high", "flag"])
                  if flagged else "<p>None.</p>")
     parts.append("<h2>All groups</h2><details><summary>table of every group (also kappa.csv)</summary>")
     parts.append(_table(rows, ["grouping", "group", "n", "rbar", "kappa", "kappa_debiased",
@@ -280,6 +295,7 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     fd, tmp = tempfile.mkstemp(prefix=".index.html.", suffix=".tmp", dir=out)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write("\n".join(parts))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, index)
     return index
 

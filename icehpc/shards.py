@@ -30,9 +30,14 @@ as an earlier input). Faithful conversions are applied instead and listed in ``c
 EXIF orientation, 16-bit → 8-bit (v/257), alpha composited over white, palette/RGB/CMYK → luma,
 first frame of multi-frame files. An 8-bit grayscale PNG is stored byte-for-byte.
 
-Resume: the sample→shard plan is decided up front from the sorted inputs (+ seed), each shard is
-written to a temporary name and renamed, and a rerun of the same command skips finished shards, so
-a build killed at any point ends byte-identical to an uninterrupted one.
+How: pass 1 reads every input once (parallel over chunks of the sorted inputs), hashes and
+validates it and spools its finished tar members in ``DIR/.work`` (scratch as large as the output,
+deleted at the end); then duplicates are dropped and the sample→shard plan is fixed from the sorted
+inputs (+ seed); pass 2 concatenates spooled members into shards (parallel over shards). Every
+file is written under a temporary name and renamed; a rerun of the same command skips committed
+chunks and shards, so a build killed at any point (SIGKILL included) ends byte-identical to an
+uninterrupted one, whatever ``--workers``. Rerunning a finished build re-checks the inputs and
+leaves the output untouched if nothing changed.
 """
 from __future__ import annotations
 
@@ -83,7 +88,7 @@ class BuildConfig:
     probe: str | None = cfg.field(None, help="probe name stored where the input gives none")
     pixel_um: float | None = cfg.field(None, help="pixel size (µm) stored where the input gives none")
     shard_samples: int = cfg.field(1000, help="at most this many samples per shard")
-    shard_bytes: int = cfg.field(64 * 2**20, help="at most about this many bytes per shard (planned from source sizes)")
+    shard_bytes: int = cfg.field(64 * 2**20, help="at most this many bytes per shard (one sample may exceed it)")
     shuffle: bool = cfg.field(False, help="seeded shuffle of samples across shards")
     seed: int = cfg.field(0, help="seed of --shuffle")
     max_pixels: int = cfg.field(2**25, help="reject images declaring more pixels (decompression bombs)")
@@ -104,16 +109,15 @@ class Item:
     input_name: str
     source_path: str          # printable, location-independent: "<input name>/<path inside>"
     where: str | tuple[str, int]
-    size: int
-    mtime: float | tuple
     meta: dict[str, Any]
     reject: tuple[str, str] | None = None
-    sha256: str | None = None
+    sha256: str | None = None                 # from the check pass
+    spool: tuple[int, int, int] = (0, 0, 0)   # (chunk, offset, length) of its spooled tar members
 
 
 def printable(path: str) -> str:
     """A path with non-UTF-8 bytes shown as ``\\xNN`` (valid JSON/UTF-8 everywhere)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path if path.isascii() else os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 # ---------------------------------------------------------------- scanning inputs
@@ -130,31 +134,28 @@ def _descend(tops: dict[str, bool], children: Any) -> list[str]:
     return prefix
 
 
-def _tree_items(root: Path) -> Iterator[tuple[str, str, str, int, float]]:
-    """(path below the label root, path below ``root``, full path, size, mtime) per file, byte-sorted."""
+def _tree_items(root: Path) -> Iterator[tuple[str, str, str, str | None]]:
+    """(path below the label root, path below ``root``, full path, listing error) per file, byte-sorted.
+
+    A folder that cannot be listed becomes one entry with its error, so it is counted, not lost."""
     def children(parts: list[str]) -> dict[str, bool]:
         d = root.joinpath(*parts)
         return {e.name: e.is_dir(follow_symlinks=False) for e in os.scandir(d)}
 
     prefix = _descend(children([]), children)
     base = root.joinpath(*prefix)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
-        for f in filenames:
-            full = os.path.join(dirpath, f)
-            found.append((os.path.relpath(full, base), full))
+    found: list[tuple[str, str, str | None]] = []
+    for dirpath, _dirs, filenames in os.walk(base, followlinks=False,
+                                             onerror=lambda e: found.append((e.filename, e.filename, str(e)))):
+        found += [(os.path.join(dirpath, f), os.path.join(dirpath, f), None) for f in filenames]
+    found = [(os.path.relpath(full, base), full, err) for _, full, err in found]
     found.sort(key=lambda x: os.fsencode(x[0]))
-    for rel, full in found:
-        try:
-            st = os.stat(full)
-            size, mtime = st.st_size, st.st_mtime
-        except OSError:  # broken symlink: read_source rejects it as unreadable
-            size, mtime = -1, 0.0
-        yield rel, os.path.relpath(full, root), full, size, mtime
+    for rel, full, err in found:
+        yield rel, os.path.relpath(full, root), full, err
 
 
-def _zip_items(path: Path) -> Iterator[tuple[str, str, int, int, tuple]]:
-    """(path below the label root, member name, member index, size, date) per file member, sorted."""
+def _zip_items(path: Path) -> Iterator[tuple[str, str, int]]:
+    """(path below the label root, member name, member index) per file member, sorted."""
     with zipfile.ZipFile(path) as z:
         infos = list(z.infolist())
     entries = [(zi.filename.strip("/").split("/"), zi.is_dir()) for zi in infos]
@@ -167,7 +168,7 @@ def _zip_items(path: Path) -> Iterator[tuple[str, str, int, int, tuple]]:
         return out
 
     skip = len(_descend(children([]), children))
-    rows = [("/".join(p[skip:]), zi.filename, i, zi.file_size, zi.date_time)
+    rows = [("/".join(p[skip:]), zi.filename, i)
             for i, ((p, is_dir), zi) in enumerate(zip(entries, infos)) if not is_dir]
     rows.sort(key=lambda r: (r[0].encode("utf-8", "surrogateescape"), r[2]))
     yield from rows
@@ -191,7 +192,7 @@ def _row_meta(row: dict[str, str], label_column: str) -> dict[str, Any]:
     for column, raw in row.items():
         if column == "path" or column is None:
             continue
-        text = (raw or "").strip()
+        column, text = printable(column), printable((raw or "").strip())  # CSV bytes that are not UTF-8
         if column in FLOAT_KEYS:
             meta[column] = _parse_float(column, text)
         elif text.lower() in MISSING_TEXT:
@@ -219,18 +220,20 @@ def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = ()) ->
         if str(given) in manifest_set or path.suffix.lower() == ".csv":
             items += _scan_manifest(path, name, label_column, len(items))
         elif path.is_dir():
-            for rel, below, full, size, mtime in _tree_items(path):
+            for rel, below, full, err in _tree_items(path):
                 parts = Path(rel).parts
-                item = Item(len(items), name, f"{name}/{printable(below)}", full, size, mtime, {})
-                if len(parts) < 2:
+                item = Item(len(items), name, f"{name}/{printable(below)}", full, {})
+                if err is not None:
+                    item.reject = ("unreadable", f"cannot list folder: {err}")
+                elif len(parts) < 2:
                     item.reject = ("no_label", "file is not inside a label folder")
                 else:
                     item.meta[label_column] = printable(parts[0])
                 items.append(item)
         elif path.is_file() and zipfile.is_zipfile(path):
-            for rel, member, index, size, date in _zip_items(path):
+            for rel, member, index in _zip_items(path):
                 parts = rel.split("/")
-                item = Item(len(items), name, f"{name}/{printable(member)}", (str(path), index), size, date, {})
+                item = Item(len(items), name, f"{name}/{printable(member)}", (str(path), index), {})
                 if len(parts) < 2:
                     item.reject = ("no_label", "file is not inside a label folder")
                 else:
@@ -248,21 +251,17 @@ def _scan_manifest(path: Path, name: str, label_column: str, start: int) -> list
             raise cfg.ConfigError(f"manifest {path}: needs a 'path' and a {label_column!r} column "
                                   f"(has {reader.fieldnames})")
         rows = list(reader)
-    items = []
+    items, parent = [], str(path.parent)
     for row in rows:
         rel = (row.get("path") or "").strip()
-        full = str(path.parent / rel)
-        item = Item(start + len(items), name, f"{name}/{printable(rel)}", full, -1, 0.0, {})
+        full = os.path.join(parent, rel)
+        item = Item(start + len(items), name, f"{name}/{printable(rel)}", full, {})
         try:
             if not rel:
                 raise Reject("unreadable", "empty path cell")
             item.meta = _row_meta(row, label_column)
-            st = os.stat(full)
-            item.size, item.mtime = st.st_size, st.st_mtime
         except Reject as exc:
             item.reject = (exc.reason, exc.detail)
-        except OSError as exc:
-            item.reject = ("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
         items.append(item)
     return items
 
@@ -273,22 +272,26 @@ _ZIPS: dict[tuple[int, str], zipfile.ZipFile] = {}
 
 def read_source(item: Item, max_bytes: int) -> bytes:
     """The bytes of one input (raises :class:`Reject`); zips are opened once per process."""
-    if item.size > max_bytes:
-        raise Reject("too_large", f"{item.size} bytes > max_file_bytes {max_bytes}")
     try:
         if isinstance(item.where, tuple):
             zpath, index = item.where
             z = _ZIPS.get((os.getpid(), zpath))
             if z is None:
                 z = _ZIPS[(os.getpid(), zpath)] = zipfile.ZipFile(zpath)
-            with z.open(z.infolist()[index]) as f:
-                data = f.read(max_bytes + 1)
+            info = z.infolist()[index]
+            if info.file_size > max_bytes:  # zipfile never inflates past the declared size
+                raise Reject("too_large", f"{info.file_size} bytes > max_file_bytes {max_bytes}")
+            with z.open(info) as f:
+                data = f.read()
         else:
             with open(item.where, "rb") as f:
-                data = f.read(max_bytes + 1)
+                size = os.fstat(f.fileno()).st_size
+                if size > max_bytes:
+                    raise Reject("too_large", f"{size} bytes > max_file_bytes {max_bytes}")
+                data = f.read()  # sized by fstat: read(max_bytes) would allocate max_bytes each time
     except (OSError, RuntimeError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise Reject("unreadable", f"{type(exc).__name__}: {exc}") from None
-    if len(data) > max_bytes:
+    if len(data) > max_bytes:  # grew while being read
         raise Reject("too_large", f"more than max_file_bytes {max_bytes}")
     if not data:
         raise Reject("empty", "zero bytes")
@@ -320,8 +323,65 @@ def _to_gray(im: Image.Image, notes: list[str]) -> Image.Image:
     raise Reject("unsupported_mode", f"image mode {mode} has no faithful 8-bit grayscale conversion")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
+_FALLBACK_CHUNKS = {b"tRNS", b"eXIf", b"acTL"}  # transparency, EXIF orientation, animation
+
+
+def check_png(data: bytes, max_pixels: int) -> tuple[int, int, bool] | None:
+    """Structural check of a PNG without decoding it (Pillow is lenient and 3-5× slower).
+
+    Returns (width, height, stored_as_is): ``stored_as_is`` for a plain 8-bit grayscale,
+    non-interlaced PNG without transparency/EXIF/animation chunks. Returns None when ``data`` is
+    not a PNG with a valid IHDR (Pillow then decides). Raises :class:`Reject` for a bomb, a bad
+    chunk CRC, truncation, a zlib stream that does not end (Adler-32) or inflates to the wrong
+    length, or an invalid row filter: what passes decodes in any conforming reader.
+    """
+    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 33:
+        return None
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    depth, colour, compression, filtering, interlace = data[24:29]
+    if colour not in _PNG_CHANNELS or compression or filtering or interlace > 1 or not 0 < w * h:
+        return None
+    if w * h > max_pixels:
+        raise Reject("decompression_bomb", f"declares {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+    pos, n = 8, len(data)
+    idat, plain, seen_iend = [], depth == 8 and colour == 0 and interlace == 0, False
+    while pos + 12 <= n:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        tag, end = data[pos + 4:pos + 8], pos + 12 + length
+        if end > n:
+            raise Reject("corrupt", f"PNG truncated inside chunk {tag!r}")
+        if zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            raise Reject("corrupt", f"PNG chunk {tag!r} fails its CRC")
+        if tag == b"IDAT":
+            idat.append(data[pos + 8:end - 4])
+        elif tag == b"IEND":
+            seen_iend = True
+            break
+        plain = plain and tag not in _FALLBACK_CHUNKS
+        pos = end
+    if not seen_iend or not idat:
+        raise Reject("corrupt", "PNG truncated (no IEND)" if not seen_iend else "PNG without IDAT")
+    row = 1 + (w * depth * _PNG_CHANNELS[colour] + 7) // 8
+    expected = h * row if interlace == 0 else None
+    inflater = zlib.decompressobj()
+    try:  # bounded output: Adam7 passes add at most a few filter bytes per row
+        raw = inflater.decompress(b"".join(idat), (expected or 2 * h * row + 64) + 1)
+    except zlib.error as exc:
+        raise Reject("corrupt", f"PNG image data: zlib: {exc}") from None
+    if not inflater.eof:
+        raise Reject("corrupt", "PNG image data: zlib stream does not end")
+    if expected is not None and (len(raw) != expected or max(raw[::row]) > 4):
+        raise Reject("corrupt", f"PNG image data: {len(raw)} bytes for {expected} expected, or bad row filters")
+    return w, h, plain
+
+
 def normalise(data: bytes, max_pixels: int) -> tuple[bytes, int, int, list[str]]:
     """Source bytes → (8-bit grayscale PNG bytes, width, height, conversions applied)."""
+    png = check_png(data, max_pixels)
+    if png is not None and png[2]:
+        return data, png[0], png[1], []  # already what we store: keep the bytes (and their sha256)
     try:
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
@@ -341,16 +401,12 @@ def normalise(data: bytes, max_pixels: int) -> tuple[bytes, int, int, list[str]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. odd EXIF: harmless for the pixels
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if fmt == "PNG":  # CRC of every chunk; zlib alone may not notice a flipped byte
-                Image.open(io.BytesIO(data), formats=("PNG",)).verify()
             im.load()
             orientation = im.getexif().get(0x0112, 1)
     except Exception as exc:
         raise Reject("corrupt", f"{type(exc).__name__}: {exc}") from None
     notes: list[str] = []
     frames = getattr(im, "n_frames", 1)
-    if fmt == "PNG" and raw_mode == "L" and orientation == 1 and frames == 1 and "transparency" not in im.info:
-        return data, w, h, notes  # already what we store: keep the bytes (and their sha256)
     if frames > 1:
         notes.append(f"first_of_{frames}_frames")
     if orientation != 1:
@@ -360,26 +416,101 @@ def normalise(data: bytes, max_pixels: int) -> tuple[bytes, int, int, list[str]]
             raise Reject("corrupt", f"EXIF orientation: {type(exc).__name__}: {exc}") from None
         notes.append(f"exif_orientation_{orientation}")
     gray = _to_gray(im, notes)
-    if fmt != "PNG" or raw_mode != "L":
-        notes.insert(0, f"{fmt}_{raw_mode or im.mode}_reencoded")
+    notes.insert(0, f"{fmt}_{raw_mode or im.mode}_reencoded")
     buf = io.BytesIO()
     gray.save(buf, format="PNG")
     return buf.getvalue(), gray.width, gray.height, notes
 
 
-# ---------------------------------------------------------------- planning
-def _hash_items(items: list[Item], max_bytes: int) -> list[tuple[str | None, tuple[str, str] | None]]:
-    out = []
+# ---------------------------------------------------------------- check pass (read once, spool)
+# POSIX ustar headers with fixed mode 0444, uid/gid 0, owner "icehpc" and mtime: byte-identical
+# to what tarfile writes for such a TarInfo (a test checks it), ~20× faster than TarFile.addfile,
+# which would cost more than everything else a sample needs.
+_TAR_MODE_IDS = b"0000444\0" + b"0000000\0" * 2
+_TAR_MTIME = b"%011o\0" % TAR_MTIME
+_TAR_TAIL = b"0" + bytes(100) + b"ustar\x0000" + b"icehpc".ljust(32, b"\0") * 2 + bytes(16 + 155 + 12)
+_TAR_TAIL_SUM = sum(_TAR_TAIL) + 8 * 32  # + the checksum field counted as spaces
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One regular-file member (header + data + padding) of a ustar archive."""
+    head = name.encode().ljust(100, b"\0") + _TAR_MODE_IDS + b"%011o\0" % len(data) + _TAR_MTIME
+    if len(head) != 148:
+        raise ValueError(f"tar member name too long: {name!r}")
+    return head + b"%06o\0 " % (sum(head) + _TAR_TAIL_SUM) + _TAR_TAIL + data + bytes(-len(data) % 512)
+
+
+def tar_end(size: int) -> bytes:
+    """End-of-archive blocks plus padding to a whole 10240-byte record, as tarfile writes them."""
+    return bytes(1024 + (-(size + 1024) % tarfile.RECORDSIZE))
+
+
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write to a temporary name beside ``path`` (fsync unless ``durable`` is False), then rename:
+    readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sample_json(item: Item, c: BuildConfig, sha: str, w: int, h: int, notes: list[str]) -> bytes:
+    meta: dict[str, Any] = {k: None for k in METADATA_KEYS}
+    meta.update(item.meta)
+    if meta.get("probe") is None and c.probe is not None:
+        meta["probe"] = c.probe
+    if meta.get("pixel_um") is None and c.pixel_um is not None:
+        meta["pixel_um"] = c.pixel_um
+    meta.update(source_path=item.source_path, source_sha256=sha, orig_width=w, orig_height=h, conversion=notes)
+    return json.dumps(meta, sort_keys=True).encode()
+
+
+def _chunk_key(items: list[Item], c: BuildConfig) -> str:
+    import PIL
+    return hashlib.sha256(json.dumps([FORMAT, PIL.__version__, cfg.to_dict(c),
+                                      [[i.ordinal, i.source_path, str(i.where), i.meta] for i in items]],
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def _check_chunk(out: str, k: int, items: list[Item], c: BuildConfig) -> list[list]:
+    """Read, hash and validate a chunk of inputs once; spool each sample's finished tar members.
+
+    Returns per item ``[sha256, rejection, spool offset, spool length]``, also saved (with the
+    spool) in DIR/.work so a resumed build skips finished chunks.
+    """
+    work = Path(out) / WORK
+    key = _chunk_key(items, c)
+    done = _read_json(work / f"check-{k:06d}.json")
+    spool = work / f"check-{k:06d}.bin"
+    if done and done["key"] == key and spool.exists() and spool.stat().st_size == done["bytes"]:
+        return done["items"]
+    results, blobs, offset = [], [], 0
     for item in items:
         try:
-            out.append((hashlib.sha256(read_source(item, max_bytes)).hexdigest(), None))
+            data = read_source(item, c.max_file_bytes)
+            sha = hashlib.sha256(data).hexdigest()
+            png, w, h, notes = normalise(data, c.max_pixels)
         except Reject as exc:
-            out.append((None, (exc.reason, exc.detail)))
-    return out
+            results.append([None, [exc.reason, exc.detail], 0, 0])
+            continue
+        name = f"{item.ordinal:09d}"
+        blob = tar_member(f"{name}.json", _sample_json(item, c, sha, w, h, notes)) + tar_member(f"{name}.png", png)
+        blobs.append(blob)
+        results.append([sha, None, offset, len(blob)])
+        offset += len(blob)
+    # the spool is scratch: no fsync; a resume re-checks its size and redoes the chunk if short
+    write_atomic(spool, b"".join(blobs), durable=False)
+    write_atomic(work / f"check-{k:06d}.json", json.dumps({"key": key, "bytes": offset, "items": results}).encode(),
+                 durable=False)
+    return results
 
 
+# ---------------------------------------------------------------- plan and shard pass
 def _plan_shards(candidates: list[Item], c: BuildConfig) -> list[list[Item]]:
-    """Greedy split of the (shuffled) candidates by sample count and estimated bytes."""
+    """Greedy split of the accepted samples (shuffled if asked) by count and exact tar bytes."""
     order = list(candidates)
     if c.shuffle:
         perm = np.random.default_rng(c.seed).permutation(len(order))
@@ -388,12 +519,11 @@ def _plan_shards(candidates: list[Item], c: BuildConfig) -> list[list[Item]]:
     current: list[Item] = []
     size = 0
     for item in order:
-        est = item.size + 2048  # two tar headers, padding, the JSON
-        if current and (len(current) >= c.shard_samples or size + est > c.shard_bytes):
+        if current and (len(current) >= c.shard_samples or size + item.spool[2] + 1024 > c.shard_bytes):
             shards.append(current)
             current, size = [], 0
         current.append(item)
-        size += est
+        size += item.spool[2]
     if current:
         shards.append(current)
     return shards
@@ -403,62 +533,32 @@ def shard_name(i: int) -> str:
     return f"shard-{i:06d}.tar"
 
 
-def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode = len(data), TAR_MTIME, 0o444
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = "icehpc"
-    tf.addfile(ti, io.BytesIO(data))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside ``path``, fsync, rename: readers never see partial files."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_shard(out: str, index: int, items: list[Item], c: BuildConfig, fingerprint: str) -> dict:
-    """Normalise and write one shard; returns its summary (also kept in DIR/.work for resumes)."""
-    buf = io.BytesIO()
-    rejected, labels = [], {}
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for item in items:
-            try:
-                data = read_source(item, c.max_file_bytes)
-                if hashlib.sha256(data).hexdigest() != item.sha256:
-                    raise Reject("unreadable", "file changed during the build")
-                png, w, h, notes = normalise(data, c.max_pixels)
-            except Reject as exc:
-                rejected.append([item.ordinal, _rejection(item, exc.reason, exc.detail)])
-                continue
-            meta: dict[str, Any] = {k: None for k in METADATA_KEYS}
-            meta.update(item.meta)
-            if meta.get("probe") is None and c.probe is not None:
-                meta["probe"] = c.probe
-            if meta.get("pixel_um") is None and c.pixel_um is not None:
-                meta["pixel_um"] = c.pixel_um
-            meta.update(source_path=item.source_path, source_sha256=item.sha256, orig_width=w, orig_height=h,
-                        conversion=notes)
-            key = f"{item.ordinal:09d}"
-            _tar_add(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-            _tar_add(tf, f"{key}.png", png)
-            label = str(meta[c.label_column])
-            labels[label] = labels.get(label, 0) + 1
-    data = buf.getvalue()
-    summary = {"name": shard_name(index), "samples": sum(labels.values()), "bytes": len(data),
-               "sha256": hashlib.sha256(data).hexdigest(), "labels": labels, "rejected": rejected,
-               "fingerprint": fingerprint}
+def _write_shard(out: str, index: int, entries: list[tuple[int, int, int]], labels: dict[str, int],
+                 fingerprint: str) -> dict:
+    """Concatenate spooled samples ``(chunk, offset, length)`` into one shard, atomically."""
+    work = Path(out) / WORK
+    files: dict[int, Any] = {}
+    parts = []
+    try:
+        for chunk, offset, length in entries:
+            if chunk not in files:
+                files[chunk] = open(work / f"check-{chunk:06d}.bin", "rb")
+            parts.append(os.pread(files[chunk].fileno(), length, offset))
+    finally:
+        for f in files.values():
+            f.close()
+    body = b"".join(parts)
+    data = body + tar_end(len(body))
+    summary = {"name": shard_name(index), "samples": len(entries), "bytes": len(data),
+               "sha256": hashlib.sha256(data).hexdigest(), "labels": labels, "fingerprint": fingerprint}
     root = Path(out)
-    write_atomic(root / WORK / f"{shard_name(index)}.json", json.dumps(summary).encode())
+    write_atomic(work / f"{shard_name(index)}.json", json.dumps(summary).encode())
     write_atomic(root / shard_name(index), data)  # the rename commits the shard
     return summary
 
 
-def _rejection(item: Item, reason: str, detail: str) -> dict:
+def _rejection(item: Item) -> dict:
+    reason, detail = item.reject
     return {"path": item.source_path, "input": item.input_name, "reason": reason, "detail": detail}
 
 
@@ -492,92 +592,98 @@ def _pool_map(fn: Any, tasks: list[tuple], workers: int) -> Iterator[Any]:
         yield from pool.map(fn, *zip(*tasks))
 
 
-def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifests: list[str] = (),
+CHUNK = 500  # inputs per check task (and per resumable spool file)
+
+
+def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifests: Iterable[str] = (),
           workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict:
-    """Build (or finish, or confirm) the shards of ``inputs`` in ``out``; returns the index."""
+    """Build (or finish, or confirm) the shards of ``inputs`` in ``out``; returns the index.
+
+    Pass 1 (parallel over chunks of the sorted inputs): read each input once, sha256, validate,
+    and spool its finished tar members in DIR/.work. Then duplicates are dropped and the plan
+    fixed. Pass 2 (parallel over shards): concatenate spooled members into shards. Both passes
+    skip work already committed by an earlier, killed run; nothing depends on ``workers``.
+    """
     from tqdm import tqdm
+    import PIL
 
     manifests = list(manifests)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     work = root / WORK
     if overwrite:
-        _clean(root, keep_index=False)
+        _clean(root)
+    for p in [*root.glob(".*.tmp"), *work.glob(".*.tmp")]:  # cut by a kill; always rewritten whole
+        p.unlink()
     items = scan(list(inputs), c.label_column, manifests)
-    scan_key = hashlib.sha256(json.dumps([[i.source_path, str(i.where), i.size, i.mtime, i.reject]
-                                          for i in items]).encode()).hexdigest()
-    cached = _read_json(work / "hashes.json")
+    index_path = root / "index.json"
+    old = _read_json(index_path)
+    if old is not None and (old.get("config") != cfg.to_dict(c) or old.get("inputs") != _input_summary(items)):
+        raise cfg.ConfigError(f"{root} already holds a shard build of other inputs or options; delete it, "
+                              f"choose another --out, or pass --overwrite")
+    work.mkdir(exist_ok=True)
     todo = [i for i in items if i.reject is None]
-    if cached and cached.get("scan_key") == scan_key:  # a resumed build: do not re-read everything
-        hashes = [(h, tuple(r) if r else None) for h, r in cached["hashes"]]
-    else:
-        chunks = [todo[s:s + 500] for s in range(0, len(todo), 500)]
-        hashes = []
-        with tqdm(total=len(todo), unit="file", desc="hash", disable=not progress) as bar:
-            for part in _pool_map(_hash_items, [(ch, c.max_file_bytes) for ch in chunks], workers):
-                hashes += part
-                bar.update(len(part))
+    chunks = [todo[s:s + CHUNK] for s in range(0, len(todo), CHUNK)]
+    checked: list[list] = []
+    with tqdm(total=len(todo), unit="file", desc="check", disable=not progress) as bar:
+        for part in _pool_map(_check_chunk, [(str(root), k, ch, c) for k, ch in enumerate(chunks)], workers):
+            checked += part
+            bar.update(len(part))
     first_of: dict[str, Item] = {}
-    for item, (sha, rej) in zip(todo, hashes):
-        item.sha256, item.reject = sha, rej
-        if sha is None:
-            continue
-        if sha in first_of and c.duplicates == "reject":
+    for n, (item, (sha, rej, offset, length)) in enumerate(zip(todo, checked)):
+        item.sha256, item.spool = sha, (n // CHUNK, offset, length)
+        if rej is not None:
+            item.reject = tuple(rej)
+        elif sha in first_of and c.duplicates == "reject":
             item.reject = ("duplicate", f"same sha256 as {first_of[sha].source_path}")
-        first_of.setdefault(sha, item)
+        else:
+            first_of.setdefault(sha, item)
     candidates = [i for i in items if i.reject is None]
     plan = _plan_shards(candidates, c)
-    import PIL
     fingerprint = hashlib.sha256(json.dumps({
         "format": FORMAT, "config": cfg.to_dict(c), "pillow": PIL.__version__, "zlib": zlib.ZLIB_VERSION,
         "plan": [[[i.ordinal, i.source_path, i.sha256, i.meta] for i in shard] for shard in plan],
     }, sort_keys=True).encode()).hexdigest()
-
-    index_path = root / "index.json"
-    old = _read_json(index_path)
     if old is not None:
-        if old.get("fingerprint") == fingerprint:
-            shutil.rmtree(work, ignore_errors=True)
-            _report(old, root)
-            return old
-        raise cfg.ConfigError(f"{root} already holds a different shard build; delete it, choose another "
-                              f"--out, or pass --overwrite")
-    plan_file = _read_json(work / "plan.json")
-    if plan_file is not None and plan_file.get("fingerprint") != fingerprint:
-        _clean(root, keep_index=True)  # leftovers of an unfinished build of another command
-    work.mkdir(exist_ok=True)
-    write_atomic(work / "hashes.json", json.dumps({"scan_key": scan_key, "hashes": hashes}).encode())
-    write_atomic(work / "plan.json", json.dumps({"fingerprint": fingerprint}).encode())
+        shutil.rmtree(work, ignore_errors=True)
+        if old.get("fingerprint") != fingerprint:
+            raise cfg.ConfigError(f"{root} holds a shard build of inputs whose content has changed since; "
+                                  f"pass --overwrite to rebuild")
+        _report(old, root)
+        return old
+    for p in root.glob("shard-*.tar"):  # shards beyond this plan: left by a killed build of other inputs
+        if int(p.stem.split("-")[1]) >= len(plan):
+            p.unlink()
 
     summaries: dict[int, dict] = {}
-    pending = []
-    for k, shard in enumerate(plan):
+    for k in range(len(plan)):
         done = _done_summary(root, k, fingerprint)
         if done is not None:
             summaries[k] = done
-        else:
-            pending.append(k)
+    pending = [k for k in range(len(plan)) if k not in summaries]
+    tasks = []
+    for k in pending:
+        labels: dict[str, int] = {}
+        for i in plan[k]:
+            labels[str(i.meta[c.label_column])] = labels.get(str(i.meta[c.label_column]), 0) + 1
+        tasks.append((str(root), k, [i.spool for i in plan[k]], labels, fingerprint))
     with tqdm(total=len(candidates), unit="img", desc="shards", disable=not progress,
               initial=sum(len(plan[k]) for k in summaries)) as bar:
-        tasks = [(str(root), k, plan[k], c, fingerprint) for k in pending]
         for k, summary in zip(pending, _pool_map(_write_shard, tasks, workers)):
             summaries[k] = summary
             bar.update(len(plan[k]))
 
-    rejected = [(i.ordinal, _rejection(i, *i.reject)) for i in items if i.reject is not None]
-    for s in summaries.values():
-        rejected += [(ordinal, r) for ordinal, r in s["rejected"]]
-    rejected.sort(key=lambda r: r[0])
-    write_atomic(root / "rejected.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for _, r in rejected).encode())
+    rejected = [_rejection(i) for i in items if i.reject is not None]
+    write_atomic(root / "rejected.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected).encode())
     label_counts: dict[str, int] = {}
-    for s in summaries.values():
-        for label, n in s["labels"].items():
+    for sm in summaries.values():
+        for label, n in sm["labels"].items():
             label_counts[label] = label_counts.get(label, 0) + n
     reasons: dict[str, int] = {}
-    for _, r in rejected:
+    for r in rejected:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     shards = [{k: summaries[i][k] for k in ("name", "samples", "bytes", "sha256")} for i in range(len(plan))]
-    written = sum(s["samples"] for s in shards)
+    written = sum(sm["samples"] for sm in shards)
     index = {
         "format": FORMAT,
         "fingerprint": fingerprint,
@@ -590,7 +696,7 @@ def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifest
         "command": _canonical_command(list(inputs), manifests, str(out), c),
         "config": cfg.to_dict(c),
     }
-    if index["totals"]["inputs"] != written + len(rejected):
+    if len(items) != written + len(rejected):
         raise RuntimeError(f"accounting broken: {len(items)} inputs != {written} written + {len(rejected)} rejected")
     write_atomic(index_path, (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode())
     shutil.rmtree(work, ignore_errors=True)
@@ -606,17 +712,17 @@ def _input_summary(items: list[Item]) -> list[dict]:
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except ValueError:  # a non-durable work file cut by a crash: treat as absent
+        return None
 
 
-def _clean(root: Path, keep_index: bool) -> None:
-    """Remove this tool's outputs from ``root`` (shards, work files, temporary files)."""
-    for p in root.glob("shard-*.tar"):
+def _clean(root: Path) -> None:
+    """Remove this tool's outputs from ``root`` (shards, index, work and temporary files)."""
+    for p in [*root.glob("shard-*.tar"), *root.glob(".*.tmp")]:
         p.unlink()
-    for p in root.glob(".*.tmp"):
-        p.unlink()
-    names = ["rejected.jsonl"] + ([] if keep_index else ["index.json"])
-    for n in names:
+    for n in ("rejected.jsonl", "index.json", "stats.png"):
         (root / n).unlink(missing_ok=True)
     shutil.rmtree(root / WORK, ignore_errors=True)
 
@@ -632,6 +738,7 @@ def _report(index: dict, root: Path) -> None:
 def verify(shard_dir: str | os.PathLike) -> list[str]:
     """Problems found re-reading every shard with stock webdataset (empty list: all good)."""
     import webdataset as wds
+    from tqdm import tqdm
 
     root = Path(shard_dir)
     index = _read_json(root / "index.json")
@@ -639,7 +746,7 @@ def verify(shard_dir: str | os.PathLike) -> list[str]:
         return [f"{root}/index.json missing"]
     problems = []
     total = 0
-    for s in index["shards"]:
+    for s in tqdm(index["shards"], unit="shard", desc="verify", disable=None):  # None: only on a terminal
         path = root / s["name"]
         if not path.exists():
             problems.append(f"{s['name']}: missing")
@@ -649,9 +756,12 @@ def verify(shard_dir: str | os.PathLike) -> list[str]:
             problems.append(f"{s['name']}: bytes/sha256 differ from index.json")
         n = 0
         try:
-            for sample in wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
+            dataset = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                     empty_check=False)
+            for sample in dataset:
                 n += 1
-                if set(sample) - {"__key__", "__url__", "__local_path__"} != {"png", "json"} or "." in sample["__key__"]:
+                members = set(sample) - {"__key__", "__url__", "__local_path__"}
+                if members != {"png", "json"} or "." in sample["__key__"]:
                     problems.append(f"{s['name']}: sample {sample['__key__']} has members {sorted(sample)}")
                     continue
                 meta = json.loads(sample["json"])
@@ -664,6 +774,9 @@ def verify(shard_dir: str | os.PathLike) -> list[str]:
         if n != s["samples"]:
             problems.append(f"{s['name']}: {n} samples, index.json says {s['samples']}")
         total += n
+    listed = {s["name"] for s in index["shards"]}
+    problems += [f"{p.name}: not listed in index.json"
+                 for p in sorted(root.glob("shard-*.tar")) if p.name not in listed]
     t = index["totals"]
     rej = root / "rejected.jsonl"
     n_rej = len(rej.read_text().splitlines()) if rej.exists() else -1
@@ -708,7 +821,7 @@ def stats(shard_dir: str | os.PathLike, png: str | os.PathLike | None = None) ->
         print(f"{label:<40} {n:>7} {100 * n / max(1, len(metas)):>6.1f}")
     for name in ("crop_side_px", "particle_width_um"):
         s = result[name]
-        print(f"{name}: " + (", ".join(f"{k} {v:.4g}" for k, v in s.items()) if s else "not in the metadata"))
+        print(f"{name}: " + (", ".join(f"{k} {v:.4g}" for k, v in s.items()) if s else "no values"))
     n_panels = 3 if width_um.size else 2
     fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4), constrained_layout=True)
     names = list(result["labels"])
@@ -765,9 +878,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             b.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=kind,
                            choices=("reject", "keep") if f.name == "duplicates" else None,
                            help=f"{f.metadata['help']} (default {f.default!r})")
-    b.add_argument("--shuffle", action="store_true", default=None, help=BuildConfig.__dataclass_fields__["shuffle"].metadata["help"])
+    b.add_argument("--shuffle", action="store_true", default=None, help="seeded shuffle of samples across shards")
     b.add_argument("--workers", type=int, default=default_workers(), help="processes (output does not depend on it)")
-    b.add_argument("--overwrite", action="store_true", help="replace a different earlier build in --out")
+    b.add_argument("--overwrite", action="store_true", help="delete an earlier build in --out first")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     v = sub.add_parser("verify", help="re-read every shard with stock webdataset; check counts and hashes")
     v.add_argument("dir")

@@ -43,6 +43,7 @@ def _atomic_h5(path: str | os.PathLike, fill) -> None:
     try:
         with h5py.File(tmp, "w") as f:
             fill(f)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -43,12 +43,11 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy.special import ndtr, ndtri
 
 from . import config as cfg
+from .shards import METADATA_KEYS, default_workers, write_atomic
 
 PIXEL_UM = 2.3
 HABITS: tuple[str, ...] = ("column", "needle", "plate", "dendrite", "bullet_rosette", "aggregate",
                            "compact_irregular", "rimed", "sphere")
-METADATA_KEYS: tuple[str, ...] = ("campaign", "time", "temperature_c", "pressure_hpa", "particle_width_um",
-                                  "particle_height_um", "habit", "probe", "pixel_um")
 # The paper's default κ bins: 10 °C temperature bins from −70 to 0 °C, and 10 equal width bins
 # over 10…1000 µm with the last two merged (the largest sizes are rare).
 TEMPERATURE_EDGES_C: tuple[float, ...] = tuple(float(t) for t in range(-70, 1, 10))
@@ -385,12 +384,6 @@ def image_path(i: int) -> str:
     return f"images/{i // 1000:04d}/{i:07d}.png"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def make_sample(c: SynthConfig, i: int) -> tuple[dict, bytes]:
     """Metadata and PNG bytes of sample ``i`` (pure function of the config and ``i``)."""
     meta, rng = sample_metadata(c.seed, i, c.pixel_um)
@@ -409,7 +402,7 @@ def _make_range(c: SynthConfig, out: str, start: int, stop: int) -> list[dict]:
         path = Path(out) / image_path(i)
         if not path.exists():  # images are written atomically: an existing one is complete
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(path, png)
+            write_atomic(path, png, durable=False)  # no fsync: safe against kills, not power cuts
         metas.append(meta)
     return metas
 
@@ -430,7 +423,7 @@ def synthesize(out: str | os.PathLike, c: SynthConfig, workers: int = 1, progres
         planted = json.loads(planted_path.read_text())
         if planted["params"] == params:
             return planted
-    _write_atomic(marker, json.dumps(params, sort_keys=True).encode())
+    write_atomic(marker, json.dumps(params, sort_keys=True).encode())
     chunk = 250
     ranges = [(s, min(s + chunk, c.n)) for s in range(0, c.n, chunk)]
     metas: list[dict] = []
@@ -450,9 +443,9 @@ def synthesize(out: str | os.PathLike, c: SynthConfig, workers: int = 1, progres
     writer.writerow(["path", *METADATA_KEYS])
     for i, m in enumerate(metas):
         writer.writerow([image_path(i), *(m[k] for k in METADATA_KEYS)])
-    _write_atomic(root / "manifest.csv", buf.getvalue().encode())
+    write_atomic(root / "manifest.csv", buf.getvalue().encode())
     planted = _planted_json(c, metas)
-    _write_atomic(planted_path, (json.dumps(planted, indent=1) + "\n").encode())
+    write_atomic(planted_path, (json.dumps(planted, indent=1) + "\n").encode())
     return planted
 
 
@@ -488,11 +481,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes (default: CPUs available; output does not depend on it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cfg.add_config_arguments(parser, SynthConfig, None)
-
-
-def default_workers() -> int:
-    """CPUs this process may use (Slurm's allocation where there is one)."""
-    return int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ source "${ICEHPC_ROOT:-$SLURM_SUBMIT_DIR}/jobs/_env.sh"
 set +e  # the exit status of srun is handled below
 
 preempted=0
+srun_pid=""
 forward_usr2() {
   preempted=1
   echo "[icehpc] USR2: asking the ranks to checkpoint" >&2

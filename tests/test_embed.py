@@ -204,6 +204,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_embed_two_mpi_ranks_equal_one_and_survive_sigkill(shards, backbone, trained, tmp_path, icehpc_cmd,
                                                             mpiexec):
@@ -218,10 +219,10 @@ def test_embed_two_mpi_ranks_equal_one_and_survive_sigkill(shards, backbone, tra
     assert summary["ranks"] == 2 and summary["rows"] == len(one)
 
     # SIGKILL both ranks once the first part exists; the same command then finishes the store.
-    # A bigger model (ViT-S/16 at 224 px, random-init) makes the job slow enough to interrupt.
+    # A bigger model (ViT-S/16 at 112 px, random-init) makes the job slow enough to interrupt.
     killed = tmp_path / "killed" / "s.h5"
-    cmd = [*mpiexec, "-n", "2", *icehpc_cmd, "embed", str(shards), "--random-init", "--model",
-           "vit_small_patch16_224", "--out", str(killed), "--batch-size", "4"]
+    big = ["--random-init", "--model", "vit_small_patch16_224", "--img-size", "112", "--batch-size", "5"]
+    cmd = [*mpiexec, "-n", "2", *icehpc_cmd, "embed", str(shards), *big, "--out", str(killed)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = [part_path(killed, p) for p in shard_paths(shards)]
@@ -238,8 +239,7 @@ def test_embed_two_mpi_ranks_equal_one_and_survive_sigkill(shards, backbone, tra
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
     resumed, resumed_meta = _read(killed)
     fresh = tmp_path / "fresh" / "s.h5"
-    _run([*icehpc_cmd, "embed", str(shards), "--random-init", "--model", "vit_small_patch16_224", "--out", str(fresh),
-          "--batch-size", "4"])
+    _run([*icehpc_cmd, "embed", str(shards), *big, "--out", str(fresh)])
     ref, ref_meta = _read(fresh)
     assert (resumed_meta["key"] == ref_meta["key"]).all()
     np.testing.assert_allclose(resumed, ref, rtol=1e-4, atol=1e-5)

@@ -192,6 +192,22 @@ def test_triton_partial_gradients_and_no_grad():
     assert_close(ref, none, 2e-5, names=("loss", *OUTS[3:]))
 
 
+@pytest.mark.parametrize("split", [1, 3, 8])
+def test_row_pass_k_splits_combine(split):
+    """The row kernel alone (lse, P@W, P·c over K) for 1 split, uneven splits, and 8 splits of
+    which the last holds no prototype (K = 203 in 32-wide tiles) against float64."""
+    from icehpc.kernels.vmf_xent_triton import _row_pass
+
+    inp = make_inputs(37, 37, 203, 48, seed=13)
+    x, w, wv = (inp[n].float() for n in ("zs", "ws", "wt"))
+    b, c = inp["center"].float(), torch.randn(203, dtype=torch.float64).float()
+    lse, o, v = _row_pass(x, w, b, 7.0, wv, c, split=split)
+    logits = inp["zs"] @ inp["ws"].T * 7.0 + inp["center"]
+    p = torch.softmax(logits, dim=1)
+    for got, want in ((lse, torch.logsumexp(logits, 1)), (o, p @ inp["wt"]), (v, p @ c.double())):
+        assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
+
+
 # ----------------------------------------------------------------------------------- GPU only
 
 def _err(ref: dict, out: dict) -> dict[str, float]:
@@ -240,7 +256,8 @@ def test_gpu_million_rows_64bit_offsets():
 
 @pytest.mark.gpu
 def test_gpu_peak_memory_has_no_n_by_k_tensor():
-    """Patch shape N = 25,088, K = 8,192, D = 256 in bf16: extra peak memory far below one N×K."""
+    """Patch shape N = 25,088, K = 8,192, D = 256 in bf16: extra peak memory within the issue's
+    0.3 GB goal, below a single bf16 N×K tensor (0.41 GB; fp32 logits alone would be 0.82 GB)."""
     n, k, d = 25088, 8192, 256
     inp = make_inputs(n, n, k, d, seed=25)
     dev = torch.device("cuda")
@@ -255,4 +272,4 @@ def test_gpu_peak_memory_has_no_n_by_k_tensor():
     vmf_xent(zs, ws, zt, wt, c, 0.1, 0.04, weights=w, backend="triton")[0].backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra < 0.1 * n * k * 2, f"peak extra {extra / 2**20:.0f} MiB"
+    assert extra < 0.3e9 < n * k * 2, f"peak extra {extra / 1e9:.3f} GB"

@@ -60,3 +60,18 @@ def test_local_executor_matches_local_cli(local_run, tmp_path):
 def test_submit_refuses_unknown_stage(tmp_path):
     with pytest.raises(ValueError, match="cannot submit"):
         launch.submit_stage("nope", [], executor="debug", folder=tmp_path)
+
+
+@pytest.mark.parametrize("argv, tasks, wait, executor, stage_args", [
+    (["kappa", "--tasks-per-node", "2", "--wait", "--", "s.h5", "--out", "x"], 2, True, "slurm", ["s.h5", "--out", "x"]),
+    (["--tasks-per-node", "3", "kappa", "--executor", "local", "--", "s.h5"], 3, False, "local", ["s.h5"]),
+    (["kappa", "s.h5", "--out", "x"], 1, False, "slurm", ["s.h5", "--out", "x"]),
+])
+def test_submit_options_before_or_after_stage(argv, tasks, wait, executor, stage_args):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    launch.add_arguments(parser)
+    args = parser.parse_args(argv)
+    assert launch.split_stage_args(args) == stage_args
+    assert (args.tasks_per_node, args.wait, args.executor) == (tasks, wait, executor)

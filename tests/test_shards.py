@@ -46,6 +46,12 @@ def _png_declaring(w: int, h: int) -> bytes:
             + _chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + _chunk(b"IEND", b""))
 
 
+def _png(w: int, h: int, rows: bytes, idat: bytes | None = None) -> bytes:
+    """An 8-bit grayscale PNG from raw filtered rows, every CRC valid (only the content lies)."""
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + _chunk(b"IDAT", zlib.compress(rows) if idat is None else idat) + _chunk(b"IEND", b""))
+
+
 def _hostile_files() -> dict[str, tuple[bytes, str | None]]:
     """relative path → (bytes, expected rejection reason or None for accepted)."""
     good = _enc(_noise(), "PNG")
@@ -64,8 +70,13 @@ def _hostile_files() -> dict[str, tuple[bytes, str | None]]:
     frames = [Image.new("L", (8, 8), v) for v in (10, 200)]
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    rows = b"".join(b"\x00" + bytes(range(i, i + 6)) for i in range(4))  # 6x4, filter 0
     return {
         "plate/good.png": (good, None),
+        "plate/handmade.png": (_png(6, 4, rows), None),
+        "column/rows-missing.png": (_png(6, 4, rows[:14]), "corrupt"),  # valid CRCs, Pillow zero-fills
+        "column/zlib-cut.png": (_png(6, 4, b"", zlib.compress(rows)[:-4]), "corrupt"),
+        "column/bad-filter.png": (_png(6, 4, b"\x09" + rows[1:]), "corrupt"),
         "plate/with space.png": (_enc(_noise(), "PNG"), None),
         "plate/dots.in.the.name.png": (_enc(_noise(), "PNG"), None),
         "plate/colon:name (1).png": (_enc(_noise(), "PNG"), None),
@@ -234,6 +245,24 @@ def test_zip_with_single_top_folder_is_descended_and_matches_the_folder(tmp_path
     assert sorted(p for _, p in sa.values()) == sorted(p for _, p in sb.values())
 
 
+def test_files_over_the_size_limit_are_rejected_before_reading(tmp_path):
+    tree = tmp_path / "t"
+    _write_tree(tree, {"plate": 2})
+    big = _enc(_noise(200, 200), "PNG")
+    (tree / "plate" / "big.png").write_bytes(big)
+    zpath = tmp_path / "t.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        z.writestr("plate/big.png", big)
+        z.writestr("plate/small.png", (tree / "plate" / "0.png").read_bytes())
+    c = shards.BuildConfig(max_file_bytes=len(big) - 1)
+    for source in (tree, zpath):
+        out = tmp_path / f"out-{source.name}"
+        index = shards.build([str(source)], out, c, progress=False)
+        rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+        assert [(r["path"].split("/")[-1], r["reason"]) for r in rejected] == [("big.png", "too_large")]
+        assert index["totals"]["written"] == index["totals"]["inputs"] - 1
+
+
 def test_manifest_column_policy(tmp_path):
     img = tmp_path / "img"
     img.mkdir()
@@ -300,28 +329,54 @@ def test_shard_limits_shuffle_and_worker_independence(synth_data, tmp_path):
     assert other["shards"][0]["sha256"] != one["shards"][0]["sha256"]
     again = shards.build([manifest], tmp_path / "x", c, workers=1, progress=False)  # already built: no-op
     assert again == one
-    with pytest.raises(config.ConfigError, match="different shard build"):
+    with pytest.raises(config.ConfigError, match="other inputs or options"):
         shards.build([manifest], tmp_path / "x", shards.BuildConfig(shard_samples=71), progress=False)
 
 
-def test_sigkill_then_rerun_is_byte_identical(synth_data, tmp_path, icehpc_cmd):
+@pytest.mark.parametrize("kill_when", ["starting", "checking", "writing shards"])
+def test_sigkill_then_rerun_is_byte_identical(synth_data, tmp_path, icehpc_cmd, kill_when):
     out = tmp_path / "out"
     cmd = [*icehpc_cmd, "shards", "build", str(synth_data / "manifest.csv"), "--out", str(out),
-           "--shard-samples", "15", "--workers", "1", "--no-progress"]
+           "--shard-samples", "15", "--workers", "2", "--shuffle", "--no-progress"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     reference = _all_bytes(out)
     out.rename(tmp_path / "reference")
+
+    def ready() -> bool:
+        if kill_when == "starting":
+            return (out / shards.WORK).is_dir()
+        if kill_when == "checking":  # a chunk of the check pass committed: the rerun reuses it
+            return any((out / shards.WORK).glob("check-*.json"))
+        return len(list(out.glob("shard-*.tar"))) >= 8
+
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while len(list(out.glob("shard-*.tar"))) < 8 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its worker processes
     proc.wait()
     partial = sorted(p.name for p in out.glob("shard-*.tar"))
-    assert 8 <= len(partial) < 40 and not (out / "index.json").exists(), partial  # really killed mid-build
+    assert len(partial) < 40 and not (out / "index.json").exists(), partial  # really killed mid-build
+    if kill_when == "writing shards":
+        assert len(partial) >= 8
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     assert _all_bytes(out) == reference
     assert not (out / shards.WORK).exists() and not list(out.glob(".*.tmp"))
+
+
+def test_tar_members_match_the_stdlib_tarfile_bytes():
+    members = [("000000001.json", b'{"a": 1}'), ("000000001.png", bytes(range(256)) * 3), ("k" * 100, b"")]
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(payload), shards.TAR_MTIME, 0o444, \
+                "icehpc", "icehpc"
+            tf.addfile(info, io.BytesIO(payload))
+    body = b"".join(shards.tar_member(n, d) for n, d in members)
+    assert body + shards.tar_end(len(body)) == ref.getvalue()
+    with pytest.raises(ValueError):
+        shards.tar_member("k" * 101, b"")
 
 
 def test_cli_verify_and_stats(synth_data, tmp_path, icehpc_cmd):

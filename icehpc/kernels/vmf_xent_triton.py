@@ -7,15 +7,18 @@ Algebra (per student row i, target T_i = Σ_{j∈pairs(i)} P_t[j], c_i = |pairs(
   ∂/∂zs_i = a_i (c_i·O_i − Σ_{j∈pairs(i)} U_j)/τ_s   with O_i = P_s[i] @ ws  [D]
   ∂/∂ws_k = (1/τ_s) Σ_i G_ik zs_i,  ∂/∂b_s[k] = Σ_i G_ik,  G = a·c·P_s − Σ_pairs a·P_t
 
-So one *row* pass (online softmax over K tiles, like flash attention with the prototypes as values)
-gives lse_s, O, lse_t, U, v for every row, hence the loss and ∂zs; one *column* pass (logits
-recomputed tile by tile from the saved per-row lse) gives ∂ws, ∂b_s and Σ_j P_t[j] (the
-teacher_prob_mean statistic). The loss is linear in P_t, so with ``pairs`` the teacher rows are
-processed once each and their U_j, v_j (and, in the column pass, the paired student rows summed per
-teacher row) are combined by an O(N·m·D) gather — never per pair over K.
-The identity pairing runs teacher and student in the same launch (shared prototype tiles).
-Both passes run in the forward (the loss is a scalar, so the backward only scales the saved fp32
-gradients); the column pass is needed there anyway for teacher_prob_mean.
+So a *row* pass per side (online softmax over K tiles, like flash attention with the prototypes
+as values; K split over programs when there are few rows) gives lse_s, O and lse_t, U, v for every
+row, hence the loss and ∂zs; one *column* pass (logits recomputed tile by tile from the saved
+per-row lse, student and teacher in the same program for the identity pairing so that G·zs is one
+product) gives ∂ws, ∂b_s and Σ_j P_t[j] (the teacher_prob_mean statistic). The loss is linear in
+P_t, so with ``pairs`` the teacher rows are processed once each and their U_j, v_j (and, for the
+column pass, the paired student rows summed per teacher row) are combined by an O(N·m·D) gather,
+never per pair over K. Both passes run in the forward (the loss is a scalar, so the backward only
+scales the saved fp32 gradients); the column pass is needed there anyway for teacher_prob_mean.
+Student and teacher row passes are separate launches: fused, two [BLOCK_N, D] fp32 accumulators
+spill registers on sm_90 (ptxas, D = 256), while the prototype tiles re-read come from L2.
+Matmul count per step: 4 N×K×D in the row passes, 3 in the column pass (plain autograd: 4).
 """
 from __future__ import annotations
 
@@ -33,12 +36,12 @@ MAX_D = 1024  # the D axis is one register tile
 
 
 def _row_configs() -> list[triton.Config]:
-    """Few configs: the row kernel holds two [BLOCK_N, D] fp32 accumulators (D ~ 256), so small
-    BLOCK_N; each config is one more compile per (dtype, mode)."""
+    """Few configs (each one more compile per dtype and mode); the row kernel holds a
+    [BLOCK_N, D] fp32 accumulator, D ~ 256."""
     if INTERPRET:  # the interpreter fails with several autotune configs
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [(32, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 128, 8, 2)]]
+            for bn, bk, w, s in [(32, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2)]]
 
 
 def _col_configs() -> list[triton.Config]:
@@ -48,85 +51,90 @@ def _col_configs() -> list[triton.Config]:
             for bn, bk, w, s in [(32, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 3)]]
 
 
-@triton.autotune(configs=_row_configs(), key=["N", "K", "BLOCK_D", "DO_S", "DO_T", "NEED_O"])
+# fp32 inputs on the GPU: one small config (fp32 tiles double the shared memory and the compile time)
+_FP32_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep the autotune list for half inputs; fp32 gets _FP32_CONFIG (not under the interpreter)."""
+    if not INTERPRET and kwargs.get("DOT", named_args.get("DOT")) == tl.float32:
+        return [_FP32_CONFIG]
+    return configs
+
+
+@triton.autotune(configs=_row_configs(), key=["N", "K", "BLOCK_D", "SAME_W", "NEED_O", "NEED_V"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _row_kernel(xs_ptr, ws_ptr, bs_ptr, xt_ptr, wt_ptr, bt_ptr,
-                lse_s_ptr, o_ptr, lse_t_ptr, u_ptr, v_ptr,
-                N, K, D, inv_tau_s, inv_tau_t,
-                DO_S: tl.constexpr, DO_T: tl.constexpr, NEED_O: tl.constexpr,
+def _row_kernel(x_ptr, wl_ptr, bl_ptr, wv_ptr, c_ptr, lse_ptr, o_ptr, v_ptr,
+                N, K, D, inv_tau,
+                SAME_W: tl.constexpr, NEED_O: tl.constexpr, NEED_V: tl.constexpr,
                 DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per row block, online softmax over all K tiles. Student: lse_s and O = P_s@ws (if NEED_O);
-    teacher: lse_t, U = P_t@ws, v = P_t·b_s. Tensors are row-major contiguous; fp32 outputs."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Per row block and K split (grid axis 1), online softmax over the split's K tiles of the
+    logits l = x@wlᵀ·inv_tau + bl; writes lse, O = P@wv [D] (NEED_O; wv = wl when SAME_W) and
+    v = P·c (NEED_V), each normalised within the split, to [split, N(, D)] fp32 (the host combines
+    several splits; an empty split writes lse = −inf and zeros)."""
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    chunk = tl.cdiv(tl.cdiv(K, n_split), BLOCK_K) * BLOCK_K
+    k_lo = pid_s * chunk
+    k_hi = tl.minimum(k_lo + chunk, K)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     cols = tl.arange(0, BLOCK_D)
     dmask = cols < D
     xmask = rmask[:, None] & dmask[None, :]
-    xoff = rows[:, None] * D + cols[None, :]
-    if DO_S:
-        xs = tl.load(xs_ptr + xoff, mask=xmask, other=0.0).to(DOT)
-        m_s = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        l_s = tl.zeros([BLOCK_N], tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=xmask, other=0.0).to(DOT)
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_N], tl.float32)
+    if NEED_O:
         o = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if DO_T:
-        xt = tl.load(xt_ptr + xoff, mask=xmask, other=0.0).to(DOT)
-        m_t = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        l_t = tl.zeros([BLOCK_N], tl.float32)
-        u = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if NEED_V:
         v = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        kmask = ks < K
+        kmask = ks < k_hi
         woff = ks[:, None] * D + cols[None, :]
         wmask = kmask[:, None] & dmask[None, :]
-        w_s = tl.load(ws_ptr + woff, mask=wmask, other=0.0).to(DOT)
-        b_s = tl.load(bs_ptr + ks, mask=kmask, other=0.0)
-        if DO_S:
-            s = tl.dot(xs, tl.trans(w_s), input_precision=PRECISION) * inv_tau_s + b_s[None, :]
-            s = tl.where(kmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_s, tl.max(s, axis=1))
-            alpha = tl.exp(m_s - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_s = l_s * alpha + tl.sum(p, axis=1)
-            if NEED_O:
-                o = o * alpha[:, None] + tl.dot(p.to(DOT), w_s, input_precision=PRECISION)
-            m_s = m_new
-        if DO_T:
-            w_t = tl.load(wt_ptr + woff, mask=wmask, other=0.0).to(DOT)
-            b_t = tl.load(bt_ptr + ks, mask=kmask, other=0.0)
-            t = tl.dot(xt, tl.trans(w_t), input_precision=PRECISION) * inv_tau_t + b_t[None, :]
-            t = tl.where(kmask[None, :], t, float("-inf"))
-            m_new_t = tl.maximum(m_t, tl.max(t, axis=1))
-            alpha_t = tl.exp(m_t - m_new_t)
-            q = tl.exp(t - m_new_t[:, None])
-            l_t = l_t * alpha_t + tl.sum(q, axis=1)
-            u = u * alpha_t[:, None] + tl.dot(q.to(DOT), w_s, input_precision=PRECISION)
-            v = v * alpha_t + tl.sum(q * b_s[None, :], axis=1)
-            m_t = m_new_t
-    if DO_S:
-        tl.store(lse_s_ptr + rows, m_s + tl.log(l_s), mask=rmask)
+        w_l = tl.load(wl_ptr + woff, mask=wmask, other=0.0).to(DOT)
+        b_l = tl.load(bl_ptr + ks, mask=kmask, other=float("-inf"))  # −inf: padded prototypes
+        z = tl.dot(x, tl.trans(w_l), input_precision=PRECISION) * inv_tau + b_l[None, :]
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
         if NEED_O:
-            tl.store(o_ptr + xoff, o / l_s[:, None], mask=xmask)
-    if DO_T:
-        tl.store(lse_t_ptr + rows, m_t + tl.log(l_t), mask=rmask)
-        tl.store(u_ptr + xoff, u / l_t[:, None], mask=xmask)
-        tl.store(v_ptr + rows, v / l_t, mask=rmask)
+            if SAME_W:
+                w_v = w_l
+            else:
+                w_v = tl.load(wv_ptr + woff, mask=wmask, other=0.0).to(DOT)
+            o = o * alpha[:, None] + tl.dot(p.to(DOT), w_v, input_precision=PRECISION)
+        if NEED_V:
+            c = tl.load(c_ptr + ks, mask=kmask, other=0.0)
+            v = v * alpha + tl.sum(p * c[None, :], axis=1)
+        m = m_new
+    out_row = pid_s.to(tl.int64) * N + rows  # into [split, N] and, times D, [split, N, D]
+    l1 = tl.where(l > 0, l, 1.0)
+    tl.store(lse_ptr + out_row, tl.where(l > 0, m + tl.log(l1), float("-inf")), mask=rmask)
+    if NEED_O:
+        tl.store(o_ptr + out_row[:, None] * D + cols[None, :], o / l1[:, None], mask=xmask)
+    if NEED_V:
+        tl.store(v_ptr + out_row, v / l1, mask=rmask)
 
 
 @triton.autotune(configs=_col_configs(), key=["N", "K", "BLOCK_D", "DO_S", "DO_T", "NEED_DW"],
-                 reset_to_zero=["dw_ptr", "db_ptr", "pm_ptr"])
+                 reset_to_zero=["dw_ptr", "db_ptr", "pm_ptr"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
                 xt_ptr, wt_ptr, bt_ptr, lse_t_ptr, atw_ptr, atb_ptr,
                 y_ptr, dw_ptr, db_ptr, pm_ptr,
                 N, K, D, inv_tau_s, inv_tau_t,
-                DO_S: tl.constexpr, DO_T: tl.constexpr, NEED_DW: tl.constexpr,
+                DO_S: tl.constexpr, DO_T: tl.constexpr, NEED_DW: tl.constexpr, Y_IS_XS: tl.constexpr,
                 DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per K tile and row split, recompute P tiles from the saved lse and reduce over rows:
-    G = as·P_s − atw·P_t;  dw += Gᵀ@y, db += Σ_rows (as·P_s − atb·P_t), pm += Σ_rows P_t.
+    G = as·P_s − atw·P_t;  dw += Gᵀ@y (y = the student rows xs when Y_IS_XS), db += Σ_rows (as·P_s − atb·P_t), pm += Σ_rows P_t.
     Outputs are fp32 and accumulated with atomics across the row splits (grid axis 1)."""
     pid_k = tl.program_id(0)
     n_split = tl.num_programs(1)
@@ -141,10 +149,8 @@ def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
     wmask = kmask[:, None] & dmask[None, :]
     # bias −inf on padded prototypes (and lse +inf on padded rows) makes their P exactly 0
     if DO_S:
-        w_s = tl.load(ws_ptr + woff, mask=wmask, other=0.0).to(DOT)
         b_s = tl.load(bs_ptr + ks, mask=kmask, other=float("-inf"))
     if DO_T:
-        w_t = tl.load(wt_ptr + woff, mask=wmask, other=0.0).to(DOT)
         b_t = tl.load(bt_ptr + ks, mask=kmask, other=float("-inf"))
         pm = tl.zeros([BLOCK_K], tl.float32)
     db = tl.zeros([BLOCK_K], tl.float32)
@@ -156,7 +162,10 @@ def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
         xoff = rows[:, None] * D + cols[None, :]
         xmask = rmask[:, None] & dmask[None, :]
         g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        # the prototype tiles are re-read each step (L2 hits) rather than held in registers
+        # across the loop, where they would spill next to the [BLOCK_K, D] accumulator
         if DO_S:
+            w_s = tl.load(ws_ptr + woff, mask=wmask, other=0.0).to(DOT)
             xs = tl.load(xs_ptr + xoff, mask=xmask, other=0.0).to(DOT)
             lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=float("inf"))
             a_s = tl.load(as_ptr + rows, mask=rmask, other=0.0)
@@ -165,6 +174,7 @@ def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
             g += a_s[:, None] * p
             db += tl.sum(a_s[:, None] * p, axis=0)
         if DO_T:
+            w_t = tl.load(wt_ptr + woff, mask=wmask, other=0.0).to(DOT)
             xt = tl.load(xt_ptr + xoff, mask=xmask, other=0.0).to(DOT)
             lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=float("inf"))
             t = tl.dot(xt, tl.trans(w_t), input_precision=PRECISION) * inv_tau_t + b_t[None, :]
@@ -176,7 +186,10 @@ def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
                 g -= a_tw[:, None] * q
                 db -= tl.sum(a_tb[:, None] * q, axis=0)
         if NEED_DW:
-            y = tl.load(y_ptr + xoff, mask=xmask, other=0.0).to(DOT)
+            if Y_IS_XS:
+                y = xs
+            else:
+                y = tl.load(y_ptr + xoff, mask=xmask, other=0.0).to(DOT)
             dw += tl.dot(tl.trans(g.to(DOT)), y, input_precision=PRECISION)
     if NEED_DW:
         tl.atomic_add(dw_ptr + woff, dw, mask=wmask)
@@ -191,47 +204,72 @@ _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.flo
 def _dot_setup(dtype: torch.dtype) -> tuple[tl.dtype, str]:
     """Operand type of tl.dot and its fp32 precision. The interpreter computes bf16/fp16 wrongly, so
     there every tile is cast to fp32 right after tl.load; on the GPU half inputs stay half (tensor
-    cores, fp32 accumulation) and fp32 follows torch's TF32 matmul switch."""
+    cores, fp32 accumulation) and fp32 follows torch's TF32 matmul switch: TF32 when allowed, else
+    3×TF32 (about fp32 accuracy on tensor cores; plain fp32 FMA dots compile for minutes)."""
     if dtype not in _DOT_DTYPES:
         raise TypeError(f"triton backend takes float32/bfloat16/float16 inputs, got {dtype}")
-    if INTERPRET or dtype == torch.float32:
-        tf32 = not INTERPRET and torch.backends.cuda.matmul.allow_tf32
-        return tl.float32, "tf32" if tf32 else "ieee"
+    if INTERPRET:
+        return tl.float32, "ieee"
+    if dtype == torch.float32:
+        return tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
     return _DOT_DTYPES[dtype], "ieee"
 
 
-def _col_split(n_rows: int, k: int, device: torch.device) -> int:
-    """Row splits of the column pass: enough programs to fill the GPU twice over."""
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _col_grid(n_rows: int, k: int, device: torch.device):
+    """Column pass grid (K tiles, row splits): about four programs per SM. The interpreter uses
+    two row splits so that the CPU tests exercise the atomics across splits."""
     if INTERPRET or device.type != "cuda":
-        return 2 if n_rows > 16 else 1  # exercise the atomics across splits in the CPU tests
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, triton.cdiv(k, 64)), triton.cdiv(n_rows, 64)))
+        return lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), 2 if n_rows > 16 else 1)
+    sms = _sms(device)
+    return lambda meta: (triton.cdiv(k, meta["BLOCK_K"]),
+                         max(1, min(triton.cdiv(4 * sms, triton.cdiv(k, meta["BLOCK_K"])),
+                                    triton.cdiv(n_rows, meta["BLOCK_N"]))))
 
 
-def _row_pass(xs: Tensor | None, ws: Tensor, b_s: Tensor, xt: Tensor | None, wt: Tensor,
-              b_t: Tensor, inv_tau_s: float, inv_tau_t: float, need_o: bool
-              ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Launch the row kernel on student rows xs and/or teacher rows xt (same N when both)."""
-    x = xs if xs is not None else xt
+def _k_splits(n_rows: int, k: int, device: torch.device) -> int:
+    """K splits of the row pass: few rows (the DINO [CLS] loss, Nt = 2·batch) would leave most
+    SMs idle, so the K axis is split (flash-decoding style) and the splits combined on the host.
+    The interpreter uses two splits whenever K spans more than one tile, to test the combine."""
+    if INTERPRET or device.type != "cuda":
+        return 2 if k > 32 else 1
+    return max(1, min(triton.cdiv(2 * _sms(device), triton.cdiv(n_rows, 64)), k // 1024))
+
+
+def _combine(lse: Tensor, *vals: Tensor) -> tuple[Tensor, ...]:
+    """Merge per-split softmax results: lse [S, N], vals [S, N(, D)] each normalised in its split."""
+    if lse.shape[0] == 1:
+        return (lse[0], *(v[0] for v in vals))
+    total = torch.logsumexp(lse, dim=0)
+    share = torch.exp(lse - total)  # [S, N], 0 for empty splits (lse = −inf)
+    return (total, *((share.view(*share.shape, *[1] * (v.dim() - 2)) * v).sum(0) for v in vals))
+
+
+def _row_pass(x: Tensor, w_logit: Tensor, b_logit: Tensor, inv_tau: float, w_value: Tensor | None,
+              c_value: Tensor | None, split: int | None = None
+              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Softmax over K of x@w_logitᵀ·inv_tau + b_logit per row, never stored: returns lse [N],
+    P@w_value [N, D] (or None) and P·c_value [N] (or None), fp32. split: K splits (default: by
+    occupancy, see _k_splits)."""
     n, d = x.shape
-    k = ws.shape[0]
-    dev = x.device
-    f32 = dict(dtype=torch.float32, device=dev)
+    k = w_logit.shape[0]
+    split = split or _k_splits(n, k, x.device)
+    f32 = dict(dtype=torch.float32, device=x.device)
     dummy = torch.empty(1, **f32)
-    do_s, do_t = xs is not None, xt is not None
-    lse_s = torch.empty(n, **f32) if do_s else dummy
-    o = torch.empty(n, d, **f32) if do_s and need_o else dummy
-    lse_t = torch.empty(n, **f32) if do_t else dummy
-    u = torch.empty(n, d, **f32) if do_t else dummy
-    v = torch.empty(n, **f32) if do_t else dummy
+    need_o, need_v = w_value is not None, c_value is not None
+    lse = torch.empty(split, n, **f32)
+    o = torch.empty(split, n, d, **f32) if need_o else dummy
+    v = torch.empty(split, n, **f32) if need_v else dummy
     dot, prec = _dot_setup(x.dtype)
-    _row_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        xs if do_s else x, ws, b_s, xt if do_t else x, wt, b_t,
-        lse_s, o, lse_t, u, v, n, k, d, inv_tau_s, inv_tau_t,
-        DO_S=do_s, DO_T=do_t, NEED_O=need_o, DOT=dot, PRECISION=prec,
-        BLOCK_D=max(16, triton.next_power_of_2(d)))
-    return ((lse_s if do_s else None), (o if do_s and need_o else None), (lse_t if do_t else None),
-            (u if do_t else None), (v if do_t else None))
+    _row_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
+        x, w_logit, b_logit, w_value if need_o else x, c_value if need_v else dummy, lse, o, v,
+        n, k, d, inv_tau, SAME_W=w_value is w_logit, NEED_O=need_o, NEED_V=need_v,
+        DOT=dot, PRECISION=prec, BLOCK_D=max(16, triton.next_power_of_2(d)))
+    lse, *rest = _combine(lse, *([o] if need_o else []), *([v] if need_v else []))
+    return lse, (rest.pop(0) if need_o else None), (rest.pop(0) if need_v else None)
 
 
 def _col_pass(ws: Tensor, wt: Tensor, b_s: Tensor, b_t: Tensor, inv_tau_s: float, inv_tau_t: float,
@@ -246,13 +284,12 @@ def _col_pass(ws: Tensor, wt: Tensor, b_s: Tensor, b_t: Tensor, inv_tau_s: float
     dummy = torch.empty(1, dtype=torch.float32, device=x.device)
     do_s, do_t, need_dw = xs is not None, xt is not None, y is not None
     dot, prec = _dot_setup(x.dtype)
-    split = _col_split(n, k, x.device)
-    _col_kernel[lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), split)](
+    _col_kernel[_col_grid(n, k, x.device)](
         x, ws, b_s, lse_s if do_s else dummy, a_s if do_s else dummy,
         xt if do_t else x, wt, b_t, lse_t if do_t else dummy, a_tw if do_t else dummy,
         a_tb if do_t else dummy, y if need_dw else x, dw, db, pm,
         n, k, d, inv_tau_s, inv_tau_t,
-        DO_S=do_s, DO_T=do_t, NEED_DW=need_dw, DOT=dot, PRECISION=prec,
+        DO_S=do_s, DO_T=do_t, NEED_DW=need_dw, Y_IS_XS=do_s and y is xs, DOT=dot, PRECISION=prec,
         BLOCK_D=max(16, triton.next_power_of_2(d)))
 
 
@@ -272,12 +309,14 @@ class _VmfXentFn(torch.autograd.Function):
         dw = torch.zeros(k, d, **f32) if need_w else torch.empty(1, **f32)
         db = torch.zeros(k, **f32)
         pm = torch.zeros(k, **f32)
+        # student: lse_s and O = P_s@ws; teacher: lse_t, U = P_t@ws, v = P_t·b_s
+        lse_s, o, _ = _row_pass(zs, ws, b_s32, its, ws if need_z else None, None)
+        lse_t, u, v = _row_pass(zt, wt, b_t, itt, ws, b_s32)
         if pairs is None:
             count = torch.ones(ns, **f32)
             den = w.sum()
             inv_den = torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
             a = w * inv_den
-            lse_s, o, lse_t, u, v = _row_pass(zs, ws, b_s32, zt, wt, b_t, its, itt, need_z)
             u_bar, v_bar = u, v
             if need_w:
                 _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xs=zs, lse_s=lse_s, a_s=a, xt=zt,
@@ -291,8 +330,6 @@ class _VmfXentFn(torch.autograd.Function):
             den = (w * count).sum()
             inv_den = torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
             a = w * inv_den
-            lse_s, o, _, _, _ = _row_pass(zs, ws, b_s32, None, wt, b_t, its, itt, need_z)
-            _, _, lse_t, u, v = _row_pass(None, ws, b_s32, zt, wt, b_t, its, itt, False)
             vm = valid.float()
             u_bar = torch.einsum("im,imd->id", vm, u[idx])
             v_bar = (vm * v[idx]).sum(1)

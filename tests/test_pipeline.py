@@ -1,0 +1,189 @@
+"""The whole pipeline at tiny scale: locally (resumable), and on the real local Slurm cluster through
+jobs/pipeline.sh (sbatch, afterok) and `icehpc submit pipeline` (submitit), which must leave the same
+outputs as the local run."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from icehpc.store import open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+MINI_PER_CLASS = 25
+MINI_CLASSES = ("Class (02) Co", "Class (05) CG", "Class (09) WD")
+
+
+def tiny_overrides(real_dir: Path | None) -> list[str]:
+    """A few hundred particles, a handful of pretraining steps, a small real-archive subset."""
+    real = (["real.archives=[]"] if real_dir is None else
+            [f"real.data_dir={real_dir}",
+             "real.archives=[{name: mini, file: mini-2ds.zip, probe: 2D-S, pixel_um: 10.0}]"])
+    return ["synth.n=160", "synth.seed=1", "shards.shard_samples=40",
+            "pretrain.overrides=[data.batch_size=8, data.batches_per_epoch=2, train.epochs=2, train.checkpoint_every=2]",
+            "embed.batch_size=32", "kappa.overrides=[bootstrap=10]", *real]
+
+
+@pytest.fixture(scope="module")
+def real_dir(tmp_path_factory) -> Path | None:
+    """A small zip of real 2D-S images (3 classes) in the archive's own layout, or None without data."""
+    from tests.conftest import SHARED_DATA
+
+    source = SHARED_DATA / "2ds_training.zip"
+    if not source.exists():
+        return None
+    out = tmp_path_factory.mktemp("real")
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(out / "mini-2ds.zip", "w") as dst:
+        for cls in MINI_CLASSES:
+            names = sorted(n for n in src.namelist() if n.startswith(f"DS_training_data/{cls}/") and n.endswith(".png"))
+            for name in names[:MINI_PER_CLASS]:
+                dst.writestr(name, src.read(name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, real_dir) -> Path:
+    out = tmp_path_factory.mktemp("pipeline") / "local"
+    cmd = [sys.executable, "-m", "icehpc.cli", "pipeline", "--config", "configs/demo.yaml", "--out", str(out),
+           *tiny_overrides(real_dir)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert f"Report: {out / 'report' / 'index.html'}" in res.stdout
+    return out
+
+
+def _markers(out: Path) -> list[Path]:
+    """The completion marker of every step, read from the plan itself."""
+    res = subprocess.run([sys.executable, "-c", "import sys; from icehpc import pipeline, config as c; "
+                          "cfg = c.load(pipeline.PipelineConfig, 'configs/demo.yaml', sys.argv[2:]); "
+                          "print('\\n'.join(str(s.done) for s in pipeline.plan(cfg, sys.argv[1])))",
+                          str(out), *tiny_overrides(None)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return [Path(p) for p in res.stdout.split()]
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_pipeline_local_outputs_and_resume(local_run, real_dir, icehpc_cmd):
+    out = local_run
+    for marker in _markers(out):
+        assert marker.exists(), marker
+    with open_store(out / "embed" / "trained.h5") as s:
+        assert s.n_rows == 160 and "habit" in s.columns
+    probe = json.loads((out / "probe" / "probe.json").read_text())
+    assert set(probe["results"]) == {"pretrained", "random_init", "geometric"}
+    science = json.loads((out / "science.json").read_text())
+    bins = science["kappa_vs_planted_diversity"]["temperature_bins"]
+    assert set(bins) == {"trained", "random_init"} and bins["trained"]["n_bins"] >= 3
+    assert "<img" in (out / "report" / "index.html").read_text()
+    if real_dir is not None:
+        real = json.loads((out / "real" / "mini" / "probe" / "probe.json").read_text())
+        assert real["classes"] == sorted(MINI_CLASSES)
+        assert real["split"]["n_train"] + real["split"]["n_test"] == len(MINI_CLASSES) * MINI_PER_CLASS
+        assert "real-mini-probe" in science["probes"]
+
+    # A rerun skips every step; a lost output is recomputed alone.
+    overrides = tiny_overrides(real_dir)
+    stamps = {m: m.stat().st_mtime_ns for m in _markers(out)}
+    (out / "probe" / "probe.json").unlink()
+    res = subprocess.run([*icehpc_cmd, "pipeline", "--config", "configs/demo.yaml", "--out", str(out), *overrides],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ran = [line for line in res.stdout.splitlines() if re.match(r"\[pipeline\] [\w-]+: /", line)]
+    assert len(ran) == 1 and ran[0].startswith("[pipeline] probe:"), ran
+    assert all(m.stat().st_mtime_ns == t for m, t in stamps.items() if m != out / "probe" / "probe.json")
+    again = json.loads((out / "probe" / "probe.json").read_text())
+    assert again["results"] == probe["results"]
+
+
+def _compare_runs(a: Path, b: Path) -> None:
+    """Same shards, same trained backbone, same embeddings, κ and probe results."""
+    def shard_hashes(run: Path) -> list[str]:
+        return [s["sha256"] for s in json.loads((run / "shards" / "index.json").read_text())["shards"]]
+
+    assert shard_hashes(a) == shard_hashes(b)
+    from safetensors.numpy import load_file
+
+    wa, wb = load_file(str(a / "backbone.safetensors")), load_file(str(b / "backbone.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for name in ("trained", "random"):
+        with open_store(a / "embed" / f"{name}.h5") as sa, open_store(b / "embed" / f"{name}.h5") as sb:
+            (ea, ma), (eb, mb) = sa.read(0, sa.n_rows), sb.read(0, sb.n_rows)
+        assert (ma["key"] == mb["key"]).all()
+        np.testing.assert_allclose(ea, eb, rtol=1e-4, atol=1e-5)
+        ka = json.loads((a / "kappa" / name / "kappa.json").read_text())["rows"]
+        kb = json.loads((b / "kappa" / name / "kappa.json").read_text())["rows"]
+        assert [(r["grouping"], r["group"], r["n"]) for r in ka] == [(r["grouping"], r["group"], r["n"]) for r in kb]
+        np.testing.assert_allclose([r["kappa"] for r in ka], [r["kappa"] for r in kb], rtol=1e-3)
+    pa = json.loads((a / "probe" / "probe.json").read_text())
+    pb = json.loads((b / "probe" / "probe.json").read_text())
+    assert pa["classes"] == pb["classes"] and pa["split"] == pb["split"]
+    for rep, res in pa["results"].items():
+        for method, metrics in res.items():
+            if isinstance(metrics, dict):
+                assert metrics["accuracy"] == pytest.approx(pb["results"][rep][method]["accuracy"], abs=0.02)
+    assert (b / "science.json").exists() and (b / "report" / "index.html").exists()
+
+
+def _wait_for_jobs(job_ids: list[str], timeout: float) -> dict[str, str]:
+    """Poll sacct until every job has ended; returns job id → state."""
+    deadline = time.monotonic() + timeout
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        res = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=30)
+        states = dict(line.split("|")[:2] for line in res.stdout.split() if "|" in line)
+        if all(states.get(j, "").split()[0:1] and states[j].split()[0] in ended for j in job_ids):
+            return states
+        if any(states.get(j, "").startswith(("FAILED", "CANCELLED", "TIMEOUT")) for j in job_ids):
+            time.sleep(2)  # let dependants be cancelled, then report
+            return states
+        time.sleep(2)
+    raise TimeoutError(f"Slurm jobs still running after {timeout} s: {states}")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_pipeline_on_slurm_sbatch_and_submitit_match_local(local_run, tmp_path, slurm_cluster, icehpc_cmd):
+    """Both Slurm doors at once (the cluster runs the two chains side by side)."""
+    partition = slurm_cluster["partition"]
+    args = ["--config", "configs/demo.yaml", *tiny_overrides(None)]
+    submitit_out = tmp_path / "submitit"
+    submitit = subprocess.Popen([*icehpc_cmd, "submit", "pipeline", "--partition", partition, "--folder",
+                                 str(tmp_path / "logs"), "--time-min", "20", "--wait", "--", "--out", str(submitit_out),
+                                 *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        sbatch_out = tmp_path / "sbatch"
+        env = {**os.environ, "ICEHPC_SBATCH_ARGS": f"--partition={partition} --time=20"}
+        res = subprocess.run(["bash", "jobs/pipeline.sh", "--out", str(sbatch_out), *args], capture_output=True,
+                             text=True, timeout=120, cwd=ROOT, env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        jobs = dict(line.split() for line in res.stdout.splitlines())
+        assert list(jobs)[0] == "synth" and list(jobs)[-1] == "finish" and all(j.isdigit() for j in jobs.values())
+        deps = subprocess.run(["squeue", "-h", "-o", "%E", "-j", jobs["finish"]], capture_output=True, text=True)
+        assert "afterok" in deps.stdout, deps.stdout  # the finish job waits on the chain
+        states = _wait_for_jobs(list(jobs.values()), timeout=900)
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((sbatch_out / "slurm").glob("*.out")))
+        assert all(s == "COMPLETED" for s in states.values()), f"{states}\n{logs}"
+        assert "Report:" in next((sbatch_out / "slurm").glob("finish-*.out")).read_text()
+        _compare_runs(local_run, sbatch_out)
+        output, _ = submitit.communicate(timeout=900)
+    finally:
+        if submitit.poll() is None:
+            submitit.kill()
+    assert submitit.returncode == 0, output[-4000:]
+    submitted = [line for line in output.splitlines() if line.startswith("submitted")]
+    assert len(submitted) == len(jobs)  # the same steps plus the finish job
+    _compare_runs(local_run, submitit_out)

@@ -1,0 +1,337 @@
+"""iBOT-vMF pretraining: loss assembly and schedules (unit), then real runs of the tiny config:
+2 DeepSpeed ranks on gloo, exact resume, preemption by SIGUSR2, NaN stop, init from a local file,
+and the Slurm launches (sbatch script, submitit requeue) on the real local cluster."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from icehpc import config as cfglib
+from icehpc.kernels import vmf_xent
+from icehpc.pretrain import (NONFINITE_EXIT, PREEMPTED_EXIT, PretrainConfig, cls_pairs, ema_update,
+                             patch_weights, prototype_stats, schedule_at)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "configs/pretrain-tiny-cpu.yaml"
+LOSS_KEYS = ("loss", "loss_cls", "loss_patch", "cls_kl", "cls_proto_used", "head_kappa_p50")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _latest(out: Path) -> str:
+    return (out / "checkpoints" / "latest").read_text().strip()
+
+
+def _pretrain_cmd(shards: Path, out: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    if nproc == 1:
+        launcher = [sys.executable]  # a plain single process, no launcher at all
+    return [*launcher, "-m", "icehpc.cli", "pretrain", "--config", TINY, f"data.shards={shards}", f"out={out}",
+            "train.progress=false", *overrides]
+
+
+def _run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Synthetic CPI images → shards, through the real CLI stages."""
+    base = tmp_path_factory.mktemp("pretrain-data")
+    icehpc = [sys.executable, "-m", "icehpc.cli"]
+    for cmd in ([*icehpc, "synth", "--out", str(base / "synth"), "--n", "400", "--seed", "3", "--no-progress"],
+                [*icehpc, "shards", "build", str(base / "synth" / "manifest.csv"), "--out", str(base / "shards"),
+                 "--shard-samples", "50", "--no-progress"]):
+        proc = _run(cmd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return base / "shards"
+
+
+@pytest.fixture(scope="module")
+def full_run(shards, tmp_path_factory) -> Path:
+    """20 uninterrupted steps on 2 ranks (2 epochs × 10 batches), checkpoints at 7, 14 and 20."""
+    out = tmp_path_factory.mktemp("pretrain-full") / "run"
+    proc = _run(_pretrain_cmd(shards, out, "train.epochs=2", "train.checkpoint_every=7", "train.keep_checkpoints=3"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ unit
+def _cfg(*overrides: str) -> PretrainConfig:
+    return cfglib.load(PretrainConfig, ROOT / TINY, overrides)
+
+
+def test_schedules_follow_the_config():
+    cfg = _cfg("optim.lr=0.002", "optim.min_lr=1e-5", "optim.warmup_epochs=2", "train.epochs=10",
+               "loss.teacher_temp=0.04", "loss.teacher_temp_final=0.07", "loss.teacher_temp_warmup_epochs=4",
+               "optim.freeze_last_layer_epochs=1", "data.batch_size=32")
+    spe, world = 5, 4
+    peak = 0.002 * 32 * 4 / 256
+    s = [schedule_at(i, cfg, spe, world) for i in range(50)]
+    assert s[0].lr == 0 and s[5].lr == pytest.approx(peak / 2) and s[10].lr == pytest.approx(peak)
+    assert all(a.lr >= b.lr for a, b in zip(s[10:], s[11:]))
+    assert schedule_at(50, cfg, spe, world).lr == pytest.approx(1e-5)
+    assert s[0].weight_decay == pytest.approx(0.04) and schedule_at(50, cfg, spe, world).weight_decay == pytest.approx(0.4)
+    assert s[0].momentum == pytest.approx(0.996) and schedule_at(50, cfg, spe, world).momentum == pytest.approx(1.0)
+    assert s[10].teacher_temp == pytest.approx(0.055) and s[20].teacher_temp == pytest.approx(0.07)
+    assert [x.last_layer_frozen for x in s[:6]] == [True] * 5 + [False]
+
+
+def test_loss_pairing_and_weights_match_explicit_loops():
+    """The batched [CLS]/patch loss equals the per-pair / per-image average written as loops."""
+    torch.manual_seed(0)
+    b, n_local, k, p = 3, 2, 7, 5
+
+    def unit(n: int) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.randn(n, p, dtype=torch.float64), dim=1)
+
+    zs, zt = unit((2 + n_local) * b), unit(2 * b)
+    ws, wt = torch.randn(k, p, dtype=torch.float64), torch.randn(k, p, dtype=torch.float64)
+    centre = torch.randn(k, dtype=torch.float64)
+    loss, _ = vmf_xent(zs, ws, zt, wt, centre, 0.1, 0.05, pairs=cls_pairs(b, n_local, torch.device("cpu")),
+                       vmf=False, backend="torch")
+
+    def xent(i: int, j: int) -> torch.Tensor:
+        pt = torch.softmax(zt[j] @ wt.T / 0.05 - centre, 0)
+        return -(pt * torch.log_softmax(zs[i] @ ws.T / 0.1, 0)).sum()
+
+    terms = []
+    for v in range(2 + n_local):
+        for img in range(b):
+            teachers = [1 - v] if v < 2 else [0, 1]
+            terms += [xent(v * b + img, t * b + img) for t in teachers]
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+
+    masks = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    zs_p, zt_p = unit(4), unit(4)
+    patch, _ = vmf_xent(zs_p, ws, zt_p, wt, centre, 0.1, 0.05, weights=patch_weights(masks).double(),
+                        vmf=False, backend="torch")
+    per_row = [-(torch.softmax(zt_p[r] @ wt.T / 0.05 - centre, 0) * torch.log_softmax(zs_p[r] @ ws.T / 0.1, 0)).sum()
+               for r in range(4)]
+    torch.testing.assert_close(patch, (torch.stack(per_row[:3]).mean() + per_row[3]) / 2)
+
+
+def test_ema_and_prototype_usage():
+    teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    t0 = teacher.weight.detach().clone()
+    ema_update(teacher, student, 0.9)
+    torch.testing.assert_close(teacher.weight.detach(), 0.9 * t0 + 0.1 * student.weight.detach())
+    uniform = prototype_stats(torch.full((100,), 0.01), "cls", 0.1)
+    assert uniform == {"cls_proto_used": 100, "cls_proto_perplexity": pytest.approx(100)}
+    collapsed = torch.zeros(100)
+    collapsed[:4] = 0.25
+    assert prototype_stats(collapsed, "cls", 0.1) == {"cls_proto_used": 4, "cls_proto_perplexity": pytest.approx(4)}
+
+
+# ------------------------------------------------------------------------------------- real runs
+@pytest.mark.slow
+def test_two_rank_run_learns_logs_and_exports(full_run):
+    rows = _metrics(full_run)
+    assert [r["step"] for r in rows] == list(range(20))
+    first, last = rows[:5], rows[-5:]
+
+    def mean(rs, key):
+        return sum(r[key] for r in rs) / len(rs)
+
+    # the total and the patch loss fall; the [CLS] loss = H(teacher) + KL, and its KL part falls
+    assert mean(last, "loss") < mean(first, "loss") - 0.2
+    assert mean(last, "loss_patch") < mean(first, "loss_patch") - 1.0
+    assert mean(last, "cls_kl") < mean(first, "cls_kl") - 0.1
+    for key in ("lr", "wd", "momentum", "teacher_temp", "img_per_s", "cls_proto_used", "patch_proto_perplexity",
+                "head_kappa_min", "head_kappa_max", "grad_norm", "mask_ratio"):
+        assert all(r[key] is not None for r in rows), key
+    assert rows[0]["last_layer_frozen"] and not rows[-1]["last_layer_frozen"]
+    assert sorted(p.name for p in (full_run / "checkpoints").glob("step-*")) == [
+        "step-00000007", "step-00000014", "step-00000020"]
+
+    from safetensors.torch import load_file
+
+    from icehpc.pretrain_export import load_backbone
+
+    exported = load_file(str(full_run / "backbone.safetensors"))
+    state = torch.load(full_run / "checkpoints" / "step-00000020" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=True)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, state["teacher"]["backbone.vit." + name]), name
+    vit = load_backbone(full_run / "backbone.safetensors")
+    assert vit(torch.zeros(2, 1, 32, 32)).shape == (2, 64)
+
+
+@pytest.mark.slow
+def test_export_cli_from_a_checkpoint(full_run, tmp_path):
+    from icehpc.cli import main
+    from icehpc.pretrain_export import read_metadata
+
+    out = tmp_path / "again.safetensors"
+    assert main(["export", str(full_run / "checkpoints" / "step-00000014"), "--out", str(out)]) == 0
+    meta = read_metadata(out)
+    assert meta["step"] == "14" and json.loads(meta["timm_kwargs"])["in_chans"] == 1
+    assert main(["export", str(full_run), "--out", str(out)]) == 0  # run folder → latest checkpoint
+    assert read_metadata(out)["step"] == "20"
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_gives_the_same_losses(full_run, shards, tmp_path):
+    """Roll a copy of the run back to its step-7 checkpoint (mid-epoch) and restart it: steps 7-19
+    must log exactly the same losses and end with the same exported teacher, bit for bit."""
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    for later in ("step-00000014", "step-00000020"):
+        shutil.rmtree(out / "checkpoints" / later)
+    (out / "checkpoints" / "latest").write_text("step-00000007\n")
+    (out / "backbone.safetensors").unlink()
+    proc = _run(_pretrain_cmd(shards, out, "train.epochs=2", "train.checkpoint_every=7", "train.keep_checkpoints=3"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed" in proc.stderr and "at step 7" in proc.stderr
+    resumed, reference = _metrics(out), _metrics(full_run)
+    assert [r["step"] for r in resumed] == list(range(20))  # records after the checkpoint were redone, not duplicated
+    for a, b in zip(resumed, reference):
+        assert {k: a[k] for k in LOSS_KEYS} == {k: b[k] for k in LOSS_KEYS}, a["step"]
+    from safetensors.torch import load_file
+
+    again, first = load_file(str(out / "backbone.safetensors")), load_file(str(full_run / "backbone.safetensors"))
+    assert all(torch.equal(again[k], first[k]) for k in first)
+
+
+def _dino_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """An RGB timm ViT of the tiny shape at 64 px (16×16 grid), saved in DINO's full layout."""
+    import timm
+
+    torch.manual_seed(5)
+    rgb = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=64, patch_size=4,
+                            embed_dim=64, depth=2, num_heads=2)
+    state = rgb.state_dict()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in state.items()}, "epoch": 100}, path)
+    return state
+
+
+@pytest.mark.slow
+def test_single_process_init_preemption_and_nan_stop(shards, tmp_path):
+    """One process, no launcher: start from a local DINO-layout file, get preempted by SIGUSR2
+    mid-run, then diverge with a huge learning rate and stop with the last good checkpoint kept."""
+    from timm.layers import resample_abs_pos_embed
+
+    source = _dino_checkpoint(tmp_path / "dino.pth")
+    out = tmp_path / "run"
+    base = ("train.epochs=3", f"init.path={tmp_path / 'dino.pth'}")
+
+    # 1. preemption: SIGUSR2 → finish the step, checkpoint, exit 75
+    proc = subprocess.Popen(_pretrain_cmd(shards, out, *base, nproc=1), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(_metrics(out)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT, err[-4000:]
+    done = len(_metrics(out))
+    assert 3 <= done < 30 and _latest(out) == f"step-{done:08d}"
+    assert "SIGUSR2: checkpoint saved" in err
+
+    # the run started from the file: a few warm-up steps (lr ≤ 2e-4, teacher momentum 0.996) move
+    # the teacher by < 1e-3, a different initialisation would differ by ~0.1
+    teacher = torch.load(out / "checkpoints" / f"step-{done:08d}" / "mp_rank_00_model_states.pt",
+                         map_location="cpu", weights_only=True)["teacher"]
+    expected = {"blocks.1.attn.qkv.weight": source["blocks.1.attn.qkv.weight"],
+                "patch_embed.proj.weight": source["patch_embed.proj.weight"].sum(1, keepdim=True),
+                "pos_embed": resample_abs_pos_embed(source["pos_embed"], new_size=(8, 8), old_size=(16, 16))}
+    for name, value in expected.items():
+        assert (teacher["backbone.vit." + name] - value).abs().max() < 5e-3, name
+
+    # 2. divergence: a huge lr blows the weights up → clear error, nothing newer than the last good checkpoint
+    proc = _run(_pretrain_cmd(shards, out, *base, "optim.lr=1e30", "train.checkpoint_every=1000", nproc=1))
+    assert proc.returncode == NONFINITE_EXIT, proc.stderr[-4000:]
+    assert "non-finite" in proc.stderr and f"step-{done:08d}" in proc.stderr
+    assert _latest(out) == f"step-{done:08d}"
+    assert all(r["step"] < done + 3 for r in _metrics(out))
+
+
+# ------------------------------------------------------------------------------------------ slurm
+_TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+
+
+def _slurm_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True,
+                         text=True, timeout=30).stdout.split()
+    return out[-1].split()[0] if out else "UNKNOWN"
+
+
+def _wait_for_steps(out: Path, n: int, is_over, timeout: float = 150) -> None:
+    deadline = time.time() + timeout
+    while len(_metrics(out)) < n:
+        assert time.time() < deadline and not is_over(), f"run never reached step {n}"
+        time.sleep(0.3)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sbatch_two_tasks_requeue_on_usr2_and_resume(slurm_cluster, shards, tmp_path):
+    """`sbatch jobs/pretrain.sh` with 2 srun tasks; USR2 to the batch shell (what `--signal=B:USR2@T`
+    sends before the time limit) → ranks checkpoint → the script requeues → the job resumes and ends."""
+    out, log = tmp_path / "run", tmp_path / "slurm-%j.out"
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--partition={slurm_cluster['partition']}", "--ntasks-per-node=2",
+         "--cpus-per-task=1", "--time=10", f"--output={log}", "jobs/pretrain.sh", "--config", str(ROOT / TINY),
+         f"data.shards={shards}", f"out={out}", "train.progress=false", "train.epochs=2"],
+        cwd=ROOT, env={**_env(), "ICEHPC_ROOT": str(ROOT)}, capture_output=True, text=True, timeout=30)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    try:
+        _wait_for_steps(out, 3, lambda: _slurm_state(job) in _TERMINAL)
+        subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True, timeout=30)
+        deadline = time.time() + 180
+        while _slurm_state(job) not in _TERMINAL:
+            assert time.time() < deadline, f"job {job} did not finish"
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
+    text = Path(str(log).replace("%j", job)).read_text()
+    assert _slurm_state(job) == "COMPLETED", text[-4000:]
+    assert "requeueing job" in text and "SIGUSR2: checkpoint saved at step" in text and "resumed" in text
+    assert [r["step"] for r in _metrics(out)] == list(range(20))
+    assert (out / "backbone.safetensors").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_submitit_timeout_requeues_and_resumes(slurm_cluster, shards, tmp_path, monkeypatch):
+    """`icehpc submit pretrain` path: submitit job with 2 tasks, `job._interrupt(timeout=True)` sends
+    USR2 like a time limit; the job checkpoints, is requeued with the same command and completes."""
+    from icehpc.launch import submit_stage
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "run"
+    job = submit_stage("pretrain", ["--config", str(ROOT / TINY), f"data.shards={shards}", f"out={out}",
+                                    "train.progress=false", "train.epochs=2"],
+                       executor="slurm", folder=tmp_path / "submitit", tasks_per_node=2, cpus_per_task=1,
+                       time_min=10, partition=slurm_cluster["partition"])
+    try:
+        _wait_for_steps(out, 3, job.done)
+        job._interrupt(timeout=True)
+        deadline = time.time() + 180
+        while not job.done():
+            assert time.time() < deadline, f"job {job.job_id} did not finish"
+            time.sleep(1)
+        job.results()  # raises with the remote traceback when a task failed
+    finally:
+        job.cancel(check=False)
+    err = job.stderr() or ""
+    assert "SIGUSR2: checkpoint saved at step" in err and "resumed" in err, err[-4000:]
+    assert [r["step"] for r in _metrics(out)] == list(range(20))
+    assert (out / "backbone.safetensors").exists()

@@ -1,0 +1,145 @@
+"""HDF5 embedding store: round trip through parts + virtual master, hand-written files, and
+every way a store can be broken (each must be a clear StoreError, never silent zeros)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from icehpc.store import StoreError, open_store, write_master, write_part
+from kappa_helpers import write_store
+
+
+def _data(n: int, d: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n, d)).astype(np.float32)
+    meta = {"habit": np.array(["plate", "colonne", "agrégat", "needle"])[rng.integers(0, 4, n)],
+            "temperature_c": rng.uniform(-60, 0, n), "count": np.arange(n, dtype=np.int64)}
+    return emb, meta
+
+
+def test_round_trip_across_parts(tmp_path):
+    emb, meta = _data(103)
+    path = write_store(tmp_path / "s", emb, meta, n_parts=4)
+    with open_store(path) as st:
+        assert (st.n_rows, st.dim) == (103, 8)
+        assert st.columns == ["count", "habit", "temperature_c"]
+        assert len(st.parts) == 4
+        x, m = st.read(0, 103)
+        assert x.dtype == np.float32 and np.array_equal(x, emb)
+        assert list(m["habit"]) == list(meta["habit"])  # UTF-8 survives
+        assert np.array_equal(m["temperature_c"], meta["temperature_c"])
+        x, m = st.read(20, 60, columns=["count"])  # spans part boundaries
+        assert np.array_equal(x, emb[20:60]) and np.array_equal(m["count"], np.arange(20, 60))
+        assert list(m) == ["count"]
+    with open_store(tmp_path / "s") as st:  # a folder means folder/store.h5
+        assert st.n_rows == 103
+
+
+def test_store_folder_can_be_moved(tmp_path, monkeypatch):
+    emb, meta = _data(30)
+    write_store(tmp_path / "a", emb, meta, n_parts=2)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    monkeypatch.chdir(tmp_path)  # sources are relative to the master, not to the working directory
+    with open_store(tmp_path / "b" / "store.h5") as st:
+        assert np.array_equal(st.read(0, 30)[0], emb)
+
+
+def test_float16_part_and_hand_written_file(tmp_path):
+    emb, meta = _data(10)
+    write_part(tmp_path / "half.h5", emb.astype(np.float16), meta)
+    with open_store(tmp_path / "half.h5") as st:
+        x, _ = st.read(0, 10)
+        assert x.dtype == np.float32 and np.allclose(x, emb, atol=1e-2)
+    with h5py.File(tmp_path / "hand.h5", "w") as f:  # what a user writes without icehpc
+        f["embeddings"] = emb
+        f["meta/campaign"] = np.array([b"A", b"B"] * 5)  # fixed-length bytes
+        f["meta/temperature_c"] = meta["temperature_c"]
+    with open_store(tmp_path / "hand.h5") as st:
+        _, m = st.read(0, 10)
+        assert list(m["campaign"]) == ["A", "B"] * 5 and st.column_kinds["campaign"] == "str"
+
+
+def test_writes_are_atomic_and_leave_no_temp_files(tmp_path):
+    emb, meta = _data(5)
+    write_part(tmp_path / "p.h5", emb, meta)
+    with pytest.raises(StoreError):
+        write_part(tmp_path / "p.h5", emb, {"habit": ["x"] * 4})  # bad column: old file must survive
+    with open_store(tmp_path / "p.h5") as st:
+        assert st.n_rows == 5
+    assert sorted(os.listdir(tmp_path)) == ["p.h5"]
+
+
+def test_missing_part_is_an_error_not_zeros(tmp_path):
+    emb, meta = _data(40)
+    path = write_store(tmp_path / "s", emb, meta, n_parts=3)
+    os.remove(tmp_path / "s" / "part-00001.h5")
+    with pytest.raises(StoreError, match="part-00001.h5 is missing"):
+        open_store(path)
+
+
+def test_part_lost_after_open_is_caught_by_the_fill_marker(tmp_path):
+    emb, meta = _data(40)
+    path = write_store(tmp_path / "s", emb, meta, n_parts=2)
+    with open_store(path) as st:
+        assert np.array_equal(st.read(0, 10)[0], emb[:10])
+        os.remove(tmp_path / "s" / "part-00001.h5")
+        with pytest.raises(StoreError, match="missing or truncated part"):
+            st.read(0, 40)
+
+
+def test_part_rewritten_with_other_row_count(tmp_path):
+    emb, meta = _data(40)
+    path = write_store(tmp_path / "s", emb, meta, n_parts=2)
+    write_part(tmp_path / "s" / "part-00000.h5", emb[:5], {k: v[:5] for k, v in meta.items()})
+    with pytest.raises(StoreError, match="rebuild the master"):
+        open_store(path)
+
+
+def test_master_refuses_inconsistent_parts(tmp_path):
+    emb, meta = _data(10)
+    write_part(tmp_path / "a.h5", emb, meta)
+    write_part(tmp_path / "b.h5", np.zeros((3, 9), np.float32), {k: v[:3] for k, v in meta.items()})
+    with pytest.raises(StoreError, match="dimension mismatch"):
+        write_master(tmp_path / "m.h5", [tmp_path / "a.h5", tmp_path / "b.h5"])
+    write_part(tmp_path / "c.h5", emb[:3], {"habit": meta["habit"][:3]})
+    with pytest.raises(StoreError, match="meta columns differ"):
+        write_master(tmp_path / "m.h5", [tmp_path / "a.h5", tmp_path / "c.h5"])
+    write_part(tmp_path / "d.h5", emb[:3].astype(np.float16), {k: v[:3] for k, v in meta.items()})
+    with pytest.raises(StoreError, match="dtype mismatch"):
+        write_master(tmp_path / "m.h5", [tmp_path / "a.h5", tmp_path / "d.h5"])
+    assert not (tmp_path / "m.h5").exists()
+
+
+def test_bad_files_and_shapes(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(tmp_path / "nope.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(StoreError, match="not a readable HDF5"):
+        open_store(tmp_path / "junk.h5")
+    with h5py.File(tmp_path / "short.h5", "w") as f:
+        f["embeddings"] = np.zeros((4, 3), np.float32)
+        f["meta/habit"] = np.array([b"a"] * 3)
+    with pytest.raises(StoreError, match="meta/habit has shape"):
+        open_store(tmp_path / "short.h5")
+    with pytest.raises(StoreError, match=r"must be \[n, D\]"):
+        write_part(tmp_path / "x.h5", np.zeros(4, np.float32), {})
+    emb, meta = _data(6)
+    write_part(tmp_path / "ok.h5", emb, meta)
+    with open_store(tmp_path / "ok.h5") as st:
+        with pytest.raises(StoreError, match="outside"):
+            st.read(0, 7)
+        with pytest.raises(StoreError, match="no meta column 'campaign'"):
+            st.read(0, 6, columns=["campaign"])
+
+
+def test_empty_part_is_allowed(tmp_path):
+    emb, meta = _data(6)
+    write_part(tmp_path / "a.h5", emb, meta)
+    write_part(tmp_path / "e.h5", emb[:0], {k: v[:0] for k, v in meta.items()})
+    write_master(tmp_path / "m.h5", [tmp_path / "e.h5", tmp_path / "a.h5"])
+    with open_store(tmp_path / "m.h5") as st:
+        assert st.n_rows == 6 and np.array_equal(st.read(0, 6)[0], emb)
