@@ -4,6 +4,7 @@ peak extra GPU memory, ratios and the bf16 matmul floor (the four N×K×D produc
 
     python bench/vmf_kernel.py            # CUDA: all three shapes, bf16
     python bench/vmf_kernel.py --small    # CPU smoke: torch backend vs the Triton interpreter
+    python bench/vmf_kernel.py --aot      # no GPU: compile for sm_90a, print smem/registers/spills
 
 Without CUDA (and without --small) it prints why and exits 0. The vMF bias b[k] = log C_p(‖w_k‖/τ)
 goes through icehpc.vmf.log_cp_torch (a K-vector round trip to the CPU, the same in every backend),
@@ -154,12 +155,72 @@ def run_small(vmf: bool) -> None:
         print(f"{name:<22}max |grad torch - grad interp| = {diff:.2e}")
 
 
+def run_aot(first_only: bool) -> int:
+    """Compile every kernel variant the op launches (bf16, D = 256) for sm_90a without a GPU and
+    print shared memory, registers and spilled bytes per autotune config (ptxas -v). Exit 1 if one
+    fails to compile or needs more shared memory than an H100/H200 block has (227 KiB)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from icehpc.kernels import vmf_xent_triton as m
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    half = {"x_ptr", "wl_ptr", "wv_ptr", "xs_ptr", "ws_ptr", "xt_ptr", "wt_ptr", "y_ptr"}
+
+    def signature(fn) -> dict[str, str]:
+        return {a: ("*bf16" if a in half else "*fp32") if a.endswith("_ptr") else
+                "i32" if a in ("N", "K", "D") else "fp32" if a.startswith("inv_tau") else "constexpr"
+                for a in fn.arg_names}
+
+    variants = [("row", m._row_kernel.fn, m._row_configs(), dict(SAME_W=s, NEED_O=o, NEED_V=v))
+                for s, o, v in [(1, 1, 0), (0, 1, 1), (0, 0, 0)]]
+    variants += [("col", m._col_kernel.fn, m._col_configs(), dict(DO_S=a, DO_T=b, NEED_DW=c, Y_IS_XS=d))
+                 for a, b, c, d in [(1, 1, 1, 1), (1, 0, 1, 1), (0, 1, 1, 0), (0, 1, 0, 0)]]
+    failed = 0
+    for name, fn, configs, flags in variants:
+        for cfg in configs[:1] if first_only else configs:
+            const = dict(flags, DOT=tl.bfloat16, PRECISION="ieee", BLOCK_D=256, **cfg.kwargs)
+            tag = f"{name} {flags} {cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}"
+            try:
+                k = triton.compile(ASTSource(fn, signature(fn), const), target=GPUTarget("cuda", 90, 32),
+                                   options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            except Exception as exc:  # report every variant, then fail
+                print(f"{tag} FAILED {type(exc).__name__}: {exc}"[:400])
+                failed += 1
+                continue
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                f.write(k.asm["ptx"])
+                f.flush()
+                info = subprocess.run([ptxas, "--gpu-name", "sm_90a", "-v", f.name, "-o", os.devnull],
+                                      capture_output=True, text=True).stderr
+            regs = re.findall(r"Used (\d+) registers", info)
+            spill = re.findall(r"(\d+) bytes spill stores", info)
+            ok = k.metadata.shared <= 227 * 1024
+            failed += not ok
+            print(f"{tag} {'ok' if ok else 'SHARED MEMORY OVER 227 KiB'} smem={k.metadata.shared} "
+                  f"regs={','.join(regs)} spill_bytes={','.join(spill)}", flush=True)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="CPU smoke run with the Triton interpreter")
     ap.add_argument("--vmf", action="store_true", help="include the vMF bias log C_p(‖w‖/τ)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    ap.add_argument("--aot", action="store_true",
+                    help="compile the kernels for sm_90a without a GPU; print smem/registers/spills")
+    ap.add_argument("--aot-first", action="store_true", help="with --aot: first autotune config only")
     args = ap.parse_args(argv)
+    if args.aot:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise SystemExit("--aot compiles real GPU code: unset TRITON_INTERPRET")
+        return run_aot(args.aot_first)
     if args.small:
         if not torch.cuda.is_available():
             os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined

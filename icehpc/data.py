@@ -11,8 +11,8 @@ Two uses:
 
 Batches are ``(images, metas)``: ``images`` a ``torch.uint8`` tensor ``[B, 1, canvas, canvas]``
 (particle dark on a light background, padding 255), ``metas`` a list of the sample JSON dicts plus
-``__key__`` and ``__shard__``. Physical size is not in the pixels (crops are rescaled): read
-``particle_width_um`` / ``pixel_um`` / ``orig_width`` from the metadata.
+``__key__`` and ``__shard__``. Large crops are shrunk to the canvas, so read physical size from
+``particle_width_um`` / ``pixel_um`` / ``orig_width`` in the metadata, not from pixels.
 """
 from __future__ import annotations
 

@@ -420,6 +420,18 @@ def _batches(cfg: PretrainConfig, epoch: int, rank: int, world: int, steps_per_e
     return it
 
 
+def _steps_per_epoch(cfg: PretrainConfig, world: int) -> int:
+    """Shard total // global batch (the loader's default), from the shards' index.json."""
+    from .data import read_index
+
+    total = read_index(cfg.data.shards)["totals"]["written"]
+    steps = total // (cfg.data.batch_size * world)
+    if steps < 1:
+        raise ValueError(f"{cfg.data.shards}: {total} images are fewer than one global batch of "
+                         f"{cfg.data.batch_size}×{world}; lower data.batch_size")
+    return steps
+
+
 def _nonfinite_params(*modules: torch.nn.Module) -> list[str]:
     return [n for m in modules for n, p in m.named_parameters() if not bool(torch.isfinite(p).all())]
 
@@ -442,13 +454,7 @@ class Trainer:
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
 
-        from .data import read_index
-
-        total = read_index(cfg.data.shards)["totals"]["written"]
-        self.steps_per_epoch = cfg.data.batches_per_epoch or total // (cfg.data.batch_size * self.world)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"{cfg.data.shards}: {total} images are fewer than one global batch of "
-                             f"{cfg.data.batch_size}×{self.world}; lower data.batch_size")
+        self.steps_per_epoch = cfg.data.batches_per_epoch or _steps_per_epoch(cfg, self.world)
         self.total_steps = max(1, round(cfg.train.epochs * self.steps_per_epoch))
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank

@@ -2,12 +2,18 @@
 PyTorch reference; the reference itself against finite differences and an explicit per-pair loop."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from icehpc.kernels import crop_pairs, vmf_xent
 
+ROOT = Path(__file__).resolve().parent.parent
 OUTS = ("loss", "grad_zs", "grad_ws", "teacher_logit_mean", "teacher_prob_mean")
 
 
@@ -206,6 +212,19 @@ def test_row_pass_k_splits_combine(split):
     p = torch.softmax(logits, dim=1)
     for got, want in ((lse, torch.logsumexp(logits, 1)), (o, p @ inp["wt"]), (v, p @ c.double())):
         assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_gpu():
+    """Ahead-of-time compile (Triton → PTX → ptxas, no GPU needed) of every kernel variant the op
+    launches, bf16, D = 256, for sm_90a: catches GPU-only codegen errors and shared-memory overflows
+    that the interpreter cannot see. A subprocess, since this process runs the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "vmf_kernel.py"), "--aot", "--aot-first"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(("row", "col"))]
+    assert len(lines) == 7 and all(" ok " in ln for ln in lines), res.stdout
 
 
 # ----------------------------------------------------------------------------------- GPU only

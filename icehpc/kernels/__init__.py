@@ -30,8 +30,9 @@ def vmf_xent(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau
 
     loss = Σ_i w_i Σ_{j∈pairs(i)} H(P_t[j], P_s[i]) / Σ_i w_i |pairs(i)|  (0 when the denominator is 0);
     gradients flow to zs and ws (through b_s too). stats (float32, no gradient):
-    ``teacher_logit_mean`` [K] = mean over all Nt teacher rows of the uncentred l_t (+center),
-    ``teacher_prob_mean`` [K] = mean over all Nt rows of P_t.
+    ``teacher_logit_mean`` [K] = mean over all Nt teacher rows of zt·wt/τ_t + b_t (the logits
+    before centring, for the EMA centre), ``teacher_prob_mean`` [K] = mean over all Nt rows of P_t
+    (weights and pairs do not enter the statistics).
 
     backend: "torch" (plain reference), "triton" (fused, no N×K tensor), "auto" (triton on CUDA).
     """
