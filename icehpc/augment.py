@@ -128,14 +128,16 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> 
 
 
 def block_masks(gen: torch.Generator, n: int, grid: tuple[int, int], ratio: list[float],
-                min_patches: int, aspect: list[float], candidates: int) -> torch.Tensor:
+                min_patches: int, aspect: list[float], candidates: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
     """BEiT-style block masks [n, gh, gw] bool, vectorised over images and blocks.
 
     BEiT adds random rectangles one at a time until the target patch count is reached (a Python
     loop per image). Here every image draws ``candidates`` rectangles at once; the running union
     over rectangles is a ``cummax`` and each image keeps the prefix whose masked count is closest to
     its target ratio drawn from ``ratio``. Rectangles have areas up to half the target, so the
-    result lands within ~1/4 of the target count and masks stay blocky.
+    result lands within ~1/4 of the target count and masks stay blocky. The [n, T] parameters are
+    drawn from ``gen`` on the CPU; the [n, T, gh, gw] geometry is built on ``device``.
     """
     gh, gw = grid
     total = gh * gw
@@ -148,14 +150,15 @@ def block_masks(gen: torch.Generator, n: int, grid: tuple[int, int], ratio: list
     bw = torch.round(torch.sqrt(area / torch.exp(log_ar))).clamp(1, gw)
     top = torch.floor(torch.rand(n, candidates, generator=gen) * (gh - bh + 1))
     left = torch.floor(torch.rand(n, candidates, generator=gen) * (gw - bw + 1))
-    rows = torch.arange(gh, dtype=torch.float32)[None, None, :, None]
-    cols = torch.arange(gw, dtype=torch.float32)[None, None, None, :]
+    target, top, left, bh, bw = (t.to(device) for t in (target, top, left, bh, bw))
+    rows = torch.arange(gh, dtype=torch.float32, device=device)[None, None, :, None]
+    cols = torch.arange(gw, dtype=torch.float32, device=device)[None, None, None, :]
     inside = ((rows >= top[..., None, None]) & (rows < (top + bh)[..., None, None])
               & (cols >= left[..., None, None]) & (cols < (left + bw)[..., None, None]))
     union = torch.cummax(inside.to(torch.uint8), dim=1).values  # [n, T, gh, gw]
     counts = union.flatten(2).sum(-1).float()  # [n, T]
     best = torch.argmin((counts - target[:, None]).abs(), dim=1)
-    return union[torch.arange(n), best].bool()
+    return union[torch.arange(n, device=device), best].bool()
 
 
 class MultiCrop:
@@ -209,5 +212,5 @@ class MultiCrop:
             locals_ = x.new_zeros(0, 1, cfg.local_size, cfg.local_size)
         grid = (cfg.global_size // self.patch_size,) * 2
         masks = block_masks(gen, 2 * b, grid, cfg.mask_ratio, cfg.mask_min_patches, cfg.mask_aspect,
-                            cfg.mask_candidates)
-        return Crops(globals_=globals_, locals_=locals_, masks=masks.flatten(1).to(images.device))
+                            cfg.mask_candidates, device=images.device)
+        return Crops(globals_=globals_, locals_=locals_, masks=masks.flatten(1))

@@ -445,11 +445,14 @@ class Trainer:
         cuda = cfg.engine.device == "cuda" or (cfg.engine.device == "auto" and torch.cuda.is_available())
         if cuda and not torch.cuda.is_available():
             raise RuntimeError("engine.device=cuda but CUDA is not available")
+        if cuda:  # before the process group exists, so NCCL binds each rank to its own GPU; modulo
+            # the visible count because Slurm may show each task only its own GPU (--gpu-bind)
+            from .dist import from_env
+
+            torch.cuda.set_device(from_env().local_rank % torch.cuda.device_count())
         self.env = init_distributed("nccl" if cuda else "gloo")
         self.rank, self.world = self.env.rank, self.env.world_size
-        if cuda:
-            torch.cuda.set_device(self.env.local_rank)
-        self.device = torch.device("cuda", self.env.local_rank) if cuda else torch.device("cpu")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.bf16 = cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and cuda)
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
