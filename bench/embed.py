@@ -84,8 +84,8 @@ def main() -> None:
     env1 = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not (work / "shards" / "index.json").exists():
         _icehpc("synth", "--out", str(work / "synth"), "--n", str(args.n), "--seed", "0", "--no-progress")
-        _icehpc("shards", "build", str(work / "synth" / "manifest.csv"), "--manifest", "--out",
-                str(work / "shards"), "--shard-samples", str(args.shard_samples))
+        _icehpc("shards", "build", "--manifest", str(work / "synth" / "manifest.csv"), "--out",
+                str(work / "shards"), "--shard-samples", str(args.shard_samples), "--no-progress")
     torch.set_num_threads(1)
     plain = plain_loop(work / "shards", args.model, args.img_size, args.batch_size, "cpu")
 

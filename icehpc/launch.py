@@ -54,8 +54,10 @@ class StageJob(submitit.helpers.Checkpointable):
                     master_port=dist.default_port(str(env.job_id).split("_")[0]), launcher="submitit"))
         try:
             code = main([self.stage, *self.argv])
-        except SystemExit as exc:  # argparse errors: turn into a failure submitit can report
-            code = exc.code if isinstance(exc.code, int) else 1
+        except SystemExit as exc:
+            if exc.code == -1:  # submitit's USR2 handler requeued us: leave without a result
+                raise
+            code = exc.code if isinstance(exc.code, int) else 1  # e.g. argparse errors: report them
         if code:
             raise RuntimeError(f"icehpc {self.stage} exited with code {code}")
         return code

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -525,6 +525,9 @@ class Trainer:
                                f"number of ranks (now {self.world}) or start a new run folder")
         if state["model_config"] != cfglib.to_dict(self.cfg.model):
             raise RuntimeError(f"model section differs from the checkpoint's in {self.out}; use a new `out` folder")
+        if state["rng"]["seed"] != self.cfg.train.seed:
+            raise RuntimeError(f"train.seed={self.cfg.train.seed} but the checkpoint ran with seed "
+                               f"{state['rng']['seed']}: data order and augmentation are derived from it")
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise RuntimeError(f"steps per epoch changed ({state['steps_per_epoch']} → {self.steps_per_epoch}): "
                                "same shards and data.batch_size are needed to resume")

@@ -286,6 +286,12 @@ def _release_when_requeued(job_id: str, timeout: float = 120) -> None:
         state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
                                timeout=30).stdout.strip()
         if state == "PENDING":
+            # releasing while slurmd still tears down the old steps revokes the new credential
+            # ("Job credential revoked") and fails the job: wait until no step of it is left
+            while subprocess.run(["squeue", "-h", "-s", "-j", job_id], capture_output=True, text=True,
+                                 timeout=30).stdout.strip() and time.time() < deadline:
+                time.sleep(0.3)
+            time.sleep(2.0)
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
             return
         assert state, f"job {job_id} left the queue instead of being requeued"
