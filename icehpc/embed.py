@@ -256,7 +256,7 @@ def _torch_threads(local_world: int) -> None:
     import torch
 
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(local_world, 1)))
 
 
 def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init: bool, arch: str | None,
@@ -332,7 +332,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=None,
                         help="model input side (default: from the exported file, else 224)")
     parser.add_argument("--canvas", type=int, default=None, help="decode canvas side (default: the input side)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--workers", type=int, default=None, help="decode workers per rank (default: 0 on CPU, 6 on GPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init backbone")
 

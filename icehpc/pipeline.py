@@ -328,7 +328,7 @@ def print_science(science: dict[str, Any]) -> None:
 def _step_env(step: Step) -> dict[str, str]:
     """Threads: the cores shared among the step's processes (mpiexec/torchrun leave this unset)."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(step.ranks, 1))))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // max(step.ranks, 1))))
     return env
 
 
@@ -395,6 +395,10 @@ def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folde
         if step.is_done():
             continue
         deps = [jobs[name] for name in step.after if name in jobs]
+        if executor != "slurm":  # no scheduler: wait in order (results(): multi-task jobs too)
+            for dep in deps:
+                dep.results()
+            deps = []
         job = launch.submit_stage(step.stage, step.argv, executor, tasks_per_node=step.ranks,
                                   gpus_per_node=gpus_per_node if step.stage in ("pretrain", "embed") else 0,
                                   dependency=deps or None, **common)
@@ -407,7 +411,7 @@ def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folde
         finish_argv = ["--config", str(_resolve_config(args.config)), *finish_argv]
     if executor != "slurm":
         for job in submitted:
-            job.result()
+            job.results()
     ex = launch.make_executor(executor, folder, cpus_per_task=cpus_per_task, time_min=time_min, partition=partition,
                               mem_gb=mem_gb, dependency=submitted or None, job_name="icehpc-pipeline-finish")
     final = ex.submit(launch.StageJob("pipeline", finish_argv, mpi=False))

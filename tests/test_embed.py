@@ -153,14 +153,22 @@ def test_embed_exact_cls_all_columns_and_resume(shards, backbone, tmp_path, iceh
 
 
 def test_embed_random_init_like_and_rgb_timm_checkpoint(shards, backbone, trained, tmp_path, icehpc_cmd):
-    # --random-init --like: the exported shape with seeded random weights, same on every call
-    for out in ("r1", "r2"):
-        _run([*icehpc_cmd, "embed", str(shards), "--random-init", "--like", str(backbone), "--seed", "1",
-              "--out", str(tmp_path / out / "s.h5"), "--canvas", str(CANVAS)])
-    a, _ = _read(tmp_path / "r1" / "s.h5")
-    b, _ = _read(tmp_path / "r2" / "s.h5")
-    np.testing.assert_array_equal(a, b)
+    # --random-init --like: the exported shape with seeded random weights, the same in every process
+    from icehpc.data import ordered_loader
+    from icehpc.embed import backbone_spec, build_backbone, eval_transform
+
+    _run([*icehpc_cmd, "embed", str(shards), "--random-init", "--like", str(backbone), "--seed", "1",
+          "--out", str(tmp_path / "r1" / "s.h5"), "--canvas", str(CANVAS)])
+    a, a_meta = _read(tmp_path / "r1" / "s.h5")
     assert a.shape == trained[0].shape and not np.allclose(a, trained[0])
+    spec = backbone_spec(None, None, None, seed=1, like=str(backbone))
+    assert (spec.img_size, spec.mean, spec.std) == (32, 0.5, 0.25)
+    model = build_backbone(spec, seed=1)
+    with torch.inference_mode():
+        for images, metas in ordered_loader(shard_paths(shards)[:1], batch_size=64, canvas=CANVAS):
+            want = model.forward_features(eval_transform(images, 32, 0.5, 0.25, torch.float32))[:, 0].numpy()
+            rows = [list(a_meta["key"]).index(m["__key__"]) for m in metas]
+            np.testing.assert_allclose(a[rows], want, rtol=1e-4, atol=1e-5)
 
     # a 3-channel timm checkpoint (.pth) is folded to grayscale: same as summing the RGB filters
     import timm
@@ -178,8 +186,6 @@ def test_embed_random_init_like_and_rgb_timm_checkpoint(shards, backbone, traine
     gray.load_state_dict(state)
     gray.eval()
     first = shard_paths(shards)[0]
-    from icehpc.data import ordered_loader
-
     images, metas = next(iter(ordered_loader([first], batch_size=8, canvas=CANVAS)))
     x = F.interpolate(images.float() / 255, size=(32, 32), mode="bilinear", antialias=True)
     with torch.no_grad():
@@ -254,6 +260,7 @@ def test_embed_two_mpi_ranks_equal_one_and_survive_sigkill(shards, backbone, tra
     np.testing.assert_allclose(resumed, torch.cat(rows).numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.mpi
 def test_embed_sbatch_and_submit_on_slurm(shards, backbone, trained, tmp_path, slurm_cluster, icehpc_cmd):
