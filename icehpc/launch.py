@@ -116,7 +116,7 @@ def submit_stage(stage: str, argv: Sequence[str], executor: str = "slurm", *,
         local_ranks, tasks_per_node, nodes = nodes * tasks_per_node, 1, 1
     if executor != "slurm" and dependency:
         for job in dependency:  # the local executors have no scheduler: wait in order instead
-            job.result()
+            job.results()
     ex = make_executor(executor, folder, nodes=nodes, tasks_per_node=tasks_per_node,
                        gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, time_min=time_min,
                        partition=partition, mem_gb=mem_gb, mpi=use_mpi, dependency=dependency,

@@ -377,8 +377,7 @@ def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folde
     Each step gets ``ranks`` tasks on one node (node and task counts come from the plan, so
     ``nodes``/``tasks_per_node`` are ignored); ``gpus_per_node`` goes to the pretrain and embed
     steps. The last job runs ``icehpc pipeline --finish-only`` (checks every output, writes
-    science.json). Steps already complete are not submitted. Returns the jobs in submission order
-    (each has ``_icehpc_cmd``).
+    science.json). Steps already complete are not submitted. Returns the jobs in submission order.
     """
     from . import launch
 
@@ -395,27 +394,21 @@ def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folde
         if step.is_done():
             continue
         deps = [jobs[name] for name in step.after if name in jobs]
-        if executor != "slurm":  # no scheduler: wait in order (results(): multi-task jobs too)
-            for dep in deps:
-                dep.results()
-            deps = []
         job = launch.submit_stage(step.stage, step.argv, executor, tasks_per_node=step.ranks,
                                   gpus_per_node=gpus_per_node if step.stage in ("pretrain", "embed") else 0,
                                   dependency=deps or None, **common)
-        job._icehpc_cmd = [step.stage, *step.argv]
         jobs[step.name] = job
         submitted.append(job)
     # `pipeline` itself is not a submittable stage (it would submit again); its --finish-only mode is.
     finish_argv = ["--out", str(out), "--finish-only", "--min-count", str(args.min_count), *args.overrides]
     if args.config:
         finish_argv = ["--config", str(_resolve_config(args.config)), *finish_argv]
-    if executor != "slurm":
+    if executor != "slurm":  # no scheduler to hold the last job: wait here (results(): every task)
         for job in submitted:
             job.results()
     ex = launch.make_executor(executor, folder, cpus_per_task=cpus_per_task, time_min=time_min, partition=partition,
                               mem_gb=mem_gb, dependency=submitted or None, job_name="icehpc-pipeline-finish")
     final = ex.submit(launch.StageJob("pipeline", finish_argv, mpi=False))
-    final._icehpc_cmd = ["pipeline", *finish_argv]
     return [*submitted, final]
 
 
