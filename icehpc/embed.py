@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .fileio import write_atomic
+
 DEFAULT_ARCH = "vit_small_patch16_224"
 DEFAULT_MEAN, DEFAULT_STD = 0.449, 0.226  # icehpc.augment defaults (gray mean/std of ImageNet)
 
@@ -183,9 +185,7 @@ def _pin_run(store: Path, manifest: dict[str, Any]) -> None:
                              "use another --out or delete that folder")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Path, spec: BackboneSpec, *,
@@ -310,9 +310,7 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
                    "shards": len(counts), "shards_reused": sum(s["shards_done"] for s in all_stats),
                    "images_computed": computed, "seconds": wall,
                    "images_per_s": computed / wall if wall > 0 else math.nan, "backbone": asdict(spec)}
-        tmp = Path(f"{store}.json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, f"{store}.json")
+        write_atomic(f"{store}.json", json.dumps(summary, indent=2) + "\n")
     comm.Barrier()
     return summary
 

@@ -35,7 +35,6 @@ import os
 import platform
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from .config import field
 from .dist import mpi_comm, sum_op
 from .store import Store, StoreError, open_store
 from .vmf import kappa_closed_form, kappa_mle
+from .fileio import write_atomic
 
 RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
 READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)
@@ -498,13 +498,6 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
 
 # ------------------------------------------------------------------------------------ output
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
 
 def _num(v: Any) -> str:
     if isinstance(v, float):
@@ -532,7 +525,7 @@ def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> None:
     wr.writerow(CSV_COLUMNS)
     for r in result["rows"]:
         wr.writerow([_num(r[k]) for k in CSV_COLUMNS])
-    _write_text(out / "kappa.csv", buf.getvalue())
+    write_atomic(out / "kappa.csv", buf.getvalue())
     buf = io.StringIO()
     wr = csv.writer(buf)
     sim = result["similarity"]
@@ -540,9 +533,9 @@ def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> None:
         wr.writerow([f"{sim['column']} of samples \\ centroid of"] + sim["labels"])
         for lab, vals in zip(sim["labels"], sim["matrix"]):
             wr.writerow([lab] + [repr(float(v)) for v in vals])
-    _write_text(out / "similarity.csv", buf.getvalue())
+    write_atomic(out / "similarity.csv", buf.getvalue())
 
-    _write_text(out / "kappa.json", json.dumps(jsonable(result), indent=1, ensure_ascii=False) + "\n")
+    write_atomic(out / "kappa.json", json.dumps(jsonable(result), indent=1, ensure_ascii=False) + "\n")
 
 
 def fingerprint(store: Store, cfg: KappaConfig) -> str:

@@ -22,7 +22,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Sequence
 
 from . import config as cfglib
 from .config import field
+from .fileio import write_atomic
 
 ROOT = cfglib.CONFIG_DIR.parent
 
@@ -306,10 +306,7 @@ def write_science(out: Path, steps: list[Step], min_count: int) -> dict[str, Any
             min_count),
         "probes": {s.name: probe_summary(s.done) for s in steps if s.stage == "probe"},
     }
-    fd, tmp = tempfile.mkstemp(dir=out, prefix="science.json.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(science, indent=1) + "\n")
-    os.replace(tmp, out / "science.json")
+    write_atomic(out / "science.json", json.dumps(science, indent=1) + "\n")
     return science
 
 

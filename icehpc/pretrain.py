@@ -39,6 +39,7 @@ from . import config as cfglib
 from .augment import AugmentConfig, Crops, MultiCrop
 from .config import field
 from .model import IBOTVMF, HeadOut, InitConfig, ModelConfig, build_model, load_backbone_weights
+from .fileio import write_atomic
 
 log = logging.getLogger("icehpc.pretrain")
 
@@ -370,11 +371,6 @@ class PreemptFlag:
             time.sleep(_REQUEUE_GRACE_S)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 class MetricsLog:
     """metrics.jsonl on rank 0; on resume, records after the checkpoint are dropped (they are redone)."""
@@ -384,7 +380,7 @@ class MetricsLog:
         self.enabled = enabled
         if enabled and path.exists():
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < resume_step]
-            _atomic_write(path, "".join(ln + "\n" for ln in kept))
+            write_atomic(path, "".join(ln + "\n" for ln in kept))
         self._fh = open(path, "a") if enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
@@ -500,7 +496,7 @@ class Trainer:
         self.engine.save_checkpoint(str(root), tag=tag, client_state=self._client_state(), save_latest=False)
         torch.distributed.barrier()
         if self.rank == 0:
-            _atomic_write(root / "latest", tag + "\n")
+            write_atomic(root / "latest", tag + "\n")
             tags = sorted(p.name for p in root.glob("step-*") if p.is_dir())
             for old in tags[: max(0, len(tags) - self.cfg.train.keep_checkpoints)]:
                 if old != tag:
@@ -615,7 +611,7 @@ class Trainer:
         start = self.step
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.out / "config.yaml", yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+            write_atomic(self.out / "config.yaml", yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
         metrics = MetricsLog(self.out / "metrics.jsonl", self.rank == 0, start)
         if resumed:
             log.info("resumed %s at step %d / %d", self.out, start, self.total_steps)

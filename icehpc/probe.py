@@ -23,12 +23,13 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from .fileio import write_atomic
 
 GEOMETRIC_FEATURES = ("aspect_ratio", "area_ratio", "circularity", "solidity", "complexity",
                       "log10_equivalent_diameter_um")
@@ -303,12 +304,6 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Pat
     os.replace(tmp, path)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
 
 @dataclass
 class ProbeSettings:
@@ -389,8 +384,8 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["representation", "method", "accuracy", "balanced_accuracy"])
     writer.writerows([(r, m, f"{a:.4f}", f"{b:.4f}") for r, m, a, b in rows])
-    _write_atomic(out / "summary.csv", buf.getvalue())
-    _write_atomic(out / "probe.json", json.dumps(report, indent=2) + "\n")  # last: marks completion
+    write_atomic(out / "summary.csv", buf.getvalue())
+    write_atomic(out / "probe.json", json.dumps(report, indent=2) + "\n")  # last: marks completion
     return report
 
 

@@ -15,11 +15,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .fileio import write_atomic
 
 AXIS_NAMES = {"temperature_c": "temperature (°C)", "particle_width_um": "particle width (µm)",
               "pressure_hpa": "pressure (hPa)", "particle_height_um": "particle height (µm)"}
@@ -292,11 +293,7 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
                                            "argv": run.get("argv")}, indent=1, ensure_ascii=False))
                  + "</pre></details></body></html>\n")
     index = out / "index.html"
-    fd, tmp = tempfile.mkstemp(prefix=".index.html.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(parts))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, index)
+    write_atomic(index, "\n".join(parts))
     return index
 
 

@@ -63,6 +63,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import config as cfg
+from .fileio import write_atomic
 
 FORMAT = "icehpc-shards/1"
 METADATA_KEYS: tuple[str, ...] = ("campaign", "time", "temperature_c", "pressure_hpa", "particle_width_um",
@@ -443,18 +444,6 @@ def tar_member(name: str, data: bytes) -> bytes:
 def tar_end(size: int) -> bytes:
     """End-of-archive blocks plus padding to a whole 10240-byte record, as tarfile writes them."""
     return bytes(1024 + (-(size + 1024) % tarfile.RECORDSIZE))
-
-
-def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write to a temporary name beside ``path`` (fsync unless ``durable`` is False), then rename:
-    readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sample_json(item: Item, c: BuildConfig, sha: str, w: int, h: int, notes: list[str]) -> bytes:

@@ -43,7 +43,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy.special import ndtr, ndtri
 
 from . import config as cfg
-from .shards import METADATA_KEYS, default_workers, write_atomic
+from .fileio import write_atomic
+from .shards import METADATA_KEYS, default_workers
 
 PIXEL_UM = 2.3
 HABITS: tuple[str, ...] = ("column", "needle", "plate", "dendrite", "bullet_rosette", "aggregate",
