@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from icehpc.launch import mpiexec_prefix
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,13 +33,6 @@ def _icehpc(*args: str, env: dict[str, str] | None = None, prefix: list[str] | N
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
-
-
-def _mpiexec() -> list[str]:
-    exe = shutil.which("mpiexec")
-    if exe is None:
-        raise SystemExit("mpiexec not found: install Open MPI")
-    return [exe, "--oversubscribe", *(["--allow-run-as-root"] if os.geteuid() == 0 else [])]
 
 
 def plain_loop(shard_dir: Path, model_name: str, img_size: int, batch_size: int, device: str) -> float:
@@ -95,7 +90,7 @@ def main() -> None:
         shutil.rmtree(store.parent, ignore_errors=True)
         job = ["embed", str(work / "shards"), "--random-init", "--out", str(store), "--model", args.model,
                "--img-size", str(args.img_size), "--batch-size", str(args.batch_size)]
-        wall = _icehpc(*job, env=env1, prefix=[*_mpiexec(), "-n", str(ranks)] if ranks > 1 else None)
+        wall = _icehpc(*job, env=env1, prefix=[*mpiexec_prefix(), "-n", str(ranks)] if ranks > 1 else None)
         summary = json.loads(Path(f"{store}.json").read_text())
         results[ranks] = (summary["images_per_s"], summary["rows"] / wall)
 

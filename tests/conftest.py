@@ -54,12 +54,14 @@ def slurm_cluster() -> dict:
 @pytest.fixture(scope="session")
 def mpiexec() -> list[str]:
     """Command prefix to start N real Open MPI ranks: use as [*mpiexec, "-n", "2", ...]."""
-    exe = shutil.which("mpiexec")
-    if exe is None:
+    from icehpc.launch import mpiexec_prefix
+
+    try:
+        return mpiexec_prefix()
+    except RuntimeError:
         if _required("MPI"):
             pytest.fail("ICEHPC_REQUIRE_MPI=1 but mpiexec is not on PATH")
         pytest.skip("Open MPI (mpiexec) not installed")
-    return [exe, "--oversubscribe", "--allow-run-as-root"] if os.geteuid() == 0 else [exe, "--oversubscribe"]
 
 
 @pytest.fixture
