@@ -54,7 +54,7 @@ test: system venv
 	  $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: system venv
-	$(PY) -m icehpc.cli pipeline --config configs/demo.yaml --out $(DEMO_OUT)
+	$(PY) -m icehpc pipeline --config configs/demo.yaml --out $(DEMO_OUT)
 
 cluster-start:
 	bash jobs/local-cluster.sh start

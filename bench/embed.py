@@ -23,13 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from icehpc.launch import mpiexec_prefix
+from icehpc.run.launch import mpiexec_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _icehpc(*args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> float:
-    cmd = [*(prefix or []), sys.executable, "-m", "icehpc.cli", *args]
+    cmd = [*(prefix or []), sys.executable, "-m", "icehpc", *args]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -39,8 +39,8 @@ def plain_loop(shard_dir: Path, model_name: str, img_size: int, batch_size: int,
     """images/s of a bare timm forward over pre-decoded images (same normalisation as the job)."""
     import torch
 
-    from icehpc.data import ordered_loader, shard_paths
-    from icehpc.embed import backbone_spec, build_backbone, eval_transform
+    from icehpc.data.loader import ordered_loader, shard_paths
+    from icehpc.analysis.embed import backbone_spec, build_backbone, eval_transform
 
     spec = backbone_spec(None, model_name, img_size, seed=0)
     model = build_backbone(spec, seed=0).to(device)

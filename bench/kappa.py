@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from icehpc.store import write_master, write_part  # noqa: E402
+from icehpc.analysis.store import write_master, write_part  # noqa: E402
 
 CHUNK = 16384
 
@@ -83,7 +83,7 @@ def plain(path: Path, n_boot: int) -> float:
 
 
 def icehpc(store: Path, out: Path, n_boot: int, ranks: int, env: dict) -> tuple[float, dict]:
-    cmd = [sys.executable, "-m", "icehpc.cli", "kappa", str(store), "--out", str(out), "--by", "group",
+    cmd = [sys.executable, "-m", "icehpc", "kappa", str(store), "--out", str(out), "--by", "group",
            "--similarity-by", "group", "--bootstrap", str(n_boot), "--force"]
     if ranks > 1:
         exe = shutil.which("mpiexec")

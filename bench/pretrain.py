@@ -33,7 +33,8 @@ def _sync(device: torch.device) -> None:
 
 def full_step_rate(cfg, batch: int, steps: int, warmup: int) -> tuple[float, str]:
     """Images/s of Trainer.train_step on synthetic canvases (one rank)."""
-    from icehpc.pretrain import Trainer, schedule_at
+    from icehpc.ssl.schedule import schedule_at
+    from icehpc.ssl.trainer import Trainer
 
     trainer = Trainer(cfg)
     device = trainer.device
@@ -88,7 +89,7 @@ def main() -> int:
         return 0
 
     from icehpc import config as cfglib
-    from icehpc.pretrain import PretrainConfig
+    from icehpc.ssl.config import PretrainConfig
 
     overrides = list(args.overrides)
     if args.cpu_smoke:

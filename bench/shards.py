@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from icehpc import data, shards, synth
+from icehpc.data import loader as data, shards, synth
 
 
 def _cpu_seconds() -> float:

@@ -1,4 +1,4 @@
-"""Benchmark of ``icehpc.kernels.vmf_xent`` forward+backward (issue 4): plain eager PyTorch,
+"""Benchmark of ``icehpc.ssl.kernels.vmf_xent`` forward+backward (issue 4): plain eager PyTorch,
 torch.compile of the same reference, and the fused Triton op, on the three shapes of the issue, with
 peak extra GPU memory, ratios and the bf16 matmul floor (the four N×K×D products of the loss).
 
@@ -36,7 +36,7 @@ TAU_S, TAU_T = 0.1, 0.04
 
 def make_case(shape: dict, device: str, dtype: torch.dtype) -> dict:
     """Unit rows, random prototypes, ~45 % masked (weighted) rows as in iBOT, DINO pairs for cls."""
-    from icehpc.kernels import crop_pairs
+    from icehpc.ssl.kernels import crop_pairs
 
     g = torch.Generator(device).manual_seed(0)
     ns, nt, k, d = shape["ns"], shape["nt"], shape["k"], shape["d"]
@@ -94,8 +94,8 @@ def peak_extra_gb(fn) -> float:
 
 
 def run_gpu(vmf: bool, skip_compile: bool) -> None:
-    from icehpc.kernels import vmf_xent_torch
-    from icehpc.kernels.vmf_xent_triton import vmf_xent_triton
+    from icehpc.ssl.kernels import vmf_xent_torch
+    from icehpc.ssl.kernels.vmf_xent_triton import vmf_xent_triton
 
     dev = torch.cuda.get_device_name()
     print(f"# vmf_xent fwd+bwd, bf16 inputs, {dev}, torch {torch.__version__}, vmf={vmf}, "
@@ -135,8 +135,8 @@ def run_gpu(vmf: bool, skip_compile: bool) -> None:
 
 def run_small(vmf: bool) -> None:
     """CPU smoke: the fused kernels under the Triton interpreter against the torch backend."""
-    from icehpc.kernels import vmf_xent_torch
-    from icehpc.kernels.vmf_xent_triton import vmf_xent_triton
+    from icehpc.ssl.kernels import vmf_xent_torch
+    from icehpc.ssl.kernels.vmf_xent_triton import vmf_xent_triton
 
     print(f"# CPU smoke (--small): torch backend vs Triton interpreter, fp32, vmf={vmf}; "
           "times are not GPU figures")
@@ -168,7 +168,7 @@ def run_aot(first_only: bool) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from icehpc.kernels import vmf_xent_triton as m
+    from icehpc.ssl.kernels import vmf_xent_triton as m
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     half = {"x_ptr", "wl_ptr", "wv_ptr", "xs_ptr", "ws_ptr", "xt_ptr", "wt_ptr", "y_ptr"}

@@ -2,8 +2,12 @@
 
 Each stage declares its schema as (nested) dataclasses whose fields carry defaults and a
 ``metadata={"help": ...}``; that schema is the single source of truth for defaults, types and
-documentation (``icehpc config show STAGE`` and the README read from it). Unknown keys and values
-of the wrong type raise :class:`ConfigError` naming the dotted key, before any work starts.
+documentation (``icehpc STAGE --help`` lists it). Unknown keys and values of the wrong type raise
+:class:`ConfigError` naming the dotted key, before any work starts.
+
+Config files: a path as given, else a file of that name among the configs shipped with the package
+(``configs/`` of the checkout, installed as the package data ``icehpc.configs``); a ``--config`` that
+is neither is an error. Without ``--config`` a stage runs on its schema's built-in defaults.
 """
 from __future__ import annotations
 
@@ -18,11 +22,30 @@ import yaml
 
 T = TypeVar("T")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def shipped_configs() -> Path:
+    """The folder of the YAML files shipped with icehpc (the checkout's ``configs/`` when editable)."""
+    from importlib.resources import files
+
+    return Path(str(files("icehpc.configs")))
 
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the dotted key and what to do."""
+
+
+def find_config(name: str | Path) -> Path:
+    """``name`` as a path if it exists, else the shipped config of that file name; else ConfigError."""
+    p = Path(name)
+    if p.is_file():
+        return p.resolve()
+    if p.exists():
+        raise ConfigError(f"config {name} is not a file")
+    shipped = shipped_configs()
+    if p.parent == Path(".") and (shipped / p.name).is_file():
+        return shipped / p.name
+    known = ", ".join(sorted(f.name for f in shipped.glob("*.yaml")))
+    raise ConfigError(f"config file {name} does not exist (shipped configs: {known})")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -143,11 +166,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] 
     """Build ``cls`` from defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists() and not p.is_absolute() and (CONFIG_DIR / p.name).exists():
-            p = CONFIG_DIR / p.name
-        if not p.exists():
-            raise ConfigError(f"config file {path} does not exist")
+        p = find_config(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:

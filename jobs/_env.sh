@@ -13,5 +13,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export PYTHONUNBUFFERED=1
 # Open MPI refuses root unless told; harmless for ordinary users.
 if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
-ICEHPC="python -u -m icehpc.cli"
+# The checkout's .venv when there is one (activated above), else the installed `icehpc` on PATH.
+if [ -n "${VIRTUAL_ENV:-}" ] || ! command -v icehpc >/dev/null 2>&1; then
+  ICEHPC="python -u -m icehpc"
+else
+  ICEHPC="icehpc"
+fi
 echo "[icehpc] job ${SLURM_JOB_ID:-local} on $(hostname -s): ${SLURM_NTASKS:-1} task(s), root $ICEHPC_ROOT" >&2

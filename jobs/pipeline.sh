@@ -13,23 +13,23 @@ set -euo pipefail
 if [ "${1:-}" = "--step" ]; then
   shift
   source "${ICEHPC_ROOT:-$SLURM_SUBMIT_DIR}/jobs/_env.sh"
-  case "$1" in
-    embed|kappa) exec srun --mpi=pmix $ICEHPC "$@" ;;
+  launcher=$1; shift
+  case "$launcher" in  # the stage table's launcher kind, passed on by the submitting loop below
+    mpi) exec srun --mpi=pmix $ICEHPC "$@" ;;
     *) exec srun $ICEHPC "$@" ;;
   esac
 fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-PYTHON=python3
-if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; fi
-plan=$("$PYTHON" -m icehpc.cli pipeline --plan "$@")
+SLURM_JOB_ID=submit source "$ROOT/jobs/_env.sh" 2>/dev/null
+plan=$($ICEHPC pipeline --plan "$@")
 out=$(sed -n 's/^# out=//p' <<< "$plan")
 mkdir -p "$out/slurm"
 read -r -a extra <<< "${ICEHPC_SBATCH_ARGS:-}"
 declare -A ids=()
 all=""
-while IFS=$'\t' read -r name ntasks after command; do
+while IFS=$'\t' read -r name ntasks launcher after command; do
   case "$name" in ''|'#'*) continue ;; esac
   dep=""
   for a in ${after//,/ }; do
@@ -37,12 +37,12 @@ while IFS=$'\t' read -r name ntasks after command; do
   done
   eval "stage_args=($command)"
   id=$(sbatch --parsable --job-name="icehpc-$name" --ntasks="$ntasks" --output="$out/slurm/$name-%j.out" \
-       ${dep:+--dependency=afterok$dep} "${extra[@]}" "$ROOT/jobs/pipeline.sh" --step "${stage_args[@]}")
+       ${dep:+--dependency=afterok$dep} "${extra[@]}" "$ROOT/jobs/pipeline.sh" --step "$launcher" "${stage_args[@]}")
   id=${id%%;*}  # "id;cluster" on federated setups
   ids[$name]=$id
   all="$all:$id"
   echo "$name $id"
 done <<< "$plan"
 id=$(sbatch --parsable --job-name=icehpc-finish --ntasks=1 --output="$out/slurm/finish-%j.out" \
-     ${all:+--dependency=afterok$all} "${extra[@]}" "$ROOT/jobs/pipeline.sh" --step pipeline "$@" --finish-only)
+     ${all:+--dependency=afterok$all} "${extra[@]}" "$ROOT/jobs/pipeline.sh" --step plain pipeline "$@" --finish-only)
 echo "finish ${id%%;*}"

@@ -54,7 +54,7 @@ def slurm_cluster() -> dict:
 @pytest.fixture(scope="session")
 def mpiexec() -> list[str]:
     """Command prefix to start N real Open MPI ranks: use as [*mpiexec, "-n", "2", ...]."""
-    from icehpc.launch import mpiexec_prefix
+    from icehpc.run.launch import mpiexec_prefix
 
     try:
         return mpiexec_prefix()
@@ -67,4 +67,4 @@ def mpiexec() -> list[str]:
 @pytest.fixture
 def icehpc_cmd() -> list[str]:
     """Run the CLI in a subprocess exactly as a user would."""
-    return [sys.executable, "-m", "icehpc.cli"]
+    return [sys.executable, "-m", "icehpc"]

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import vonmises_fisher
 
-from icehpc.store import write_master, write_part
+from icehpc.analysis.store import write_master, write_part
 
 
 def sample_vmf(p: int, kappa: float, n: int, seed: int) -> np.ndarray:

@@ -7,7 +7,8 @@ import torch
 import torchvision.transforms.functional as TF
 from scipy import ndimage
 
-from icehpc.augment import AugmentConfig, MultiCrop, block_masks, gaussian_blur
+from icehpc.ssl.config import AugmentConfig
+from icehpc.ssl.augment import MultiCrop, block_masks, gaussian_blur
 
 OFF = dict(jitter_p=0.0, blur_p=[0.0, 0.0, 0.0], solarize_p=[0.0, 0.0, 0.0], hflip_p=0.0, vflip_p=0.0)
 

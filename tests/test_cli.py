@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from icehpc.cli import STAGES
+from icehpc.run.stages import STAGES
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "icehpc.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "icehpc", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_top_level_help_lists_every_stage():

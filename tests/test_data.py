@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from icehpc import data, shards, synth
+from icehpc.data import loader as data, shards, synth
 
 
 @pytest.fixture(scope="module")

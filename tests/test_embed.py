@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icehpc.data import decode_image, read_index, shard_paths
-from icehpc.embed import meta_columns, part_path
-from icehpc.store import open_store
+from icehpc.data.loader import decode_image, read_index, shard_paths
+from icehpc.analysis.embed import meta_columns, part_path
+from icehpc.analysis.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 CANVAS = 48  # decode canvas; the tiny backbone's input side is 32: the job must resize
@@ -35,7 +35,7 @@ def shards(tmp_path_factory) -> Path:
     import sys
 
     root = tmp_path_factory.mktemp("embed-data")
-    cli = [sys.executable, "-m", "icehpc.cli"]
+    cli = [sys.executable, "-m", "icehpc"]
     _run([*cli, "synth", "--out", str(root / "synth"), "--n", "120", "--seed", "3", "--no-progress"])
     _run([*cli, "shards", "build", "--manifest", str(root / "synth" / "manifest.csv"), "--out", str(root / "shards"),
           "--shard-samples", "25", "--no-progress"])
@@ -45,9 +45,9 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory) -> Path:
     """A tiny seeded backbone exported by the real export code (arch and normalisation in the header)."""
-    from icehpc.augment import AugmentConfig
-    from icehpc.model import ModelConfig, build_model
-    from icehpc.pretrain_export import export_teacher
+    from icehpc.ssl.config import AugmentConfig, ModelConfig
+    from icehpc.ssl.model import build_model
+    from icehpc.ssl.export import export_teacher
 
     torch.manual_seed(7)
     model_cfg = ModelConfig(arch_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
@@ -62,7 +62,7 @@ def trained(shards, backbone, tmp_path_factory) -> tuple[np.ndarray, dict[str, n
     import sys
 
     store = tmp_path_factory.mktemp("trained") / "s.h5"
-    _run([sys.executable, "-m", "icehpc.cli", "embed", str(shards), "--checkpoint", str(backbone), "--out",
+    _run([sys.executable, "-m", "icehpc", "embed", str(shards), "--checkpoint", str(backbone), "--out",
           str(store), "--canvas", str(CANVAS)])
     return _read(store)
 
@@ -76,7 +76,7 @@ def _reference_cls(shard_dir: Path, backbone: Path) -> dict[str, np.ndarray]:
     """[CLS] per key from the exported file loaded by its own loader, images decoded one by one."""
     import tarfile
 
-    from icehpc.pretrain_export import load_backbone, read_metadata
+    from icehpc.ssl.export import load_backbone, read_metadata
 
     meta = read_metadata(backbone)
     model = load_backbone(backbone)
@@ -154,8 +154,8 @@ def test_embed_exact_cls_all_columns_and_resume(shards, backbone, tmp_path, iceh
 
 def test_embed_random_init_like_and_rgb_timm_checkpoint(shards, backbone, trained, tmp_path, icehpc_cmd):
     # --random-init --like: the exported shape with seeded random weights, the same in every process
-    from icehpc.data import ordered_loader
-    from icehpc.embed import backbone_spec, build_backbone, eval_transform
+    from icehpc.data.loader import ordered_loader
+    from icehpc.analysis.embed import backbone_spec, build_backbone, eval_transform
 
     _run([*icehpc_cmd, "embed", str(shards), "--random-init", "--like", str(backbone), "--seed", "1",
           "--out", str(tmp_path / "r1" / "s.h5"), "--canvas", str(CANVAS)])
@@ -246,8 +246,8 @@ def test_embed_two_mpi_ranks_equal_one_and_survive_sigkill(shards, backbone, tra
     resumed, resumed_meta = _read(killed)
 
     # the uninterrupted reference, computed here in one pass over all shards
-    from icehpc.data import ordered_loader
-    from icehpc.embed import backbone_spec, build_backbone, eval_transform
+    from icehpc.data.loader import ordered_loader
+    from icehpc.analysis.embed import backbone_spec, build_backbone, eval_transform
 
     spec = backbone_spec(None, "vit_small_patch16_224", 64, seed=0)
     model = build_backbone(spec, seed=0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from icehpc import config as cfgmod
-from icehpc.kappa import (RNG_BLOCK, KappaConfig, KappaError, block_range, poisson_lut,
+from icehpc.analysis.kappa import (RNG_BLOCK, KappaConfig, KappaError, block_range, poisson_lut,
                           poisson_weights, run_kappa)
 from icehpc.vmf import kappa_closed_form, kappa_mle
 from kappa_helpers import cheap_groups, paper_meta, sample_vmf, write_store

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icehpc.kernels import crop_pairs, vmf_xent
+from icehpc.ssl.kernels import crop_pairs, vmf_xent
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTS = ("loss", "grad_zs", "grad_ws", "teacher_logit_mean", "teacher_prob_mean")
@@ -202,7 +202,7 @@ def test_triton_partial_gradients_and_no_grad():
 def test_row_pass_k_splits_combine(split):
     """The row kernel alone (lse, P@W, P·c over K) for 1 split, uneven splits, and 8 splits of
     which the last holds no prototype (K = 203 in 32-wide tiles) against float64."""
-    from icehpc.kernels.vmf_xent_triton import _row_pass
+    from icehpc.ssl.kernels.vmf_xent_triton import _row_pass
 
     inp = make_inputs(37, 37, 203, 48, seed=13)
     x, w, wv = (inp[n].float() for n in ("zs", "ws", "wt"))

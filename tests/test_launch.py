@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import submitit
 
-from icehpc import launch
+from icehpc.run import launch
 
 
 def synth_args(out: Path) -> list[str]:
@@ -23,7 +23,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "synth"
-    subprocess.run([sys.executable, "-m", "icehpc.cli", "synth", *synth_args(out)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "icehpc", "synth", *synth_args(out)], check=True, timeout=300)
     return out
 
 

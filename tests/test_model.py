@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from icehpc.model import ModelConfig, build_model, load_backbone_weights, read_checkpoint
+from icehpc.ssl.config import ModelConfig
+from icehpc.ssl.model import build_model, load_backbone_weights, read_checkpoint
 
 TINY = ModelConfig(arch="vit_small_patch16_224", arch_kwargs={"patch_size": 4, "embed_dim": 32, "depth": 2,
                                                               "num_heads": 2},

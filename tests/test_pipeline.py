@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icehpc.store import open_store
+from icehpc.analysis.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 MINI_PER_CLASS = 25
@@ -52,7 +52,7 @@ def real_dir(tmp_path_factory) -> Path | None:
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, real_dir) -> Path:
     out = tmp_path_factory.mktemp("pipeline") / "local"
-    cmd = [sys.executable, "-m", "icehpc.cli", "pipeline", "--config", "configs/demo.yaml", "--out", str(out),
+    cmd = [sys.executable, "-m", "icehpc", "pipeline", "--config", "configs/demo.yaml", "--out", str(out),
            *tiny_overrides(real_dir)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -62,7 +62,7 @@ def local_run(tmp_path_factory, real_dir) -> Path:
 
 def _markers(out: Path) -> list[Path]:
     """The completion marker of every step, read from the plan itself."""
-    res = subprocess.run([sys.executable, "-c", "import sys; from icehpc import pipeline, config as c; "
+    res = subprocess.run([sys.executable, "-c", "import sys; from icehpc.run import pipeline; from icehpc import config as c; "
                           "cfg = c.load(pipeline.PipelineConfig, 'configs/demo.yaml', sys.argv[2:]); "
                           "print('\\n'.join(str(s.done) for s in pipeline.plan(cfg, sys.argv[1])))",
                           str(out), *tiny_overrides(None)], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -16,9 +16,14 @@ import pytest
 import torch
 
 from icehpc import config as cfglib
-from icehpc.kernels import vmf_xent
-from icehpc.pretrain import (NONFINITE_EXIT, PREEMPTED_EXIT, PretrainConfig, cls_pairs, ema_update,
-                             patch_weights, prototype_stats, schedule_at)
+from icehpc.ssl.kernels import vmf_xent
+from icehpc.ssl.checkpoint import PREEMPTED_EXIT
+from icehpc.ssl.config import PretrainConfig
+from icehpc.ssl.engine import ema_update
+from icehpc.ssl.loss import cls_pairs, patch_weights
+from icehpc.ssl.metrics import prototype_stats
+from icehpc.ssl.schedule import schedule_at
+from icehpc.ssl.trainer import NONFINITE_EXIT
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/pretrain-tiny-cpu.yaml"
@@ -42,7 +47,7 @@ def _pretrain_cmd(shards: Path, out: Path, *overrides: str, nproc: int = 2) -> l
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     if nproc == 1:
         launcher = [sys.executable]  # a plain single process, no launcher at all
-    return [*launcher, "-m", "icehpc.cli", "pretrain", "--config", TINY, f"data.shards={shards}", f"out={out}",
+    return [*launcher, "-m", "icehpc", "pretrain", "--config", TINY, f"data.shards={shards}", f"out={out}",
             "train.progress=false", *overrides]
 
 
@@ -54,7 +59,7 @@ def _run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
 def shards(tmp_path_factory) -> Path:
     """Synthetic CPI images → shards, through the real CLI stages."""
     base = tmp_path_factory.mktemp("pretrain-data")
-    icehpc = [sys.executable, "-m", "icehpc.cli"]
+    icehpc = [sys.executable, "-m", "icehpc"]
     for cmd in ([*icehpc, "synth", "--out", str(base / "synth"), "--n", "400", "--seed", "3", "--no-progress"],
                 [*icehpc, "shards", "build", str(base / "synth" / "manifest.csv"), "--out", str(base / "shards"),
                  "--shard-samples", "50", "--no-progress"]):
@@ -168,7 +173,7 @@ def test_two_rank_run_learns_logs_and_exports(full_run):
 
     from safetensors.torch import load_file
 
-    from icehpc.pretrain_export import load_backbone
+    from icehpc.ssl.export import load_backbone
 
     exported = load_file(str(full_run / "backbone.safetensors"))
     state = torch.load(full_run / "checkpoints" / "step-00000020" / "mp_rank_00_model_states.pt",
@@ -181,8 +186,8 @@ def test_two_rank_run_learns_logs_and_exports(full_run):
 
 @pytest.mark.slow
 def test_export_cli_from_a_checkpoint(full_run, tmp_path):
-    from icehpc.cli import main
-    from icehpc.pretrain_export import read_metadata
+    from icehpc.run.cli import main
+    from icehpc.ssl.export import read_metadata
 
     out = tmp_path / "again.safetensors"
     assert main(["export", str(full_run / "checkpoints" / "step-00000014"), "--out", str(out)]) == 0
@@ -341,7 +346,7 @@ def test_sbatch_two_tasks_requeue_on_usr2_and_resume(slurm_cluster, shards, tmp_
 def test_submitit_timeout_requeues_and_resumes(slurm_cluster, shards, tmp_path, monkeypatch):
     """`icehpc submit pretrain` path: submitit job with 2 tasks, `job._interrupt(timeout=True)` sends
     USR2 like a time limit; the job checkpoints, is requeued with the same command and completes."""
-    from icehpc.launch import submit_stage
+    from icehpc.run.launch import submit_stage
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "run"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icehpc.probe import (GEOMETRIC_FEATURES, contour_features, knn_predict, logreg_predict, score,
+from icehpc.analysis.probe import (GEOMETRIC_FEATURES, contour_features, knn_predict, logreg_predict, score,
                           stratified_split)
 
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from icehpc import config as cfgmod
-from icehpc.kappa import KappaConfig, run_kappa
-from icehpc.report import build_report
+from icehpc.analysis.kappa import KappaConfig, run_kappa
+from icehpc.analysis.report import build_report
 from kappa_helpers import cheap_groups, paper_meta, write_store
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from icehpc import config, shards, synth
+from icehpc import config
+from icehpc.data import shards, synth
 
 RNG = np.random.default_rng(0)
 

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from icehpc.store import StoreError, open_store, write_master, write_part
+from icehpc.analysis.store import StoreError, open_store, write_master, write_part
 from kappa_helpers import write_store
 
 

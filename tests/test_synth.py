@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from scipy.stats import chisquare
 
-from icehpc import config, shards, synth
+from icehpc import config
+from icehpc.data import shards, synth
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ def vmf_bias(w: Tensor, tau: float, vmf: bool) -> Tensor | None:
     """
     if not vmf:
         return None
-    from icehpc.vmf import log_cp_torch  # science helper's module; exact gradient −A_p(κ)
+    from ...vmf import log_cp_torch  # science helper's module; exact gradient −A_p(κ)
 
     acc = torch.promote_types(w.dtype, torch.float32)
     return log_cp_torch(w.to(acc).norm(dim=1) / tau, w.shape[1])
@@ -52,7 +52,7 @@ def pair_matrix(pairs: Tensor | None, n_student: int, n_teacher: int, dtype: tor
 def vmf_xent_torch(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
                    tau_t: float, pairs: Tensor | None = None, weights: Tensor | None = None,
                    vmf: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-    """Reference of ``icehpc.kernels.vmf_xent`` (see there for shapes and the formula).
+    """Reference of ``icehpc.ssl.kernels.vmf_xent`` (see there for shapes and the formula).
 
     Matmuls run in the input dtype; logits and softmaxes in float32 (float64 for float64 input),
     as plain mixed-precision PyTorch code does.

@@ -19,43 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import field
-
-
-@dataclass
-class AugmentConfig:
-    global_size: int = field(224, help="side of the 2 global crops (pixels)")
-    global_scale: list[float] = field([0.25, 1.0], help="area fraction range of the global crops")
-    local_size: int = field(96, help="side of the local crops (pixels)")
-    local_scale: list[float] = field([0.05, 0.25], help="area fraction range of the local crops")
-    n_local: int = field(10, help="number of local crops per image")
-    aspect_ratio: list[float] = field([0.8, 1.25], help="width/height range of crops (log-uniform)")
-    hflip_p: float = field(0.5, help="probability of a horizontal flip")
-    vflip_p: float = field(0.5, help="probability of a vertical flip")
-    jitter_p: float = field(0.8, help="probability of brightness/contrast jitter")
-    brightness: float = field(0.4, help="brightness factor drawn from [1-b, 1+b]")
-    contrast: float = field(0.4, help="contrast factor drawn from [1-c, 1+c]")
-    blur_p: list[float] = field([1.0, 0.1, 0.5], help="blur probability: global 1, global 2, locals")
-    blur_sigma: list[float] = field([0.1, 2.0], help="Gaussian blur sigma range (output pixels)")
-    solarize_p: list[float] = field([0.0, 0.2, 0.0], help="solarisation probability: global 1, global 2, locals")
-    mean: float = field(0.449, help="normalisation mean (ImageNet RGB means averaged, fits folded weights)")
-    std: float = field(0.226, help="normalisation std")
-    mask_ratio: list[float] = field([0.1, 0.5], help="per-image masked patch fraction range (student globals)")
-    mask_min_patches: int = field(4, help="smallest masking block (patches)")
-    mask_aspect: list[float] = field([0.3, 3.3333], help="masking block aspect ratio range (log-uniform)")
-    mask_candidates: int = field(32, help="candidate blocks drawn per image (vectorised BEiT masking)")
-
-    def validate(self) -> None:
-        for name in ("global_scale", "local_scale", "aspect_ratio", "blur_sigma", "mask_ratio", "mask_aspect"):
-            lo_hi = getattr(self, name)
-            if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
-                raise ValueError(f"{name} must be [low, high] with 0 < low <= high, got {lo_hi}")
-        if self.global_scale[1] > 1 or self.local_scale[1] > 1 or self.mask_ratio[1] > 1:
-            raise ValueError("crop scales and mask ratios are fractions and must be <= 1")
-        if len(self.blur_p) != 3 or len(self.solarize_p) != 3:
-            raise ValueError("blur_p and solarize_p take 3 values: global 1, global 2, locals")
-        if self.n_local < 0 or self.global_size < 1 or self.local_size < 1:
-            raise ValueError("n_local must be >= 0 and crop sizes >= 1")
+from .config import AugmentConfig
 
 
 @dataclass

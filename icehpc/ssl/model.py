@@ -7,7 +7,7 @@ patch-embedding weights over RGB (timm's ``adapt_input_conv``), which is exactly
 on a gray image replicated to 3 channels (up to the per-channel normalisation constants).
 
 The head returns the L2-normalised bottleneck z and the UNnormalised prototypes w_k; the loss op
-(``icehpc.kernels.vmf_xent``) forms the logits ``w_k·z/τ + log C_p(‖w_k‖/τ)``, so ‖w_k‖ acts as a
+(``icehpc.ssl.kernels.vmf_xent``) forms the logits ``w_k·z/τ + log C_p(‖w_k‖/τ)``, so ‖w_k‖ acts as a
 per-prototype concentration κ_k·τ.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .config import field
+from .config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,31 +32,6 @@ log = logging.getLogger(__name__)
 _KEY_PREFIXES = ("module.", "backbone.", "teacher.", "student.", "model.", "encoder.")
 #: Names DINO/iBOT/DINOv2 use for the mask token.
 _MASK_TOKEN_KEYS = ("masked_embed", "mask_token")
-
-
-@dataclass
-class ModelConfig:
-    arch: str = field("vit_small_patch16_224", help="timm ViT architecture name (no weights are downloaded)")
-    arch_kwargs: dict[str, Any] = field({}, help="extra timm kwargs, e.g. {embed_dim: 64, depth: 2, patch_size: 4}")
-    drop_path: float = field(0.1, help="stochastic depth rate of the student (teacher: 0)")
-    head_hidden: int = field(2048, help="hidden width of the head MLP")
-    head_bottleneck: int = field(256, help="bottleneck dimension p of the L2-normalised head output")
-    n_prototypes: int = field(8192, help="number of vMF prototypes K")
-    prototype_init_norm: float = field(1.0, help="initial ‖w_k‖ (1 = iBOT's normalised layer at start)")
-    shared_head: bool = field(True, help="one head for [CLS] and patch tokens (iBOT default)")
-
-    def validate(self) -> None:
-        if not 0 <= self.drop_path < 1:
-            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
-        if min(self.head_hidden, self.head_bottleneck, self.n_prototypes) < 2:
-            raise ValueError("head_hidden, head_bottleneck and n_prototypes must be >= 2")
-        if self.prototype_init_norm <= 0:
-            raise ValueError("prototype_init_norm must be > 0")
-
-
-@dataclass
-class InitConfig:
-    path: str | None = field(None, help="LOCAL timm/DINO/iBOT checkpoint (.pth/.pt/.safetensors) to start the backbone from")
 
 
 def timm_kwargs(cfg: ModelConfig, img_size: int) -> dict[str, Any]:

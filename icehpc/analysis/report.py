@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from .fileio import write_atomic
+from ..fileio import write_atomic
 
 AXIS_NAMES = {"temperature_c": "temperature (°C)", "particle_width_um": "particle width (µm)",
               "pressure_hpa": "pressure (hPa)", "particle_height_um": "particle height (µm)"}
-ESTIMATE = "kappa_debiased"  # the CI brackets this estimator (see icehpc.kappa)
+ESTIMATE = "kappa_debiased"  # the CI brackets this estimator (see icehpc.analysis.kappa)
 
 
 class ReportError(ValueError):

@@ -21,7 +21,8 @@ _TEACHER_PREFIX = "backbone.vit."
 
 
 def _metadata(model_cfg: dict[str, Any], augment_cfg: dict[str, Any], step: int) -> dict[str, str]:
-    from .model import ModelConfig, timm_kwargs
+    from .config import ModelConfig
+    from .model import timm_kwargs
 
     mc = ModelConfig(**model_cfg)
     size = int(augment_cfg["global_size"])
@@ -43,7 +44,7 @@ def _save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: str |
 
 def export_teacher(teacher: torch.nn.Module, cfg: Any, out: str | os.PathLike, step: int) -> Path:
     """Write the live teacher's backbone (``teacher.backbone.vit``) of a running pretraining."""
-    from .config import to_dict
+    from ..config import to_dict
 
     meta = _metadata(to_dict(cfg.model), to_dict(cfg.augment), step)
     return _save(teacher.backbone.vit.state_dict(), meta, out)

@@ -1,4 +1,4 @@
-"""Loaders over the WebDataset shards written by :mod:`icehpc.shards`.
+"""Loaders over the WebDataset shards written by :mod:`icehpc.data.shards`.
 
 CPU workers only *decode* (PNG → uint8 grayscale on a fixed square canvas); augmentation runs
 batched on the accelerator later, because per-sample CPU augmentation is ~200× slower (issue 2).

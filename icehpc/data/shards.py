@@ -62,8 +62,8 @@ from typing import Any, Iterable, Iterator, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import config as cfg
-from .fileio import write_atomic
+from .. import config as cfg
+from ..fileio import write_atomic
 
 FORMAT = "icehpc-shards/1"
 METADATA_KEYS: tuple[str, ...] = ("campaign", "time", "temperature_c", "pressure_hpa", "particle_width_um",

@@ -27,11 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import config as cfglib
-from .config import field
-from .fileio import write_atomic
+from .. import config as cfglib
+from ..config import field
+from ..fileio import write_atomic
+from .stages import stage as stage_info
 
-ROOT = cfglib.CONFIG_DIR.parent
+#: The checkout this package lives in, if any (relative data paths in the shipped configs, such as
+#: ``../shared/data/...``, are also looked up from there).
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -115,13 +118,17 @@ class Step:
     ranks: int = 1
     after: tuple[str, ...] = ()
 
+    @property
+    def launcher(self) -> str:
+        return stage_info(self.stage).launcher
+
     def command(self) -> list[str]:
-        """The local command line: torchrun for pretraining, mpiexec for MPI stages, else plain."""
-        cli = ["-m", "icehpc.cli", self.stage, *self.argv]
-        if self.stage == "pretrain" and self.ranks > 1:
+        """The local command line, from the stage's launcher kind: torchrun, mpiexec or plain."""
+        cli = ["-m", "icehpc", self.stage, *self.argv]
+        if self.launcher == "torch" and self.ranks > 1:
             return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc-per-node={self.ranks}", *cli]
-        if self.ranks > 1:
+        if self.launcher == "mpi" and self.ranks > 1:
             from .launch import mpiexec_prefix
 
             return [*mpiexec_prefix(), "-n", str(self.ranks), sys.executable, "-u", *cli]
@@ -136,12 +143,12 @@ def _resolve(path: str) -> Path:
     p = Path(path)
     if p.is_absolute() or p.exists():
         return p.resolve()
-    return (ROOT / p).resolve()
+    return (CHECKOUT / p).resolve()
 
 
 def pretrain_canvas(cfg: PipelineConfig) -> int:
     """The decode canvas of the pretraining data: embedding must see particles at the same scale."""
-    from .pretrain import PretrainConfig
+    from ..ssl.config import PretrainConfig
 
     return cfglib.load(PretrainConfig, cfg.pretrain.config, cfg.pretrain.overrides).data.canvas
 
@@ -158,7 +165,7 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
                                   "--shard-samples", str(cfg.shards.shard_samples), "--workers",
                                   str(cfg.shards.workers), "--no-progress"],
              o / "shards" / "index.json", after=("synth",)),
-        Step("pretrain", "pretrain", ["--config", str(_resolve_config(cfg.pretrain.config)),
+        Step("pretrain", "pretrain", ["--config", str(cfglib.find_config(cfg.pretrain.config)),
                                       f"data.shards={o / 'shards'}", f"out={o / 'pretrain'}", "train.progress=false",
                                       *cfg.pretrain.overrides],
              o / "pretrain" / "backbone.safetensors", ranks=cfg.pretrain.nproc, after=("shards",)),
@@ -184,7 +191,7 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
                     dest / "probe.json", after=(f"{prefix}embed", f"{prefix}embed-random"))
 
     steps += embed_pair("", o / "shards", o / "embed", ("shards",))
-    kappa_config = ["--config", str(_resolve_config(cfg.kappa.config))]
+    kappa_config = ["--config", str(cfglib.find_config(cfg.kappa.config))]
     for which, after in (("trained", "embed"), ("random", "embed-random")):
         # overrides right after the store: argparse takes positionals only as one contiguous run
         steps.append(Step(f"kappa-{which}", "kappa", [str(o / "embed" / f"{which}.h5"), *cfg.kappa.overrides,
@@ -208,15 +215,6 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
         steps += embed_pair(prefix, base / "shards", base / "embed", (f"{prefix}shards",))
         steps.append(probe(prefix, base / "embed", base / "shards", base / "probe"))
     return steps
-
-
-def _resolve_config(name: str) -> Path:
-    p = Path(name)
-    if not p.exists() and not p.is_absolute() and (cfglib.CONFIG_DIR / p.name).exists():
-        p = cfglib.CONFIG_DIR / p.name
-    if not p.exists():
-        raise cfglib.ConfigError(f"config file {name} not found (also looked in {cfglib.CONFIG_DIR})")
-    return p.resolve()
 
 
 # ------------------------------------------------------------------------------------ science check
@@ -367,13 +365,14 @@ def finish(out: Path, steps: list[Step], min_count: int, seconds: float | None =
 
 # ---------------------------------------------------------------------------------------- submission
 def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folder: str | Path = "runs/submitit",
-                    cpus_per_task: int = 1, time_min: int = 60, partition: str | None = None,
-                    mem_gb: float | None = None, gpus_per_node: int = 0, **_fixed_by_plan: Any) -> list[Any]:
+                    nodes: int = 1, tasks_per_node: int = 1, gpus_per_node: int = 0, cpus_per_task: int = 1,
+                    time_min: int = 60, partition: str | None = None, mem_gb: float | None = None) -> list[Any]:
     """Submit the pending steps of ``icehpc pipeline STAGE_ARGS`` through submitit, chained afterok.
 
-    Each step gets ``ranks`` tasks on one node (node and task counts come from the plan, so
-    ``nodes``/``tasks_per_node`` are ignored); ``gpus_per_node`` goes to the pretrain and embed
-    steps. The last job runs ``icehpc pipeline --finish-only`` (checks every output, writes
+    Single-process steps get one task. Parallel steps (MPI, torch.distributed) get the plan's rank
+    count on one node, unless ``nodes`` or ``tasks_per_node`` is given (> 1): then every parallel
+    step runs on ``nodes`` × ``tasks_per_node`` tasks. ``gpus_per_node`` goes to the stages the
+    stage table marks as GPU stages. The last job runs :func:`finish` (checks every output, writes
     science.json). Steps already complete are not submitted. Returns the jobs in submission order.
     """
     from . import launch
@@ -387,37 +386,39 @@ def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folde
     jobs: dict[str, Any] = {}
     submitted = []
     common = dict(folder=folder, cpus_per_task=cpus_per_task, time_min=time_min, partition=partition, mem_gb=mem_gb)
-    for step in plan(cfg, out):
+    spread = nodes > 1 or tasks_per_node > 1
+    steps = plan(cfg, out)
+    for step in steps:
         if step.is_done():
             continue
         deps = [jobs[name] for name in step.after if name in jobs]
-        job = launch.submit_stage(step.stage, step.argv, executor, tasks_per_node=step.ranks,
-                                  gpus_per_node=gpus_per_node if step.stage in ("pretrain", "embed") else 0,
+        parallel = step.launcher != "plain"
+        shape = (dict(nodes=nodes, tasks_per_node=tasks_per_node) if parallel and spread
+                 else dict(nodes=1, tasks_per_node=step.ranks if parallel else 1))
+        job = launch.submit_stage(step.stage, step.argv, executor, **shape,
+                                  gpus_per_node=gpus_per_node if stage_info(step.stage).gpu else 0,
                                   dependency=deps or None, **common)
         jobs[step.name] = job
         submitted.append(job)
-    # `pipeline` itself is not a submittable stage (it would submit again); its --finish-only mode is.
-    finish_argv = ["--out", str(out), "--finish-only", "--min-count", str(args.min_count), *args.overrides]
-    if args.config:
-        finish_argv = ["--config", str(_resolve_config(args.config)), *finish_argv]
     if executor != "slurm":  # no scheduler to hold the last job: wait here (results(): every task)
         for job in submitted:
             job.results()
     ex = launch.make_executor(executor, folder, cpus_per_task=cpus_per_task, time_min=time_min, partition=partition,
                               mem_gb=mem_gb, dependency=submitted or None, job_name="icehpc-pipeline-finish")
-    final = ex.submit(launch.StageJob("pipeline", finish_argv, mpi=False))
+    final = ex.submit(finish, out, steps, args.min_count)
     return [*submitted, final]
 
 
 def print_plan(steps: list[Step], out: Path) -> None:
     """``# out=DIR``, then one tab-separated line per pending step for jobs/pipeline.sh: name,
-    ranks, the steps it waits for (``-``: none), and the shell-quoted ``STAGE ARGV``."""
+    ranks, launcher kind (plain | mpi | torch, from the stage table), the steps it waits for
+    (``-``: none), and the shell-quoted ``STAGE ARGV``."""
     print(f"# out={out}")
     for step in steps:
         if step.is_done():
             continue
         # "-" for no dependency: bash `read` would merge two adjacent tabs and shift the fields
-        print("\t".join([step.name, str(step.ranks), ",".join(step.after) or "-",
+        print("\t".join([step.name, str(step.ranks), step.launcher, ",".join(step.after) or "-",
                          shlex.join([step.stage, *step.argv])]))
 
 

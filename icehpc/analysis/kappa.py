@@ -42,13 +42,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__
-from . import config as cfgmod
-from .config import field
-from .dist import mpi_comm, sum_op
+from .. import __version__
+from .. import config as cfgmod
+from ..config import field
+from ..dist import mpi_comm, sum_op
 from .store import Store, StoreError, open_store
-from .vmf import kappa_closed_form, kappa_mle
-from .fileio import write_atomic
+from ..vmf import kappa_closed_form, kappa_mle
+from ..fileio import write_atomic
 
 RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
 READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)

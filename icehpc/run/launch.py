@@ -1,4 +1,4 @@
-"""``icehpc submit``: launch any stage through submitit (Slurm, local processes, or in-process debug).
+"""submitit submission of one stage (Slurm, local processes, or in-process debug).
 
 The submitted callable is :class:`StageJob`, which runs exactly the CLI command a user would type
 (``icehpc STAGE ARGS``) in every task, so a stage behaves the same whether started by hand, by
@@ -22,27 +22,26 @@ from typing import Any, Sequence
 
 import submitit
 
-from . import dist
-
-MPI_STAGES = frozenset({"embed", "kappa"})
+from .. import dist
+from .stages import run_stage, stage as stage_info
 
 
 class StageJob(submitit.helpers.Checkpointable):
     """Runs ``icehpc STAGE ARGV`` in each task; requeued unchanged on timeout/preemption."""
 
     def __init__(self, stage: str, argv: Sequence[str], mpi: bool, local_mpi_ranks: int = 0) -> None:
+        if not stage_info(stage).submittable:
+            raise ValueError(f"stage {stage!r} submits other jobs and cannot be a job itself")
         self.stage = stage
         self.argv = list(argv)
         self.mpi = mpi
         self.local_mpi_ranks = local_mpi_ranks
 
     def __call__(self) -> int:
-        from .cli import main
-
         if self.local_mpi_ranks > 1:
             # the local executor does not start MPI ranks: one task starts them with mpiexec
             cmd = [*mpiexec_prefix(), "-n", str(self.local_mpi_ranks), sys.executable, "-u", "-m",
-                   "icehpc.cli", self.stage, *self.argv]
+                   "icehpc", self.stage, *self.argv]
             return subprocess.run(cmd, check=True).returncode
         if not self.mpi and "RANK" not in os.environ:
             env = submitit.JobEnvironment()
@@ -53,7 +52,7 @@ class StageJob(submitit.helpers.Checkpointable):
                     master_addr=env.hostnames[0] if env.hostnames else "127.0.0.1",
                     master_port=dist.default_port(str(env.job_id).split("_")[0]), launcher="submitit"))
         try:
-            code = main([self.stage, *self.argv])
+            code = run_stage(self.stage, self.argv)
         except SystemExit as exc:
             if exc.code == -1:  # submitit's USR2 handler requeued us: leave without a result
                 raise
@@ -106,11 +105,10 @@ def submit_stage(stage: str, argv: Sequence[str], executor: str = "slurm", *,
                  partition: str | None = None, mem_gb: float | None = None,
                  dependency: Sequence[Any] | None = None, mpi: bool | None = None) -> submitit.Job:
     """Submit ``icehpc STAGE ARGV``; ``dependency`` (jobs or ids) chains it with afterok."""
-    from .cli import STAGES
-
-    if stage not in STAGES or stage in ("submit", "pipeline"):
+    info = stage_info(stage)
+    if not info.submittable:
         raise ValueError(f"cannot submit stage {stage!r}")
-    use_mpi = stage in MPI_STAGES if mpi is None else mpi
+    use_mpi = info.launcher == "mpi" if mpi is None else mpi
     local_ranks = 0
     if use_mpi and executor != "slurm" and nodes * tasks_per_node > 1:
         local_ranks, tasks_per_node, nodes = nodes * tasks_per_node, 1, 1
@@ -122,68 +120,3 @@ def submit_stage(stage: str, argv: Sequence[str], executor: str = "slurm", *,
                        partition=partition, mem_gb=mem_gb, mpi=use_mpi, dependency=dependency,
                        job_name=f"icehpc-{stage}")
     return ex.submit(StageJob(stage, argv, use_mpi, local_ranks))
-
-
-def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `icehpc submit` and pipeline submission."""
-    g = parser.add_argument_group("resources")
-    g.add_argument("--executor", choices=["slurm", "local", "debug"], default="slurm",
-                   help="slurm: sbatch via submitit; local: processes on this machine; debug: in-process")
-    g.add_argument("--folder", default="runs/submitit", help="submitit log/pickle folder")
-    g.add_argument("--nodes", type=int, default=1)
-    g.add_argument("--tasks-per-node", type=int, default=1)
-    g.add_argument("--gpus-per-node", type=int, default=0)
-    g.add_argument("--cpus-per-task", type=int, default=1)
-    g.add_argument("--time-min", type=int, default=60, help="wall-clock limit in minutes")
-    g.add_argument("--partition", default=None)
-    g.add_argument("--mem-gb", type=float, default=None)
-
-
-def resources(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(folder=args.folder, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
-                gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
-                time_min=args.time_min, partition=args.partition, mem_gb=args.mem_gb)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.usage = "icehpc submit STAGE [resources] [--wait] -- [stage arguments]"
-    parser.add_argument("target", metavar="STAGE", help="stage to run (or `pipeline`)")
-    add_resource_arguments(parser)
-    parser.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status")
-    parser.add_argument("stage_args", nargs=argparse.REMAINDER,
-                        help="arguments for the stage, after -- (submit options may stand before the --)")
-
-
-def split_stage_args(args: argparse.Namespace) -> list[str]:
-    """Stage arguments after ``--``; submit options between STAGE and ``--`` are parsed into ``args``.
-
-    argparse hands everything after STAGE to REMAINDER, so ``icehpc submit kappa --wait -- …`` would
-    otherwise silently ignore ``--wait``. Options given before STAGE keep their values.
-    """
-    rest = list(args.stage_args)
-    if "--" not in rest:
-        return rest
-    cut = rest.index("--")
-    if cut:
-        again = argparse.ArgumentParser(prog=f"icehpc submit {args.target}")
-        add_resource_arguments(again)
-        again.add_argument("--wait", action="store_true", default=args.wait)
-        again.parse_args(rest[:cut], namespace=args)
-    return rest[cut + 1:]
-
-
-def run(args: argparse.Namespace) -> int:
-    stage_args = split_stage_args(args)
-    if args.target == "pipeline":
-        from .pipeline import submit_pipeline
-
-        jobs = submit_pipeline(stage_args, executor=args.executor, **resources(args))
-    else:
-        jobs = [submit_stage(args.target, stage_args, executor=args.executor, **resources(args))]
-    for job in jobs:
-        print(f"submitted job {job.job_id} (logs in {args.folder})")
-    if args.wait:
-        for job in jobs:
-            job.results()  # raises with the remote traceback when a task failed
-            print(f"job {job.job_id} finished: {job.state}")
-    return 0

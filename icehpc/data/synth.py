@@ -42,8 +42,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from scipy.special import ndtr, ndtri
 
-from . import config as cfg
-from .fileio import write_atomic
+from .. import config as cfg
+from ..fileio import write_atomic
 from .shards import METADATA_KEYS, default_workers
 
 PIXEL_UM = 2.3

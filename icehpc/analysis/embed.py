@@ -7,7 +7,7 @@ canvas, resize to the model's input size, the pretraining normalisation; no augm
 atomically: ``STORE.parts/<shard>.h5`` with the [CLS] token after the final norm and every metadata
 column of the shard samples plus ``key``. A restarted job therefore recomputes only the shards whose
 part is missing. After a barrier rank 0 writes the master ``STORE`` (virtual datasets over the
-parts, :func:`icehpc.store.write_master`) and checks that its row count equals ``index.json``'s
+parts, :func:`icehpc.analysis.store.write_master`) and checks that its row count equals ``index.json``'s
 total and that no key occurs twice. ``STORE.parts/embed.json`` pins the model and inputs of the
 parts, so parts of a different model are never mixed into one store.
 """
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from .fileio import write_atomic
+from ..fileio import write_atomic
 
 DEFAULT_ARCH = "vit_small_patch16_224"
-DEFAULT_MEAN, DEFAULT_STD = 0.449, 0.226  # icehpc.augment defaults (gray mean/std of ImageNet)
+DEFAULT_MEAN, DEFAULT_STD = 0.449, 0.226  # icehpc.ssl.augment defaults (gray mean/std of ImageNet)
 
 #: Columns whose type is fixed by the shard contract, so every part has the same dtype even when a
 #: shard holds only missing values of one of them.
@@ -105,7 +105,7 @@ def build_backbone(spec: BackboneSpec, seed: int):
     import torch
     from timm.models.vision_transformer import VisionTransformer
 
-    from .model import MaskedViT, load_backbone_weights
+    from ..ssl.model import MaskedViT, load_backbone_weights
 
     torch.manual_seed(seed)
     vit = timm.create_model(spec.arch, pretrained=False, in_chans=1, num_classes=0, img_size=spec.img_size,
@@ -193,7 +193,7 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
     """Embed the given shards of this rank, one atomic part per shard; returns timing counters."""
     import torch
 
-    from .data import ordered_loader
+    from ..data.loader import ordered_loader
     from .store import write_part
 
     todo = [p for p in shard_paths if not part_path(store, p).exists()]
@@ -265,8 +265,8 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
     """The whole MPI job (every rank calls this); returns the summary on rank 0, None elsewhere."""
     import torch
 
-    from . import dist
-    from .data import assign_shards, read_index, shard_paths
+    from .. import dist
+    from ..data.loader import assign_shards, read_index, shard_paths
 
     if bool(checkpoint) == bool(random_init):
         raise ValueError("give exactly one of --checkpoint PATH and --random-init")

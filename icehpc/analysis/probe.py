@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .fileio import write_atomic
+from ..fileio import write_atomic
 
 GEOMETRIC_FEATURES = ("aspect_ratio", "area_ratio", "circularity", "solidity", "complexity",
                       "log10_equivalent_diameter_um")
@@ -163,7 +163,7 @@ def geometric_features_from_shards(shard_dir: str | Path, workers: int = 1) -> t
     """
     from concurrent.futures import ProcessPoolExecutor
 
-    from .data import shard_paths
+    from ..data.loader import shard_paths
 
     paths = shard_paths(str(shard_dir))
     if workers > 1 and len(paths) > 1:

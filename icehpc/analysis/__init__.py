@@ -1,0 +1,1 @@
+"""Numbers out: the HDF5 embedding store, MPI embedding, κ reduction, report and probes."""

@@ -1,0 +1,1 @@
+"""How stages are started: the stage table, the CLI, submitit submission and the pipeline."""

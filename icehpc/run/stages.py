@@ -1,0 +1,81 @@
+"""The one table of stages: which module runs a stage, how it is launched, whether it wants a GPU.
+
+Everything that starts a stage reads this table: the ``icehpc`` CLI, ``icehpc submit`` (submitit),
+``icehpc pipeline`` (local commands and submission) and ``jobs/pipeline.sh`` (through
+``icehpc pipeline --plan``, which prints each step's launcher kind). Stage modules are imported only
+when a stage runs, so ``icehpc --help`` and ``--plan`` never import torch.
+
+Launcher kinds:
+
+- ``plain``: one process (``srun`` with one task, or just the command);
+- ``mpi``: N MPI ranks (``mpiexec -n N`` locally, ``srun --mpi=pmix`` on Slurm);
+- ``torch``: N torch.distributed processes (``torch.distributed.run`` locally; ``srun`` with the
+  rank variables derived from ``SLURM_*`` on Slurm, see :mod:`icehpc.dist`).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+Launcher = Literal["plain", "mpi", "torch"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    module: str
+    help: str
+    launcher: Launcher = "plain"
+    gpu: bool = False
+    submittable: bool = True  # a job of its own (pipeline and submit submit others instead)
+
+
+#: name → stage, in the pipeline's order.
+STAGES: dict[str, Stage] = {
+    "synth": Stage("icehpc.data.synth", "make synthetic CPI-like particle images with planted habit physics"),
+    "shards": Stage("icehpc.data.shards", "build / verify / stats of WebDataset tar shards"),
+    "pretrain": Stage("icehpc.ssl.pretrain", "iBOT-vMF pretraining on DeepSpeed (CPU or GPU, 1..N nodes)",
+                      "torch", gpu=True),
+    "export": Stage("icehpc.ssl.export", "export the teacher backbone of a checkpoint as .safetensors"),
+    "embed": Stage("icehpc.analysis.embed", "MPI-parallel [CLS] embedding of shards into an HDF5 store",
+                   "mpi", gpu=True),
+    "kappa": Stage("icehpc.analysis.kappa", "MPI-parallel vMF concentration (kappa) per group, with CIs", "mpi"),
+    "report": Stage("icehpc.analysis.report", "offline HTML/PNG/CSV report of a kappa run"),
+    "probe": Stage("icehpc.analysis.probe", "kNN / logistic-regression habit probes and baselines"),
+    "pipeline": Stage("icehpc.run.pipeline", "run every stage in order on one machine (or chained on Slurm)",
+                      submittable=False),
+    "submit": Stage("icehpc.run.submit", "submit a stage (or the pipeline) to Slurm/local via submitit",
+                    submittable=False),
+}
+
+
+def stage(name: str) -> Stage:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})") from None
+
+
+def stage_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of one stage (imports that stage's module); ``_run`` holds its entry."""
+    st = stage(name)
+    module = importlib.import_module(st.module)
+    parser = argparse.ArgumentParser(prog=f"icehpc {name}", description=st.help)
+    module.add_arguments(parser)
+    parser.set_defaults(_run=module.run)
+    return parser
+
+
+def run_stage(name: str, argv: Sequence[str]) -> int:
+    """``icehpc NAME ARGV`` in this process; returns the exit code (config errors: one line, 2)."""
+    import sys
+
+    from ..config import ConfigError
+
+    args = stage_parser(name).parse_args(list(argv))
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:
+        print(f"icehpc {name}: config error: {exc}", file=sys.stderr)
+        return 2

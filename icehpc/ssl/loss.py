@@ -1,0 +1,99 @@
+"""The iBOT-vMF objective: DINO [CLS] loss across views + iBOT masked-patch loss, both through
+:func:`icehpc.ssl.kernels.vmf_xent`, with the teacher centres they own and update."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import LossConfig
+from .model import HeadOut
+
+
+def cls_pairs(batch: int, n_local: int, device: torch.device) -> torch.Tensor:
+    """Teacher rows [(2+n_local)·B, 2] each student [CLS] row is compared with (−1 = none).
+
+    Rows are view-major (row v·B + b is view v of image b). A student global view meets the OTHER
+    teacher global view of its image; a local view meets both.
+    """
+    b = torch.arange(batch, device=device)
+    rows = [torch.stack([batch + b, torch.full_like(b, -1)], 1), torch.stack([b, torch.full_like(b, -1)], 1)]
+    rows += [torch.stack([b, batch + b], 1)] * n_local
+    return torch.cat(rows)
+
+
+def patch_weights(masks: torch.Tensor) -> torch.Tensor:
+    """Weight 1/(#masked patches of its image) per selected patch row, in ``tokens[masks]`` order,
+    so the patch loss is a mean over images of per-image means (iBOT)."""
+    counts = masks.sum(1).clamp(min=1).float()
+    return (1.0 / counts).repeat_interleave(masks.sum(1))
+
+
+class Centres:
+    """The teacher centres of the [CLS] and patch losses, owned here with their update rule.
+
+    Each is an EMA (``momentum``) of the batch-mean teacher logits over all ranks (the caller passes
+    the all-reduced means); they are subtracted from the teacher logits before the softmax.
+    """
+
+    def __init__(self, k: int, momentum: float, device: torch.device | str = "cpu") -> None:
+        self.momentum = momentum
+        self.cls = torch.zeros(k, device=device)
+        self.patch = torch.zeros(k, device=device)
+
+    @torch.no_grad()
+    def update(self, cls_mean: torch.Tensor, patch_mean: torch.Tensor) -> None:
+        m = self.momentum
+        self.cls.mul_(m).add_(cls_mean, alpha=1 - m)
+        self.patch.mul_(m).add_(patch_mean, alpha=1 - m)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"centre_cls": self.cls, "centre_patch": self.patch}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.cls.copy_(state["centre_cls"])
+        self.patch.copy_(state["centre_patch"])
+
+
+@torch.no_grad()
+def teacher_entropy(zt: torch.Tensor, wt: torch.Tensor, centre: torch.Tensor, tau_t: float, vmf: bool) -> torch.Tensor:
+    """Mean entropy (nats) of the teacher's centred softmax over the rows of zt [N, p] (N×K, so
+    only used for the [CLS] rows). With it the [CLS] loss splits into H(P_t) + KL(P_t‖P_s): the
+    entropy shows centring/sharpening and collapse (→0: one prototype, →ln K: uniform), the KL
+    shows the student learning (DINO's collapse diagnostics)."""
+    logits = (zt.float() @ wt.float().T) / tau_t - centre.float()
+    if vmf:
+        from ..vmf import log_cp_torch
+
+        logits = logits + log_cp_torch(wt.float().norm(dim=1) / tau_t, wt.shape[1])
+    logp = torch.log_softmax(logits, dim=1)
+    return -(logp.exp() * logp).sum(1).mean()
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor  # scalar with grad: λ_cls·cls + λ_patch·patch
+    cls: torch.Tensor
+    patch: torch.Tensor
+    stats_cls: dict[str, torch.Tensor]
+    stats_patch: dict[str, torch.Tensor]
+    teacher_entropy_cls: torch.Tensor
+
+
+def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch: int, n_local: int,
+                  centres: Centres, tau_s: float, tau_t: float, cfg: LossConfig) -> LossOut:
+    """DINO [CLS] loss across views + iBOT loss on masked patches, both through ``vmf_xent``."""
+    from .kernels import vmf_xent
+
+    dtype = student.cls_z.dtype  # bf16 under autocast: both operands of the fused matmuls match
+    pairs = cls_pairs(batch, n_local, student.cls_z.device)
+    loss_cls, st_cls = vmf_xent(student.cls_z, student.cls_prototypes.to(dtype), teacher.cls_z.to(dtype),
+                                teacher.cls_prototypes.to(dtype), centres.cls, tau_s, tau_t, pairs=pairs,
+                                vmf=cfg.vmf, backend=cfg.backend)
+    loss_patch, st_patch = vmf_xent(student.patch_z, student.patch_prototypes.to(dtype), teacher.patch_z.to(dtype),
+                                    teacher.patch_prototypes.to(dtype), centres.patch, tau_s, tau_t,
+                                    weights=patch_weights(masks), vmf=cfg.vmf, backend=cfg.backend)
+    total = cfg.lambda_cls * loss_cls + cfg.lambda_patch * loss_patch
+    entropy = teacher_entropy(teacher.cls_z, teacher.cls_prototypes, centres.cls, tau_t, cfg.vmf)
+    return LossOut(total, loss_cls, loss_patch, st_cls, st_patch, entropy)
+
