@@ -24,7 +24,11 @@ T = TypeVar("T")
 
 
 def shipped_configs() -> Path:
-    """The folder of the YAML files shipped with icehpc (the checkout's ``configs/`` when editable)."""
+    """The folder of the YAML files shipped with icehpc: the checkout's ``configs/`` when this
+    package is imported from a checkout, else the installed package data ``icehpc.configs``."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "setup.cfg").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
     from importlib.resources import files
 
     return Path(str(files("icehpc.configs")))
