@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Sequence, TypeVar
 
 import yaml
 
@@ -210,19 +212,103 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     return rows
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, default_config: str | None) -> None:
-    """``--config FILE`` plus trailing ``key.sub=value`` overrides; the epilog lists every key."""
-    parser.add_argument("--config", default=default_config,
-                        help=f"YAML config (default: {default_config or 'built-in defaults'})")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted overrides of config keys (see the list below)")
+#: A command-line token that is a dotted config override (``a.b=value``), wherever it stands.
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, flags: dict[str, str] | None = None) -> None:
+    """``--config FILE`` (default: the schema's built-in defaults), ``key.sub=value`` overrides
+    anywhere on the command line (see :func:`split_overrides`), and ``--flag`` shortcuts for the
+    config keys in ``flags`` (``{flag name: dotted key}``); the epilog lists every key.
+
+    Precedence: built-in defaults < the ``--config`` file < ``key=value`` < flags.
+    """
+    parser.add_argument("--config", default=None, help="YAML config: a path, or the name of a shipped config "
+                        "(default: built-in defaults, see the keys below)")
+    parser.set_defaults(overrides=[], _config_schema=cls, _config_flags=dict(flags or {}))
+    hints = _flat_hints(cls)
+    for flag, key in (flags or {}).items():
+        tp = hints[key]
+        kind = tp if tp in (int, float, str) else None
+        if kind is None and typing.get_origin(tp) in (typing.Union, types.UnionType):
+            kind = next((a for a in typing.get_args(tp) if a in (int, float, str)), None)
+        opts: dict[str, Any] = {"dest": "_flag_" + key.replace(".", "__"), "default": None,
+                                "help": f"= config key {key}"}
+        if tp is bool:
+            opts.update(action=argparse.BooleanOptionalAction)
+        else:
+            opts.update(type=kind or str, metavar=key.split(".")[-1].upper())
+        parser.add_argument(flag, **opts)
     lines = [f"  {k} ({t}, default {d!r}): {h}" for k, t, d, h in describe(cls)]
-    parser.epilog = "config keys:\n" + "\n".join(lines)
+    parser.epilog = ("config keys (set as key=value anywhere, or in a --config YAML):\n" + "\n".join(lines)
+                     + ("\n\n" + parser.epilog if parser.epilog else ""))
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
+def _flat_hints(cls: type, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            out.update(_flat_hints(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = tp
+    return out
+
+
+def _value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Option strings (of the parser and its sub-commands) that take a value as the next token."""
+    out: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _value_options(sub)
+        elif action.option_strings and action.nargs != 0:
+            out.update(action.option_strings)
+    return out
+
+
+def split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(argv without the ``key=value`` overrides, the overrides in order).
+
+    argparse takes positionals only as one contiguous run, so overrides are taken out first: a
+    token is an override when it looks like ``dotted.key=value``, is not the value of an option
+    (``--bins temperature_c=...``) and does not stand after ``--``.
+    """
+    takes_value = _value_options(parser)
+    rest: list[str] = []
+    overrides: list[str] = []
+    it = iter(argv)
+    for tok in it:
+        if tok == "--":
+            rest.append(tok)
+            rest.extend(it)
+            break
+        if tok.startswith("-"):
+            rest.append(tok)
+            if "=" not in tok and tok in takes_value:
+                nxt = next(it, None)
+                if nxt is not None:
+                    rest.append(nxt)
+            continue
+        (overrides if _OVERRIDE.match(tok) else rest).append(tok)
+    return rest, overrides
+
+
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
-    return load(cls, args.config, args.overrides)
+    """The stage's config: defaults, ``--config``, ``key=value`` overrides, then flags."""
+    flags = [f"{key}={json.dumps(value) if isinstance(value, str) else value}"
+             for flag, key in getattr(args, "_config_flags", {}).items()
+             if (value := getattr(args, "_flag_" + key.replace(".", "__"), None)) is not None]
+    return load(cls, args.config, [*args.overrides, *flags])
+
+
+def provenance(args: argparse.Namespace) -> dict[str, Any]:
+    """Where a stage's config came from: the file (resolved path; None = built-in defaults) and the
+    overrides, for the stage's output next to the resolved values."""
+    return {"file": str(find_config(args.config)) if args.config else None,
+            "overrides": list(getattr(args, "overrides", []))}
 
 
 def field(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cfg(*overrides: str) -> KappaConfig:
-    return cfgmod.load(KappaConfig, ROOT / "configs" / "kappa.yaml", overrides)
+    return cfgmod.load(KappaConfig, None, overrides)
 
 
 def rows_of(res: dict, grouping: str) -> dict[str, dict]:

@@ -27,7 +27,7 @@ def kappa_dir(tmp_path_factory) -> Path:
     meta["habit"] = meta["habit"].astype(object)
     meta["habit"][:8] = "rare_habit"  # a flagged small group must appear in the report's table
     tmp = tmp_path_factory.mktemp("rep")
-    cfg = cfgmod.load(KappaConfig, ROOT / "configs" / "kappa.yaml", ["bootstrap=40"])
+    cfg = cfgmod.load(KappaConfig, None, ["bootstrap=40"])
     run_kappa(write_store(tmp / "store", emb, meta), tmp / "kappa", cfg)
     return tmp / "kappa"
 

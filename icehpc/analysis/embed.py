@@ -27,10 +27,30 @@ from typing import Any
 
 import numpy as np
 
+from .. import config as cfglib
+from ..config import field
 from ..fileio import write_atomic
+from ..ssl.config import AugmentConfig
 
 DEFAULT_ARCH = "vit_small_patch16_224"
-DEFAULT_MEAN, DEFAULT_STD = 0.449, 0.226  # icehpc.ssl.augment defaults (gray mean/std of ImageNet)
+#: Input normalisation of a checkpoint whose header does not state it: the pretraining default.
+DEFAULT_MEAN, DEFAULT_STD = AugmentConfig.mean, AugmentConfig.std
+
+
+@dataclass
+class EmbedConfig:
+    arch: str | None = field(None, help=f"timm architecture (default: from the exported file, else {DEFAULT_ARCH})")
+    img_size: int | None = field(None, help="model input side (default: from the exported file, else 224)")
+    canvas: int | None = field(None, help="decode canvas side (default: the input side)")
+    batch_size: int = field(64, help="images per forward pass")
+    workers: int | None = field(None, help="decode workers per rank (default: 0 on CPU, 6 on GPU)")
+    seed: int = field(0, help="seed of the random-init backbone")
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
 
 #: Columns whose type is fixed by the shard contract, so every part has the same dtype even when a
 #: shard holds only missing values of one of them.
@@ -261,7 +281,8 @@ def _torch_threads(local_world: int) -> None:
 
 def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init: bool, arch: str | None,
               img_size: int | None, canvas: int | None, batch_size: int, num_workers: int | None,
-              seed: int = 0, like: str | None = None) -> dict[str, Any] | None:
+              seed: int = 0, like: str | None = None, provenance: dict[str, Any] | None = None
+              ) -> dict[str, Any] | None:
     """The whole MPI job (every rank calls this); returns the summary on rank 0, None elsewhere."""
     import torch
 
@@ -309,7 +330,8 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
                    "ranks": world, "device": device,
                    "shards": len(counts), "shards_reused": sum(s["shards_done"] for s in all_stats),
                    "images_computed": computed, "seconds": wall,
-                   "images_per_s": computed / wall if wall > 0 else math.nan, "backbone": asdict(spec)}
+                   "images_per_s": computed / wall if wall > 0 else math.nan, "backbone": asdict(spec),
+                   "config": provenance}
         write_atomic(f"{store}.json", json.dumps(summary, indent=2) + "\n")
     comm.Barrier()
     return summary
@@ -325,20 +347,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="master store file; parts go to OUT.parts/")
     parser.add_argument("--like", help="with --random-init: an exported backbone whose architecture, input "
                                        "size and normalisation to copy (its weights are not used)")
-    parser.add_argument("--model", default=None,
-                        help=f"timm architecture (default: from the exported file, else {DEFAULT_ARCH})")
-    parser.add_argument("--img-size", type=int, default=None,
-                        help="model input side (default: from the exported file, else 224)")
-    parser.add_argument("--canvas", type=int, default=None, help="decode canvas side (default: the input side)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--workers", type=int, default=None, help="decode workers per rank (default: 0 on CPU, 6 on GPU)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random-init backbone")
+    cfglib.add_config_arguments(parser, EmbedConfig, {
+        "--model": "arch", "--img-size": "img_size", "--canvas": "canvas", "--batch-size": "batch_size",
+        "--workers": "workers", "--seed": "seed"})
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = cfglib.from_args(EmbedConfig, args)
     summary = run_embed(args.shards, args.out, checkpoint=args.checkpoint, random_init=args.random_init,
-                        arch=args.model, img_size=args.img_size, canvas=args.canvas, batch_size=args.batch_size,
-                        num_workers=args.workers, seed=args.seed, like=args.like)
+                        arch=cfg.arch, img_size=cfg.img_size, canvas=cfg.canvas, batch_size=cfg.batch_size,
+                        num_workers=cfg.workers, seed=cfg.seed, like=args.like,
+                        provenance={**cfglib.provenance(args), "values": cfglib.to_dict(cfg)})
     if summary is not None:
         print(f"embedded {summary['rows']} samples ({summary['dim']}-d, {summary['shards']} shards, "
               f"{summary['shards_reused']} reused) on {summary['ranks']} rank(s): "

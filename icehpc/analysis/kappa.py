@@ -45,6 +45,7 @@ import numpy as np
 from .. import __version__
 from .. import config as cfgmod
 from ..config import field
+from ..data.synth import TEMPERATURE_EDGES_C
 from ..dist import mpi_comm, sum_op
 from .store import Store, StoreError, open_store
 from ..vmf import kappa_closed_form, kappa_mle
@@ -77,7 +78,7 @@ class BinSpec:
 
 def paper_bins() -> dict[str, BinSpec]:
     """The paper's bins: 10 °C from −70 to 0; particle width in 10 equal bins, last two merged."""
-    return {"temperature_c": BinSpec(edges=[float(t) for t in range(-70, 1, 10)]),
+    return {"temperature_c": BinSpec(edges=list(TEMPERATURE_EDGES_C)),
             "particle_width_um": BinSpec(n_bins=10, merge_last=2)}
 
 
@@ -547,7 +548,8 @@ def fingerprint(store: Store, cfg: KappaConfig) -> str:
 
 
 def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: KappaConfig,
-              force: bool = False, comm: Any = None) -> dict[str, Any] | None:
+              force: bool = False, comm: Any = None, provenance: dict[str, Any] | None = None
+              ) -> dict[str, Any] | None:
     """Library entry point: skip if ``out_dir`` already holds this exact run (requeue-safe),
     else compute and write on rank 0. Returns what kappa.json holds on rank 0 (NaN as None)."""
     comm = comm if comm is not None else mpi_comm()
@@ -569,7 +571,7 @@ def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: Ka
     if result is None:
         return None
     result["run"].update(
-        fingerprint=fp, config=cfgmod.to_dict(cfg), started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)),
+        fingerprint=fp, config=cfgmod.to_dict(cfg), config_source=provenance, started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)),
         host=socket.gethostname(), icehpc=__version__, python=platform.python_version(),
         numpy=np.__version__, argv=sys.argv)
     write_outputs(out, result)
@@ -585,17 +587,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "(e.g. campaign,habit,campaign:temperature_c); default from config")
     parser.add_argument("--bins", action="append", default=[], metavar="COLUMN=E0,E1,...",
                         help="explicit bin edges of a numeric column (repeatable)")
-    parser.add_argument("--min-count", type=int, help="minimum valid rows to estimate κ (default 20)")
-    parser.add_argument("--bootstrap", type=int, help="bootstrap replicates B (default 200; 0 = no CI)")
-    parser.add_argument("--seed", type=int, help="bootstrap seed")
-    parser.add_argument("--similarity-by", help="column of the inter-class similarity ('' = none)")
     parser.add_argument("--force", action="store_true", help="recompute even if --out is up to date")
-    cfgmod.add_config_arguments(parser, KappaConfig, "configs/kappa.yaml")
+    cfgmod.add_config_arguments(parser, KappaConfig, {"--min-count": "min_count", "--bootstrap": "bootstrap",
+                                                      "--seed": "seed", "--similarity-by": "similarity_by"})
 
 
 def config_from_args(args: argparse.Namespace) -> KappaConfig:
     """Config file, then dotted overrides, then the explicit flags (flags win)."""
-    ov = list(args.overrides)
+    ov: list[str] = []
     if args.by:
         ov.append("groupings=" + json.dumps([g.strip() for g in args.by.split(",") if g.strip()]))
     for item in args.bins:
@@ -603,19 +602,15 @@ def config_from_args(args: argparse.Namespace) -> KappaConfig:
         if not col or not edges:
             raise cfgmod.ConfigError(f"--bins {item!r}: expected COLUMN=E0,E1,...")
         ov.append(f"bins.{col}=" + json.dumps({"edges": [float(e) for e in edges.split(",")]}))
-    for flag, key in (("min_count", "min_count"), ("bootstrap", "bootstrap"), ("seed", "seed")):
-        if getattr(args, flag) is not None:
-            ov.append(f"{key}={getattr(args, flag)}")
-    if args.similarity_by is not None:
-        ov.append(f"similarity_by={json.dumps(args.similarity_by)}")
-    return cfgmod.load(KappaConfig, args.config, ov)
+    flagged = argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *ov]})
+    return cfgmod.from_args(KappaConfig, flagged)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     comm = mpi_comm()
     try:
-        res = run_kappa(args.store, args.out, cfg, force=args.force, comm=comm)
+        res = run_kappa(args.store, args.out, cfg, force=args.force, comm=comm, provenance=cfgmod.provenance(args))
     except (KappaError, StoreError) as exc:
         if comm.Get_rank() == 0:
             print(f"icehpc kappa: error: {exc}", file=sys.stderr)

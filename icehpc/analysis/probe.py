@@ -29,6 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .. import config as cfglib
+from ..config import field
 from ..fileio import write_atomic
 
 GEOMETRIC_FEATURES = ("aspect_ratio", "area_ratio", "circularity", "solidity", "complexity",
@@ -307,17 +309,22 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Pat
 
 @dataclass
 class ProbeSettings:
-    k: int = 20
-    temperature: float = 0.07
-    test_fraction: float = 0.2
-    seed: int = 0
-    logreg_c: float = 1.0
-    min_class_count: int = 5
+    k: int = field(20, help="kNN neighbours")
+    temperature: float = field(0.07, help="kNN vote temperature")
+    test_fraction: float = field(0.2, help="stratified test share")
+    seed: int = field(0, help="split and solver seed")
+    logreg_c: float = field(1.0, help="inverse L2 strength of the logistic regression")
+    min_class_count: int = field(5, help="classes with fewer samples are left out and listed")
+
+    def validate(self) -> None:
+        if self.k < 1 or self.temperature <= 0 or not 0 < self.test_fraction < 1 or self.logreg_c <= 0:
+            raise ValueError("need k >= 1, temperature > 0, 0 < test_fraction < 1 and logreg_c > 0")
 
 
 def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", name: str = "pretrained",
                random_store: str | Path | None = None, images: str | Path | None = None,
-               settings: ProbeSettings = ProbeSettings(), workers: int = 1) -> dict:
+               settings: ProbeSettings = ProbeSettings(), workers: int = 1,
+               provenance: dict | None = None) -> dict:
     """Score every representation on one stratified split and write probe.json, summary.csv, PNGs.
 
     Rows whose label is empty and classes with fewer than ``settings.min_class_count`` samples are
@@ -378,7 +385,7 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
                   "n_test": int(len(test)), "left_out_classes": too_small},
         "settings": {"knn_k": settings.k, "knn_temperature": settings.temperature,
                      "logreg_c": settings.logreg_c},
-        "results": results, **extra,
+        "results": results, **extra, "config": provenance,
     }
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -397,23 +404,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="pretrained", help="name of STORE's representation in the output")
     parser.add_argument("--random-store", help="store of the same samples from a random-init backbone")
     parser.add_argument("--images", help="shard folder of the same samples: adds the geometric baseline")
-    parser.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (default 0.07)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="stratified test share (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="split and solver seed (default 0)")
-    parser.add_argument("--logreg-c", type=float, default=1.0, help="inverse L2 strength (default 1.0)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="processes for the geometric features (default: CPUs available)")
-    parser.add_argument("--min-class-count", type=int, default=5,
-                        help="classes with fewer samples are left out and listed (default 5)")
+    cfglib.add_config_arguments(parser, ProbeSettings, {
+        "--k": "k", "--temperature": "temperature", "--test-fraction": "test_fraction", "--seed": "seed",
+        "--logreg-c": "logreg_c", "--min-class-count": "min_class_count"})
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = ProbeSettings(k=args.k, temperature=args.temperature, test_fraction=args.test_fraction,
-                             seed=args.seed, logreg_c=args.logreg_c, min_class_count=args.min_class_count)
+    settings = cfglib.from_args(ProbeSettings, args)
     report = run_probes(args.store, args.out, label=args.label, name=args.name,
                         random_store=args.random_store, images=args.images, settings=settings,
-                        workers=args.workers)
+                        workers=args.workers, provenance={**cfglib.provenance(args), "values": cfglib.to_dict(settings)})
     print(f"probe on '{report['label']}': {len(report['classes'])} classes, "
           f"{report['split']['n_train']} train / {report['split']['n_test']} test")
     for rep, res in report["results"].items():

@@ -585,7 +585,8 @@ CHUNK = 500  # inputs per check task (and per resumable spool file)
 
 
 def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifests: Iterable[str] = (),
-          workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict:
+          workers: int = 1, progress: bool = True, overwrite: bool = False,
+          provenance: dict[str, Any] | None = None) -> dict:
     """Build (or finish, or confirm) the shards of ``inputs`` in ``out``; returns the index.
 
     Pass 1 (parallel over chunks of the sorted inputs): read each input once, sha256, validate,
@@ -684,6 +685,7 @@ def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifest
         "inputs": _input_summary(items),
         "command": _canonical_command(list(inputs), manifests, str(out), c),
         "config": cfg.to_dict(c),
+        "config_source": provenance,
     }
     if len(items) != written + len(rejected):
         raise RuntimeError(f"accounting broken: {len(items)} inputs != {written} written + {len(rejected)} rejected")
@@ -848,10 +850,6 @@ def default_workers() -> int:
     return int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
 
 
-_FLAGS = ("label_column", "probe", "pixel_um", "shard_samples", "shard_bytes", "seed", "max_pixels",
-          "max_file_bytes", "duplicates")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     b = sub.add_parser("build", help="folder trees / zips / CSV manifests → WebDataset shards",
@@ -859,15 +857,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("inputs", nargs="*", metavar="INPUT", help="folder tree, .zip, or .csv manifest")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--manifest", action="append", default=[], metavar="CSV", help="CSV manifest input (repeatable)")
-    b.add_argument("--config", help="YAML with BuildConfig keys; flags given here override it")
-    for f in dataclasses.fields(BuildConfig):
-        if f.name in _FLAGS:
-            kind = {"shard_samples": int, "shard_bytes": int, "seed": int, "max_pixels": int,
-                    "max_file_bytes": int, "pixel_um": float}.get(f.name, str)
-            b.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=kind,
-                           choices=("reject", "keep") if f.name == "duplicates" else None,
-                           help=f"{f.metadata['help']} (default {f.default!r})")
-    b.add_argument("--shuffle", action="store_true", default=None, help="seeded shuffle of samples across shards")
+    cfg.add_config_arguments(b, BuildConfig, {"--" + f.name.replace("_", "-"): f.name
+                                              for f in dataclasses.fields(BuildConfig)})
     b.add_argument("--workers", type=int, default=default_workers(), help="processes (output does not depend on it)")
     b.add_argument("--overwrite", action="store_true", help="delete an earlier build in --out first")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -894,13 +885,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.inputs and not args.manifest:
         raise cfg.ConfigError("shards build needs at least one INPUT or --manifest")
-    c = cfg.load(BuildConfig, args.config)
-    flags = {k: getattr(args, k) for k in (*_FLAGS, "shuffle") if getattr(args, k) is not None}
-    c = dataclasses.replace(c, **flags)
-    try:
-        c.validate()
-    except ValueError as exc:
-        raise cfg.ConfigError(str(exc)) from exc
+    c = cfg.from_args(BuildConfig, args)
     build(args.inputs, args.out, c, manifests=args.manifest, workers=args.workers,
-          progress=not args.no_progress, overwrite=args.overwrite)
+          progress=not args.no_progress, overwrite=args.overwrite, provenance=cfg.provenance(args))
     return 0

@@ -408,7 +408,8 @@ def _make_range(c: SynthConfig, out: str, start: int, stop: int) -> list[dict]:
     return metas
 
 
-def synthesize(out: str | os.PathLike, c: SynthConfig, workers: int = 1, progress: bool = True) -> dict:
+def synthesize(out: str | os.PathLike, c: SynthConfig, workers: int = 1, progress: bool = True,
+               provenance: dict[str, Any] | None = None) -> dict:
     """Write ``out/images/…png``, ``out/manifest.csv`` and ``out/planted.json``; return the latter."""
     from tqdm import tqdm
 
@@ -445,7 +446,7 @@ def synthesize(out: str | os.PathLike, c: SynthConfig, workers: int = 1, progres
     for i, m in enumerate(metas):
         writer.writerow([image_path(i), *(m[k] for k in METADATA_KEYS)])
     write_atomic(root / "manifest.csv", buf.getvalue().encode())
-    planted = _planted_json(c, metas)
+    planted = {**_planted_json(c, metas), "config": cfg.to_dict(c), "config_source": provenance}
     write_atomic(planted_path, (json.dumps(planted, indent=1) + "\n").encode())
     return planted
 
@@ -476,18 +477,16 @@ def _planted_json(c: SynthConfig, metas: list[dict]) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (images/, manifest.csv, planted.json)")
-    parser.add_argument("--n", type=int, help="number of images (config key n)")
-    parser.add_argument("--seed", type=int, help="random seed (config key seed)")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes (default: CPUs available; output does not depend on it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    cfg.add_config_arguments(parser, SynthConfig, None)
+    cfg.add_config_arguments(parser, SynthConfig, {"--n": "n", "--seed": "seed"})
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + [f"{k}={v}" for k in ("n", "seed") if (v := getattr(args, k)) is not None]
-    c = cfg.load(SynthConfig, args.config, overrides)
-    planted = synthesize(args.out, c, workers=args.workers, progress=not args.no_progress)
+    c = cfg.from_args(SynthConfig, args)
+    planted = synthesize(args.out, c, workers=args.workers, progress=not args.no_progress,
+                         provenance=cfg.provenance(args))
     n_bins = sum(1 for b in planted["bins"] if b["count"] > 0)
     print(f"synth: {c.n} images in {args.out} (seed {c.seed}); planted habit mix for {n_bins} "
           f"occupied (campaign, T, width) bins in {Path(args.out) / 'planted.json'}")

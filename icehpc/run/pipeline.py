@@ -66,7 +66,7 @@ class EmbedStep:
 @dataclass
 class KappaStep:
     ranks: int = field(2, help="MPI ranks of each κ job")
-    config: str = field("kappa.yaml", help="κ YAML (configs/ is searched)")
+    config: str = field("", help="κ YAML (a path or a shipped config name; '': built-in defaults)")
     overrides: list[str] = field([], help="dotted overrides for the κ config")
 
 
@@ -166,7 +166,7 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
                                   str(cfg.shards.workers), "--no-progress"],
              o / "shards" / "index.json", after=("synth",)),
         Step("pretrain", "pretrain", ["--config", str(cfglib.find_config(cfg.pretrain.config)),
-                                      f"data.shards={o / 'shards'}", f"out={o / 'pretrain'}", "train.progress=false",
+                                      f"data.shards={o / 'shards'}", "--out", str(o / "pretrain"), "train.progress=false",
                                       *cfg.pretrain.overrides],
              o / "pretrain" / "backbone.safetensors", ranks=cfg.pretrain.nproc, after=("shards",)),
         Step("export", "export", [str(o / "pretrain"), "--out", str(backbone)], backbone, after=("pretrain",)),
@@ -191,11 +191,10 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
                     dest / "probe.json", after=(f"{prefix}embed", f"{prefix}embed-random"))
 
     steps += embed_pair("", o / "shards", o / "embed", ("shards",))
-    kappa_config = ["--config", str(cfglib.find_config(cfg.kappa.config))]
+    kappa_config = ["--config", str(cfglib.find_config(cfg.kappa.config))] if cfg.kappa.config else []
     for which, after in (("trained", "embed"), ("random", "embed-random")):
-        # overrides right after the store: argparse takes positionals only as one contiguous run
-        steps.append(Step(f"kappa-{which}", "kappa", [str(o / "embed" / f"{which}.h5"), *cfg.kappa.overrides,
-                                                      "--out", str(o / "kappa" / which), *kappa_config],
+        steps.append(Step(f"kappa-{which}", "kappa", [str(o / "embed" / f"{which}.h5"), "--out",
+                                                      str(o / "kappa" / which), *kappa_config, *cfg.kappa.overrides],
                           o / "kappa" / which / "kappa.json", cfg.kappa.ranks, (after,)))
     steps.append(Step("report", "report", [str(o / "kappa" / "trained"), "--out", str(o / "report")],
                       o / "report" / "index.html", after=("kappa-trained",)))
@@ -432,7 +431,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="print the pending steps (name, ranks, dependencies, command) for jobs/pipeline.sh")
     parser.add_argument("--min-count", type=int, default=20,
                         help="κ groups with fewer samples are left out of the science check (default 20)")
-    cfglib.add_config_arguments(parser, PipelineConfig, "configs/demo.yaml")
+    cfglib.add_config_arguments(parser, PipelineConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -71,9 +71,15 @@ def run_stage(name: str, argv: Sequence[str]) -> int:
     """``icehpc NAME ARGV`` in this process; returns the exit code (config errors: one line, 2)."""
     import sys
 
-    from ..config import ConfigError
+    from ..config import ConfigError, split_overrides
 
-    args = stage_parser(name).parse_args(list(argv))
+    parser = stage_parser(name)
+    rest, overrides = split_overrides(parser, argv)
+    args = parser.parse_args(rest)
+    if overrides:
+        if getattr(args, "_config_schema", None) is None:
+            parser.error(f"takes no key=value config overrides (got {' '.join(overrides)})")
+        args.overrides = overrides
     try:
         return int(args._run(args) or 0)
     except ConfigError as exc:

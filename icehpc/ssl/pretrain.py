@@ -11,11 +11,11 @@ from .config import PretrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    cfglib.add_config_arguments(parser, PretrainConfig, "pretrain-vits16.yaml")
+    cfglib.add_config_arguments(parser, PretrainConfig, {"--out": "out"})
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = cfglib.from_args(PretrainConfig, args)
     from .trainer import pretrain
 
-    return pretrain(cfg)
+    return pretrain(cfg, cfglib.provenance(args))

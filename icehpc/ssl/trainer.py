@@ -17,6 +17,7 @@ after every rank saved), and ``backbone.safetensors`` (teacher backbone, timm ke
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -87,8 +88,9 @@ def _nonfinite_params(*modules: torch.nn.Module) -> list[str]:
 class Trainer:
     """State and loop of one pretraining run on this rank (see the module docstring)."""
 
-    def __init__(self, cfg: PretrainConfig) -> None:
+    def __init__(self, cfg: PretrainConfig, source: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
+        self.source = source  # where the config came from (file, overrides), for config.yaml
         self.out = Path(cfg.out)
         cuda = cfg.engine.device == "cuda" or (cfg.engine.device == "auto" and torch.cuda.is_available())
         if cuda and not torch.cuda.is_available():
@@ -259,7 +261,8 @@ class Trainer:
         start = self.step
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.out / "config.yaml", yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+            head = f"# resolved config; source: {json.dumps(self.source)}\n" if self.source else ""
+            write_atomic(self.out / "config.yaml", head + yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
         metrics = MetricsLog(self.out / "metrics.jsonl", self.rank == 0, start)
         if resumed:
             log.info("resumed %s at step %d / %d", self.out, start, self.total_steps)
@@ -299,13 +302,13 @@ class Trainer:
 
 
 
-def pretrain(cfg: PretrainConfig) -> int:
+def pretrain(cfg: PretrainConfig, source: dict[str, Any] | None = None) -> int:
     """Run (or resume) pretraining as this rank; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     preempt = PreemptFlag()
     preempt.install()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, source)
     try:
         return trainer.fit(preempt)
     except NonFiniteError as exc:
