@@ -39,7 +39,8 @@ def plain_loop(shard_dir: Path, model_name: str, img_size: int, batch_size: int,
     """images/s of a bare timm forward over pre-decoded images (same normalisation as the job)."""
     import torch
 
-    from icehpc.data.loader import ordered_loader, shard_paths
+    from icehpc.data.format import shard_paths
+    from icehpc.data.loader import ordered_loader
     from icehpc.analysis.embed import backbone_spec, build_backbone, eval_transform
 
     spec = backbone_spec(None, model_name, img_size, seed=0)

@@ -1,4 +1,4 @@
-"""Benchmark of ``icehpc.ssl.kernels.vmf_xent`` forward+backward (issue 4): plain eager PyTorch,
+"""Benchmark of ``icehpc.ssl.kernels.vmf_xent`` forward+backward: plain eager PyTorch,
 torch.compile of the same reference, and the fused Triton op, on the three shapes of the issue, with
 peak extra GPU memory, ratios and the bf16 matmul floor (the four N×K×D products of the loss).
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from icehpc.data import loader as data, shards, synth
+from icehpc.data import format as fmt, loader as data, shards, synth
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +59,12 @@ def test_assign_shards_is_a_partition():
 
 
 def test_index_helpers(shard_dir):
-    index = data.read_index(shard_dir)
-    paths = data.shard_paths(shard_dir)
+    index = fmt.read_index(shard_dir)
+    paths = fmt.shard_paths(shard_dir)
     assert [Path(p).name for p in paths] == [s["name"] for s in index["shards"]]
     assert all(Path(p).is_absolute() and Path(p).exists() for p in paths)
     with pytest.raises(FileNotFoundError, match="build shards first"):
-        data.read_index(shard_dir.parent)
+        fmt.read_index(shard_dir.parent)
 
 
 def _keys_in_tar_order(paths: list[str]) -> list[str]:
@@ -77,7 +77,7 @@ def _keys_in_tar_order(paths: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_ordered_loader_exactly_once(shard_dir, num_workers):
-    paths = data.shard_paths(shard_dir)
+    paths = fmt.shard_paths(shard_dir)
     keys, shard_of = [], {}
     for images, metas in data.ordered_loader(paths, batch_size=16, canvas=48, num_workers=num_workers):
         assert images.shape[1:] == (1, 48, 48) and images.dtype == torch.uint8
@@ -96,7 +96,7 @@ def test_ordered_loader_exactly_once(shard_dir, num_workers):
 
 
 def test_ordered_loader_split_over_ranks_covers_everything_once(shard_dir):
-    paths = data.shard_paths(shard_dir)
+    paths = fmt.shard_paths(shard_dir)
     seen = Counter()
     for rank in range(3):
         for _, metas in data.ordered_loader(data.assign_shards(paths, rank, 3), batch_size=32, canvas=32):
@@ -124,7 +124,7 @@ def test_train_loader_same_batch_count_on_every_rank_and_deterministic(shard_dir
 
 
 def test_train_loader_ranks_draw_from_their_own_shards(shard_dir):
-    paths = data.shard_paths(shard_dir)  # 6 shards ≥ 2 ranks: each rank resamples its share only
+    paths = fmt.shard_paths(shard_dir)  # 6 shards ≥ 2 ranks: each rank resamples its share only
     for rank in range(2):
         allowed = set(_keys_in_tar_order(data.assign_shards(paths, rank, 2)))
         keys = {k for b in _epoch_keys(shard_dir, rank, 2, num_workers=0) for k in b}

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icehpc.data.loader import decode_image, read_index, shard_paths
+from icehpc.data.format import read_index, shard_paths
+from icehpc.data.loader import decode_image
 from icehpc.analysis.embed import meta_columns, part_path
 from icehpc.analysis.store import open_store
 

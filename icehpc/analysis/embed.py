@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import config as cfglib
 from ..config import field
+from ..data.format import NUMERIC_COLUMNS, STRING_COLUMNS
 from ..fileio import write_atomic
 from ..ssl.config import AugmentConfig
 
@@ -52,12 +53,6 @@ class EmbedConfig:
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
 
-#: Columns whose type is fixed by the shard contract, so every part has the same dtype even when a
-#: shard holds only missing values of one of them.
-NUMERIC_COLUMNS = frozenset({"temperature_c", "pressure_hpa", "particle_width_um", "particle_height_um",
-                             "pixel_um", "orig_width", "orig_height"})
-STRING_COLUMNS = frozenset({"key", "shard", "campaign", "time", "habit", "probe", "source_path",
-                            "source_sha256"})
 
 
 @dataclass(frozen=True)
@@ -81,16 +76,6 @@ def _sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _exported_metadata(checkpoint: str) -> dict[str, str]:
-    """String metadata of a .safetensors header ({} for other files)."""
-    if not checkpoint.endswith(".safetensors"):
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(checkpoint, framework="pt") as fh:
-        return dict(fh.metadata() or {})
-
-
 def backbone_spec(checkpoint: str | None, arch: str | None, img_size: int | None, seed: int,
                   like: str | None = None) -> BackboneSpec:
     """Resolve the backbone from an exported file's header, else from ``arch``/``img_size``.
@@ -100,8 +85,10 @@ def backbone_spec(checkpoint: str | None, arch: str | None, img_size: int | None
     safetensors header; a plain timm checkpoint needs ``arch`` (default ViT-S/16). ``like`` (an
     export) takes only that header, for a random-init baseline of exactly the trained shape.
     """
+    from ..ssl.export import read_metadata
+
     header_source = checkpoint or like
-    meta = _exported_metadata(header_source) if header_source else {}
+    meta = read_metadata(header_source) if header_source else {}
     file_arch = meta.get("arch")
     if arch and file_arch and arch != file_arch:
         raise ValueError(f"--model {arch} but {header_source} holds a {file_arch} backbone; drop --model")
@@ -287,7 +274,8 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
     import torch
 
     from .. import dist
-    from ..data.loader import assign_shards, read_index, shard_paths
+    from ..data.format import read_index, shard_paths
+    from ..data.loader import assign_shards
 
     if bool(checkpoint) == bool(random_init):
         raise ValueError("give exactly one of --checkpoint PATH and --random-init")

@@ -22,7 +22,6 @@ import csv
 import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -132,18 +131,11 @@ def iter_shard_images(shard_path: str) -> Iterator[tuple[str, np.ndarray, dict]]
     """
     from PIL import Image
 
-    pending: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(shard_path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            sample = pending.setdefault(key, {})
-            sample[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-            if "png" in sample and "json" in sample:
-                del pending[key]
-                image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L"))
-                yield os.path.basename(key), image, json.loads(sample["json"])
+    from ..data.format import iter_samples
+
+    for key, sample in iter_samples(shard_path):
+        image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L"))
+        yield key, image, json.loads(sample["json"])
 
 
 def _shard_geometric_features(shard_path: str) -> tuple[list[str], list[np.ndarray]]:
@@ -165,7 +157,7 @@ def geometric_features_from_shards(shard_dir: str | Path, workers: int = 1) -> t
     """
     from concurrent.futures import ProcessPoolExecutor
 
-    from ..data.loader import shard_paths
+    from ..data.format import shard_paths
 
     paths = shard_paths(str(shard_dir))
     if workers > 1 and len(paths) > 1:

@@ -1,4 +1,4 @@
-"""HDF5 embedding store: one part file per writer rank, a master file of virtual datasets over them.
+"""HDF5 embedding store: part files (one per shard from `icehpc embed`), a master file of virtual datasets over them.
 
 Schema (also what a user writes by hand; a single such file is a valid store):
 

@@ -1,7 +1,7 @@
 """Loaders over the WebDataset shards written by :mod:`icehpc.data.shards`.
 
 CPU workers only *decode* (PNG → uint8 grayscale on a fixed square canvas); augmentation runs
-batched on the accelerator later, because per-sample CPU augmentation is ~200× slower (issue 2).
+batched on the accelerator later, because per-sample CPU augmentation is ~200× slower.
 Two uses:
 
 - :func:`train_loader`: resampled shards (with replacement, seeded per rank/worker/epoch), a fixed
@@ -29,23 +29,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from .format import read_index
+
 BACKGROUND = 255  # uint8 padding value: CPI/OAP images are dark particles on a light field
 
 Batch = tuple[torch.Tensor, list[dict[str, Any]]]
-
-
-def read_index(shard_dir: str | os.PathLike) -> dict:
-    """``shard_dir/index.json`` as written by ``icehpc shards build``."""
-    path = Path(shard_dir) / "index.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: build shards first (icehpc shards build ... --out {shard_dir})")
-    return json.loads(path.read_text())
-
-
-def shard_paths(shard_dir: str | os.PathLike) -> list[str]:
-    """Absolute shard paths in index order (shards with zero samples are left out)."""
-    root = Path(shard_dir).resolve()
-    return [str(root / s["name"]) for s in read_index(shard_dir)["shards"] if s["samples"] > 0]
 
 
 def assign_shards(paths: list[str], rank: int, world: int) -> list[str]:

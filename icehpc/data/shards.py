@@ -64,11 +64,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import config as cfg
 from ..fileio import write_atomic
+from .format import FLOAT_KEYS, FORMAT, INDEX, METADATA_KEYS, iter_samples, sample_key, shard_name
 
-FORMAT = "icehpc-shards/1"
-METADATA_KEYS: tuple[str, ...] = ("campaign", "time", "temperature_c", "pressure_hpa", "particle_width_um",
-                                  "particle_height_um", "habit", "probe", "pixel_um")
-FLOAT_KEYS = frozenset({"temperature_c", "pressure_hpa", "particle_width_um", "particle_height_um", "pixel_um"})
 MISSING_TEXT = frozenset({"", "na", "n/a", "nan", "null", "none"})
 ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "PPM")  # never e.g. EPS (runs Ghostscript)
 TAR_MTIME = 946684800  # 2000-01-01: fixed so builds are byte-identical (0 makes GNU tar warn)
@@ -485,7 +482,7 @@ def _check_chunk(out: str, k: int, items: list[Item], c: BuildConfig) -> list[li
         except Reject as exc:
             results.append([None, [exc.reason, exc.detail], 0, 0])
             continue
-        name = f"{item.ordinal:09d}"
+        name = sample_key(item.ordinal)
         blob = tar_member(f"{name}.json", _sample_json(item, c, sha, w, h, notes)) + tar_member(f"{name}.png", png)
         blobs.append(blob)
         results.append([sha, None, offset, len(blob)])
@@ -516,10 +513,6 @@ def _plan_shards(candidates: list[Item], c: BuildConfig) -> list[list[Item]]:
     if current:
         shards.append(current)
     return shards
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:06d}.tar"
 
 
 def _write_shard(out: str, index: int, entries: list[tuple[int, int, int]], labels: dict[str, int],
@@ -780,11 +773,9 @@ def verify(shard_dir: str | os.PathLike) -> list[str]:
 def iter_metadata(shard_dir: str | os.PathLike) -> Iterator[dict]:
     """Every sample's JSON, in index order (reads only the small JSON members)."""
     root = Path(shard_dir)
-    for s in _read_json(root / "index.json")["shards"]:
-        with tarfile.open(root / s["name"]) as tf:
-            for m in tf:
-                if m.name.endswith(".json"):
-                    yield json.loads(tf.extractfile(m).read())
+    for s in _read_json(root / INDEX)["shards"]:
+        for _, sample in iter_samples(root / s["name"], ("json",)):
+            yield json.loads(sample["json"])
 
 
 def stats(shard_dir: str | os.PathLike, png: str | os.PathLike | None = None) -> dict:

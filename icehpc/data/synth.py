@@ -44,7 +44,8 @@ from scipy.special import ndtr, ndtri
 
 from .. import config as cfg
 from ..fileio import write_atomic
-from .shards import METADATA_KEYS, default_workers
+from .format import METADATA_KEYS
+from .shards import default_workers
 
 PIXEL_UM = 2.3
 HABITS: tuple[str, ...] = ("column", "needle", "plate", "dendrite", "bullet_rosette", "aggregate",

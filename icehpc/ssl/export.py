@@ -74,6 +74,9 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out: str | os.PathLike) -> Pa
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` header (``{}`` for any other checkpoint file)."""
+    if not str(path).endswith(".safetensors"):
+        return {}
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:

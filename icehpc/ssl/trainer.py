@@ -71,7 +71,7 @@ def _batches(cfg: PretrainConfig, epoch: int, rank: int, world: int, steps_per_e
 
 def _steps_per_epoch(cfg: PretrainConfig, world: int) -> int:
     """Shard total // global batch (the loader's default), from the shards' index.json."""
-    from ..data.loader import read_index
+    from ..data.format import read_index
 
     total = read_index(cfg.data.shards)["totals"]["written"]
     steps = total // (cfg.data.batch_size * world)

@@ -16,7 +16,7 @@ def vmf_bias(w: Tensor, tau: float, vmf: bool) -> Tensor | None:
     """
     if not vmf:
         return None
-    from ...vmf import log_cp_torch  # science helper's module; exact gradient −A_p(κ)
+    from ...vmf import log_cp_torch  # exact gradient −A_p(κ)
 
     acc = torch.promote_types(w.dtype, torch.float32)
     return log_cp_torch(w.to(acc).norm(dim=1) / tau, w.shape[1])
