@@ -58,8 +58,46 @@ def test_local_executor_matches_local_cli(local_run, tmp_path):
 
 
 def test_submit_refuses_unknown_stage(tmp_path):
-    with pytest.raises(ValueError, match="cannot submit"):
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
         launch.submit_stage("nope", [], executor="debug", folder=tmp_path)
+    for stage in ("pipeline", "submit"):  # they submit other jobs: never a job themselves
+        with pytest.raises(ValueError, match="cannot submit"):
+            launch.submit_stage(stage, [], executor="debug", folder=tmp_path)
+
+
+@pytest.mark.parametrize("extra, want_parallel", [([], {"pretrain": (1, 2), "embed": (1, 2), "kappa": (1, 2)}),
+                                                  (["--nodes", "2", "--tasks-per-node", "3"],
+                                                   {"pretrain": (2, 3), "embed": (2, 3), "kappa": (2, 3)})])
+def test_submit_pipeline_shapes_steps_from_the_stage_table(tmp_path, monkeypatch, extra, want_parallel):
+    """--nodes/--tasks-per-node reach every parallel step (never silently dropped); plain steps
+    get one task; GPUs go only to the stages the table marks as GPU stages."""
+    import argparse
+
+    from icehpc.run import submit
+
+    seen = []
+
+    class FakeJob:
+        job_id = "1"
+
+    def fake_submit(stage, argv, executor, **kw):
+        seen.append((stage, kw["nodes"], kw["tasks_per_node"], kw["gpus_per_node"]))
+        return FakeJob()
+
+    class FakeExecutor:
+        def submit(self, fn, *args):
+            return FakeJob()
+
+    monkeypatch.setattr(launch, "submit_stage", fake_submit)
+    monkeypatch.setattr(launch, "make_executor", lambda *a, **k: FakeExecutor())
+    parser = argparse.ArgumentParser()
+    submit.add_arguments(parser)
+    args = parser.parse_args(["pipeline", *extra, "--gpus-per-node", "1", "--", "--out", str(tmp_path / "run")])
+    jobs = submit.submit_pipeline(submit.split_stage_args(args), executor="slurm", **submit.resources(args))
+    assert len(jobs) == len(seen) + 1  # + the finishing job
+    for stage, nodes, tasks, gpus in seen:
+        assert (nodes, tasks) == want_parallel.get(stage, (1, 1)), stage
+        assert gpus == (1 if stage in ("pretrain", "embed") else 0), stage
 
 
 @pytest.mark.parametrize("argv, tasks, wait, executor, stage_args", [
@@ -70,8 +108,10 @@ def test_submit_refuses_unknown_stage(tmp_path):
 def test_submit_options_before_or_after_stage(argv, tasks, wait, executor, stage_args):
     import argparse
 
+    from icehpc.run import submit
+
     parser = argparse.ArgumentParser()
-    launch.add_arguments(parser)
+    submit.add_arguments(parser)
     args = parser.parse_args(argv)
-    assert launch.split_stage_args(args) == stage_args
+    assert submit.split_stage_args(args) == stage_args
     assert (args.tasks_per_node, args.wait, args.executor) == (tasks, wait, executor)
