@@ -175,7 +175,7 @@ def run_aot(first_only: bool) -> int:
 
     def signature(fn) -> dict[str, str]:
         return {a: ("*bf16" if a in half else "*fp32") if a.endswith("_ptr") else
-                "i32" if a in ("N", "K", "D") else "fp32" if a.startswith("inv_tau") else "constexpr"
+                "i32" if a in ("N", "K", "D", "N_BUCKET") else "fp32" if a.startswith("inv_tau") else "constexpr"
                 for a in fn.arg_names}
 
     variants = [("row", m._row_kernel.fn, m._row_configs(), dict(SAME_W=s, NEED_O=o, NEED_V=v))

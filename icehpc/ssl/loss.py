@@ -81,16 +81,21 @@ class LossOut:
 
 
 def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch: int, n_local: int,
-                  centres: Centres, tau_s: float, tau_t: float, cfg: LossConfig) -> LossOut:
-    """DINO [CLS] loss across views + iBOT loss on masked patches, both through ``vmf_xent``."""
+                  centres: Centres, tau_s: float, tau_t: float, cfg: LossConfig,
+                  dtype: torch.dtype | None = None) -> LossOut:
+    """DINO [CLS] loss across views + iBOT loss on masked patches, both through ``vmf_xent``.
+
+    ``dtype``: operand dtype of the loss matmuls (bf16 when training in bf16; the op accumulates in
+    fp32). Passed explicitly because F.normalize returns fp32 under CUDA autocast (CPU autocast
+    keeps bf16), which would run the fp32 kernel; default: the student rows' dtype."""
     from .kernels import vmf_xent
 
-    dtype = student.cls_z.dtype  # bf16 under autocast: both operands of the fused matmuls match
+    dtype = dtype or student.cls_z.dtype  # both operands of the fused matmuls match
     pairs = cls_pairs(batch, n_local, student.cls_z.device)
-    loss_cls, st_cls = vmf_xent(student.cls_z, student.cls_prototypes.to(dtype), teacher.cls_z.to(dtype),
+    loss_cls, st_cls = vmf_xent(student.cls_z.to(dtype), student.cls_prototypes.to(dtype), teacher.cls_z.to(dtype),
                                 teacher.cls_prototypes.to(dtype), centres.cls, tau_s, tau_t, pairs=pairs,
                                 vmf=cfg.vmf, backend=cfg.backend)
-    loss_patch, st_patch = vmf_xent(student.patch_z, student.patch_prototypes.to(dtype), teacher.patch_z.to(dtype),
+    loss_patch, st_patch = vmf_xent(student.patch_z.to(dtype), student.patch_prototypes.to(dtype), teacher.patch_z.to(dtype),
                                     teacher.patch_prototypes.to(dtype), centres.patch, tau_s, tau_t,
                                     weights=patch_weights(masks), vmf=cfg.vmf, backend=cfg.backend)
     total = cfg.lambda_cls * loss_cls + cfg.lambda_patch * loss_patch

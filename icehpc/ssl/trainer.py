@@ -213,7 +213,7 @@ class Trainer:
         s_out = self.engine(crops.globals_, crops.masks, crops.locals_)
         b = images.shape[0]
         loss = ibot_vmf_loss(s_out, t_out, crops.masks, b, cfg.augment.n_local, self.centres,
-                             cfg.loss.student_temp, sched.teacher_temp, cfg.loss)
+                             cfg.loss.student_temp, sched.teacher_temp, cfg.loss, dtype=dtype)
         n_patch = int(t_out.patch_z.shape[0])
         flat = self._reduce(loss, n_patch, preempt)
         k = cfg.model.n_prototypes
