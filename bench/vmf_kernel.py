@@ -7,7 +7,7 @@ peak extra GPU memory, ratios and the bf16 matmul floor (the four N×K×D produc
     python bench/vmf_kernel.py --aot      # no GPU: compile for sm_90a, print smem/registers/spills
 
 Without CUDA (and without --small) it prints why and exits 0. The vMF bias b[k] = log C_p(‖w_k‖/τ)
-goes through icehpc.vmf.log_cp_torch (a K-vector round trip to the CPU, the same in every backend),
+goes through icehpc.vmf.log_cp_torch (float64 torch ops on the device, the same in every backend),
 so by default it is off and the timings isolate the loss; --vmf includes it.
 """
 from __future__ import annotations
