@@ -22,10 +22,13 @@ def cls_pairs(batch: int, n_local: int, device: torch.device) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def patch_weights(masks: torch.Tensor) -> torch.Tensor:
+def patch_weights(masks: torch.Tensor, mask_index: torch.Tensor | None = None) -> torch.Tensor:
     """Weight 1/(#masked patches of its image) per selected patch row, in ``tokens[masks]`` order,
-    so the patch loss is a mean over images of per-image means (iBOT)."""
+    so the patch loss is a mean over images of per-image means (iBOT). With ``mask_index`` (the
+    flat positions of ``masks``) the output size is known on the host: no device→host read."""
     counts = masks.sum(1).clamp(min=1).float()
+    if mask_index is not None:
+        return (1.0 / counts).index_select(0, mask_index // masks.shape[1])
     return (1.0 / counts).repeat_interleave(masks.sum(1))
 
 
@@ -82,7 +85,7 @@ class LossOut:
 
 def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch: int, n_local: int,
                   centres: Centres, tau_s: float, tau_t: float, cfg: LossConfig,
-                  dtype: torch.dtype | None = None) -> LossOut:
+                  dtype: torch.dtype | None = None, mask_index: torch.Tensor | None = None) -> LossOut:
     """DINO [CLS] loss across views + iBOT loss on masked patches, both through ``vmf_xent``.
 
     ``dtype``: operand dtype of the loss matmuls (bf16 when training in bf16; the op accumulates in
@@ -97,7 +100,7 @@ def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch
                                 vmf=cfg.vmf, backend=cfg.backend)
     loss_patch, st_patch = vmf_xent(student.patch_z.to(dtype), student.patch_prototypes.to(dtype), teacher.patch_z.to(dtype),
                                     teacher.patch_prototypes.to(dtype), centres.patch, tau_s, tau_t,
-                                    weights=patch_weights(masks), vmf=cfg.vmf, backend=cfg.backend)
+                                    weights=patch_weights(masks, mask_index), vmf=cfg.vmf, backend=cfg.backend)
     total = cfg.lambda_cls * loss_cls + cfg.lambda_patch * loss_patch
     entropy = teacher_entropy(teacher.cls_z, teacher.cls_prototypes, centres.cls, tau_t, cfg.vmf)
     return LossOut(total, loss_cls, loss_patch, st_cls, st_patch, entropy)

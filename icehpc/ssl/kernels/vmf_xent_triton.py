@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .vmf_xent_torch import vmf_bias
+from .vmf_xent_torch import check_pairs, vmf_bias
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The D axis is one tile: the row kernel holds a [BLOCK_N, D] fp32 accumulator in registers and the
@@ -413,10 +413,7 @@ def vmf_xent_triton(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tens
         if pairs.dim() != 2 or pairs.shape[0] != ns:
             raise ValueError(f"pairs must be [Ns={ns}, m], got {tuple(pairs.shape)}")
         pairs = pairs.to(device=zs.device, dtype=torch.long, non_blocking=True)
-        if pairs.numel() and pairs.is_cuda:  # checked on the device: no host round trip
-            torch._assert_async(pairs.max() < nt, f"pairs holds a teacher row >= Nt = {nt}")
-        elif pairs.numel() and int(pairs.max()) >= nt:
-            raise ValueError(f"pairs holds teacher row {int(pairs.max())} but Nt = {nt}")
+        check_pairs(pairs, nt)  # on the device for CUDA tensors: no host round trip
     zs, ws, zt, wt = (t.contiguous() for t in (zs, ws, zt, wt))
     b_s = vmf_bias(ws, tau_s, vmf)
     if b_s is None:
