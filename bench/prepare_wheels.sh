@@ -29,7 +29,7 @@ ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
     "hjson==$(ver hjson)" "pydantic==$(ver pydantic)" "annotated-types==$(ver annotated-types)" \
     "typing-inspection==$(ver typing-inspection)" "py-cpuinfo==$(ver py-cpuinfo)" \
     "einops==$(ver einops)" "webdataset==$(ver webdataset)" "braceexpand==$(ver braceexpand)" \
-    "submitit==$(ver submitit)"
+    "submitit==$(ver submitit)" "pytest-timeout==$(ver pytest-timeout)"
 # DeepSpeed: sdist → wheel, built against the venv's torch, no CUDA ops compiled (JIT on use)
 if ! compgen -G "$DEST/deepspeed-*.whl" >/dev/null; then
     tmp=$(mktemp -d)

@@ -394,3 +394,25 @@ def test_loss_feeds_the_fused_op_the_training_dtype(monkeypatch):
     assert seen and all(d == torch.bfloat16 for ds in seen for d in ds), seen
     out.loss.backward()
     assert student.cls_z.grad is not None and student.cls_z.grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------- chunked backend
+
+@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_matches_reference(paired, dtype):
+    """The chunked backend (torch implementation; several chunks: K = 203 → chunk forced small)
+    against the float64 reference, with zero weights, −1 padding and repeated pairs."""
+    from icehpc.ssl.kernels import vmf_xent_chunked as mod
+
+    ns, nt, k, d = (41, 13, 203, 48) if paired else (37, 37, 203, 48)
+    inp = make_inputs(ns, nt, k, d, seed=41 + paired)
+    pairs = make_pairs(ns, nt, 3, seed=41) if paired else None
+    ref = run(inp, "torch", torch.float64, pairs=pairs)
+    old = mod.chunk_rows
+    mod.chunk_rows = lambda k, limit=1024: 8  # 5-6 chunks, the last one partial
+    try:
+        out = run(inp, "chunked", dtype, pairs=pairs)
+    finally:
+        mod.chunk_rows = old
+    assert_close(ref, out, 1e-12 if dtype == torch.float64 else 2e-5)
