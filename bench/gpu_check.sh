@@ -85,7 +85,7 @@ fi
     cat "$OUT"/*.txt 2>/dev/null | grep -h '^SUMMARY|' | while IFS='|' read -r _ what value goal status; do
         printf '%-48s %12s %-26s %s\n' "$what" "$value" "$goal" "$status"
     done
-    grep -h -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/pytest_gpu.txt" 2>/dev/null | tail -n 1 | sed 's/^/pytest: /'
+    grep -h -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT/pytest_gpu.txt" 2>/dev/null | tail -n 1 | sed 's/^/pytest: /'
     while IFS='|' read -r name rc; do echo "step $name: exit $rc"; done <"$OUT/exits.txt"
 } >"$OUT/summary.tmp"
 mv "$OUT/summary.tmp" "$OUT/summary.txt"
