@@ -71,10 +71,19 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-samples", type=int, default=48, help="samples per shard (many shards: fair split)")
     p.add_argument("--keep", help="work folder to keep (default: a temporary one)")
+    p.add_argument("--gpu-only", action="store_true",
+                   help="only the GPU job: icehpc embed of --n (>= 20,000) images, --workers decoders")
+    p.add_argument("--workers", type=int, default=12, help="decode workers of the --gpu-only job")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu-only: the same job on the CPU, tiny")
     args = p.parse_args()
 
     import torch
 
+    if args.gpu_only and not torch.cuda.is_available() and not args.dry_run:
+        print("bench/embed.py --gpu-only: no CUDA device, nothing measured")
+        return
+    if args.gpu_only and args.dry_run:
+        args.n = min(args.n, 64)
     work = Path(args.keep or tempfile.mkdtemp(prefix="icehpc-bench-embed-"))
     work.mkdir(parents=True, exist_ok=True)
     env1 = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -82,6 +91,22 @@ def main() -> None:
         _icehpc("synth", "--out", str(work / "synth"), "--n", str(args.n), "--seed", "0", "--no-progress")
         _icehpc("shards", "build", "--manifest", str(work / "synth" / "manifest.csv"), "--out",
                 str(work / "shards"), "--shard-samples", str(args.shard_samples), "--no-progress")
+    if args.gpu_only:
+        store = work / "embed-gpu" / "embeddings.h5"
+        shutil.rmtree(store.parent, ignore_errors=True)
+        bs = "8" if args.dry_run else "256"
+        wall = _icehpc("embed", str(work / "shards"), "--random-init", "--out", str(store), "--batch-size", bs,
+                       "--workers", str(0 if args.dry_run else args.workers))
+        summary = json.loads(Path(f"{store}.json").read_text())
+        rate = summary["images_per_s"]
+        name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
+        print(f"{name}: icehpc embed ViT-S/16, {summary['rows']} images, {0 if args.dry_run else args.workers} decode workers: "
+              f"{rate:.0f} img/s in the job ({summary['rows'] / wall:.0f} img/s end to end)")
+        if not args.dry_run:
+            print(f"SUMMARY|embedding img/s|{rate:.0f}|>= 15000|{'ok' if rate >= 15000 else 'NOT met'}")
+        if not args.keep:
+            shutil.rmtree(work)
+        return
     torch.set_num_threads(1)
     plain = plain_loop(work / "shards", args.model, args.img_size, args.batch_size, "cpu")
 

@@ -16,6 +16,7 @@ broadcasts against it.
 """
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -272,26 +273,157 @@ def kappa_mle(rbar, p) -> np.ndarray:
     return out
 
 
+# ----------------------------------------------------------------------------- torch (any device)
+#
+# The same regions as the float64 numpy code above, as fixed-shape torch ops on the tensor's own
+# device: every region is evaluated on the whole (clamped) input and the right one picked with
+# torch.where, so there is no boolean indexing, no .item() and no host copy (CUDA-graph friendly).
+# ν < 20 (p < 42), where numpy calls scipy's ive, uses Debye at μ = ν + m ≥ 20 and the downward
+# recurrence I_n = I_{n+2} + (2(n+1)/x) I_{n+1}, in ratio form r_n = 1/(2(n+1)/x + r_{n+1})
+# (stable downwards: I_ν is the minimal solution), log I_ν = log I_μ − Σ log r_n.
+
+_TORCH_SERIES_TERMS = 24  # terms ≤ 1/k! where x²/4 ≤ ν+1: 1/24! < 1e-23
+
+
+def _debye_combined(nu: float) -> list[float]:
+    """Coefficients (highest power first) of Σ_{k≥1} u_k(t)/ν^k, one polynomial in t for this ν."""
+    deg = 3 * _DEBYE_TERMS
+    out = [0.0] * (deg + 1)  # ascending
+    for k in range(_DEBYE_TERMS, 0, -1):
+        asc = _DEBYE_U[k][::-1]
+        for j, c in enumerate(asc):
+            out[j] += float(c) / nu**k
+    return out[::-1]
+
+
+def _horner(coeffs: list[float], t):
+    acc = t.new_full(t.shape, coeffs[0])
+    for c in coeffs[1:]:
+        acc = acc * t + c
+    return acc
+
+
+def _t_series_log(nu: float, x):
+    """Torch _series_log: (log S_ν(x), log S_{ν+1}(x)); x²/4 ≤ ν+1 (callers clamp)."""
+    import torch
+
+    q = x * x / 4.0
+    s0 = torch.ones_like(x)
+    s1 = torch.ones_like(x)
+    t0 = torch.ones_like(x)
+    t1 = torch.ones_like(x)
+    for k in range(1, _TORCH_SERIES_TERMS):
+        t0 = t0 * q / (k * (nu + k))
+        t1 = t1 * q / (k * (nu + 1 + k))
+        s0 = s0 + t0
+        s1 = s1 + t1
+    return torch.log(s0), torch.log(s1)
+
+
+def _t_debye_parts(nu: float, x):
+    """Torch _debye_parts (ν ≥ 20, x > 0)."""
+    import torch
+
+    z = x / nu
+    log1pz2 = torch.logaddexp(torch.zeros_like(z), 2.0 * torch.log(z))
+    sq = torch.exp(0.5 * log1pz2)
+    t = 1.0 / sq
+    eta_minus_z = 1.0 / (z + sq) - torch.asinh(1.0 / z)
+    return nu * eta_minus_z, log1pz2, _horner(_debye_combined(nu), t)
+
+
+def _t_debye_log_ive(nu: float, x):
+    import torch
+
+    ez, l1z, corr = _t_debye_parts(nu, x)
+    return ez - 0.5 * math.log(2.0 * math.pi * nu) - 0.25 * l1z + torch.log1p(corr)
+
+
+def _t_debye_log_ratio(nu: float, x):
+    """Torch _debye_log_ratio: log I_{ν+1}(x)/I_ν(x) for ν ≥ 20, x > 0."""
+    import torch
+
+    ez0, _, c0 = _t_debye_parts(nu, x)
+    ez1, _, c1 = _t_debye_parts(nu + 1.0, x)
+    z0 = x / nu
+    dl1z = torch.log1p(-(2.0 * nu + 1.0) / (nu + 1.0) ** 2 / (1.0 + 1.0 / (z0 * z0)))
+    return ((ez1 - ez0) - 0.5 * math.log1p(1.0 / nu) - 0.25 * dl1z
+            + torch.log1p((c1 - c0) / (1.0 + c0)))
+
+
+def _t_large_x(nu: float, x, need_log_i: bool):
+    """(log I_ν(x) e^{-x} or None, A = I_{ν+1}/I_ν) for x > 0 away from the series region."""
+    import torch
+
+    if nu >= _DEBYE_MIN_NU:
+        log_ive = _t_debye_log_ive(nu, x) if need_log_i else None
+        return log_ive, torch.exp(_t_debye_log_ratio(nu, x))
+    m = math.ceil(_DEBYE_MIN_NU - nu)
+    mu = nu + m
+    r = torch.exp(_t_debye_log_ratio(mu, x))
+    log_ive = _t_debye_log_ive(mu, x) if need_log_i else None
+    for j in range(m - 1, -1, -1):  # n = ν + j, from μ − 1 down to ν
+        r = 1.0 / (2.0 * (nu + j + 1.0) / x + r)
+        if need_log_i:
+            log_ive = log_ive - torch.log(r)
+    return log_ive, r
+
+
+def _check_p(p) -> float:
+    if int(p) != p or p < 2:
+        raise ValueError(f"vMF dimension p must be an integer ≥ 2, got {p}")
+    return float(p) / 2.0 - 1.0
+
+
+def log_cp_t(kappa, p: int):
+    """log C_p(κ) in float64 torch ops on κ's device (no gradient rule; see log_cp_torch).
+    κ ≥ 0 is assumed, not checked (a check would read the device)."""
+    import torch
+
+    nu = _check_p(p)
+    x = kappa.to(torch.float64)
+    log_c0 = nu * math.log(2.0) - (p / 2.0) * math.log(2.0 * math.pi) + math.lgamma(nu + 1.0)
+    edge = 2.0 * math.sqrt(nu + 1.0)  # x²/4 ≤ ν+1  ⇔  x ≤ edge
+    small = x <= edge
+    series = log_c0 - _t_series_log(nu, torch.clamp(x, max=edge))[0]
+    xb = torch.clamp(x, min=edge)
+    log_ive, _ = _t_large_x(nu, xb, True)
+    big = nu * torch.log(xb) - (p / 2.0) * math.log(2.0 * math.pi) - log_ive - xb
+    return torch.where(small, series, big)
+
+
+def bessel_ratio_t(kappa, p: int):
+    """A_p(κ) = I_{p/2}(κ)/I_{p/2−1}(κ) in float64 torch ops on κ's device."""
+    import torch
+
+    nu = _check_p(p)
+    x = kappa.to(torch.float64)
+    edge = 2.0 * math.sqrt(nu + 1.0)
+    xs = torch.clamp(x, max=edge)
+    ls0, ls1 = _t_series_log(nu, xs)
+    a_small = xs / (2.0 * (nu + 1.0)) * torch.exp(ls1 - ls0)
+    _, a_big = _t_large_x(nu, torch.clamp(x, min=edge), False)
+    return torch.where(x <= edge, a_small, a_big)
+
+
 def _torch_function():
     import torch
 
     class _LogCp(torch.autograd.Function):
-        """log C_p(κ) in float64 on the CPU, gradient −A_p(κ) exactly (no autograd through Bessels)."""
+        """log C_p(κ) in float64 on κ's device, gradient −A_p(κ) exactly (no autograd through
+        the Bessel functions); no host round trip."""
 
         @staticmethod
         def forward(ctx, kappa, p):  # type: ignore[override]
-            k64 = kappa.detach().to("cpu", torch.float64).numpy()
-            val = log_cp(k64, p)
             ctx.save_for_backward(kappa)
             ctx.p = p
-            return torch.from_numpy(val).to(device=kappa.device, dtype=kappa.dtype)
+            return log_cp_t(kappa.detach(), p).to(kappa.dtype)
 
         @staticmethod
         def backward(ctx, grad):  # type: ignore[override]
             (kappa,) = ctx.saved_tensors
-            a = bessel_ratio(kappa.detach().to("cpu", torch.float64).numpy(), ctx.p)
-            da = torch.from_numpy(a).to(device=grad.device, dtype=grad.dtype)
-            return -grad * da, None
+            a = bessel_ratio_t(kappa.detach(), ctx.p)
+            return -(grad.to(torch.float64) * a).to(grad.dtype), None
 
     return _LogCp
 
@@ -300,7 +432,8 @@ _LOG_CP_FN = None
 
 
 def log_cp_torch(kappa, p: int):
-    """Torch log C_p(κ) (any shape/device/dtype; computed in float64), backward d/dκ = −A_p(κ)."""
+    """Torch log C_p(κ) (any shape/device/dtype; computed in float64 on κ's device, no host sync),
+    backward d/dκ = −A_p(κ)."""
     global _LOG_CP_FN
     if _LOG_CP_FN is None:
         _LOG_CP_FN = _torch_function()

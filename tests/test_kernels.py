@@ -292,3 +292,127 @@ def test_gpu_peak_memory_has_no_n_by_k_tensor():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 0.3e9 < n * k * 2, f"peak extra {extra / 1e9:.3f} GB"
+
+
+# ------------------------------------------------------- autotuner behaviour (simulated on the CPU)
+
+def _interp_configs(*shapes):
+    import triton
+
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4) for bn, bk in shapes]
+
+
+@pytest.fixture
+def several_configs(monkeypatch):
+    """Make the autotuner of both kernels benchmark several configs under the interpreter (which
+    otherwise gets one config: its default benchmarker needs a GPU): a CPU "benchmark" that runs
+    the config once and reports a time that favours later configs, so the chosen one is not the
+    first. Returns the list of (kernel, config) benchmark runs."""
+    from icehpc.ssl.kernels import vmf_xent_triton as m
+
+    runs = []
+    for name in ("_row_kernel", "_col_kernel"):
+        kern = getattr(m, name)
+
+        def bench(kernel_call, quantiles, name=name):
+            kernel_call()
+            runs.append(name)
+            t = 1.0 / len(runs)
+            return [t, t, t]
+
+        monkeypatch.setattr(kern, "configs", _interp_configs((16, 32), (32, 16), (16, 64)))
+        monkeypatch.setattr(kern, "cache", {})
+        monkeypatch.setitem(kern.__dict__, "do_bench", bench)
+    return runs
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
+def test_first_call_with_autotune_benchmarking_is_correct(several_configs, paired):
+    """Issue 12 (1): the FIRST call per autotune key benchmarks every config; the column pass
+    accumulates into dw/db/pm (twice in pairs mode), so benchmarking must leave them as they were
+    (restore_value), not zero them (reset_to_zero lost the first launch: grad_ws error ~0.8)."""
+    ns, nt, k, d = (41, 13, 203, 48) if paired else (37, 37, 203, 48)
+    inp = make_inputs(ns, nt, k, d, seed=31 + paired)
+    pairs = make_pairs(ns, nt, 3, seed=31) if paired else None
+    ref = run(inp, "torch", torch.float64, pairs=pairs)
+    out = run(inp, "triton", torch.float32, pairs=pairs)
+    assert several_configs.count("_col_kernel") >= 3 * (2 if paired else 1)  # it did benchmark
+    assert_close(ref, out, 2e-5)
+
+
+def test_autotune_key_buckets_rows(several_configs):
+    """Issue 12 (2): the masked-patch count changes every step; N = 1000, 1010, 1020 (one log2
+    bucket) must benchmark once, not once per N."""
+    counts = []
+    for n in (1000, 1010, 1020):
+        inp = make_inputs(n, n, 40, 16, seed=n)
+        run(inp, "triton", torch.float32)
+        counts.append(len(several_configs))
+    assert counts[0] > 0 and counts[1] == counts[0] and counts[2] == counts[0], counts
+
+
+def test_triton_enforces_the_shared_memory_bound_on_d():
+    """Issue 12 (4): D is one tile; above MAX_D = 256 the sm_90 configs need more than 227 KiB of
+    shared memory, so the op refuses (on the CPU too) instead of failing to launch on the GPU."""
+    from icehpc.ssl.kernels.vmf_xent_triton import MAX_D
+
+    assert MAX_D == 256
+    inp = make_inputs(4, 4, 8, MAX_D + 1)
+    with pytest.raises(ValueError, match="227 KiB"):
+        run(inp, "triton", torch.float32)
+
+
+def test_loss_feeds_the_fused_op_the_training_dtype(monkeypatch):
+    """Issue 12 (3): under CUDA autocast F.normalize returns fp32, so the head's rows arrive in
+    fp32; training in bf16, every operand handed to vmf_xent must be bf16 (not the fp32 kernel)."""
+    import icehpc.ssl.kernels as kernels
+    from icehpc.ssl.config import LossConfig
+    from icehpc.ssl.loss import Centres, ibot_vmf_loss
+    from icehpc.ssl.model import HeadOut
+
+    seen = []
+
+    def spy(zs, ws, zt, wt, center, *args, **kwargs):
+        seen.append((zs.dtype, ws.dtype, zt.dtype, wt.dtype))
+        return kernels.vmf_xent_torch(zs, ws, zt, wt, center, *args[:2], kwargs.get("pairs"),
+                                      kwargs.get("weights"), kwargs.get("vmf", True))
+
+    monkeypatch.setattr(kernels, "vmf_xent", spy)
+    b, n_local, k, p = 2, 1, 12, 8
+    masks = torch.zeros(2 * b, 4, dtype=torch.bool)
+    masks[:, :2] = True
+
+    def head(grad):  # fp32, as F.normalize gives under CUDA autocast
+        z = F.normalize(torch.randn((2 + n_local) * b, p), dim=1).requires_grad_(grad)
+        zp = F.normalize(torch.randn(int(masks.sum()), p), dim=1).requires_grad_(grad)
+        w = torch.randn(k, p, requires_grad=grad)
+        return HeadOut(z, zp, w, w)
+
+    student, teacher = head(True), head(False)
+    out = ibot_vmf_loss(student, teacher, masks, b, n_local, Centres(k, 0.9), 0.1, 0.04,
+                        LossConfig(), dtype=torch.bfloat16)
+    assert seen and all(d == torch.bfloat16 for ds in seen for d in ds), seen
+    out.loss.backward()
+    assert student.cls_z.grad is not None and student.cls_z.grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------- chunked backend
+
+@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_matches_reference(paired, dtype):
+    """The chunked backend (torch implementation; several chunks: K = 203 → chunk forced small)
+    against the float64 reference, with zero weights, −1 padding and repeated pairs."""
+    from icehpc.ssl.kernels import vmf_xent_chunked as mod
+
+    ns, nt, k, d = (41, 13, 203, 48) if paired else (37, 37, 203, 48)
+    inp = make_inputs(ns, nt, k, d, seed=41 + paired)
+    pairs = make_pairs(ns, nt, 3, seed=41) if paired else None
+    ref = run(inp, "torch", torch.float64, pairs=pairs)
+    old = mod.chunk_rows
+    mod.chunk_rows = lambda k, limit=1024: 8  # 5-6 chunks, the last one partial
+    try:
+        out = run(inp, "chunked", dtype, pairs=pairs)
+    finally:
+        mod.chunk_rows = old
+    assert_close(ref, out, 1e-12 if dtype == torch.float64 else 2e-5)

@@ -29,11 +29,24 @@ class Crops:
     globals_: [2B, 1, G, G] float, normalised; teacher and student both see these.
     locals_:  [nB, 1, L, L] float, normalised (n = n_local; empty when n = 0).
     masks:    [2B, Hp*Wp] bool, True = patch replaced by the mask token in the student.
+    mask_index: [#masked] long, flat positions of the True entries of ``masks`` (row-major), built
+        on the host so that selecting the masked patches needs no device→host read.
     """
 
     globals_: torch.Tensor
     locals_: torch.Tensor
     masks: torch.Tensor
+    mask_index: torch.Tensor | None = None
+
+
+def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A CPU-drawn parameter tensor to ``device``: through pinned memory and non_blocking on CUDA
+    (a pageable host→device copy blocks the host until the stream has drained)."""
+    if dtype is not None:
+        t = t.to(dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
@@ -79,11 +92,11 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> 
     radius = max(1, math.ceil(3 * float(sigma.max())))
     radius = min(radius, hgt - 1, wid - 1)
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    sig = sigma.to(x.device, x.dtype).clamp(min=1e-3)[:, None]
+    sig = to_device(sigma, x.device, x.dtype).clamp(min=1e-3)[:, None]
     kernel = torch.exp(-0.5 * (offsets[None, :] / sig) ** 2)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
     delta = (offsets == 0).to(x.dtype)[None, :].expand_as(kernel)
-    kernel = torch.where(apply.to(x.device)[:, None], kernel, delta)  # [B, k]
+    kernel = torch.where(to_device(apply, x.device)[:, None], kernel, delta)  # [B, k]
     kernel = kernel.repeat_interleave(c, dim=0)  # one kernel per (image, channel) group
     y = x.reshape(1, b * c, hgt, wid)
     y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=b * c)
@@ -114,7 +127,7 @@ def block_masks(gen: torch.Generator, n: int, grid: tuple[int, int], ratio: list
     bw = torch.round(torch.sqrt(area / torch.exp(log_ar))).clamp(1, gw)
     top = torch.floor(torch.rand(n, candidates, generator=gen) * (gh - bh + 1))
     left = torch.floor(torch.rand(n, candidates, generator=gen) * (gw - bw + 1))
-    target, top, left, bh, bw = (t.to(device) for t in (target, top, left, bh, bw))
+    target, top, left, bh, bw = (to_device(t, device) for t in (target, top, left, bh, bw))
     rows = torch.arange(gh, dtype=torch.float32, device=device)[None, None, :, None]
     cols = torch.arange(gw, dtype=torch.float32, device=device)[None, None, None, :]
     inside = ((rows >= top[..., None, None]) & (rows < (top + bh)[..., None, None])
@@ -138,23 +151,23 @@ class MultiCrop:
               blur_p: float, solarize_p: float) -> torch.Tensor:
         cfg = self.cfg
         b = x.shape[0]
-        theta = crop_theta(gen, b, scale, cfg.aspect_ratio, cfg.hflip_p, cfg.vflip_p).to(x.device, x.dtype)
+        theta = to_device(crop_theta(gen, b, scale, cfg.aspect_ratio, cfg.hflip_p, cfg.vflip_p), x.device, x.dtype)
         grid = F.affine_grid(theta, [b, 1, size, size], align_corners=False)
         v = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
         jitter = _bernoulli(gen, b, cfg.jitter_p)
         bright = torch.where(jitter, _uniform(gen, b, 1 - cfg.brightness, 1 + cfg.brightness), 1.0)
         contr = torch.where(jitter, _uniform(gen, b, 1 - cfg.contrast, 1 + cfg.contrast), 1.0)
-        v = (v * bright.to(v)[:, None, None, None]).clamp(0, 1)
+        v = (v * to_device(bright, v.device, v.dtype)[:, None, None, None]).clamp(0, 1)
         mean = v.mean(dim=(1, 2, 3), keepdim=True)
-        v = ((v - mean) * contr.to(v)[:, None, None, None] + mean).clamp(0, 1)
+        v = ((v - mean) * to_device(contr, v.device, v.dtype)[:, None, None, None] + mean).clamp(0, 1)
 
         sigma = _uniform(gen, b, cfg.blur_sigma[0], cfg.blur_sigma[1])
         blur = _bernoulli(gen, b, blur_p)
         if bool(blur.any()):
             v = gaussian_blur(v, sigma, blur)
 
-        solar = _bernoulli(gen, b, solarize_p).to(v.device)[:, None, None, None]
+        solar = to_device(_bernoulli(gen, b, solarize_p), v.device)[:, None, None, None]
         v = torch.where(solar & (v >= 0.5), 1 - v, v)
         return (v - cfg.mean) / cfg.std
 
@@ -175,6 +188,10 @@ class MultiCrop:
         else:
             locals_ = x.new_zeros(0, 1, cfg.local_size, cfg.local_size)
         grid = (cfg.global_size // self.patch_size,) * 2
+        # masks are built on the host (their parameters are drawn there anyway): the masked-patch
+        # count and positions are then known without reading the device (GPU boolean indexing syncs)
         masks = block_masks(gen, 2 * b, grid, cfg.mask_ratio, cfg.mask_min_patches, cfg.mask_aspect,
-                            cfg.mask_candidates, device=images.device)
-        return Crops(globals_=globals_, locals_=locals_, masks=masks.flatten(1))
+                            cfg.mask_candidates, device="cpu").flatten(1)
+        index = masks.flatten().nonzero().squeeze(1)
+        return Crops(globals_=globals_, locals_=locals_, masks=to_device(masks, images.device),
+                     mask_index=to_device(index, images.device))

@@ -150,9 +150,13 @@ class TrainConfig:
     keep_checkpoints: int = field(2, help="how many step checkpoints to keep")
     stop_at_step: int | None = field(None, help="save and stop once this global step is done (time-boxed allocations)")
     progress: bool = field(True, help="tqdm progress bar on rank 0")
+    metrics_every: int = field(0, help="read and log metrics every N steps (a read waits for the GPU); "
+                                       "0 = auto: 1 on CPU, 20 on CUDA")
     export: bool = field(True, help="write backbone.safetensors (teacher) when the run completes")
 
     def validate(self) -> None:
+        if self.metrics_every < 0:
+            raise ValueError("train.metrics_every must be >= 0 (0 = auto)")
         if self.epochs <= 0 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("epochs must be > 0, checkpoint_every and keep_checkpoints >= 1")
 

@@ -22,10 +22,13 @@ def cls_pairs(batch: int, n_local: int, device: torch.device) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def patch_weights(masks: torch.Tensor) -> torch.Tensor:
+def patch_weights(masks: torch.Tensor, mask_index: torch.Tensor | None = None) -> torch.Tensor:
     """Weight 1/(#masked patches of its image) per selected patch row, in ``tokens[masks]`` order,
-    so the patch loss is a mean over images of per-image means (iBOT)."""
+    so the patch loss is a mean over images of per-image means (iBOT). With ``mask_index`` (the
+    flat positions of ``masks``) the output size is known on the host: no device→host read."""
     counts = masks.sum(1).clamp(min=1).float()
+    if mask_index is not None:
+        return (1.0 / counts).index_select(0, mask_index // masks.shape[1])
     return (1.0 / counts).repeat_interleave(masks.sum(1))
 
 
@@ -81,18 +84,23 @@ class LossOut:
 
 
 def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch: int, n_local: int,
-                  centres: Centres, tau_s: float, tau_t: float, cfg: LossConfig) -> LossOut:
-    """DINO [CLS] loss across views + iBOT loss on masked patches, both through ``vmf_xent``."""
+                  centres: Centres, tau_s: float, tau_t: float, cfg: LossConfig,
+                  dtype: torch.dtype | None = None, mask_index: torch.Tensor | None = None) -> LossOut:
+    """DINO [CLS] loss across views + iBOT loss on masked patches, both through ``vmf_xent``.
+
+    ``dtype``: operand dtype of the loss matmuls (bf16 when training in bf16; the op accumulates in
+    fp32). Passed explicitly because F.normalize returns fp32 under CUDA autocast (CPU autocast
+    keeps bf16), which would run the fp32 kernel; default: the student rows' dtype."""
     from .kernels import vmf_xent
 
-    dtype = student.cls_z.dtype  # bf16 under autocast: both operands of the fused matmuls match
+    dtype = dtype or student.cls_z.dtype  # both operands of the fused matmuls match
     pairs = cls_pairs(batch, n_local, student.cls_z.device)
-    loss_cls, st_cls = vmf_xent(student.cls_z, student.cls_prototypes.to(dtype), teacher.cls_z.to(dtype),
+    loss_cls, st_cls = vmf_xent(student.cls_z.to(dtype), student.cls_prototypes.to(dtype), teacher.cls_z.to(dtype),
                                 teacher.cls_prototypes.to(dtype), centres.cls, tau_s, tau_t, pairs=pairs,
                                 vmf=cfg.vmf, backend=cfg.backend)
-    loss_patch, st_patch = vmf_xent(student.patch_z, student.patch_prototypes.to(dtype), teacher.patch_z.to(dtype),
+    loss_patch, st_patch = vmf_xent(student.patch_z.to(dtype), student.patch_prototypes.to(dtype), teacher.patch_z.to(dtype),
                                     teacher.patch_prototypes.to(dtype), centres.patch, tau_s, tau_t,
-                                    weights=patch_weights(masks), vmf=cfg.vmf, backend=cfg.backend)
+                                    weights=patch_weights(masks, mask_index), vmf=cfg.vmf, backend=cfg.backend)
     total = cfg.lambda_cls * loss_cls + cfg.lambda_patch * loss_patch
     entropy = teacher_entropy(teacher.cls_z, teacher.cls_prototypes, centres.cls, tau_t, cfg.vmf)
     return LossOut(total, loss_cls, loss_patch, st_cls, st_patch, entropy)

@@ -106,11 +106,13 @@ class IBOTVMF(nn.Module):
         self.patch_head = patch_head
 
     def forward(self, globals_: torch.Tensor, masks: torch.Tensor, locals_: torch.Tensor | None = None,
-                apply_mask: bool = True) -> HeadOut:
+                apply_mask: bool = True, mask_index: torch.Tensor | None = None) -> HeadOut:
         """globals_ [2B,1,G,G], masks [2B, Hp*Wp] bool, locals_ [nB,1,L,L] or None.
 
         ``apply_mask`` (student) replaces masked patches by the mask token; the teacher passes False
-        and only uses ``masks`` to pick the patch tokens the iBOT loss compares.
+        and only uses ``masks`` to pick the patch tokens the iBOT loss compares. ``mask_index``
+        (optional, ``Crops.mask_index``): the flat positions of ``masks``, so that picking them
+        needs no device→host read (boolean indexing does one).
         """
         prefix = self.backbone.num_prefix_tokens
         tokens = self.backbone(globals_, masks if apply_mask else None)
@@ -118,7 +120,9 @@ class IBOTVMF(nn.Module):
         if locals_ is not None and locals_.shape[0]:
             cls.append(self.backbone(locals_)[:, 0])
         cls_tokens = torch.cat(cls)
-        patch_tokens = tokens[:, prefix:][masks]  # only masked patches enter the head
+        patch = tokens[:, prefix:]
+        patch_tokens = (patch.flatten(0, 1).index_select(0, mask_index) if mask_index is not None
+                        else patch[masks])  # only masked patches enter the head
         if self.patch_head is None:
             z = self.head(torch.cat([cls_tokens, patch_tokens]))
             cls_z, patch_z = z[: cls_tokens.shape[0]], z[cls_tokens.shape[0]:]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -128,6 +127,11 @@ class Trainer:
         k = cfg.model.n_prototypes
         self.centres = Centres(k, cfg.loss.center_momentum, self.device)
         self.step = 0
+        # metrics (each read waits for the device) every N steps; between reads nothing in
+        # train_step reads the device, so the host runs ahead of the GPU
+        self.metrics_every = cfg.train.metrics_every or (20 if cuda else 1)
+        self._bad: torch.Tensor | None = None  # device flag: a non-finite loss since the last read
+        self._window: tuple[float, int] | None = None  # (time, step) of the last read
 
     # ---- checkpoints
     def _client_state(self) -> dict[str, Any]:
@@ -192,8 +196,8 @@ class Trainer:
         n_cls = float(2 * self.cfg.data.batch_size)
         sc, sp = out.stats_cls, out.stats_patch
         scalars = torch.stack([out.cls.detach().float(), out.patch.detach().float(),
-                               torch.tensor(float(n_patch_rows), device=self.device),
-                               torch.tensor(float(preempt), device=self.device),
+                               torch.full((), float(n_patch_rows), device=self.device),  # no H2D copy
+                               torch.full((), float(preempt), device=self.device),
                                out.teacher_entropy_cls.float()])
         flat = torch.cat([scalars, sc["teacher_logit_mean"] * n_cls, sp["teacher_logit_mean"] * n_patch_rows,
                           sc["teacher_prob_mean"] * n_cls, sp["teacher_prob_mean"] * n_patch_rows]).float()
@@ -201,9 +205,15 @@ class Trainer:
         assert flat.numel() == _N_SCALARS + 4 * k
         return flat
 
-    def train_step(self, images: torch.Tensor, sched: Schedule, preempt: bool) -> dict[str, Any]:
+    def train_step(self, images: torch.Tensor, sched: Schedule, preempt: bool,
+                   read: bool = True) -> dict[str, Any] | None:
+        """One step. Without ``read`` nothing is read from the device (no host sync) and None is
+        returned; with it the step's metrics (and the non-finite check of every step since the last
+        read) are materialised."""
         cfg = self.cfg
         t0 = time.perf_counter()
+        if self._window is None:
+            self._window = (t0, self.step)
         seed = step_seed(cfg.train.seed, self.rank, self.step)
         torch.manual_seed(seed)  # drop-path
         gen = torch.Generator().manual_seed(seed ^ 0x5EED)  # augmentation parameters
@@ -211,32 +221,41 @@ class Trainer:
         crops: Crops = self.multicrop(images.to(self.device, non_blocking=True), gen)
         apply_schedule(self.optimizer, sched)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=self.bf16):
-            t_out = self.teacher(crops.globals_, crops.masks, apply_mask=False)
-        s_out = self.engine(crops.globals_, crops.masks, crops.locals_)
+            t_out = self.teacher(crops.globals_, crops.masks, apply_mask=False, mask_index=crops.mask_index)
+        s_out = self.engine(crops.globals_, crops.masks, crops.locals_, mask_index=crops.mask_index)
         b = images.shape[0]
         loss = ibot_vmf_loss(s_out, t_out, crops.masks, b, cfg.augment.n_local, self.centres,
-                             cfg.loss.student_temp, sched.teacher_temp, cfg.loss)
+                             cfg.loss.student_temp, sched.teacher_temp, cfg.loss, dtype=dtype,
+                             mask_index=crops.mask_index)
         n_patch = int(t_out.patch_z.shape[0])
         flat = self._reduce(loss, n_patch, preempt)
         k = cfg.model.n_prototypes
-        loss_cls, loss_patch = float(flat[0]) / self.world, float(flat[1]) / self.world
-        if not (math.isfinite(loss_cls) and math.isfinite(loss_patch)):
-            raise NonFiniteError(f"non-finite loss at step {self.step} (cls={loss_cls}, patch={loss_patch}); "
-                                 f"stopping, {self._last_good()}. Lower optim.lr or check the inputs.")
+        # non-finite loss: flagged on the device (a host read here would wait for the forward) and
+        # raised at the next read; save() refuses non-finite weights, so no bad checkpoint is written
+        bad = ~torch.isfinite(flat[:2]).all()
+        self._bad = bad if self._bad is None else self._bad | bad
         self.engine.backward(loss.loss)
         self.engine.step()
 
         n_cls_all = 2.0 * b * self.world
-        n_patch_all = max(float(flat[2]), 1.0)
+        n_patch_all = flat[2].clamp(min=1.0)
         logit_cls, logit_patch, prob_cls, prob_patch = flat[_N_SCALARS:].view(4, k)
         logit_cls, prob_cls = logit_cls / n_cls_all, prob_cls / n_cls_all
         logit_patch, prob_patch = logit_patch / n_patch_all, prob_patch / n_patch_all
-        entropy_cls = float(flat[4]) / self.world
         self.centres.update(logit_cls, logit_patch)
         ema_update(self.teacher, self.engine.module, sched.momentum)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        if not read:
+            return None
+        loss_cls, loss_patch = float(flat[0]) / self.world, float(flat[1]) / self.world
+        bad, self._bad = bool(self._bad), None
+        if bad:
+            raise NonFiniteError(f"non-finite loss at or before step {self.step} (cls={loss_cls}, "
+                                 f"patch={loss_patch}); stopping, {self._last_good()}. Lower optim.lr "
+                                 "or check the inputs.")
+        entropy_cls = float(flat[4]) / self.world
+        now = time.perf_counter()  # the reads above waited for the device: a true mean step time
+        dt = (now - self._window[0]) / max(1, self.step + 1 - self._window[1])
+        self._window = (now, self.step + 1)
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                   "loss": cfg.loss.lambda_cls * loss_cls + cfg.loss.lambda_patch * loss_patch,
                   "loss_cls": loss_cls, "loss_patch": loss_patch, "cls_teacher_entropy": entropy_cls,
@@ -276,11 +295,17 @@ class Trainer:
                     batches = _batches(cfg, epoch, self.rank, self.world, self.steps_per_epoch, index)
                 images, _ = next(batches)
                 sched = schedule_at(self.step, cfg, self.steps_per_epoch, self.world)
-                record = self.train_step(images, sched, preempt.raised)
+                # read the device every metrics_every steps, and always before a checkpoint / the end
+                nxt = self.step + 1
+                read = nxt % self.metrics_every == 0 or nxt == stop or nxt % cfg.train.checkpoint_every == 0
+                record = self.train_step(images, sched, preempt.raised, read=read)
                 self.step += 1
-                metrics.write({k: v for k, v in record.items() if k != "preempt"})
                 if bar is not None:
                     bar.update(1)
+                if record is None:
+                    continue
+                metrics.write({k: v for k, v in record.items() if k != "preempt"})
+                if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
                 if record["preempt"]:
                     self.save()

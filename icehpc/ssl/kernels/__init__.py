@@ -9,7 +9,8 @@ from torch import Tensor
 
 from .vmf_xent_torch import crop_pairs, vmf_xent_torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "chunked")
+TRITON_MAX_D = 256  # vmf_xent_triton.MAX_D (not imported here: importing Triton is deferred)
 
 
 def vmf_xent(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
@@ -34,14 +35,21 @@ def vmf_xent(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau
     before centring, for the EMA centre), ``teacher_prob_mean`` [K] = mean over all Nt rows of P_t
     (weights and pairs do not enter the statistics).
 
-    backend: "torch" (plain reference), "triton" (fused, no N×K tensor), "auto" (triton on CUDA).
+    backend: "torch" (plain reference), "triton" (fused, no N×K tensor, D ≤ 256), "chunked" (rows
+    in chunks, logits by GEMM, no N×K tensor for the whole batch; any device), "auto" (triton on
+    CUDA when D ≤ 256, else torch; until a GPU benchmark shows chunked faster).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if zs.is_cuda and _triton_available() else "torch"
+        use = zs.is_cuda and zs.shape[1] <= TRITON_MAX_D and _triton_available()
+        backend = "triton" if use else "torch"
     if backend == "torch":
         return vmf_xent_torch(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf)
+    if backend == "chunked":
+        from .vmf_xent_chunked import vmf_xent_chunked
+
+        return vmf_xent_chunked(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf)
     from .vmf_xent_triton import vmf_xent_triton
 
     return vmf_xent_triton(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf)

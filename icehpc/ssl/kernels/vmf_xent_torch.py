@@ -31,6 +31,17 @@ def crop_pairs(n_crops: int, n_global: int, batch: int, device: torch.device | s
     return torch.where(g == crop, -1, g * batch + image)
 
 
+def check_pairs(pairs: Tensor, n_teacher: int) -> None:
+    """Range check of ``pairs`` (< Nt) without a host round trip on CUDA (torch._assert_async, an
+    error at a later launch); a CPU tensor is checked on the host with a ValueError."""
+    if not pairs.numel() or torch.compiler.is_compiling():
+        return
+    if pairs.device.type != "cpu":
+        torch._assert_async(pairs.max() < n_teacher, f"pairs holds a teacher row >= Nt = {n_teacher}")
+    elif int(pairs.max()) >= n_teacher:
+        raise ValueError(f"pairs holds teacher row {int(pairs.max())} but Nt = {n_teacher}")
+
+
 def pair_matrix(pairs: Tensor | None, n_student: int, n_teacher: int, dtype: torch.dtype,
                 device: torch.device) -> Tensor | None:
     """Dense 0/1 (or count) matrix A [Ns, Nt] with A[i, j] = #times teacher row j is paired with
@@ -39,12 +50,12 @@ def pair_matrix(pairs: Tensor | None, n_student: int, n_teacher: int, dtype: tor
         return None
     if pairs.dim() != 2 or pairs.shape[0] != n_student:
         raise ValueError(f"pairs must be [Ns={n_student}, m], got {tuple(pairs.shape)}")
-    if not torch.compiler.is_compiling() and pairs.numel() and int(pairs.max()) >= n_teacher:
-        raise ValueError(f"pairs holds teacher row {int(pairs.max())} but Nt = {n_teacher}")
-    valid = pairs >= 0
-    rows = torch.arange(n_student, device=device).unsqueeze(1).expand_as(pairs)[valid]
+    check_pairs(pairs, n_teacher)
+    pairs = pairs.to(device)
+    valid = pairs >= 0  # fixed shapes: −1 entries add 0 at column 0 (no boolean indexing)
+    rows = torch.arange(n_student, device=device).unsqueeze(1).expand_as(pairs)
     a = torch.zeros(n_student, n_teacher, dtype=dtype, device=device)
-    a.index_put_((rows, pairs[valid].to(device)), torch.ones((), dtype=dtype, device=device),
+    a.index_put_((rows.reshape(-1), pairs.clamp_min(0).reshape(-1)), valid.to(dtype).reshape(-1),
                  accumulate=True)
     return a
 

@@ -29,10 +29,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .vmf_xent_torch import vmf_bias
+from .vmf_xent_torch import check_pairs, vmf_bias
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_D = 1024  # the D axis is one register tile
+# The D axis is one tile: the row kernel holds a [BLOCK_N, D] fp32 accumulator in registers and the
+# column kernel a [BLOCK_K, D] one, and their pipelined [BLOCK, D] operand tiles sit in shared
+# memory. At D = 256 the sm_90a compiles (bench/vmf_kernel.py --aot) need up to 196 KiB of the
+# 227 KiB an H100/H200 block may use, and shared memory grows linearly with D, so 256 is the
+# largest D every config fits (larger D: the "chunked" or "torch" backend). The same limit holds
+# under the interpreter so that the CPU tests promise what the GPU can do.
+MAX_D = 256
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on sm_90
 
 
 def _row_configs() -> list[triton.Config]:
@@ -62,11 +69,20 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return configs
 
 
-@triton.autotune(configs=_row_configs(), key=["N", "K", "BLOCK_D", "SAME_W", "NEED_O", "NEED_V"],
+def n_bucket(n: int) -> int:
+    """Autotune key of a row count: its log2 bucket (n.bit_length()). The masked-patch count
+    changes every step; the best tile shape does not change within a factor of two of rows."""
+    return max(int(n), 1).bit_length()
+
+
+# Keys: what changes the best config (K, D tile, flags, precision, a log2 bucket of N; the
+# autotuner adds every tensor argument's dtype itself), never N: N varies step to step.
+@triton.autotune(configs=_row_configs(),
+                 key=["N_BUCKET", "K", "BLOCK_D", "SAME_W", "NEED_O", "NEED_V", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _row_kernel(x_ptr, wl_ptr, bl_ptr, wv_ptr, c_ptr, lse_ptr, o_ptr, v_ptr,
-                N, K, D, inv_tau,
+                N, K, D, inv_tau, N_BUCKET,
                 SAME_W: tl.constexpr, NEED_O: tl.constexpr, NEED_V: tl.constexpr,
                 DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -122,14 +138,19 @@ def _row_kernel(x_ptr, wl_ptr, bl_ptr, wv_ptr, c_ptr, lse_ptr, o_ptr, v_ptr,
         tl.store(v_ptr + out_row, v / l1, mask=rmask)
 
 
-@triton.autotune(configs=_col_configs(), key=["N", "K", "BLOCK_D", "DO_S", "DO_T", "NEED_DW"],
-                 reset_to_zero=["dw_ptr", "db_ptr", "pm_ptr"],
+# restore_value, not reset_to_zero: the outputs ACCUMULATE (in pairs mode the second launch adds
+# to the first one's dw/db/pm). The autotuner zeroes reset_to_zero buffers before each benchmark
+# run and once more after benchmarking, which would drop the first launch's contribution on the
+# first call per key; restore_value snapshots them before each benchmark run and copies them back.
+@triton.autotune(configs=_col_configs(),
+                 key=["N_BUCKET", "K", "BLOCK_D", "DO_S", "DO_T", "NEED_DW", "Y_IS_XS", "PRECISION"],
+                 restore_value=["dw_ptr", "db_ptr", "pm_ptr"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
                 xt_ptr, wt_ptr, bt_ptr, lse_t_ptr, atw_ptr, atb_ptr,
                 y_ptr, dw_ptr, db_ptr, pm_ptr,
-                N, K, D, inv_tau_s, inv_tau_t,
+                N, K, D, inv_tau_s, inv_tau_t, N_BUCKET,
                 DO_S: tl.constexpr, DO_T: tl.constexpr, NEED_DW: tl.constexpr, Y_IS_XS: tl.constexpr,
                 DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -267,7 +288,7 @@ def _row_pass(x: Tensor, w_logit: Tensor, b_logit: Tensor, inv_tau: float, w_val
     dot, prec = _dot_setup(x.dtype)
     _row_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
         x, w_logit, b_logit, w_value if need_o else x, c_value if need_v else dummy, lse, o, v,
-        n, k, d, inv_tau, SAME_W=w_value is w_logit, NEED_O=need_o, NEED_V=need_v,
+        n, k, d, inv_tau, n_bucket(n), SAME_W=w_value is w_logit, NEED_O=need_o, NEED_V=need_v,
         DOT=dot, PRECISION=prec, BLOCK_D=max(16, triton.next_power_of_2(d)))
     lse, *rest = _combine(lse, *([o] if need_o else []), *([v] if need_v else []))
     return lse, (rest.pop(0) if need_o else None), (rest.pop(0) if need_v else None)
@@ -289,7 +310,7 @@ def _col_pass(ws: Tensor, wt: Tensor, b_s: Tensor, b_t: Tensor, inv_tau_s: float
         x, ws, b_s, lse_s if do_s else dummy, a_s if do_s else dummy,
         xt if do_t else x, wt, b_t, lse_t if do_t else dummy, a_tw if do_t else dummy,
         a_tb if do_t else dummy, y if need_dw else x, dw, db, pm,
-        n, k, d, inv_tau_s, inv_tau_t,
+        n, k, d, inv_tau_s, inv_tau_t, n_bucket(n),
         DO_S=do_s, DO_T=do_t, NEED_DW=need_dw, Y_IS_XS=do_s and y is xs, DOT=dot, PRECISION=prec,
         BLOCK_D=max(16, triton.next_power_of_2(d)))
 
@@ -337,12 +358,13 @@ class _VmfXentFn(torch.autograd.Function):
             if need_w:
                 _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xs=zs, lse_s=lse_s, a_s=a * count,
                           y=zs)
-                # per teacher row j: Σ_{i paired with j} a_i (for b_s) and a_i·zs_i (for ws)
-                flat_i = torch.arange(ns, device=zs.device).unsqueeze(1).expand_as(pairs)[valid]
-                flat_j = pairs[valid]
-                a_t = torch.zeros(zt.shape[0], **f32).index_add_(0, flat_j, a[flat_i])
+                # per teacher row j: Σ_{i paired with j} a_i (for b_s) and a_i·zs_i (for ws). Fixed
+                # shapes [Ns·m]: −1 entries add 0 to row 0 (no boolean indexing, no host sync)
+                flat_j = idx.reshape(-1)
+                a_pair = (a.unsqueeze(1) * vm).reshape(-1)
+                a_t = torch.zeros(zt.shape[0], **f32).index_add_(0, flat_j, a_pair)
                 z_t = torch.zeros(zt.shape[0], d, **f32).index_add_(
-                    0, flat_j, a[flat_i, None] * zs[flat_i].float())
+                    0, flat_j, (a_pair.view(ns, -1, 1) * zs.float().unsqueeze(1)).reshape(-1, d))
                 _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xt=zt, lse_t=lse_t,
                           a_tw=torch.ones_like(a_t), a_tb=a_t, y=z_t)
             else:
@@ -380,7 +402,9 @@ def vmf_xent_triton(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tens
     if len({zs.dtype, ws.dtype, zt.dtype, wt.dtype}) != 1:
         raise TypeError("zs, ws, zt, wt must share one dtype")
     if d > MAX_D:
-        raise ValueError(f"triton backend supports D <= {MAX_D}, got {d}")
+        raise ValueError(f"triton backend supports D <= {MAX_D} (its tiles must fit in the "
+                         f"{SMEM_LIMIT // 1024} KiB of shared memory of an sm_90 block), got D = {d}; "
+                         f"use backend='chunked' or 'torch'")
     if pairs is None and ns != nt:
         raise ValueError(f"pairs=None pairs row i with row i, so Ns ({ns}) must equal Nt ({nt})")
     if not zs.is_cuda and not INTERPRET:
@@ -388,9 +412,8 @@ def vmf_xent_triton(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tens
     if pairs is not None:
         if pairs.dim() != 2 or pairs.shape[0] != ns:
             raise ValueError(f"pairs must be [Ns={ns}, m], got {tuple(pairs.shape)}")
-        pairs = pairs.to(device=zs.device, dtype=torch.long)
-        if pairs.numel() and int(pairs.max()) >= nt:
-            raise ValueError(f"pairs holds teacher row {int(pairs.max())} but Nt = {nt}")
+        pairs = pairs.to(device=zs.device, dtype=torch.long, non_blocking=True)
+        check_pairs(pairs, nt)  # on the device for CUDA tensors: no host round trip
     zs, ws, zt, wt = (t.contiguous() for t in (zs, ws, zt, wt))
     b_s = vmf_bias(ws, tau_s, vmf)
     if b_s is None:
