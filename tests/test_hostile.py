@@ -240,3 +240,236 @@ def test_finished_build_rerun_rebuilds_a_deleted_or_altered_shard(tmp_path):
     assert again == first
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.tar")} == blobs
     assert shards.verify(out) == []
+
+
+# ------------------------------------------------------------------ 3. store parts
+def _store(folder: Path, n: int = 60, parts: int = 3) -> Path:
+    from kappa_helpers import cheap_groups, paper_meta, write_store
+
+    x, gid = cheap_groups(n, 8, 3, seed=1)
+    return write_store(folder, x, paper_meta(n, gid, seed=1), n_parts=parts)
+
+
+def _h5_edit(path: Path, fn) -> None:
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        fn(f)
+
+
+def test_3_part_missing_a_meta_dataset_is_an_error_not_fill_values(tmp_path):
+    from icehpc.analysis.store import StoreError, open_store
+
+    master = _store(tmp_path / "s")
+    _h5_edit(tmp_path / "s" / "part-00001.h5", lambda f: f["meta"].__delitem__("temperature_c"))
+    with pytest.raises(StoreError, match="part-00001"):
+        with open_store(master) as st:
+            st.read(0, st.n_rows)
+
+
+def test_3_part_rewritten_with_the_same_rows_or_copied_is_an_error(tmp_path):
+    from kappa_helpers import cheap_groups, paper_meta
+
+    from icehpc.analysis.store import StoreError, open_store, write_part
+
+    master = _store(tmp_path / "s")
+    part = tmp_path / "s" / "part-00002.h5"
+    x, gid = cheap_groups(20, 8, 3, seed=9)  # same row count and columns, other numbers
+    write_part(part, x, paper_meta(20, gid, seed=9))
+    with pytest.raises(StoreError, match="part-00002.*sha256"):
+        open_store(master)
+    master = _store(tmp_path / "t")
+    (tmp_path / "t" / "part-00002.h5").write_bytes((tmp_path / "t" / "part-00000.h5").read_bytes())
+    with pytest.raises(StoreError, match="part-00002"):
+        open_store(master)
+
+
+def test_3_duplicate_keys_are_refused_also_in_a_single_file(tmp_path):
+    from kappa_helpers import cheap_groups, paper_meta
+
+    from icehpc.analysis.store import StoreError, open_store, write_part
+
+    x, gid = cheap_groups(10, 8, 2, seed=2)
+    meta = paper_meta(10, gid, seed=2)
+    meta["key"][5:] = meta["key"][:5]
+    write_part(tmp_path / "one.h5", x, meta)
+    with pytest.raises(StoreError, match="more than once"):
+        open_store(tmp_path / "one.h5")
+
+
+def test_kappa_fingerprint_follows_content_not_size_and_mtime(tmp_path):
+    import h5py
+
+    from icehpc.analysis.kappa import KappaConfig, run_kappa
+    from icehpc.analysis.store import StoreError, write_part
+
+    from kappa_helpers import cheap_groups, paper_meta
+
+    x, gid = cheap_groups(200, 8, 2, seed=3)
+    one = tmp_path / "one.h5"
+    write_part(one, x, paper_meta(200, gid, seed=3))
+    cfg = KappaConfig(groupings=["habit"], bootstrap=0, min_count=5, similarity_by="")
+    first = run_kappa(one, tmp_path / "k", cfg)
+
+    def edit_in_place(path: Path) -> None:
+        st = os.stat(path)
+        with h5py.File(path, "r+") as f:
+            f["embeddings"][0] = -f["embeddings"][0]  # same dtype and shape: same file size
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert os.stat(path).st_size == st.st_size
+
+    edit_in_place(one)
+    again = run_kappa(one, tmp_path / "k", cfg)
+    assert again is not None, "an edited store was reported up to date"
+    assert again["run"]["fingerprint"] != first["run"]["fingerprint"]
+    master = _store(tmp_path / "s")
+    run_kappa(master, tmp_path / "k2", cfg)
+    edit_in_place(tmp_path / "s" / "part-00001.h5")
+    with pytest.raises(StoreError, match="part-00001"):
+        run_kappa(master, tmp_path / "k2", cfg)
+
+
+def test_store_files_respect_the_umask(tmp_path):
+    from icehpc.analysis.store import write_part
+
+    old = os.umask(0o077)
+    try:
+        write_part(tmp_path / "p.h5", np.zeros((2, 3), np.float32), {"key": ["a", "b"]})
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "p.h5").st_mode & 0o777) == 0o600
+
+
+# ------------------------------------------------------------------ 2. stale embedding parts
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory) -> Path:
+    from types import SimpleNamespace
+
+    import torch
+
+    from icehpc.ssl.config import AugmentConfig, ModelConfig
+    from icehpc.ssl.export import export_teacher
+    from icehpc.ssl.model import build_model
+
+    torch.manual_seed(7)
+    mc = ModelConfig(arch_kwargs={"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2},
+                     head_hidden=8, head_bottleneck=4, n_prototypes=8)
+    cfg = SimpleNamespace(model=mc, augment=AugmentConfig(global_size=16, mean=0.5, std=0.25))
+    return export_teacher(build_model(mc, 16), cfg, tmp_path_factory.mktemp("bb") / "b.safetensors", 1)
+
+
+def _manifest_shards(folder: Path, out: Path, offset: float) -> None:
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(12):
+        (folder / "img" / f"{i}.png").write_bytes(_png(i, 14, 14))
+        rows.append(f"img/{i}.png,{'plate' if i % 2 else 'column'},{-20.0 + offset + i}")
+    (folder / "m.csv").write_text("path,habit,temperature_c\n" + "\n".join(rows) + "\n")
+    shards.build([str(folder / "m.csv")], out, shards.BuildConfig(shard_samples=5), overwrite=True, **BUILD)
+
+
+def test_2_parts_of_a_rebuilt_shard_folder_are_recomputed(tmp_path, tiny_backbone):
+    from icehpc.analysis.embed import run_embed
+    from icehpc.analysis.store import open_store
+
+    kw = dict(checkpoint=str(tiny_backbone), random_init=False, arch=None, img_size=None, canvas=16,
+              batch_size=8, num_workers=0)
+    src, sh, store = tmp_path / "src", tmp_path / "shards", tmp_path / "emb" / "store.h5"
+    _manifest_shards(src, sh, 0.0)
+    run_embed(str(sh), str(store), **kw)
+    _manifest_shards(src, sh, 100.0)  # same images, keys and counts; temperatures 100 °C warmer
+    summary = run_embed(str(sh), str(store), **kw)
+    assert summary["shards_reused"] == 0
+    with open_store(store) as st:
+        _, meta = st.read(0, st.n_rows, columns=["key", "temperature_c"])
+    order = np.argsort(meta["key"])
+    np.testing.assert_allclose(meta["temperature_c"][order], 80.0 + np.arange(12))
+    again = run_embed(str(sh), str(store), **kw)  # nothing changed: everything reused
+    assert again["shards_reused"] == again["shards"] == 3
+
+
+def test_1_embed_and_kappa_lock_their_output_folders(tmp_path, tiny_backbone):
+    from icehpc.analysis.embed import parts_dir, run_embed
+    from icehpc.analysis.kappa import KappaConfig, run_kappa
+
+    src, sh, store = tmp_path / "src", tmp_path / "shards", tmp_path / "emb" / "store.h5"
+    _manifest_shards(src, sh, 0.0)
+    with fileio.lock_dir(parts_dir(store)):
+        with pytest.raises(fileio.LockedError, match=f"PID {os.getpid()}"):
+            run_embed(str(sh), str(store), checkpoint=str(tiny_backbone), random_init=False, arch=None,
+                      img_size=None, canvas=16, batch_size=8, num_workers=0)
+    assert not list(parts_dir(store).glob("*.h5"))
+    master = _store(tmp_path / "s")
+    with fileio.lock_dir(tmp_path / "k"):
+        with pytest.raises(fileio.LockedError):
+            run_kappa(master, tmp_path / "k", KappaConfig(groupings=["habit"], bootstrap=0, similarity_by=""))
+    assert not (tmp_path / "k" / "kappa.json").exists()
+
+
+# ------------------------------------------------------------------ 7. report escaping
+def test_7_report_escapes_every_string_from_data(tmp_path):
+    from icehpc.analysis.kappa import KappaConfig, run_kappa
+    from icehpc.analysis.report import build_report
+    from icehpc.analysis.store import write_part
+
+    evil = "<svg onload=alert(1)>"
+    x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    write_part(tmp_path / "s.h5", x, {evil: np.array([evil, "<b>x</b>"] * 20),
+                                      "key": np.array([f"k{i}" for i in range(40)])})
+    run_kappa(tmp_path / "s.h5", tmp_path / "k", KappaConfig(groupings=[evil], bootstrap=0, min_count=5,
+                                                              similarity_by=evil))
+    index = build_report(tmp_path / "k", tmp_path / "r")
+    text = index.read_text()
+    assert "<svg" not in text and "<b>x" not in text
+    assert "&lt;svg onload=alert(1)&gt;" in text
+    assert all(p.parent == tmp_path / "r" for p in (tmp_path / "r").rglob("*"))  # no file outside the report
+
+
+def test_7_store_refuses_column_names_hdf5_cannot_hold(tmp_path):
+    from icehpc.analysis.store import StoreError, write_part
+
+    for bad in ("a/b", ".", "x.y", ""):
+        with pytest.raises(StoreError, match="column name"):
+            write_part(tmp_path / "p.h5", np.zeros((1, 2), np.float32), {bad: ["v"]})
+
+
+# ------------------------------------------------------------------ smaller: κ edge cases
+def test_kappa_min_count_1_with_a_single_row_group(tmp_path):
+    from icehpc.analysis.kappa import KappaConfig, run_kappa
+    from icehpc.analysis.store import write_part
+
+    x = np.random.default_rng(1).normal(size=(31, 5)).astype(np.float32)
+    write_part(tmp_path / "s.h5", x, {"habit": np.array(["lone"] + ["many"] * 30)})
+    res = run_kappa(tmp_path / "s.h5", tmp_path / "k", KappaConfig(groupings=["habit"], min_count=1,
+                                                                    bootstrap=20, similarity_by=""))
+    rows = {r["group"]: r for r in res["rows"]}
+    assert rows["lone"]["n"] == 1 and "degenerate" in rows["lone"]["flag"]  # one vector: no spread
+    assert rows["many"]["kappa"] is not None and np.isfinite(rows["many"]["kappa"])
+
+
+def test_kappa_identical_vectors_are_degenerate_with_kappa_inf(tmp_path):
+    from icehpc.analysis.kappa import KappaConfig, run_kappa
+    from icehpc.analysis.store import write_part
+
+    rng = np.random.default_rng(2)
+    x = np.concatenate([np.repeat(rng.normal(size=(1, 16)), 500, axis=0), rng.normal(size=(100, 16))])
+    write_part(tmp_path / "s.h5", x.astype(np.float32), {"habit": np.array(["same"] * 500 + ["spread"] * 100)})
+    res = run_kappa(tmp_path / "s.h5", tmp_path / "k", KappaConfig(groupings=["habit"], bootstrap=50,
+                                                                    similarity_by=""))
+    rows = {r["group"]: r for r in res["rows"]}
+    assert rows["same"]["flag"] == "degenerate" and "mle_outside_ci" not in rows["same"]["flag"]
+    assert rows["spread"]["flag"] == ""
+    csv_rows = (tmp_path / "k" / "kappa.csv").read_text().splitlines()
+    same = next(r for r in csv_rows if ",same," in r).split(",")
+    header = csv_rows[0].split(",")
+    assert same[header.index("kappa")] == "inf" and same[header.index("ci_low")] == "inf"
+
+
+@pytest.mark.parametrize("bins", ["temperature_c=-40,nan,0", "temperature_c=-40,inf", "temperature_c=0,-10"])
+def test_kappa_bad_bin_edges_are_a_config_error(tmp_path, bins):
+    from icehpc.analysis.store import write_part
+
+    write_part(tmp_path / "s.h5", np.ones((3, 2), np.float32), {"temperature_c": np.array([-5.0, -6.0, -7.0])})
+    proc = _cli("kappa", str(tmp_path / "s.h5"), "--out", str(tmp_path / "k"), "--by", "temperature_c",
+                "--bins", bins, "--config", "kappa.yaml")
+    _one_clear_line(proc, "bins.temperature_c", "edges")
