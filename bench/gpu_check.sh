@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh            # from the repository root, on the GPU machine
 #
 # Python packages the machine lacks travel as wheels in .whl/ (see the device notes); they are
-# installed into /tmp/site. Every step has its own time cap inside one overall deadline, and one
+# installed into a fresh `mktemp -d` folder. Every step has its own time cap inside one overall deadline, and one
 # step failing does not stop the others; the exit status is the pytest one.
 set -u
 cd "$(dirname "$0")/.."
@@ -18,9 +18,10 @@ elif [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; 
 else PY=python3
 fi
 if compgen -G ".whl/*.whl" >/dev/null; then
+    SITE=$(mktemp -d "${TMPDIR:-/tmp}/icehpc-site.XXXXXX")  # never a predictable shared /tmp/site
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl >"$OUT/pip.txt" 2>&1 || echo "wheel install failed (see pip.txt)"
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        --target "$SITE" .whl/*.whl >"$OUT/pip.txt" 2>&1 || echo "wheel install failed (see pip.txt)"
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 

@@ -602,3 +602,32 @@ def test_6_flipped_block_in_a_real_checkpoint_resumes_from_the_older_one_exactly
         next(tag.glob("*model_states.pt")).write_bytes(b"")
     bad = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
     assert bad.returncode == 2 and "no intact checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------ smaller: predictable temp/state paths
+def _own_state(state: Path) -> subprocess.CompletedProcess:
+    script = ("set -euo pipefail; log() { echo \"$*\" >&2; }; "
+              "eval \"$(sed -n '/^own_state()/,/^}/p' jobs/local-cluster.sh)\"; own_state; stat -c %a \"$STATE\"")
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=30,
+                          env={**os.environ, "STATE": str(state)})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the cluster script runs as root")
+def test_local_cluster_state_folder_is_private_and_never_someone_elses(tmp_path):
+    assert "/var/tmp" not in (ROOT / "jobs" / "local-cluster.sh").read_text().split("STATE=")[1].split("\n")[0]
+    fresh = _own_state(tmp_path / "state")
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "700", fresh.stderr
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, 65534, 65534)
+    (tmp_path / "link").symlink_to(tmp_path / "state")
+    for bad in (theirs, tmp_path / "link"):
+        proc = _own_state(bad)
+        assert proc.returncode == 1 and "refusing state folder" in proc.stderr
+
+
+def test_gpu_check_and_benchmarks_use_private_temp_folders():
+    gpu = (ROOT / "bench" / "gpu_check.sh").read_text()
+    assert "/tmp/site" not in gpu and "mktemp -d" in gpu
+    for py in (ROOT / "bench").glob("*.py"):
+        assert 'default="/tmp' not in py.read_text(), py.name
