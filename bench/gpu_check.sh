@@ -18,7 +18,7 @@ elif [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; 
 else PY=python3
 fi
 if compgen -G ".whl/*.whl" >/dev/null; then
-    SITE=$(mktemp -d "${TMPDIR:-/tmp}/icehpc-site.XXXXXX")  # never a predictable shared /tmp/site
+    SITE=$(mktemp -d "${TMPDIR:-/tmp}/icehpc-site.XXXXXX")  # private, never a fixed shared path
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" .whl/*.whl >"$OUT/pip.txt" 2>&1 || echo "wheel install failed (see pip.txt)"
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
