@@ -631,3 +631,35 @@ def test_gpu_check_and_benchmarks_use_private_temp_folders():
     assert "/tmp/site" not in gpu and "mktemp -d" in gpu
     for py in (ROOT / "bench").glob("*.py"):
         assert 'default="/tmp' not in py.read_text(), py.name
+
+
+# ------------------------------------------------------------------ the real archives under attack
+@pytest.mark.slow
+def test_real_archives_hostile(shared_data, tmp_path):
+    """2D-S + PIP archives in one build beside a hostile tree (links in and out, a loop, a FIFO, a
+    device, a truncated image) and a hostile manifest; every input is accounted for, the real
+    images lose nothing but byte-identical duplicates, and a second writer is refused."""
+    tree = _tree(tmp_path / "tree", {"plate": 3})
+    (tree / "plate" / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(tree / "plate" / "fifo.png")
+    (tree / "plate" / "cut.png").write_bytes(_png(99)[:40])
+    (tree / "plate" / "loop").symlink_to(tree / "plate")
+    (tree / "outside").symlink_to(shared_data)
+    (tmp_path / "m.csv").write_text("path,habit\n../../etc/passwd,x\n/dev/zero,x\ntree/plate/0.png,plate\n")
+    zips = [str(shared_data / "2ds_training.zip"), str(shared_data / "pip_training.zip")]
+    out = tmp_path / "out"
+    index = shards.build([*zips, str(tree), str(tmp_path / "m.csv")], out, shards.BuildConfig(), workers=2,
+                         **BUILD)
+    t = index["totals"]
+    real = [r for p, r in _rejected(out).items() if p.split("/")[0].endswith(".zip")]
+    assert {r["reason"] for r in real} <= {"duplicate"}
+    assert t["inputs"] == t["written"] + t["rejected"] and t["inputs"] >= 5025 + 3281
+    mine = {Path(p).name: r["reason"] for p, r in _rejected(out).items() if not p.split("/")[0].endswith(".zip")}
+    assert mine["zero.png"] == "outside_root" and mine["fifo.png"] == "not_regular" and mine["cut.png"] == "corrupt"
+    assert mine["loop"] == "symlink_loop" and mine["passwd"] == "outside_root"
+    assert {mine[Path(z).name] for z in zips} == {"outside_root"}  # the archives again, through tree/outside
+    assert shards.verify(out) == []
+    with fileio.lock_dir(out):
+        with pytest.raises(fileio.LockedError):
+            shards.build(zips, out, shards.BuildConfig(), **BUILD)
+    print(json.dumps({"inputs": t["inputs"], "written": t["written"], "rejected": t["rejected_by_reason"]}))

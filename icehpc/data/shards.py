@@ -280,7 +280,9 @@ def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = (),
     items: list[Item] = []
     manifest_set = {str(m) for m in manifests}
     given_all = [*inputs, *manifests]
-    roots = [os.path.realpath(g if Path(g).is_dir() else Path(g).parent) for g in given_all]
+    # roots: the folder inputs and the manifests' folders (a zip's folder is not an input root)
+    roots = [os.path.realpath(g) if Path(g).is_dir() else os.path.realpath(Path(g).parent)
+             for g in given_all if Path(g).is_dir() or str(g) in manifest_set or Path(g).suffix.lower() == ".csv"]
     for given in given_all:
         path = Path(given)
         name = printable(path.resolve().name)
