@@ -33,9 +33,10 @@ if [ "$DRY" = 0 ]; then
         echo "ERROR: no .whl/*.whl (run bench/prepare_wheels.sh on the CPU machine, carry .whl)" >&2
         exit 2
     fi
+    SITE=$(mktemp -d "${TMPDIR:-/tmp}/icehpc-site.XXXXXX")  # private, never a fixed shared path
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl >"$OUT/pip.txt" 2>&1 || { cat "$OUT/pip.txt"; echo "ERROR: wheel install failed" >&2; exit 2; }
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        --target "$SITE" .whl/*.whl >"$OUT/pip.txt" 2>&1 || { cat "$OUT/pip.txt"; echo "ERROR: wheel install failed" >&2; exit 2; }
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ! "$PY" -c "import torch, timm, triton, deepspeed, hjson, pydantic, webdataset, braceexpand, submitit, icehpc" \

@@ -1,6 +1,6 @@
 """Benchmark: shard building vs `tar cf` of the same files, and loader decode throughput.
 
-    python bench/shards.py [--n 20000] [--work /tmp/icehpc-bench-shards] [--workers 1 2] [--repeats 3]
+    python bench/shards.py [--n 20000] [--work DIR (default: a fresh mktemp -d folder)] [--workers 1 2] [--repeats 3]
 
 Makes N synthetic CPI-like PNGs with ~100×100 px crops (crop sides clipped to 96..112 px), once
 (cached in --work), then reports the median wall time of `tar cf` of the image folder and of
@@ -18,6 +18,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,12 +46,12 @@ def _median_time(fn, repeats: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=20000)
-    p.add_argument("--work", default="/tmp/icehpc-bench-shards")
+    p.add_argument("--work", default=None, help="scratch folder (default: a new private tempfile.mkdtemp folder)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--canvas", type=int, nargs="+", default=[96, 128])
     args = p.parse_args(argv)
-    work = Path(args.work)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="icehpc-bench-shards-"))
     src = work / f"synth-{args.n}"
     t0 = time.perf_counter()
     synth.synthesize(src, synth.SynthConfig(n=args.n, seed=0, min_side=96, max_side=112),

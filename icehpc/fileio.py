@@ -1,23 +1,75 @@
-"""Atomic file writes shared by every stage: a reader (or a resumed job) never sees a partial file."""
+"""Atomic file writes and output-folder locks shared by every stage.
+
+A reader (or a resumed job) never sees a partial file, and two jobs never write one output folder
+at once: :func:`lock_dir` takes an exclusive ``fcntl`` lock on ``DIR/.lock`` that the kernel drops
+when the holder exits (SIGKILL included), so a stale lock needs no cleanup.
+"""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import socket
 from pathlib import Path
+from typing import Iterator
+
+LOCK_NAME = ".lock"
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the output folder's lock; the message names it (host, PID)."""
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str, durable: bool = True) -> None:
     """Write ``data`` (str as UTF-8) to ``.NAME.tmp`` beside ``path``, then rename over ``path``.
 
-    The temporary name is fixed, so a write cut by a kill leaves one ``.*.tmp`` file that the rerun
-    overwrites (and that cleanup can glob); each output has one writer in icehpc (rank 0 or the
-    rank that owns it). ``durable`` fsyncs before the rename (survives power cuts, costs time: pass
+    The temporary name carries the writer's PID (``.NAME.PID.tmp``), so two processes never write
+    one temporary file; a write cut by a kill leaves a ``.*.tmp`` file that cleanup can glob. Each
+    output folder has one writer job (:func:`lock_dir`). ``durable`` fsyncs before the rename (survives power cuts, costs time: pass
     False for bulk files that a resumed job recreates anyway).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data.encode("utf-8") if isinstance(data, str) else data)
         if durable:
             fh.flush()
             os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "an unknown process"
+
+
+@contextlib.contextmanager
+def lock_dir(folder: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if needed) for the ``with`` block.
+
+    A second writer fails at once with :class:`LockedError` naming the holder (``host PID N``)
+    instead of waiting or interleaving its files with the first one's. The lock is advisory
+    (``flock``): it guards icehpc against itself, e.g. a Slurm requeue while the old job still runs.
+    On filesystems without ``flock`` support (some NFS mounts) the error says so.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"{what} {folder} is in use by {_holder(path)} (lock {path}); wait for that "
+                              "job to end or cancel it, or choose another output folder") from None
+        except OSError as exc:
+            raise LockedError(f"cannot lock {path} ({exc}); this filesystem may not support flock: "
+                              "put the output on a local or Lustre/GPFS folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} PID {os.getpid()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # releases the flock

@@ -14,7 +14,9 @@
 # world-executable. Open MPI jobs start with `srun --mpi=pmix`.
 set -euo pipefail
 
-STATE=${ICEHPC_SLURM_STATE:-/var/tmp/icehpc-slurm}
+# State (pid files, spool, logs) lives in a root-owned 0700 folder under /var/lib, which only root can
+# create: a predictable /var/tmp path could be pre-created (or linked) by another user.
+STATE=${ICEHPC_SLURM_STATE:-/var/lib/icehpc-slurm}
 CONF_DIR=/etc/slurm
 NODE=$(hostname -s)
 CPUS=${ICEHPC_SLURM_CPUS:-8}   # declared CPUs (> real cores is fine: config_overrides) so 2-task jobs can overlap
@@ -35,7 +37,20 @@ need_root() {
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+own_state() {  # create $STATE 0700 as root, or refuse one that someone else made or linked
+  if [ ! -e "$STATE" ] && [ ! -L "$STATE" ]; then
+    (umask 077; mkdir -p "$STATE")
+  fi
+  if [ -L "$STATE" ] || [ ! -d "$STATE" ] || [ "$(stat -c %u "$STATE")" != 0 ]; then
+    log "refusing state folder $STATE: not a root-owned folder (a link, or created by another user);"
+    log "remove it or set ICEHPC_SLURM_STATE to a folder of your own"
+    exit 1
+  fi
+  chmod 0700 "$STATE"
+}
+
 write_configs() {
+  own_state
   mkdir -p "$STATE"/{ctld,spool,log} "$CONF_DIR"
   if [ -f "$CONF_DIR/slurm.conf" ] && ! grep -qF "$MARK" "$CONF_DIR/slurm.conf"; then
     log "$CONF_DIR/slurm.conf exists and was not written by icehpc: refusing to overwrite it"; exit 1
@@ -111,16 +126,17 @@ start_munge() {
 
 start_mariadb() {
   if alive "$STATE/mariadbd.pid"; then return; fi
-  # mariadbd drops to user mysql: its socket, pid and log folders must be writable by it
-  mkdir -p /run/mysqld "$STATE/mariadb" && chown mysql:mysql /run/mysqld "$STATE/mariadb"
+  # mariadbd drops to user mysql: its socket, pid and log files go to /run/mysqld, which it owns
+  # ($STATE is 0700 root, out of its reach)
+  mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
   if [ ! -d /var/lib/mysql/mysql ]; then
     mysql_install_db --user=mysql --datadir=/var/lib/mysql >"$STATE/log/mysql_install_db.log" 2>&1
   fi
   setsid mariadbd --user=mysql --datadir=/var/lib/mysql --socket=/run/mysqld/mysqld.sock \
-    --pid-file="$STATE/mariadb/mariadbd.pid" --bind-address=127.0.0.1 \
-    --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 --log-error="$STATE/mariadb/mariadb.err" </dev/null >/dev/null 2>&1 &
+    --pid-file=/run/mysqld/mariadbd.pid --bind-address=127.0.0.1 \
+    --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 --log-error=/run/mysqld/mariadb.err </dev/null >/dev/null 2>&1 &
   wait_for 60 mariadb mariadb -uroot -e 'select 1'
-  ln -sf "$STATE/mariadb/mariadbd.pid" "$STATE/mariadbd.pid"
+  ln -sf /run/mysqld/mariadbd.pid "$STATE/mariadbd.pid"
 }
 
 start_daemon() {  # start_daemon NAME PIDFILE CHECK-COMMAND...

@@ -310,7 +310,9 @@ def synth_data(tmp_path_factory) -> Path:
 
 
 def _all_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every output file's bytes (not the folder lock, which names the last writer's PID)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def test_shard_limits_shuffle_and_worker_independence(synth_data, tmp_path):

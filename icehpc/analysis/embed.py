@@ -8,12 +8,16 @@ atomically: ``STORE.parts/<shard>.h5`` with the [CLS] token after the final norm
 column of the shard samples plus ``key``. A restarted job therefore recomputes only the shards whose
 part is missing. After a barrier rank 0 writes the master ``STORE`` (virtual datasets over the
 parts, :func:`icehpc.analysis.store.write_master`) and checks that its row count equals ``index.json``'s
-total and that no key occurs twice. ``STORE.parts/embed.json`` pins the model and inputs of the
-parts, so parts of a different model are never mixed into one store.
+total and that no key occurs twice. ``STORE.parts/embed.json`` pins the model of the parts, so parts
+of a different model are never mixed into one store, and each part records the sha256 of its shard
+(from ``index.json``) and the model's digest: a part whose shard was rebuilt since, or that another
+model wrote, is recomputed, never reused. Rank 0 holds the lock of ``STORE.parts`` for the whole job:
+a second job on the same store stops at once naming the holder.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -30,7 +34,7 @@ import numpy as np
 from .. import config as cfglib
 from ..config import field
 from ..data.format import NUMERIC_COLUMNS, STRING_COLUMNS
-from ..fileio import write_atomic
+from ..fileio import LockedError, lock_dir, write_atomic
 from ..ssl.config import AugmentConfig
 
 DEFAULT_ARCH = "vit_small_patch16_224"
@@ -181,29 +185,59 @@ def part_path(store: str | os.PathLike, shard: str) -> Path:
     return parts_dir(store) / (Path(shard).name.split(".")[0] + ".h5")
 
 
+MODEL_KEYS = ("backbone", "seed", "canvas")  # what makes two embeddings of one image comparable
+
+
+def model_digest(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({k: manifest[k] for k in MODEL_KEYS}, sort_keys=True).encode()).hexdigest()
+
+
 def _pin_run(store: Path, manifest: dict[str, Any]) -> None:
-    """Create STORE.parts/embed.json, or check that existing parts came from the same model/inputs."""
+    """Create STORE.parts/embed.json, or check that existing parts came from the same model.
+
+    The shard folder may change between runs (rebuilt shards): parts are pinned to their shard's
+    sha256 one by one and recomputed where it differs, so only the record of the inputs is updated."""
     path = parts_dir(store) / "embed.json"
     if path.exists():
         old = json.loads(path.read_text())
-        diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+        diff = sorted(k for k in MODEL_KEYS if old.get(k) != manifest[k])
         if diff:
             raise ValueError(f"{parts_dir(store)} holds parts of a different run (differs in {diff}); "
                              "use another --out or delete that folder")
-        return
+        if old == manifest:
+            return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(manifest, indent=2) + "\n")
 
 
+def part_is_current(part: Path, shard_sha256: str, model: str) -> bool:
+    """True when ``part`` exists and records this shard content and this model (else recompute it)."""
+    if not part.exists():
+        return False
+    import h5py
+
+    try:
+        with h5py.File(part, "r") as f:
+            return f.attrs.get("shard_sha256") == shard_sha256 and f.attrs.get("model") == model
+    except OSError:
+        return False
+
+
 def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Path, spec: BackboneSpec, *,
-                 seed: int, canvas: int, batch_size: int, num_workers: int, device: str) -> dict[str, Any]:
-    """Embed the given shards of this rank, one atomic part per shard; returns timing counters."""
+                 seed: int, canvas: int, batch_size: int, num_workers: int, device: str,
+                 shard_sha256: dict[str, str] | None = None, model_id: str = "") -> dict[str, Any]:
+    """Embed the given shards of this rank, one atomic part per shard; returns timing counters.
+
+    A part is reused only when it records the shard's sha256 (``shard_sha256``, from index.json)
+    and ``model_id`` (:func:`model_digest`); any other part is recomputed."""
     import torch
 
     from ..data.loader import ordered_loader
     from .store import write_part
 
-    todo = [p for p in shard_paths if not part_path(store, p).exists()]
+    sha = shard_sha256 or {}
+    todo = [p for p in shard_paths
+            if not part_is_current(part_path(store, p), sha.get(Path(p).name, ""), model_id)]
     stats = {"shards_done": len(shard_paths) - len(todo), "shards_computed": 0, "images": 0, "seconds": 0.0}
     if not todo:
         return stats
@@ -223,7 +257,8 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
                 embeddings.append(row)
                 rows.append(meta)
                 if len(rows) == shard_counts[name]:
-                    write_part(part_path(store, name), np.stack(embeddings).astype(np.float32), meta_columns(rows))
+                    write_part(part_path(store, name), np.stack(embeddings).astype(np.float32), meta_columns(rows),
+                               attrs={"shard_sha256": sha.get(name, ""), "model": model_id})
                     del pending[name]
                     stats["shards_computed"] += 1
             stats["images"] += len(metas)
@@ -271,6 +306,16 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
               seed: int = 0, like: str | None = None, provenance: dict[str, Any] | None = None
               ) -> dict[str, Any] | None:
     """The whole MPI job (every rank calls this); returns the summary on rank 0, None elsewhere."""
+    with contextlib.ExitStack() as held:  # the store lock, released however the job ends
+        return _run_embed(shard_dir, store, checkpoint=checkpoint, random_init=random_init, arch=arch,
+                          img_size=img_size, canvas=canvas, batch_size=batch_size, num_workers=num_workers,
+                          seed=seed, like=like, held=held, provenance=provenance)
+
+
+def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init: bool, arch: str | None,
+               img_size: int | None, canvas: int | None, batch_size: int, num_workers: int | None,
+               seed: int, like: str | None, held: contextlib.ExitStack,
+               provenance: dict[str, Any] | None) -> dict[str, Any] | None:
     import torch
 
     from .. import dist
@@ -289,10 +334,20 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
         index = read_index(shard_dir)
         paths = shard_paths(shard_dir)
         counts = {Path(s["name"]).name: int(s["samples"]) for s in index["shards"] if s["samples"] > 0}
+        shas = {Path(s["name"]).name: str(s.get("sha256", "")) for s in index["shards"]}
         spec = backbone_spec(checkpoint, arch, img_size, seed, like=like)
         canvas = canvas or spec.img_size
         manifest = {"backbone": asdict(spec), "seed": seed, "canvas": canvas,
                     "shards": str(Path(shard_dir).resolve()), "shard_counts": counts}
+        err = None
+        if rank == 0:  # one job per store: rank 0 holds the lock of STORE.parts until the end
+            try:
+                held.enter_context(lock_dir(parts_dir(store_path), "embedding store"))
+            except LockedError as exc:
+                err = str(exc)
+        err = comm.bcast(err, root=0)
+        if err:
+            raise LockedError(err)
         dist.run_on_root(comm, lambda: _pin_run(store_path, manifest))
         device = f"cuda:{env.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
@@ -300,7 +355,9 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
         workers = num_workers if num_workers is not None else (0 if device == "cpu" else 6)
         mine = assign_shards(paths, rank, world)
         stats = embed_shards(mine, counts, store_path, spec, seed=seed, canvas=canvas, batch_size=batch_size,
-                             num_workers=workers, device=device)
+                             num_workers=workers, device=device, shard_sha256=shas, model_id=model_digest(manifest))
+    except LockedError:
+        raise  # every rank got the same answer from rank 0
     except Exception:  # one failing rank must not leave the others waiting in the barrier forever
         if world > 1:
             traceback.print_exc()

@@ -26,6 +26,7 @@ a subset of another's is summed from it on rank 0 instead of accumulated again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -49,12 +50,15 @@ from ..data.synth import TEMPERATURE_EDGES_C
 from ..dist import mpi_comm, sum_op
 from .store import Store, StoreError, open_store
 from ..vmf import kappa_closed_form, kappa_mle
-from ..fileio import write_atomic
+from ..fileio import LockedError, lock_dir, write_atomic
 
 RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
 READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)
 _ONEHOT_MAX = 256  # up to this many groups in a read, Σx̂ is one one-hot matrix product
 MISSING, BELOW, ABOVE = "missing", "below range", "above range"
+#: 1 − R̄ below this: the group's directions agree to float32 rounding (angular spread ≲ 4e-5 rad);
+#: κ is reported as inf and the group flagged ``degenerate`` (duplicated or constant embeddings).
+DEGENERATE_GAP = 1e-9
 
 
 class KappaError(ValueError):
@@ -70,6 +74,8 @@ class BinSpec:
     merge_last: int = field(1, help="merge the last k equal-width bins into one (paper's width bins: 2)")
 
     def validate(self) -> None:
+        if self.edges and not np.all(np.isfinite(self.edges)):
+            raise ValueError(f"edges must be finite numbers, got {self.edges}")
         if self.edges and (len(self.edges) < 2 or np.any(np.diff(self.edges) <= 0)):
             raise ValueError(f"bin edges must be ≥ 2 strictly ascending numbers, got {self.edges}")
         if self.n_bins < 1 or not 1 <= self.merge_last <= self.n_bins:
@@ -293,6 +299,9 @@ def _estimates(sums: Sums, p: int, cfg: KappaConfig) -> dict[str, np.ndarray]:
         rbar = np.where(n > 0, norm / np.maximum(n, 1), np.nan)
         u = np.where(n > 1, (norm**2 - n) / (n * (n - 1)), np.nan)
     ok = n >= cfg.min_count
+    # identical (or float32-identical) vectors: R̄ = 1 up to rounding, the MLE is a rounding artefact
+    # (2.9e17 for 500 copies) — report κ = inf and flag the group instead
+    degenerate = ok & (1.0 - np.nan_to_num(rbar, nan=0.0) < DEGENERATE_GAP)
     kappa = np.full(n.shape, np.nan)
     kdeb = np.full(n.shape, np.nan)
     kcf = np.full(n.shape, np.nan)
@@ -302,7 +311,8 @@ def _estimates(sums: Sums, p: int, cfg: KappaConfig) -> dict[str, np.ndarray]:
     if ok.any():
         kappa[ok] = kappa_mle(rbar[ok], p)
         kcf[ok] = kappa_closed_form(rbar[ok], p)
-        kdeb[ok] = kappa_mle(np.sqrt(np.clip(u[ok], 0.0, 1.0)), p)
+        two = ok & np.isfinite(u)  # the debiased estimate needs n ≥ 2 (min_count may be 1)
+        kdeb[two] = kappa_mle(np.sqrt(np.clip(u[two], 0.0, 1.0)), p)
     if cfg.bootstrap and ok.any():
         sw2 = np.einsum("gbd,gbd->gb", sums.sw[ok], sums.sw[ok])
         den = sums.w[ok] ** 2 - sums.w2[ok]
@@ -315,7 +325,10 @@ def _estimates(sums: Sums, p: int, cfg: KappaConfig) -> dict[str, np.ndarray]:
             q = np.nanquantile(kb, [alpha, 1 - alpha], axis=1)
         lo[ok], hi[ok] = q[0], q[1]
         unstable[ok] = good.mean(axis=1) < 0.95
-    return dict(n=n, rbar=rbar, mean_cos_centroid=rbar, mean_pairwise_cos=u, kappa=kappa,
+    for a in (kappa, kdeb, kcf, lo, hi):
+        a[degenerate] = np.inf
+    unstable[degenerate] = False
+    return dict(degenerate=degenerate, n=n, rbar=rbar, mean_cos_centroid=rbar, mean_pairwise_cos=u, kappa=kappa,
                 kappa_debiased=kdeb, kappa_closed_form=kcf, ci_low=lo, ci_high=hi,
                 unstable=unstable)
 
@@ -326,6 +339,8 @@ def _flags(n_valid: float, est: dict, i: int, cfg: KappaConfig) -> str:
         f.append("empty")
     elif n_valid < cfg.min_count:
         f.append(f"n<{cfg.min_count}")
+    if est["degenerate"][i]:
+        f.append("degenerate")
     if est["unstable"][i]:
         f.append("ci_unstable")
     k, lo, hi = est["kappa"][i], est["ci_low"][i], est["ci_high"][i]
@@ -502,7 +517,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
 
 def _num(v: Any) -> str:
     if isinstance(v, float):
-        return "" if not np.isfinite(v) else repr(v)
+        return "inf" if v == np.inf else "" if not np.isfinite(v) else repr(v)
     return str(v)
 
 
@@ -540,10 +555,11 @@ def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> None:
 
 
 def fingerprint(store: Store, cfg: KappaConfig) -> str:
-    """Hash of the config and the store files' sizes and mtimes: same hash → same result."""
-    files = [Path(store.path)] + list(store.parts)
-    facts = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
-    blob = json.dumps({"cfg": cfgmod.to_dict(cfg), "files": facts, "block": RNG_BLOCK}, sort_keys=True)
+    """Hash of the config and the store's content: the sha256 of the file opened and the parts'
+    checksums its master records (which :func:`open_store` verified against the parts). Sizes
+    and mtimes are not content: a part edited in place with both kept must not be "up to date"."""
+    facts = {"file": store.sha256, "parts": list(store.part_sha256), "rows": list(store.part_rows)}
+    blob = json.dumps({"cfg": cfgmod.to_dict(cfg), "store": facts, "block": RNG_BLOCK}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -551,8 +567,25 @@ def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: Ka
               force: bool = False, comm: Any = None, provenance: dict[str, Any] | None = None
               ) -> dict[str, Any] | None:
     """Library entry point: skip if ``out_dir`` already holds this exact run (requeue-safe),
-    else compute and write on rank 0. Returns what kappa.json holds on rank 0 (NaN as None)."""
+    else compute and write on rank 0. Returns what kappa.json holds on rank 0 (NaN as None).
+
+    Rank 0 holds the lock of ``out_dir`` throughout: a second job writing there stops at once."""
     comm = comm if comm is not None else mpi_comm()
+    with contextlib.ExitStack() as held:
+        err = None
+        if comm.Get_rank() == 0:
+            try:
+                held.enter_context(lock_dir(out_dir, "kappa output folder"))
+            except LockedError as exc:
+                err = str(exc)
+        err = comm.bcast(err, root=0)
+        if err:
+            raise LockedError(err)
+        return _run_kappa(store_path, out_dir, cfg, force, comm, provenance)
+
+
+def _run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: KappaConfig,
+               force: bool, comm: Any, provenance: dict[str, Any] | None) -> dict[str, Any] | None:
     out = Path(out_dir)
     with open_store(store_path) as store:
         fp = fingerprint(store, cfg)
@@ -571,7 +604,8 @@ def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: Ka
     if result is None:
         return None
     result["run"].update(
-        fingerprint=fp, config=cfgmod.to_dict(cfg), config_source=provenance, started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)),
+        fingerprint=fp, config=cfgmod.to_dict(cfg), config_source=provenance,
+        started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)),
         host=socket.gethostname(), icehpc=__version__, python=platform.python_version(),
         numpy=np.__version__, argv=sys.argv)
     write_outputs(out, result)
@@ -611,7 +645,7 @@ def run(args: argparse.Namespace) -> int:
     comm = mpi_comm()
     try:
         res = run_kappa(args.store, args.out, cfg, force=args.force, comm=comm, provenance=cfgmod.provenance(args))
-    except (KappaError, StoreError) as exc:
+    except (KappaError, StoreError, LockedError) as exc:
         if comm.Get_rank() == 0:
             print(f"icehpc kappa: error: {exc}", file=sys.stderr)
         return 2

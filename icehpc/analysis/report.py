@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import re
 import json
 import os
 import shutil
@@ -232,7 +233,8 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     order = sorted(by, key=lambda g: (-len(g.split(":")), [rank.get(c, 9) for c in reversed(g.split(":"))], g))
     for g in order:
         cols = g.split(":")
-        name = "kappa_" + g.replace(":", "_by_") + ".png"
+        # column names come from data: keep the file name to safe characters (no '/', '..', markup)
+        name = "kappa_" + re.sub(r"[^\w\-]", "_", g.replace(":", "_by_"), flags=re.ASCII) + ".png"
         if len(cols) == 2 and (cols[0] in bins) != (cols[1] in bins):
             cat, col = (cols[1], cols[0]) if cols[0] in bins else (cols[0], cols[1])
             note = fig_binned(plt, cat, col, by[g], by.get(col, []), out / name, run["config"]["min_count"])
@@ -267,17 +269,17 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
              f"{len(flagged)} flagged; {run['rows_nonfinite']:,} non-finite and {run['rows_zero_norm']:,} "
              f"zero-norm rows skipped. κ is the concentration of L2-normalised embeddings around their "
              f"group mean direction: high κ = low habit diversity. Groups with fewer than "
-             f"{run['config']['min_count']} valid rows are not estimated.</p>"]
+             f"{html.escape(str(run['config']['min_count']))} valid rows are not estimated.</p>"]
     for name, title, caption in figures:
         data = base64.b64encode((out / name).read_bytes()).decode()
         parts.append(f"<h2>{html.escape(title)}</h2><figure><img alt='{html.escape(title)}' "
                      f"src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)} "
-                     f"File: <code>{name}</code>.</figcaption></figure>")
+                     f"File: <code>{html.escape(name)}</code>.</figcaption></figure>")
     parts.append(f"<h2>Flagged groups ({len(flagged)})</h2>")
     parts.append("<p>Flags: <code>n&lt;min</code> too few rows (not estimated), <code>empty</code> no valid "
                  "rows, <code>mle_outside_ci"
                  "</code> the MLE's small-sample bias exceeds the CI, <code>ci_unstable</code> too few "
-                 "usable bootstrap replicates.</p>")
+                 "usable bootstrap replicates, <code>degenerate</code> identical directions (κ = inf).</p>")
     parts.append(_table(flagged, ["grouping", "group", "n", "n_skipped", "kappa", "kappa_debiased", "ci_low",
                                   "ci_high", "flag"])
                  if flagged else "<p>None.</p>")

@@ -9,11 +9,16 @@ Schema (also what a user writes by hand; a single such file is a valid store):
 Parts written by :func:`write_part` also hold ``icehpc/present`` (uint8 ones). The master written by
 :func:`write_master` maps every dataset onto its parts with HDF5 virtual datasets; ``icehpc/present``
 is virtual with fill value 0, which no part contains. HDF5 silently returns fill values for a
-missing source file, so :func:`open_store` checks every part exists with the recorded row count and
-:meth:`Store.read` checks the marker — a lost part is a :class:`StoreError`, never rows of zeros.
+missing source file or dataset, so the master also records per part its sha256 and its datasets
+with their shapes and dtypes (``part_sha256``, ``part_datasets``), and :func:`open_store` checks
+them all, plus that no ``key`` occurs twice: a lost, truncated, rewritten, copied or edited part is
+a :class:`StoreError` naming it, never rows of fill values or silently different numbers.
+:meth:`Store.read` still checks the marker. Files are created with the umask's permissions.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -34,6 +39,28 @@ class StoreError(ValueError):
     """The store is unusable as given; the message says which file/dataset and why."""
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _datasets(f: h5py.File) -> dict[str, list]:
+    """name → [shape, dtype] of every dataset of a part (what the master maps onto it)."""
+    out: dict[str, list] = {}
+    f.visititems(lambda name, obj: out.__setitem__(name, [list(obj.shape), str(obj.dtype)])
+                 if isinstance(obj, h5py.Dataset) else None)
+    return dict(sorted(out.items()))
+
+
 def _atomic_h5(path: str | os.PathLike, fill) -> None:
     """Run ``fill(h5py.File)`` on a temp file beside ``path``, then rename it into place."""
     path = Path(path)
@@ -43,7 +70,7 @@ def _atomic_h5(path: str | os.PathLike, fill) -> None:
     try:
         with h5py.File(tmp, "w") as f:
             fill(f)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask like open() does
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -52,6 +79,8 @@ def _atomic_h5(path: str | os.PathLike, fill) -> None:
 
 
 def _column_array(name: str, values, n: int) -> np.ndarray:
+    if not name.strip() or "/" in name or "." in name:  # HDF5 would make groups ('a/b') or fail ('.')
+        raise StoreError(f"meta column name {name!r} cannot be stored (empty, or holds '/' or '.'); rename it")
     arr = np.asarray(values)
     if arr.ndim != 1 or arr.shape[0] != n:
         raise StoreError(f"meta column '{name}' has shape {arr.shape}, expected ({n},)")
@@ -62,9 +91,11 @@ def _column_array(name: str, values, n: int) -> np.ndarray:
     return arr
 
 
-def write_part(path: str | os.PathLike, embeddings, meta: Mapping[str, Sequence]) -> None:
+def write_part(path: str | os.PathLike, embeddings, meta: Mapping[str, Sequence],
+               attrs: Mapping[str, str] | None = None) -> None:
     """Write one part: ``embeddings`` [n, D] (float16 stays float16, other floats → float32) and
-    ``meta`` columns of length n. Atomic: readers see the old file or the complete new one."""
+    ``meta`` columns of length n; ``attrs`` (strings) pin its provenance (e.g. the shard's sha256).
+    Atomic: readers see the old file or the complete new one."""
     emb = np.asarray(embeddings)
     if emb.ndim != 2:
         raise StoreError(f"embeddings must be [n, D], got shape {emb.shape}")
@@ -81,6 +112,8 @@ def write_part(path: str | os.PathLike, embeddings, meta: Mapping[str, Sequence]
             g.create_dataset(k, data=arr, dtype=_STR if arr.dtype == object else arr.dtype)
         f.create_dataset(PRESENT, data=np.ones(n, dtype=np.uint8))
         f.attrs["icehpc_store"] = "part"
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = str(v)
 
     _atomic_h5(path, fill)
 
@@ -123,6 +156,11 @@ def write_master(path: str | os.PathLike, part_paths: Sequence[str | os.PathLike
             raise StoreError(f"meta columns differ: {parts[0]} has {sorted(cols)}, {p} has {sorted(cp)}")
     total = int(sum(rows))
     rel = [os.path.relpath(p.resolve(), path.resolve().parent) for p in parts]
+    sums = [file_sha256(p) for p in parts]
+    layouts = []
+    for p in parts:
+        with h5py.File(p, "r") as pf:
+            layouts.append(json.dumps(_datasets(pf), sort_keys=True))
 
     def vds(f: h5py.File, name: str, dt, tail: tuple, fillvalue) -> None:
         layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dt)
@@ -142,6 +180,8 @@ def write_master(path: str | os.PathLike, part_paths: Sequence[str | os.PathLike
         f.attrs["icehpc_store"] = "master"
         f.attrs["parts"] = np.array(rel, dtype=_STR)
         f.attrs["part_rows"] = np.array(rows, dtype=np.int64)
+        f.attrs["part_sha256"] = np.array(sums, dtype=_STR)
+        f.attrs["part_datasets"] = np.array(layouts, dtype=_STR)
 
     _atomic_h5(path, fill)
 
@@ -157,6 +197,9 @@ class Store:
     column_kinds: dict[str, str]  # column → "str" | "num"
     parts: list[Path] = field(default_factory=list)
     part_rows: list[int] = field(default_factory=list)
+    #: sha256 of each part as recorded by the master (checked by open_store), and of the file opened
+    part_sha256: list[str] = field(default_factory=list)
+    sha256: str = ""
     _f: h5py.File | None = None
 
     def read(self, start: int, stop: int, columns: Sequence[str] | None = None,
@@ -205,8 +248,40 @@ class Store:
         self.close()
 
 
-def open_store(path: str | os.PathLike) -> Store:
-    """Open a master file, a single hand-written file, or a folder holding ``store.h5``."""
+def _text(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _check_part(path: Path, part: Path, rows: int, d: int, sha: str | None, layout: str | None) -> None:
+    if not part.exists():
+        raise StoreError(f"{path}: part {part} is missing (the master maps {rows} rows onto it); re-run "
+                         "`icehpc embed` with the same arguments to recompute it")
+    try:
+        with h5py.File(part, "r") as pf:
+            got = pf[EMB].shape if EMB in pf else None
+            have = _datasets(pf)
+    except OSError as exc:
+        raise StoreError(f"{path}: part {part} is not a readable HDF5 file ({exc}); delete it and re-run "
+                         "`icehpc embed` to recompute it") from None
+    if got is None or got[0] != rows or got[1] != d:
+        raise StoreError(f"{path}: part {part} has embeddings {got}, the master expects ({rows}, {d}); "
+                         "it was rewritten after the master — rebuild the master")
+    if layout is not None:
+        want = json.loads(layout)
+        if have != want:
+            diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have.get(k))
+            raise StoreError(f"{path}: part {part} datasets differ from what the master recorded ({diff[:4]}); "
+                             "the part was edited or replaced: delete it and re-run `icehpc embed`")
+    if sha is not None and file_sha256(part) != sha:
+        raise StoreError(f"{path}: part {part} does not match the sha256 the master recorded: it was rewritten, "
+                         "replaced or edited after the master; delete it and re-run `icehpc embed`")
+
+
+def open_store(path: str | os.PathLike, verify: bool = True) -> Store:
+    """Open a master file, a single hand-written file, or a folder holding ``store.h5``.
+
+    ``verify`` (default) checks every part of a master against the recorded checksum and datasets
+    (reads every part once) and that the ``key`` column, where there is one, has no duplicates."""
     path = Path(path)
     if path.is_dir():
         path = path / MASTER_NAME
@@ -236,22 +311,29 @@ def open_store(path: str | os.PathLike) -> Store:
                     raise StoreError(f"{path}: meta/{k} has unsupported dtype {ds.dtype}")
         parts: list[Path] = []
         rows: list[int] = []
+        sums: list[str] = []
         if f.attrs.get("icehpc_store") == "master":
-            rel = [p.decode() if isinstance(p, bytes) else str(p) for p in f.attrs["parts"]]
+            rel = _text(f.attrs["parts"])
             rows = [int(r) for r in f.attrs["part_rows"]]
             parts = [(path.parent / r) for r in rel]
-            for p, r in zip(parts, rows):
-                if not p.exists():
-                    raise StoreError(f"{path}: part {p} is missing (the master maps {r} rows onto it)")
-                with h5py.File(p, "r") as pf:
-                    got = pf[EMB].shape if EMB in pf else None
-                if got is None or got[0] != r or got[1] != d:
-                    raise StoreError(f"{path}: part {p} has embeddings {got}, the master expects ({r}, {d}); "
-                                     "it was rewritten after the master — rebuild the master")
+            sums = _text(f.attrs["part_sha256"]) if "part_sha256" in f.attrs else []
+            layouts = _text(f.attrs["part_datasets"]) if "part_datasets" in f.attrs else []
+            for i, (p, r) in enumerate(zip(parts, rows)):
+                _check_part(path, p, r, d, sums[i] if verify and sums else None, layouts[i] if layouts else None)
             if sum(rows) != n:
                 raise StoreError(f"{path}: parts hold {sum(rows)} rows but the master has {n}")
-        return Store(path=path, n_rows=n, dim=d, columns=sorted(kinds), column_kinds=kinds,
-                     parts=parts, part_rows=rows, _f=f)
+        store = Store(path=path, n_rows=n, dim=d, columns=sorted(kinds), column_kinds=kinds,
+                      parts=parts, part_rows=rows, part_sha256=sums, sha256=file_sha256(path), _f=f)
+        if verify and kinds.get("key") == "str" and n:
+            keys = f[META]["key"].asstr()[:]
+            uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
+            if len(uniq) != n:
+                dup = uniq[counts > 1][:3].tolist()
+                rows_at = [store._part_of(int(first[counts > 1][0]))] if parts else [str(path)]
+                raise StoreError(f"{path}: sample keys occur more than once ({dup}, e.g. in {rows_at[0]}): a part "
+                                 "was copied or shards hold duplicate keys; delete the duplicated part and re-run "
+                                 "`icehpc embed`")
+        return store
     except BaseException:
         f.close()
         raise

@@ -13,8 +13,17 @@ Output of ``build INPUT... --out DIR``:
 Inputs. A folder tree or ``.zip`` where the first-level folder is the label (stored under
 ``--label-column``, default ``habit``); a tree whose only top-level entry is one folder that itself
 holds folders is descended into (``DS_training_data/Class (01) Pri/x.png`` → ``Class (01) Pri``).
-Symlinked folders are not followed. A ``.csv`` input (or ``--manifest``) is a manifest: a ``path``
-column (relative to the CSV's folder) plus metadata columns, rows kept in file order.
+Every directory entry is ingested or written to ``rejected.jsonl``: a folder link is followed once
+(``symlink_loop`` when it points back at a folder being walked), anything that is not a regular file
+(device, FIFO, socket) is ``not_regular``, a broken link is ``unreadable``. A ``.csv`` input (or
+``--manifest``) is a manifest: a ``path`` column (relative to the CSV's folder) plus metadata
+columns, rows kept in file order. Column names must be plain (letters, digits, ``_ - ( )`` and
+spaces; no ``/`` or ``.``) and must not shadow the names the tool sets itself (``key``, ``shard``,
+``source_path`` …): a bad header is a config error before any work.
+
+Confinement: a file (through any link) or manifest path must resolve inside one of the given input
+folders or manifest folders; otherwise it is rejected as ``outside_root`` unless ``--allow-outside``
+is given (``/etc/passwd``, ``../outside.png`` and ``/dev/zero`` in a manifest never get read).
 
 Per-column policy for manifest values: the label column must be non-empty (else ``missing_label``);
 float columns (temperature_c, pressure_hpa, particle_width_um, particle_height_um, pixel_um) accept
@@ -26,7 +35,8 @@ Hostile inputs are rejected with a reason and never stop the build: ``empty``, `
 ``too_large``, ``no_label``, ``not_image``, ``corrupt`` (truncated, bad CRC/zlib/JPEG data),
 ``decompression_bomb`` (declared pixels > ``max_pixels``, checked before decoding),
 ``unsupported_mode`` (float images or 32-bit integers beyond 16 bits), ``duplicate`` (same sha256
-as an earlier input). Faithful conversions are applied instead and listed in ``conversion``:
+as an earlier input), ``not_regular``, ``outside_root``, ``symlink_loop``. Every input (file or zip
+member) is read in bounded chunks, never more than ``max_file_bytes + 1`` bytes. Faithful conversions are applied instead and listed in ``conversion``:
 EXIF orientation, 16-bit → 8-bit (v/257), alpha composited over white, palette/RGB/CMYK → luma,
 first frame of multi-frame files. An 8-bit grayscale PNG is stored byte-for-byte.
 
@@ -37,7 +47,9 @@ inputs (+ seed); pass 2 concatenates spooled members into shards (parallel over 
 file is written under a temporary name and renamed; a rerun of the same command skips committed
 chunks and shards, so a build killed at any point (SIGKILL included) ends byte-identical to an
 uninterrupted one, whatever ``--workers``. Rerunning a finished build re-checks the inputs and
-leaves the output untouched if nothing changed.
+leaves the output untouched if nothing changed; a shard deleted or altered since is rebuilt.
+One build at a time per ``--out``: the folder is locked (``DIR/.lock``); a second build stops at once
+naming the holder's host and PID.
 """
 from __future__ import annotations
 
@@ -49,7 +61,9 @@ import io
 import json
 import math
 import os
+import re
 import shutil
+import stat
 import tarfile
 import warnings
 import zipfile
@@ -63,13 +77,19 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import config as cfg
-from ..fileio import write_atomic
+from ..fileio import lock_dir, write_atomic
 from .format import FLOAT_KEYS, FORMAT, INDEX, METADATA_KEYS, iter_samples, sample_key, shard_name
 
 MISSING_TEXT = frozenset({"", "na", "n/a", "nan", "null", "none"})
 ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "PPM")  # never e.g. EPS (runs Ghostscript)
 TAR_MTIME = 946684800  # 2000-01-01: fixed so builds are byte-identical (0 makes GNU tar warn)
 WORK = ".work"
+#: Names the tool itself writes into every sample's JSON or the embedding store: a manifest column
+#: of that name would silently replace them (``key``/``shard`` are the store's sample identity).
+RESERVED_COLUMNS = frozenset({"key", "shard", "source_path", "source_sha256", "orig_width", "orig_height",
+                              "conversion"})
+_COLUMN_RE = re.compile(r"[^\W][\w \-()]*")  # word characters, space, - and (): safe in HDF5, HTML, files
+_MAX_DEPTH = 64  # folder nesting followed below an input (links included)
 
 
 class Reject(Exception):
@@ -132,24 +152,53 @@ def _descend(tops: dict[str, bool], children: Any) -> list[str]:
     return prefix
 
 
-def _tree_items(root: Path) -> Iterator[tuple[str, str, str, str | None]]:
-    """(path below the label root, path below ``root``, full path, listing error) per file, byte-sorted.
+def _walk(base: str) -> list[tuple[str, tuple[str, str] | None]]:
+    """(full path, rejection or None) for every non-folder entry below ``base``, folder links followed.
 
-    A folder that cannot be listed becomes one entry with its error, so it is counted, not lost."""
+    A link is followed once per occurrence; one that points at a folder on the current path (a
+    loop) becomes a ``symlink_loop`` entry, a folder that cannot be listed an ``unreadable`` one,
+    so nothing below ``base`` goes uncounted."""
+    found: list[tuple[str, tuple[str, str] | None]] = []
+
+    def visit(folder: str, ancestors: frozenset[str], depth: int) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: os.fsencode(e.name))
+        except OSError as exc:
+            found.append((folder, ("unreadable", f"cannot list folder: {exc}")))
+            return
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                found.append((e.path, None))
+                continue
+            real = os.path.realpath(e.path)
+            if real in ancestors:
+                found.append((e.path, ("symlink_loop", f"folder link to {printable(real)} points back at a folder "
+                                                       "being walked; not followed")))
+            elif depth >= _MAX_DEPTH:
+                found.append((e.path, ("unreadable", f"folders nested deeper than {_MAX_DEPTH}; not followed")))
+            else:
+                visit(e.path, ancestors | {real}, depth + 1)
+
+    visit(base, frozenset({os.path.realpath(base)}), 0)
+    return found
+
+
+def _tree_items(root: Path) -> Iterator[tuple[str, str, str, tuple[str, str] | None]]:
+    """(path below the label root, path below ``root``, full path, rejection) per entry, byte-sorted."""
     def children(parts: list[str]) -> dict[str, bool]:
         d = root.joinpath(*parts)
         return {e.name: e.is_dir(follow_symlinks=False) for e in os.scandir(d)}
 
     prefix = _descend(children([]), children)
     base = root.joinpath(*prefix)
-    found: list[tuple[str, str, str | None]] = []
-    for dirpath, _dirs, filenames in os.walk(base, followlinks=False,
-                                             onerror=lambda e: found.append((e.filename, e.filename, str(e)))):
-        found += [(os.path.join(dirpath, f), os.path.join(dirpath, f), None) for f in filenames]
-    found = [(os.path.relpath(full, base), full, err) for _, full, err in found]
+    found = [(os.path.relpath(full, base), full, rej) for full, rej in _walk(str(base))]
     found.sort(key=lambda x: os.fsencode(x[0]))
-    for rel, full, err in found:
-        yield rel, os.path.relpath(full, root), full, err
+    for rel, full, rej in found:
+        yield rel, os.path.relpath(full, root), full, rej
 
 
 def _zip_items(path: Path) -> Iterator[tuple[str, str, int]]:
@@ -208,28 +257,53 @@ def _row_meta(row: dict[str, str], label_column: str) -> dict[str, Any]:
     return meta
 
 
-def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = ()) -> list[Item]:
-    """Every input file as an :class:`Item`, in a deterministic order (inputs as given, then sorted)."""
+def _inside(path: str, roots: list[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def _confine(item: Item, roots: list[str]) -> None:
+    """Reject a filesystem item whose real path (links resolved) is outside every input root."""
+    if item.reject is None and isinstance(item.where, str) and not _inside(item.where, roots):
+        item.reject = ("outside_root", f"resolves to {printable(os.path.realpath(item.where))}, outside the input "
+                                       "folders; pass --allow-outside to read it")
+
+
+def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = (),
+         allow_outside: bool = False) -> list[Item]:
+    """Every input file as an :class:`Item`, in a deterministic order (inputs as given, then sorted).
+
+    Unless ``allow_outside``, files must resolve inside the given folders or the manifests' folders."""
     items: list[Item] = []
     manifest_set = {str(m) for m in manifests}
-    for given in [*inputs, *manifests]:
+    given_all = [*inputs, *manifests]
+    # roots: the folder inputs and the manifests' folders (a zip's folder is not an input root)
+    roots = [os.path.realpath(g) if Path(g).is_dir() else os.path.realpath(Path(g).parent)
+             for g in given_all if Path(g).is_dir() or str(g) in manifest_set or Path(g).suffix.lower() == ".csv"]
+    for given in given_all:
         path = Path(given)
         name = printable(path.resolve().name)
+        start = len(items)
         if str(given) in manifest_set or path.suffix.lower() == ".csv":
             items += _scan_manifest(path, name, label_column, len(items))
         elif path.is_dir():
-            for rel, below, full, err in _tree_items(path):
+            for rel, below, full, rej in _tree_items(path):
                 parts = Path(rel).parts
                 item = Item(len(items), name, f"{name}/{printable(below)}", full, {})
-                if err is not None:
-                    item.reject = ("unreadable", f"cannot list folder: {err}")
+                if rej is not None:
+                    item.reject = rej
                 elif len(parts) < 2:
                     item.reject = ("no_label", "file is not inside a label folder")
                 else:
                     item.meta[label_column] = printable(parts[0])
                 items.append(item)
         elif path.is_file() and zipfile.is_zipfile(path):
-            for rel, member, index in _zip_items(path):
+            try:
+                members = list(_zip_items(path))
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise cfg.ConfigError(f"input {given}: zip archive is corrupt ({exc}); re-download or repair it "
+                                      "(zip -FF)") from None
+            for rel, member, index in members:
                 parts = rel.split("/")
                 item = Item(len(items), name, f"{name}/{printable(member)}", (str(path), index), {})
                 if len(parts) < 2:
@@ -237,9 +311,36 @@ def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = ()) ->
                 else:
                     item.meta[label_column] = parts[0]
                 items.append(item)
+        elif path.is_file() and path.suffix.lower() == ".zip":
+            raise cfg.ConfigError(f"input {given}: zip archive is truncated or corrupt (no central directory "
+                                  "found); re-download it or repair it (zip -FF) and pass the repaired file")
+        elif not path.exists():
+            raise cfg.ConfigError(f"input {given}: does not exist")
         else:
             raise cfg.ConfigError(f"input {given}: not a folder, a .zip or a .csv manifest")
+        if not allow_outside:
+            for item in items[start:]:
+                _confine(item, roots)
     return items
+
+
+def check_column_names(names: list[str], where: str) -> None:
+    """Raise ConfigError for a manifest header the shards and the store cannot carry faithfully."""
+    seen: set[str] = set()
+    for raw in names:
+        name = "" if raw is None else raw.strip()
+        if name in seen:
+            why = "occurs twice in the header"
+        elif name in RESERVED_COLUMNS:
+            why = "is set by icehpc itself (reserved names: " + ", ".join(sorted(RESERVED_COLUMNS)) + ")"
+        elif name.startswith("__"):
+            why = "starts with '__' (reserved for webdataset)"
+        elif not _COLUMN_RE.fullmatch(name):
+            why = "is not a plain name (use letters, digits, '_', '-', '(', ')' and spaces; no '/' or '.')"
+        else:
+            seen.add(name)
+            continue
+        raise cfg.ConfigError(f"manifest {where}: column name {printable(name)!r} {why}; rename that column")
 
 
 def _scan_manifest(path: Path, name: str, label_column: str, start: int) -> list[Item]:
@@ -248,6 +349,7 @@ def _scan_manifest(path: Path, name: str, label_column: str, start: int) -> list
         if not reader.fieldnames or "path" not in reader.fieldnames or label_column not in reader.fieldnames:
             raise cfg.ConfigError(f"manifest {path}: needs a 'path' and a {label_column!r} column "
                                   f"(has {reader.fieldnames})")
+        check_column_names(list(reader.fieldnames), str(path))
         rows = list(reader)
     items, parent = [], str(path.parent)
     for row in rows:
@@ -268,8 +370,28 @@ def _scan_manifest(path: Path, name: str, label_column: str, start: int) -> list
 _ZIPS: dict[tuple[int, str], zipfile.ZipFile] = {}
 
 
+def _read_capped(f: Any, max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes of ``f``, in 1 MiB reads: a stream longer than it claims (a
+    zip member, a file growing, a device) can never cost more memory than the cap."""
+    parts, total = [], 0
+    while True:
+        block = f.read(min(1 << 20, max_bytes + 1 - total))
+        if not block:
+            return b"".join(parts)
+        parts.append(block)
+        total += len(block)
+        if total > max_bytes:
+            raise Reject("too_large", f"more than max_file_bytes {max_bytes}")
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
 def read_source(item: Item, max_bytes: int) -> bytes:
-    """The bytes of one input (raises :class:`Reject`); zips are opened once per process."""
+    """The bytes of one input (raises :class:`Reject`); zips are opened once per process.
+
+    Files are opened non-blocking (a FIFO cannot hang the build) and must be regular files."""
     try:
         if isinstance(item.where, tuple):
             zpath, index = item.where
@@ -280,13 +402,17 @@ def read_source(item: Item, max_bytes: int) -> bytes:
             if info.file_size > max_bytes:  # zipfile never inflates past the declared size
                 raise Reject("too_large", f"{info.file_size} bytes > max_file_bytes {max_bytes}")
             with z.open(info) as f:
-                data = f.read()
+                data = _read_capped(f, max_bytes)
         else:
-            with open(item.where, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > max_bytes:
-                    raise Reject("too_large", f"{size} bytes > max_file_bytes {max_bytes}")
-                data = f.read()  # sized by fstat: read(max_bytes) would allocate max_bytes each time
+            fd = os.open(item.where, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb", buffering=0) as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
+                    raise Reject("not_regular", f"{kind}, not a regular file; not read")
+                if st.st_size > max_bytes:
+                    raise Reject("too_large", f"{st.st_size} bytes > max_file_bytes {max_bytes}")
+                data = _read_capped(f, max_bytes)
     except (OSError, RuntimeError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise Reject("unreadable", f"{type(exc).__name__}: {exc}") from None
     if len(data) > max_bytes:  # grew while being read
@@ -578,9 +704,41 @@ CHUNK = 500  # inputs per check task (and per resumable spool file)
 
 
 def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifests: Iterable[str] = (),
-          workers: int = 1, progress: bool = True, overwrite: bool = False,
+          workers: int = 1, progress: bool = True, overwrite: bool = False, allow_outside: bool = False,
           provenance: dict[str, Any] | None = None) -> dict:
     """Build (or finish, or confirm) the shards of ``inputs`` in ``out``; returns the index.
+
+    The whole build holds the lock of ``out`` (:func:`icehpc.fileio.lock_dir`): a second build
+    into the same folder raises :class:`icehpc.fileio.LockedError` before touching anything.
+    """
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with lock_dir(out, "shard folder"):
+        return _build(inputs, out, c, manifests=manifests, workers=workers, progress=progress,
+                      overwrite=overwrite, allow_outside=allow_outside, provenance=provenance)
+
+
+def _shard_intact(root: Path, s: dict) -> bool:
+    path = root / s["name"]
+    if not path.is_file() or path.stat().st_size != s["bytes"]:
+        return False
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest() == s["sha256"]
+
+
+def _labels(shard: list[Item], c: BuildConfig) -> dict[str, int]:
+    labels: dict[str, int] = {}
+    for i in shard:
+        labels[str(i.meta[c.label_column])] = labels.get(str(i.meta[c.label_column]), 0) + 1
+    return labels
+
+
+def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifests: Iterable[str],
+           workers: int, progress: bool, overwrite: bool, allow_outside: bool,
+           provenance: dict[str, Any] | None) -> dict:
+    """:func:`build` under the folder lock.
 
     Pass 1 (parallel over chunks of the sorted inputs): read each input once, sha256, validate,
     and spool its finished tar members in DIR/.work. Then duplicates are dropped and the plan
@@ -598,7 +756,7 @@ def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifest
         _clean(root)
     for p in [*root.glob(".*.tmp"), *work.glob(".*.tmp")]:  # cut by a kill; always rewritten whole
         p.unlink()
-    items = scan(list(inputs), c.label_column, manifests)
+    items = scan(list(inputs), c.label_column, manifests, allow_outside=allow_outside)
     index_path = root / "index.json"
     old = _read_json(index_path)
     if old is not None and (old.get("config") != cfg.to_dict(c) or old.get("inputs") != _input_summary(items)):
@@ -627,29 +785,35 @@ def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifest
         "format": FORMAT, "config": cfg.to_dict(c), "pillow": PIL.__version__, "zlib": zlib.ZLIB_VERSION,
         "plan": [[[i.ordinal, i.source_path, i.sha256, i.meta] for i in shard] for shard in plan],
     }, sort_keys=True).encode()).hexdigest()
+    reuse: dict[int, dict] = {}
     if old is not None:
-        shutil.rmtree(work, ignore_errors=True)
         if old.get("fingerprint") != fingerprint:
+            shutil.rmtree(work, ignore_errors=True)
             raise cfg.ConfigError(f"{root} holds a shard build of inputs whose content has changed since; "
                                   f"pass --overwrite to rebuild")
-        _report(old, root)
-        return old
+        bad = [s["name"] for s in old["shards"] if not _shard_intact(root, s)]
+        if not bad:
+            shutil.rmtree(work, ignore_errors=True)
+            _report(old, root)
+            return old
+        # the check pass above re-spooled every input: rebuild exactly the lost shards from it
+        print(f"shards: {len(bad)} shard(s) missing or changed since the build ({', '.join(bad[:3])}"
+              f"{' …' if len(bad) > 3 else ''}); rebuilding them")
+        reuse = {k: {**s, "labels": _labels(plan[k], c), "fingerprint": fingerprint}
+                 for k, s in enumerate(old["shards"]) if s["name"] not in bad}
     for p in root.glob("shard-*.tar"):  # shards beyond this plan: left by a killed build of other inputs
         if int(p.stem.split("-")[1]) >= len(plan):
             p.unlink()
 
-    summaries: dict[int, dict] = {}
+    summaries: dict[int, dict] = dict(reuse)
     for k in range(len(plan)):
-        done = _done_summary(root, k, fingerprint)
+        done = None if k in summaries else _done_summary(root, k, fingerprint)
         if done is not None:
             summaries[k] = done
     pending = [k for k in range(len(plan)) if k not in summaries]
     tasks = []
     for k in pending:
-        labels: dict[str, int] = {}
-        for i in plan[k]:
-            labels[str(i.meta[c.label_column])] = labels.get(str(i.meta[c.label_column]), 0) + 1
-        tasks.append((str(root), k, [i.spool for i in plan[k]], labels, fingerprint))
+        tasks.append((str(root), k, [i.spool for i in plan[k]], _labels(plan[k], c), fingerprint))
     with tqdm(total=len(candidates), unit="img", desc="shards", disable=not progress,
               initial=sum(len(plan[k]) for k in summaries)) as bar:
         for k, summary in zip(pending, _pool_map(_write_shard, tasks, workers)):
@@ -852,6 +1016,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                               for f in dataclasses.fields(BuildConfig)})
     b.add_argument("--workers", type=int, default=default_workers(), help="processes (output does not depend on it)")
     b.add_argument("--overwrite", action="store_true", help="delete an earlier build in --out first")
+    b.add_argument("--allow-outside", action="store_true",
+                   help="read files (manifest paths, links) that resolve outside the given input and manifest "
+                        "folders; default: reject them as outside_root")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     v = sub.add_parser("verify", help="re-read every shard with stock webdataset; check counts and hashes")
     v.add_argument("dir")
@@ -878,5 +1045,6 @@ def run(args: argparse.Namespace) -> int:
         raise cfg.ConfigError("shards build needs at least one INPUT or --manifest")
     c = cfg.from_args(BuildConfig, args)
     build(args.inputs, args.out, c, manifests=args.manifest, workers=args.workers,
-          progress=not args.no_progress, overwrite=args.overwrite, provenance=cfg.provenance(args))
+          progress=not args.no_progress, overwrite=args.overwrite, allow_outside=args.allow_outside,
+          provenance=cfg.provenance(args))
     return 0

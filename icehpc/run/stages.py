@@ -72,6 +72,7 @@ def run_stage(name: str, argv: Sequence[str]) -> int:
     import sys
 
     from ..config import ConfigError, split_overrides
+    from ..fileio import LockedError
 
     parser = stage_parser(name)
     rest, overrides = split_overrides(parser, argv)
@@ -85,3 +86,6 @@ def run_stage(name: str, argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"icehpc {name}: config error: {exc}", file=sys.stderr)
         return 2
+    except LockedError as exc:  # another job writes the same output folder
+        print(f"icehpc {name}: error: {exc}", file=sys.stderr)
+        return 1

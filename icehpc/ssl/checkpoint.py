@@ -1,11 +1,35 @@
-"""Preemption (SIGUSR2) and the checkpoint folder layout of a pretraining run."""
+"""Preemption (SIGUSR2) and the checkpoint folder layout of a pretraining run.
+
+Layout: ``OUT/checkpoints/step-XXXXXXXX/`` (DeepSpeed tags) each with ``icehpc-sha256.json``, the
+sha256 of every file of the tag, written by rank 0 after every rank saved; ``OUT/checkpoints/latest``
+names the last complete tag. On resume (:func:`resume_tag`) ``latest`` must name a tag folder
+directly inside ``checkpoints/`` (``step-`` + 8 digits; never a path), and the tag must match its
+manifest; otherwise the newest intact kept tag is used, with a warning, and if none is intact the
+run stops with one line saying what is wrong. Trust boundary: DeepSpeed loads the tag with
+``torch.load(weights_only=False)``, which can run code stored in the pickle. The manifest detects
+corruption and truncation, not a person who can write the run folder (they could rewrite the
+manifest too): resume only run folders that you or your group wrote, as with any pickle.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
 from typing import Any
+
+from ..fileio import write_atomic
+
+MANIFEST = "icehpc-sha256.json"
+
+
+class ResumeError(RuntimeError):
+    """The run folder cannot be resumed as it is; the message says which checkpoint and what to do."""
+
+_TAG = re.compile(r"step-\d{8}")
 
 #: Exit code of a rank that saved a checkpoint after SIGUSR2 and wants the job requeued (EX_TEMPFAIL).
 PREEMPTED_EXIT = 75
@@ -48,3 +72,71 @@ def latest_tag(out: str | os.PathLike) -> str | None:
     f = checkpoint_root(out) / "latest"
     return f.read_text().strip() if f.exists() else None
 
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(tag_dir: Path) -> dict[str, Path]:
+    return {str(p.relative_to(tag_dir)): p for p in sorted(tag_dir.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifest(tag_dir: str | os.PathLike) -> None:
+    """Record the sha256 and size of every file of a finished tag (rank 0, after all ranks saved)."""
+    tag_dir = Path(tag_dir)
+    files = {rel: {"sha256": _sha256(p), "bytes": p.stat().st_size} for rel, p in _files(tag_dir).items()}
+    write_atomic(tag_dir / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+
+
+def check_tag(out: str | os.PathLike, tag: str) -> str | None:
+    """Why tag ``tag`` of run ``out`` cannot be resumed from, or None when it is intact."""
+    root = checkpoint_root(out)
+    if not _TAG.fullmatch(tag):
+        return f"tag {tag!r} is not a checkpoint name of this run (step-XXXXXXXX inside {root})"
+    tag_dir = root / tag
+    if tag_dir.is_symlink() or tag_dir.resolve().parent != root.resolve():
+        return f"{tag_dir} is a link out of the run folder"
+    if not tag_dir.is_dir():
+        return f"{tag_dir} is missing"
+    try:
+        want = json.loads((tag_dir / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{tag_dir}/{MANIFEST} is missing or unreadable (checkpoint incomplete or not written by icehpc)"
+    have = _files(tag_dir)
+    if sorted(have) != sorted(want):
+        return f"{tag_dir}: files differ from its manifest (missing: {sorted(set(want) - set(have))[:3]})"
+    for rel, p in have.items():
+        if p.stat().st_size != want[rel]["bytes"]:
+            return f"{p} is truncated or grown ({p.stat().st_size} bytes, manifest says {want[rel]['bytes']})"
+        if _sha256(p) != want[rel]["sha256"]:
+            return f"{p} does not match its sha256 (corrupted on disk)"
+    return None
+
+
+def resume_tag(out: str | os.PathLike) -> tuple[str | None, list[str]]:
+    """(tag to resume from or None for a fresh run, warnings) — see the module docstring.
+
+    Raises RuntimeError when checkpoints exist but none is intact."""
+    root = checkpoint_root(out)
+    named = latest_tag(out)
+    kept = sorted((p.name for p in root.glob("step-*") if _TAG.fullmatch(p.name) and p.is_dir()), reverse=True)
+    if named is None and not kept:
+        return None, []
+    warnings, problems = [], []
+    order = ([named] if named is not None else []) + [t for t in kept if t != named]
+    for tag in order:
+        why = check_tag(out, tag)
+        if why is None:
+            if tag != named and named is not None:
+                warnings.append(f"latest checkpoint {named!r} is unusable; resuming from the newest intact "
+                                f"kept checkpoint {tag} instead (steps after it are redone)")
+            return tag, [*problems, *warnings]
+        problems.append(f"checkpoint {tag}: {why}")
+    raise ResumeError(f"no intact checkpoint to resume from in {root} ({'; '.join(problems[:3])}); restore "
+                       f"one from a backup or start over in a new `out` folder")

@@ -5,10 +5,21 @@ node, so this module imports only the standard library and :mod:`icehpc.config`.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import field
+
+
+def _check_finite(section: Any) -> None:
+    """Every float (and list of floats) of a section is finite: NaN passes every ``<`` test silently."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"{f.name} must be finite, got {value}")
 
 
 @dataclass
@@ -23,6 +34,7 @@ class ModelConfig:
     shared_head: bool = field(True, help="one head for [CLS] and patch tokens (iBOT default)")
 
     def validate(self) -> None:
+        _check_finite(self)
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if min(self.head_hidden, self.head_bottleneck, self.n_prototypes) < 2:
@@ -60,6 +72,7 @@ class AugmentConfig:
     mask_candidates: int = field(32, help="candidate blocks drawn per image (vectorised BEiT masking)")
 
     def validate(self) -> None:
+        _check_finite(self)
         for name in ("global_scale", "local_scale", "aspect_ratio", "blur_sigma", "mask_ratio", "mask_aspect"):
             lo_hi = getattr(self, name)
             if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
@@ -80,6 +93,16 @@ class DataConfig:
     num_workers: int = field(4, help="decoding DataLoader workers per rank")
     batches_per_epoch: int | None = field(None, help="steps per epoch (default: shard total // global batch)")
 
+    def validate(self) -> None:
+        if self.canvas < 1:
+            raise ValueError(f"canvas must be >= 1 pixel, got {self.canvas}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 = decode in the training process), got {self.num_workers}")
+        if self.batches_per_epoch is not None and self.batches_per_epoch < 1:
+            raise ValueError(f"batches_per_epoch must be >= 1 or null, got {self.batches_per_epoch}")
+
 
 @dataclass
 class LossConfig:
@@ -95,6 +118,7 @@ class LossConfig:
     usage_threshold: float = field(0.1, help="a prototype is 'used' when its mean teacher probability ≥ this / K")
 
     def validate(self) -> None:
+        _check_finite(self)
         if min(self.student_temp, self.teacher_temp, self.teacher_temp_final) <= 0:
             raise ValueError("temperatures must be > 0")
         if not 0 <= self.center_momentum < 1:
@@ -118,8 +142,16 @@ class OptimConfig:
     torch_adam: bool = field(True, help="torch.optim.AdamW (no JIT build); false = DeepSpeed FusedAdam on GPU")
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0:
-            raise ValueError("lr must be > 0 and min_lr >= 0")
+        _check_finite(self)
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.min_lr < 0:
+            raise ValueError(f"min_lr must be >= 0, got {self.min_lr}")
+        for name in ("warmup_epochs", "weight_decay", "weight_decay_end", "freeze_last_layer_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0 (0 = off), got {self.clip_grad}")
         if not 0 <= self.momentum_teacher <= self.momentum_teacher_end <= 1:
             raise ValueError("need 0 <= momentum_teacher <= momentum_teacher_end <= 1")
         if len(self.betas) != 2:
@@ -155,8 +187,9 @@ class TrainConfig:
     export: bool = field(True, help="write backbone.safetensors (teacher) when the run completes")
 
     def validate(self) -> None:
+        _check_finite(self)
         if self.metrics_every < 0:
-            raise ValueError("train.metrics_every must be >= 0 (0 = auto)")
+            raise ValueError("metrics_every must be >= 0 (0 = auto)")
         if self.epochs <= 0 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("epochs must be > 0, checkpoint_every and keep_checkpoints >= 1")
 

@@ -17,6 +17,7 @@ after every rank saved), and ``backbone.safetensors`` (teacher backbone, timm ke
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -29,9 +30,9 @@ import torch
 import yaml
 
 from .. import config as cfglib
-from ..fileio import write_atomic
+from ..fileio import LockedError, lock_dir, write_atomic
 from .augment import Crops, MultiCrop
-from .checkpoint import PREEMPTED_EXIT, PreemptFlag, checkpoint_root, latest_tag
+from .checkpoint import PREEMPTED_EXIT, PreemptFlag, checkpoint_root, latest_tag, ResumeError, resume_tag, write_manifest
 from .config import PretrainConfig
 from .engine import apply_schedule, ds_config, ema_update, init_distributed, param_groups
 from .loss import Centres, LossOut, ibot_vmf_loss
@@ -153,6 +154,7 @@ class Trainer:
         self.engine.save_checkpoint(str(root), tag=tag, client_state=self._client_state(), save_latest=False)
         torch.distributed.barrier()
         if self.rank == 0:
+            write_manifest(root / tag)  # checksums first: `latest` only ever names a verifiable tag
             write_atomic(root / "latest", tag + "\n")
             tags = sorted(p.name for p in root.glob("step-*") if p.is_dir())
             for old in tags[: max(0, len(tags) - self.cfg.train.keep_checkpoints)]:
@@ -166,23 +168,46 @@ class Trainer:
         where = checkpoint_root(self.out) / tag if tag else None
         return f"last good checkpoint: {where}" if where else "no checkpoint was saved yet"
 
+    @contextlib.contextmanager
+    def locked_out(self) -> Iterator[None]:
+        """Rank 0 holds the lock of ``out`` for the run; every rank stops if another job holds it."""
+        with contextlib.ExitStack() as held:
+            failed, msg = torch.zeros(1, device=self.device), ""
+            if self.rank == 0:
+                try:
+                    held.enter_context(lock_dir(self.out, "pretraining run folder"))
+                except LockedError as exc:
+                    failed[0], msg = 1.0, str(exc)
+            torch.distributed.all_reduce(failed)
+            if float(failed[0]) > 0:
+                raise LockedError(msg or f"pretraining run folder {self.out} is in use by another job (see rank 0)")
+            yield
+
     def resume(self) -> bool:
-        tag = latest_tag(self.out)
+        tag, warnings = resume_tag(self.out)  # verified against its sha256 manifest, inside the run folder
+        if self.rank == 0:
+            for w in warnings:
+                log.warning("%s", w)
         if tag is None:
             return False
-        _, state = self.engine.load_checkpoint(str(checkpoint_root(self.out)), tag=tag)
+        where = checkpoint_root(self.out) / tag
+        try:  # DeepSpeed: torch.load(weights_only=False) — see the trust boundary in checkpoint.py
+            _, state = self.engine.load_checkpoint(str(checkpoint_root(self.out)), tag=tag)
+        except (AssertionError, RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:
+            raise ResumeError(f"checkpoint {where} could not be loaded ({type(exc).__name__}: {exc}); move it "
+                               "aside to resume from an older one, or use a new `out` folder") from None
         if state is None:
-            raise RuntimeError(f"checkpoint {checkpoint_root(self.out) / tag} could not be loaded")
+            raise ResumeError(f"checkpoint {where} could not be loaded")
         if state["world_size"] != self.world:
-            raise RuntimeError(f"checkpoint {tag} was written by {state['world_size']} ranks; resume with the same "
+            raise ResumeError(f"checkpoint {tag} was written by {state['world_size']} ranks; resume with the same "
                                f"number of ranks (now {self.world}) or start a new run folder")
         if state["model_config"] != cfglib.to_dict(self.cfg.model):
-            raise RuntimeError(f"model section differs from the checkpoint's in {self.out}; use a new `out` folder")
+            raise ResumeError(f"model section differs from the checkpoint's in {self.out}; use a new `out` folder")
         if state["rng"]["seed"] != self.cfg.train.seed:
-            raise RuntimeError(f"train.seed={self.cfg.train.seed} but the checkpoint ran with seed "
+            raise ResumeError(f"train.seed={self.cfg.train.seed} but the checkpoint ran with seed "
                                f"{state['rng']['seed']}: data order and augmentation are derived from it")
         if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise RuntimeError(f"steps per epoch changed ({state['steps_per_epoch']} → {self.steps_per_epoch}): "
+            raise ResumeError(f"steps per epoch changed ({state['steps_per_epoch']} → {self.steps_per_epoch}): "
                                "same shards and data.batch_size are needed to resume")
         self.teacher.load_state_dict(state["teacher"])
         self.centres.load_state_dict(state)
@@ -335,11 +360,20 @@ def pretrain(cfg: PretrainConfig, source: dict[str, Any] | None = None) -> int:
     preempt.install()
     trainer = Trainer(cfg, source)
     try:
-        return trainer.fit(preempt)
+        with trainer.locked_out():
+            return trainer.fit(preempt)
+    except LockedError as exc:
+        if trainer.rank == 0:
+            print(f"icehpc pretrain: error: {exc}", file=sys.stderr)
+        return 1
     except NonFiniteError as exc:
         if trainer.rank == 0:
             print(f"icehpc pretrain: {exc}", file=sys.stderr)
         return NONFINITE_EXIT
+    except ResumeError as exc:  # every rank sees the same files, so every rank stops here
+        if trainer.rank == 0:
+            print(f"icehpc pretrain: error: {exc}", file=sys.stderr)
+        return 2
     except Preempted as exc:
         if trainer.rank == 0:
             print(f"icehpc pretrain: {exc}; requeue (same command) to resume", file=sys.stderr)
