@@ -16,6 +16,17 @@ from typing import Iterator
 LOCK_NAME = ".lock"
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class LockedError(RuntimeError):
     """Another live process holds the output folder's lock; the message names it (host, PID)."""
 

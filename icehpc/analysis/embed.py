@@ -34,7 +34,7 @@ import numpy as np
 from .. import config as cfglib
 from ..config import field
 from ..data.format import NUMERIC_COLUMNS, STRING_COLUMNS
-from ..fileio import LockedError, lock_dir, write_atomic
+from ..fileio import LockedError, file_sha256, lock_dir, write_atomic
 from ..ssl.config import AugmentConfig
 
 DEFAULT_ARCH = "vit_small_patch16_224"
@@ -72,14 +72,6 @@ class BackboneSpec:
     weights_sha256: str
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def backbone_spec(checkpoint: str | None, arch: str | None, img_size: int | None, seed: int,
                   like: str | None = None) -> BackboneSpec:
     """Resolve the backbone from an exported file's header, else from ``arch``/``img_size``.
@@ -104,7 +96,7 @@ def backbone_spec(checkpoint: str | None, arch: str | None, img_size: int | None
                         mean=float(meta.get("input_mean", DEFAULT_MEAN)),
                         std=float(meta.get("input_std", DEFAULT_STD)),
                         weights=checkpoint or f"random-init(seed={seed})",
-                        weights_sha256=_sha256(checkpoint) if checkpoint else "")
+                        weights_sha256=file_sha256(checkpoint) if checkpoint else "")
 
 
 def build_backbone(spec: BackboneSpec, seed: int):

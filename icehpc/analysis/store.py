@@ -17,7 +17,6 @@ a :class:`StoreError` naming it, never rows of fill values or silently different
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -27,6 +26,8 @@ from typing import Mapping, Sequence
 
 import h5py
 import numpy as np
+
+from ..fileio import file_sha256
 
 EMB = "embeddings"
 META = "meta"
@@ -43,14 +44,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _datasets(f: h5py.File) -> dict[str, list]:

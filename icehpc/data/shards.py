@@ -77,7 +77,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import config as cfg
-from ..fileio import lock_dir, write_atomic
+from ..fileio import file_sha256, lock_dir, write_atomic
 from .format import FLOAT_KEYS, FORMAT, INDEX, METADATA_KEYS, iter_samples, sample_key, shard_name
 
 MISSING_TEXT = frozenset({"", "na", "n/a", "nan", "null", "none"})
@@ -721,11 +721,7 @@ def _shard_intact(root: Path, s: dict) -> bool:
     path = root / s["name"]
     if not path.is_file() or path.stat().st_size != s["bytes"]:
         return False
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest() == s["sha256"]
+    return file_sha256(path) == s["sha256"]
 
 
 def _labels(shard: list[Item], c: BuildConfig) -> dict[str, int]:

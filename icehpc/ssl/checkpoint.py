@@ -12,7 +12,6 @@ manifest too): resume only run folders that you or your group wrote, as with any
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..fileio import write_atomic
+from ..fileio import file_sha256, write_atomic
 
 MANIFEST = "icehpc-sha256.json"
 
@@ -74,14 +73,6 @@ def latest_tag(out: str | os.PathLike) -> str | None:
 
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(tag_dir: Path) -> dict[str, Path]:
     return {str(p.relative_to(tag_dir)): p for p in sorted(tag_dir.rglob("*"))
             if p.is_file() and p.name != MANIFEST}
@@ -90,7 +81,7 @@ def _files(tag_dir: Path) -> dict[str, Path]:
 def write_manifest(tag_dir: str | os.PathLike) -> None:
     """Record the sha256 and size of every file of a finished tag (rank 0, after all ranks saved)."""
     tag_dir = Path(tag_dir)
-    files = {rel: {"sha256": _sha256(p), "bytes": p.stat().st_size} for rel, p in _files(tag_dir).items()}
+    files = {rel: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for rel, p in _files(tag_dir).items()}
     write_atomic(tag_dir / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
 
 
@@ -114,7 +105,7 @@ def check_tag(out: str | os.PathLike, tag: str) -> str | None:
     for rel, p in have.items():
         if p.stat().st_size != want[rel]["bytes"]:
             return f"{p} is truncated or grown ({p.stat().st_size} bytes, manifest says {want[rel]['bytes']})"
-        if _sha256(p) != want[rel]["sha256"]:
+        if file_sha256(p) != want[rel]["sha256"]:
             return f"{p} does not match its sha256 (corrupted on disk)"
     return None
 
