@@ -304,11 +304,14 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
     return load(cls, args.config, [*args.overrides, *flags])
 
 
-def provenance(args: argparse.Namespace) -> dict[str, Any]:
+def provenance(args: argparse.Namespace, cfg: Any = None) -> dict[str, Any]:
     """Where a stage's config came from: the file (resolved path; None = built-in defaults) and the
-    overrides, for the stage's output next to the resolved values."""
-    return {"file": str(find_config(args.config)) if args.config else None,
-            "overrides": list(getattr(args, "overrides", []))}
+    overrides, plus the resolved ``values`` when ``cfg`` is given, for the stage's output."""
+    out = {"file": str(find_config(args.config)) if args.config else None,
+           "overrides": list(getattr(args, "overrides", []))}
+    if cfg is not None:
+        out["values"] = to_dict(cfg)
+    return out
 
 
 def field(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:

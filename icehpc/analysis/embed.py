@@ -394,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_embed(args.shards, args.out, checkpoint=args.checkpoint, random_init=args.random_init,
                         arch=cfg.arch, img_size=cfg.img_size, canvas=cfg.canvas, batch_size=cfg.batch_size,
                         num_workers=cfg.workers, seed=cfg.seed, like=args.like,
-                        provenance={**cfglib.provenance(args), "values": cfglib.to_dict(cfg)})
+                        provenance=cfglib.provenance(args, cfg))
     if summary is not None:
         print(f"embedded {summary['rows']} samples ({summary['dim']}-d, {summary['shards']} shards, "
               f"{summary['shards_reused']} reused) on {summary['ranks']} rank(s): "

@@ -407,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
     settings = cfglib.from_args(ProbeSettings, args)
     report = run_probes(args.store, args.out, label=args.label, name=args.name,
                         random_store=args.random_store, images=args.images, settings=settings,
-                        workers=args.workers, provenance={**cfglib.provenance(args), "values": cfglib.to_dict(settings)})
+                        workers=args.workers, provenance=cfglib.provenance(args, settings))
     print(f"probe on '{report['label']}': {len(report['classes'])} classes, "
           f"{report['split']['n_train']} train / {report['split']['n_test']} test")
     for rep, res in report["results"].items():
