@@ -76,6 +76,22 @@ def _sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def check_backbone_file(flag: str, path: str | None) -> None:
+    """A missing file or a folder (e.g. a pretraining run folder) given as a backbone: say what to give."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        hint = (f"; it is a pretraining run folder: use {p / 'backbone.safetensors'}"
+                if (p / "backbone.safetensors").is_file() else
+                f"; export one with `icehpc export {p} --out BACKBONE.safetensors`" if (p / "checkpoints").is_dir()
+                else "")
+        raise cfglib.UserError(f"{flag} {path} is a folder, not a backbone file{hint}")
+    if not p.is_file():
+        raise cfglib.UserError(f"{flag} {path} does not exist (an exported .safetensors from `icehpc export`, "
+                               "or a timm/DINO checkpoint file)")
+
+
 def backbone_spec(checkpoint: str | None, arch: str | None, img_size: int | None, seed: int,
                   like: str | None = None) -> BackboneSpec:
     """Resolve the backbone from an exported file's header, else from ``arch``/``img_size``.
@@ -196,11 +212,16 @@ def _pin_run(store: Path, manifest: dict[str, Any]) -> None:
 
 
 def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Path, spec: BackboneSpec, *,
-                 seed: int, canvas: int, batch_size: int, num_workers: int, device: str) -> dict[str, Any]:
-    """Embed the given shards of this rank, one atomic part per shard; returns timing counters."""
+                 seed: int, canvas: int, batch_size: int, num_workers: int, device: str,
+                 progress: str | None = None) -> dict[str, Any]:
+    """Embed the given shards of this rank, one atomic part per shard; returns timing counters.
+
+    ``progress``: the label of a progress bar / periodic log line of this rank's images (None: quiet).
+    """
     import torch
 
     from ..data.loader import ordered_loader
+    from ..progress import Progress
     from .store import write_part
 
     todo = [p for p in shard_paths if not part_path(store, p).exists()]
@@ -211,7 +232,9 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
     on_gpu = device.startswith("cuda")
     pending: dict[str, tuple[list[np.ndarray], list[dict]]] = {}
     start = time.perf_counter()
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+    total = sum(shard_counts[Path(p).name] for p in todo)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu), \
+            Progress(total, progress or "embed", "images", enabled=progress is not None) as bar:
         for images, metas in ordered_loader(todo, batch_size=batch_size, canvas=canvas, num_workers=num_workers):
             x = eval_transform(images.to(device, non_blocking=True), spec.img_size, spec.mean, spec.std,
                                torch.float32)
@@ -227,6 +250,7 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
                     del pending[name]
                     stats["shards_computed"] += 1
             stats["images"] += len(metas)
+            bar.update(len(metas))
     stats["seconds"] = time.perf_counter() - start
     if pending:
         raise RuntimeError(f"shards ended early: {({k: len(v[1]) for k, v in pending.items()})} samples read "
@@ -281,6 +305,8 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
         raise ValueError("give exactly one of --checkpoint PATH and --random-init")
     if like and checkpoint:
         raise ValueError("--like only goes with --random-init (a checkpoint's header already says its shape)")
+    for flag, path in (("--checkpoint", checkpoint), ("--like", like)):
+        check_backbone_file(flag, path)
     comm = dist.mpi_comm()
     rank, world = comm.Get_rank(), comm.Get_size()
     env = dist.from_env()
@@ -300,7 +326,9 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
         workers = num_workers if num_workers is not None else (0 if device == "cpu" else 6)
         mine = assign_shards(paths, rank, world)
         stats = embed_shards(mine, counts, store_path, spec, seed=seed, canvas=canvas, batch_size=batch_size,
-                             num_workers=workers, device=device)
+                             num_workers=workers, device=device,
+                             progress=f"embed rank 0/{world}" if world > 1 and rank == 0 else
+                             ("embed" if rank == 0 else None))
     except Exception:  # one failing rank must not leave the others waiting in the barrier forever
         if world > 1:
             traceback.print_exc()

@@ -57,7 +57,7 @@ _ONEHOT_MAX = 256  # up to this many groups in a read, Σx̂ is one one-hot matr
 MISSING, BELOW, ABOVE = "missing", "below range", "above range"
 
 
-class KappaError(ValueError):
+class KappaError(cfgmod.UserError):
     """Bad input or configuration for the κ stage; the message says what and how to fix it."""
 
 
@@ -419,6 +419,9 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
     acc = {g: Sums.zeros(len(parts[g].combos), d, b) for g in bases}
     bad_rows = np.zeros(2)  # non-finite, zero-norm
     err = None
+    from ..progress import Progress
+
+    bar = Progress(hi - lo, "kappa" if size == 1 else f"kappa rank 0/{size}", "rows", enabled=rank == 0)
     try:
         step = READ_BLOCKS * RNG_BLOCK
         for start in range(lo, hi, step):
@@ -438,8 +441,10 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
                 w = np.concatenate([poisson_weights(cfg.seed, k, b) for k in blocks])[: stop - start]
             for g in bases:
                 acc[g].add(row_codes[g][start - lo: stop - lo], valid, x, w)
+            bar.update(stop - start)
     except (StoreError, OSError, ValueError) as exc:
         err = exc
+    bar.close()
     _agree_on_errors(comm, err)
     timings["embeddings_s"] = time.perf_counter() - t1
 

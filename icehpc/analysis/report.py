@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import UserError
 from ..fileio import write_atomic
 
 AXIS_NAMES = {"temperature_c": "temperature (°C)", "particle_width_um": "particle width (µm)",
@@ -27,7 +28,7 @@ AXIS_NAMES = {"temperature_c": "temperature (°C)", "particle_width_um": "partic
 ESTIMATE = "kappa_debiased"  # the CI brackets this estimator (see icehpc.analysis.kappa)
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """The κ folder cannot be reported on; the message says what is missing."""
 
 
@@ -209,6 +210,9 @@ pre{padding:.8em;overflow-x:auto}"""
 def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Read ``kappa_dir``/kappa.json (+ CSVs), write figures, CSV copies and index.html."""
     src, out = Path(kappa_dir), Path(out_dir)
+    if src.is_file():
+        raise ReportError(f"{src} is a file; give the κ folder written by `icehpc kappa STORE --out KAPPA_DIR` "
+                          f"(it holds kappa.json), e.g. `icehpc kappa {src} --out KDIR && icehpc report KDIR --out R`")
     try:
         res = json.loads((src / "kappa.json").read_text())
     except FileNotFoundError as exc:

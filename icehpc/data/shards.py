@@ -14,7 +14,8 @@ Inputs. A folder tree or ``.zip`` where the first-level folder is the label (sto
 ``--label-column``, default ``habit``); a tree whose only top-level entry is one folder that itself
 holds folders is descended into (``DS_training_data/Class (01) Pri/x.png`` → ``Class (01) Pri``).
 Symlinked folders are not followed. A ``.csv`` input (or ``--manifest``) is a manifest: a ``path``
-column (relative to the CSV's folder) plus metadata columns, rows kept in file order.
+column (relative to the CSV's folder) plus metadata columns, rows kept in file order. A folder
+that holds a ``manifest.csv`` (``icehpc synth`` output) is read through that manifest, and says so.
 
 Per-column policy for manifest values: the label column must be non-empty (else ``missing_label``);
 float columns (temperature_c, pressure_hpa, particle_width_um, particle_height_um, pixel_um) accept
@@ -50,6 +51,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tarfile
 import warnings
 import zipfile
@@ -208,6 +210,10 @@ def _row_meta(row: dict[str, str], label_column: str) -> dict[str, Any]:
     return meta
 
 
+#: A folder given as INPUT that holds this file is read through it (labels and metadata from the CSV).
+MANIFEST_NAME = "manifest.csv"
+
+
 def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = ()) -> list[Item]:
     """Every input file as an :class:`Item`, in a deterministic order (inputs as given, then sorted)."""
     items: list[Item] = []
@@ -217,6 +223,11 @@ def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = ()) ->
         name = printable(path.resolve().name)
         if str(given) in manifest_set or path.suffix.lower() == ".csv":
             items += _scan_manifest(path, name, label_column, len(items))
+        elif path.is_dir() and (path / MANIFEST_NAME).is_file():
+            # `synth` output and hand-made datasets: the manifest holds the labels and metadata
+            print(f"shards: {given} holds {MANIFEST_NAME}: using it as the manifest "
+                  f"(same as --manifest {path / MANIFEST_NAME})", file=sys.stderr, flush=True)
+            items += _scan_manifest(path / MANIFEST_NAME, MANIFEST_NAME, label_column, len(items))
         elif path.is_dir():
             for rel, below, full, err in _tree_items(path):
                 parts = Path(rel).parts
@@ -243,6 +254,9 @@ def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = ()) ->
 
 
 def _scan_manifest(path: Path, name: str, label_column: str, start: int) -> list[Item]:
+    if not path.is_file():
+        raise cfg.UserError(f"manifest {path} " + ("is a folder, not a CSV file" if path.is_dir() else
+                                                    "does not exist") + "; check the path")
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "path" not in reader.fieldnames or label_column not in reader.fieldnames:

@@ -71,7 +71,7 @@ def run_stage(name: str, argv: Sequence[str]) -> int:
     """``icehpc NAME ARGV`` in this process; returns the exit code (config errors: one line, 2)."""
     import sys
 
-    from ..config import ConfigError, split_overrides
+    from ..config import ConfigError, UserError, split_overrides
 
     parser = stage_parser(name)
     rest, overrides = split_overrides(parser, argv)
@@ -84,4 +84,8 @@ def run_stage(name: str, argv: Sequence[str]) -> int:
         return int(args._run(args) or 0)
     except ConfigError as exc:
         print(f"icehpc {name}: config error: {exc}", file=sys.stderr)
+        return 2
+    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        # a path the user gave that is not there or not a file: one line, not a traceback
+        print(f"icehpc {name}: error: {exc}", file=sys.stderr)
         return 2
