@@ -304,6 +304,13 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kappa_dir", help="output folder of `icehpc kappa`")
     parser.add_argument("--out", required=True, help="report folder (index.html, PNGs, CSVs)")
+    parser.add_argument("--random", metavar="KAPPA_DIR", help="κ folder of the random-init control (drawn beside)")
+    parser.add_argument("--planted", metavar="JSON", help="synth's planted.json: planted habit entropy overlaid")
+    parser.add_argument("--store", help="embedding store of KAPPA_DIR: embedding map and example images")
+    parser.add_argument("--shards", help="shard folder of the store's samples: example thumbnails")
+    parser.add_argument("--probe", metavar="DIR", help="`icehpc probe` output folder: probe results")
+    parser.add_argument("--pretrain", metavar="DIR", help="pretraining run folder: curves from metrics.jsonl")
+    parser.add_argument("--backbone", help="exported backbone file (sha256 in the provenance)")
 
 
 def run(args: argparse.Namespace) -> int:
