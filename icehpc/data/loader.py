@@ -29,7 +29,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from .format import read_index
+from .format import read_index, shard_paths
 
 BACKGROUND = 255  # uint8 padding value: CPI/OAP images are dark particles on a light field
 
