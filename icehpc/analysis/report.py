@@ -637,7 +637,7 @@ padding:.25em .6em;text-align:left}th{background:#f4f4f4}tr:nth-child(even){back
 pre{padding:.8em;overflow-x:auto;max-height:30em}.warn{background:#fff4e5;border:1px solid #f0b160;border-radius:6px;
 padding:.6em 1em}.ok{background:#eef8ee;border:1px solid #9c9;border-radius:6px;padding:.6em 1em}
 .thumbs img{width:72px;height:72px;object-fit:contain;border:1px solid #ddd;margin:1px;background:#fff}
-.thumbs td{vertical-align:top}nav a{margin-right:.8em}"""
+.thumbs td{vertical-align:top}nav a{margin-right:.8em}.conf figure{display:inline-block;width:49%;margin:0}"""
 
 
 class Page:
@@ -669,7 +669,7 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
                  planted: str | os.PathLike | None = None, store: str | os.PathLike | None = None,
                  shards: str | os.PathLike | None = None, probe: str | os.PathLike | None = None,
                  pretrain: str | os.PathLike | None = None, backbone: str | os.PathLike | None = None,
-                 map_sample: int = MAP_SAMPLE, examples: int = 6) -> Path:
+                 map_sample: int = MAP_SAMPLE, examples: int = 5) -> Path:
     """Read ``kappa_dir``/kappa.json (+ the optional inputs), write figures, CSVs, kappa.nc, index.html."""
     src, out = Path(kappa_dir), Path(out_dir)
     res = _load_kappa(src)
@@ -847,9 +847,9 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
         if recall_rows:
             probe_html += ("<details><summary>per-class recall</summary>"
                            + _table(recall_rows, ["representation / method", *classes]) + "</details>")
-        probe_html += "".join(f"<figure><img alt='{html.escape(n)}' src='data:image/png;base64,{_b64(out / n)}'>"
+        probe_html += "<div class='conf'>" + "".join(f"<figure><img alt='{html.escape(n)}' src='data:image/png;base64,{_b64(out / n)}'>"
                               f"<figcaption>Row-normalised confusion matrix, {html.escape(n[10:-4])}.</figcaption></figure>"
-                              for n in conf_names)
+                              for n in conf_names) + "</div>"
         if (Path(probe) / "summary.csv").exists():
             shutil.copyfile(Path(probe) / "summary.csv", out / "probe_summary.csv")
             page.downloads.append(("probe_summary.csv", "probe accuracies"))
