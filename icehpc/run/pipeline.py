@@ -1,13 +1,26 @@
 """``icehpc pipeline``: every stage in order on one machine, resumable; or chained on Slurm.
 
     icehpc pipeline --config configs/demo.yaml --out runs/demo [key.sub=value ...]
+    icehpc pipeline --data IMAGES_DIR|ARCHIVE.zip|MANIFEST.csv ... --out runs/mine [key.sub=value ...]
 
-Plan (:func:`plan`): synth → shards → pretrain (N DeepSpeed processes via torch.distributed.run) →
+With ``--data`` (config key ``data.inputs``) the plan starts from the user's images instead of
+``synth``: shards → pretrain → export → embed (trained, random init) → κ of both (groupings over
+columns the data lacks, such as temperature for 2D-S/PIP, are left out) → probe → report.
+
+Fingerprints: every step records (in ``OUT/.pipeline/STEP.json``) a hash of its command, of the
+files it reads outside OUT (configs and the user's images: content up to 1 MiB, else size and
+mtime; folders by their listing of names, sizes and mtimes) and of the fingerprints of the steps
+it waits for. A step is done when its marker exists and its record matches; otherwise it runs,
+after its old outputs are removed when the fingerprint changed, and the log says why (``--n 400 →
+800``, ``upstream step(s) synth changed``). So a change reruns that step and everything after it.
+
+Plan of the synthetic demo (:func:`plan`): synth → shards → pretrain (N DeepSpeed processes via torch.distributed.run) →
 export → embed with the trained and a random-init backbone (N MPI ranks each) → κ of both (N MPI
 ranks) → report → probe (trained vs random-init vs geometric baseline); then, for each real probe
 archive present under ``real.data_dir`` (the Jaffeux et al. 2022 2D-S and PIP images): shards →
-embed (trained, random-init) → probe. A step whose output marker exists is skipped, so a killed run
-restarted with the same command continues; each marker is written last and atomically by its stage.
+embed (trained, random-init) → probe. A step whose output marker exists (with a matching fingerprint) is
+skipped, so a killed run restarted with the same command continues; each marker is written last and
+atomically by its stage.
 The run ends with ``science.json`` (κ per temperature bin against the planted habit diversity, and
 the probe accuracies) and prints where the report is.
 
