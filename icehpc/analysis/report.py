@@ -695,8 +695,10 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
     if small:
         warnings.append(f"{len(small)} group(s) have fewer than min_count = {min_count} valid rows and are not "
                         f"estimated (e.g. {', '.join(_group_name(r['group']) for r in small[:3])}); see the flagged table.")
-    for g, why in (run.get("groupings_dropped") or {}).items():
-        warnings.append(f"grouping {g} left out: {why}.")
+    dropped = run.get("groupings_dropped") or {}
+    if dropped:
+        warnings.append(f"groupings left out for lack of data: {', '.join(dropped)} "
+                        f"({'; '.join(sorted(set(dropped.values())))}).")
     offdiag = None
     if sim is not None and len(sim.get("labels", [])) > 1:
         offdiag = off_diagonal_mean(np.asarray(sim["matrix"], dtype=float))
@@ -839,6 +841,8 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
                     fname = f"confusion_{rep}_{method}.png"
                     _fig_confusion(plt, np.asarray(cm, dtype=float), classes, f"{rep} / {method}", out / fname)
                     conf_names.append(fname)
+                    page.downloads += [(Path(fname).with_suffix(f".{f}").name, f"confusion matrix {rep} / {method}")
+                                       for f in FORMATS if f != "png"]
         split = pj.get("split") or {}
         probe_html = (f"<p>Class column <code>{html.escape(str(pj.get('label', '')))}</code>, {len(classes)} classes; "
                       f"{html.escape(json.dumps(split, ensure_ascii=False))}. Mean ± sd over splits where the probe "
