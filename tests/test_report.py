@@ -257,3 +257,20 @@ def test_full_report_in_headless_chromium_every_image_and_link_resolves(full_rep
     assert total >= 20 and ok == total, (ok, total)
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
+
+
+def test_data_strings_are_escaped_everywhere(tmp_path):
+    evil = "<img src=x onerror=alert(1)>"
+    emb, gid = cheap_groups(300, 8, 2, seed=3)
+    store = write_store(tmp_path / "s", emb, {"habit": np.array([evil if g else "plate" for g in gid]),
+                                              "key": np.array([f"{i:09d}" for i in range(300)])})
+    run_kappa(store, tmp_path / "k", cfgmod.load(KappaConfig, None, ["bootstrap=0", "groupings=[habit]"]))
+    build_report(tmp_path / "k", tmp_path / "r", store=store, map_sample=100)
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert evil not in page and html_escape(evil) in page
+
+
+def html_escape(s: str) -> str:
+    import html
+
+    return html.escape(s)

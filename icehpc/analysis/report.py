@@ -33,6 +33,7 @@ import html
 import io
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -838,7 +839,7 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
                                         **{c: (v.get("mean") if isinstance(v, dict) else v) for c, v in rec.items()}})
                 cm = m.get("confusion_matrix")
                 if cm is not None and classes and np.asarray(cm).shape == (len(classes), len(classes)):
-                    fname = f"confusion_{rep}_{method}.png"
+                    fname = "confusion_" + re.sub(r"[^\w-]+", "_", f"{rep}_{method}") + ".png"
                     _fig_confusion(plt, np.asarray(cm, dtype=float), classes, f"{rep} / {method}", out / fname)
                     conf_names.append(fname)
                     page.downloads += [(Path(fname).with_suffix(f".{f}").name, f"confusion matrix {rep} / {method}")
@@ -852,7 +853,7 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
             probe_html += ("<details><summary>per-class recall</summary>"
                            + _table(recall_rows, ["representation / method", *classes]) + "</details>")
         probe_html += "<div class='conf'>" + "".join(f"<figure><img alt='{html.escape(n)}' src='data:image/png;base64,{_b64(out / n)}'>"
-                              f"<figcaption>Row-normalised confusion matrix, {html.escape(n[10:-4])}.</figcaption></figure>"
+                              f"<figcaption>Row-normalised confusion matrix, {html.escape(n[10:-4].replace('_', ' '))}.</figcaption></figure>"
                               for n in conf_names) + "</div>"
         if (Path(probe) / "summary.csv").exists():
             shutil.copyfile(Path(probe) / "summary.csv", out / "probe_summary.csv")
