@@ -36,6 +36,11 @@ def shipped_configs() -> Path:
     return Path(str(files("icehpc.configs")))
 
 
+class UserError(ValueError):
+    """A mistake in a command line or its inputs (a missing file, a wrong column): the CLI prints the
+    message as one line and exits 2, no traceback. The message says what was wrong and what to do."""
+
+
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the dotted key and what to do."""
 

@@ -1,7 +1,9 @@
 #!/bin/bash
 # The whole pipeline on Slurm: one job per step, chained with --dependency=afterok.
 #   bash jobs/pipeline.sh [--config configs/demo.yaml] --out runs/demo [key.sub=value ...]
-# Submits the steps of `icehpc pipeline --plan` (steps whose output already exists are left out),
+#   bash jobs/pipeline.sh --data IMAGES_DIR --out runs/mine [key.sub=value ...]   (the user's images)
+# Submits the steps of `icehpc pipeline --plan` (steps whose output exists with the same fingerprint
+# are left out; --plan removes the outputs of steps whose inputs or config changed),
 # MPI stages with `srun --mpi=pmix`, then a last job `icehpc pipeline --finish-only` that checks
 # every output and writes science.json. Prints "STEP JOBID" per job (ids from sbatch --parsable);
 # job logs go to OUT/slurm/. Extra sbatch options for every job: ICEHPC_SBATCH_ARGS="-p debug -t 30".

@@ -190,3 +190,58 @@ def test_pipeline_on_slurm_sbatch_and_submitit_match_local(local_run, tmp_path, 
     submitted = [line for line in output.splitlines() if line.startswith("submitted")]
     assert len(submitted) == len(jobs)  # the same steps plus the finish job
     _compare_runs(local_run, submitit_out)
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_config_change_reruns_every_step_with_reasons(local_run, tmp_path, icehpc_cmd):
+    """`--out demo synth.n=160` then `synth.n=200 kappa.overrides=[bootstrap=0]`: nothing stale is reused."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(local_run, out, symlinks=True)
+    for record in (out / ".pipeline").glob("*.json"):  # the copy lives elsewhere: re-point the records
+        record.write_text(record.read_text().replace(str(local_run), str(out)))
+    overrides = [o for o in tiny_overrides(None) if not o.startswith(("synth.n=", "kappa.overrides="))]
+    res = subprocess.run([*icehpc_cmd, "pipeline", "--config", "configs/demo.yaml", "--out", str(out), *overrides,
+                          "synth.n=200", "kappa.overrides=[bootstrap=0]"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert not re.search(r"^\[pipeline\] [\w-]+: done .*skipped$", res.stdout, re.M), res.stdout
+    ran = re.findall(r"^\[pipeline\] ([\w-]+): runs, inputs changed", res.stdout, re.M)
+    assert ran == ["synth", "shards", "pretrain", "export", "embed", "embed-random", "kappa-trained", "kappa-random",
+                   "probe", "report"], ran
+    assert "[pipeline] synth: runs, inputs changed: --n 160 → 200" in res.stdout
+    assert "bootstrap=10 → bootstrap=0" in res.stdout
+    for which in ("trained", "random"):
+        assert json.loads((out / "kappa" / which / "kappa.json").read_text())["run"]["config"]["bootstrap"] == 0
+    with open_store(out / "embed" / "trained.h5") as s:
+        assert s.n_rows == 200
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_pipeline_on_the_users_folder_of_images(tmp_path, icehpc_cmd):
+    """A folder tree without metadata (like 2D-S/PIP): shards → … → κ of both → probe → report."""
+    import csv
+    import shutil
+
+    synth = tmp_path / "synth"
+    subprocess.run([*icehpc_cmd, "synth", "--out", str(synth), "--n", "160", "--no-progress"], check=True,
+                   capture_output=True, cwd=ROOT, timeout=300)
+    images = tmp_path / "my images"
+    for row in csv.DictReader(open(synth / "manifest.csv")):
+        (images / row["habit"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(synth / row["path"], images / row["habit"] / Path(row["path"]).name)
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(None) if not o.startswith("synth.")]
+    res = subprocess.run([*icehpc_cmd, "pipeline", "--data", str(images), "--out", str(out), *overrides],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert not (out / "synth").exists()
+    kappa = json.loads((out / "kappa" / "random" / "kappa.json").read_text())
+    assert {r["grouping"] for r in kappa["rows"]} == {"habit"} and kappa["run"]["groupings_dropped"]
+    assert json.loads((out / "probe" / "probe.json").read_text())["label"] == "habit"
+    page = (out / "report" / "index.html").read_text()
+    assert "random-init control" in page and "Probe results" in page and "Pretraining curves" in page
+    assert "Report: " in res.stdout

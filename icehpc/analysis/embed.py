@@ -72,6 +72,22 @@ class BackboneSpec:
     weights_sha256: str
 
 
+def check_backbone_file(flag: str, path: str | None) -> None:
+    """A missing file or a folder (e.g. a pretraining run folder) given as a backbone: say what to give."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        hint = (f"; it is a pretraining run folder: use {p / 'backbone.safetensors'}"
+                if (p / "backbone.safetensors").is_file() else
+                f"; export one with `icehpc export {p} --out BACKBONE.safetensors`" if (p / "checkpoints").is_dir()
+                else "")
+        raise cfglib.UserError(f"{flag} {path} is a folder, not a backbone file{hint}")
+    if not p.is_file():
+        raise cfglib.UserError(f"{flag} {path} does not exist (an exported .safetensors from `icehpc export`, "
+                               "or a timm/DINO checkpoint file)")
+
+
 def backbone_spec(checkpoint: str | None, arch: str | None, img_size: int | None, seed: int,
                   like: str | None = None) -> BackboneSpec:
     """Resolve the backbone from an exported file's header, else from ``arch``/``img_size``.
@@ -217,14 +233,18 @@ def part_is_current(part: Path, shard_sha256: str, model: str) -> bool:
 
 def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Path, spec: BackboneSpec, *,
                  seed: int, canvas: int, batch_size: int, num_workers: int, device: str,
-                 shard_sha256: dict[str, str] | None = None, model_id: str = "") -> dict[str, Any]:
+                 shard_sha256: dict[str, str] | None = None, model_id: str = "",
+                 progress: str | None = None) -> dict[str, Any]:
     """Embed the given shards of this rank, one atomic part per shard; returns timing counters.
 
     A part is reused only when it records the shard's sha256 (``shard_sha256``, from index.json)
-    and ``model_id`` (:func:`model_digest`); any other part is recomputed."""
+    and ``model_id`` (:func:`model_digest`); any other part is recomputed. ``progress``: the label
+    of a progress bar / periodic log line of this rank's images (None: quiet).
+    """
     import torch
 
     from ..data.loader import ordered_loader
+    from ..progress import Progress
     from .store import write_part
 
     sha = shard_sha256 or {}
@@ -237,7 +257,9 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
     on_gpu = device.startswith("cuda")
     pending: dict[str, tuple[list[np.ndarray], list[dict]]] = {}
     start = time.perf_counter()
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+    total = sum(shard_counts[Path(p).name] for p in todo)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu), \
+            Progress(total, progress or "embed", "images", enabled=progress is not None) as bar:
         for images, metas in ordered_loader(todo, batch_size=batch_size, canvas=canvas, num_workers=num_workers):
             x = eval_transform(images.to(device, non_blocking=True), spec.img_size, spec.mean, spec.std,
                                torch.float32)
@@ -254,6 +276,7 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
                     del pending[name]
                     stats["shards_computed"] += 1
             stats["images"] += len(metas)
+            bar.update(len(metas))
     stats["seconds"] = time.perf_counter() - start
     if pending:
         raise RuntimeError(f"shards ended early: {({k: len(v[1]) for k, v in pending.items()})} samples read "
@@ -318,6 +341,8 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
         raise ValueError("give exactly one of --checkpoint PATH and --random-init")
     if like and checkpoint:
         raise ValueError("--like only goes with --random-init (a checkpoint's header already says its shape)")
+    for flag, path in (("--checkpoint", checkpoint), ("--like", like)):
+        check_backbone_file(flag, path)
     comm = dist.mpi_comm()
     rank, world = comm.Get_rank(), comm.Get_size()
     env = dist.from_env()
@@ -347,7 +372,9 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
         workers = num_workers if num_workers is not None else (0 if device == "cpu" else 6)
         mine = assign_shards(paths, rank, world)
         stats = embed_shards(mine, counts, store_path, spec, seed=seed, canvas=canvas, batch_size=batch_size,
-                             num_workers=workers, device=device, shard_sha256=shas, model_id=model_digest(manifest))
+                             num_workers=workers, device=device, shard_sha256=shas, model_id=model_digest(manifest),
+                             progress=f"embed rank 0/{world}" if world > 1 and rank == 0 else
+                             ("embed" if rank == 0 else None))
     except LockedError:
         raise  # every rank got the same answer from rank 0
     except Exception:  # one failing rank must not leave the others waiting in the barrier forever

@@ -61,7 +61,7 @@ MISSING, BELOW, ABOVE = "missing", "below range", "above range"
 DEGENERATE_GAP = 1e-9
 
 
-class KappaError(ValueError):
+class KappaError(cfgmod.UserError):
     """Bad input or configuration for the κ stage; the message says what and how to fix it."""
 
 
@@ -104,6 +104,9 @@ class KappaConfig:
     seed: int = field(0, help="bootstrap seed (with the global row index, fixes every weight)")
     similarity_by: str = field("habit", help="column for the inter-class similarity matrix ('' : none)")
     max_stats_gib: float = field(4.0, help="refuse groupings whose bootstrap sums would exceed this")
+    drop_empty_columns: bool = field(False, help="leave out groupings over columns the store lacks or that hold "
+                                                 "no known value (data without temperature or campaign) instead "
+                                                 "of failing; kappa.json lists what was left out")
 
     def validate(self) -> None:
         if not self.groupings:
@@ -373,6 +376,15 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
         groupings.append((cfg.similarity_by,))
     needed = sorted({c for g in groupings for c in g})
     missing = [c for c in needed if c not in store.column_kinds]
+    dropped: dict[str, str] = {}
+    if missing and cfg.drop_empty_columns:
+        dropped = {":".join(g): f"no column {[c for c in g if c in missing]}" for g in groupings
+                   if any(c in missing for c in g)}
+        groupings = [g for g in groupings if not any(c in missing for c in g)]
+        needed = sorted({c for g in groupings for c in g})
+        missing = []
+        if not groupings:
+            raise KappaError(f"{store.path}: none of the groupings' columns are in the store (have {store.columns})")
     if missing:
         raise KappaError(f"{store.path}: no metadata column(s) {missing} (have {store.columns}); "
                          "choose groupings with --by, or --similarity-by ''")
@@ -397,6 +409,17 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
         err = exc
     _agree_on_errors(comm, err)
     gathered = comm.allgather(local)
+    if cfg.drop_empty_columns:  # every rank sees the same gathered levels: the same groupings survive
+        empty = [c for c in needed if (set().union(*(set(g[c]) for g in gathered)) <= {""}
+                                       if store.column_kinds[c] == "str" else
+                                       not np.isfinite(min(g[c][0] for g in gathered)))]
+        if empty:
+            dropped.update({":".join(g): f"no known value in {[c for c in g if c in empty]}" for g in groupings
+                            if any(c in empty for c in g)})
+            groupings = [g for g in groupings if not any(c in empty for c in g)]
+            if not groupings:
+                raise KappaError(f"{store.path}: every grouping column is empty ({empty})")
+            needed = [c for c in needed if c not in empty]
     columns: dict[str, Column] = {}
     for c in needed:
         if store.column_kinds[c] == "str":
@@ -434,6 +457,9 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
     acc = {g: Sums.zeros(len(parts[g].combos), d, b) for g in bases}
     bad_rows = np.zeros(2)  # non-finite, zero-norm
     err = None
+    from ..progress import Progress
+
+    bar = Progress(hi - lo, "kappa" if size == 1 else f"kappa rank 0/{size}", "rows", enabled=rank == 0)
     try:
         step = READ_BLOCKS * RNG_BLOCK
         for start in range(lo, hi, step):
@@ -453,8 +479,10 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
                 w = np.concatenate([poisson_weights(cfg.seed, k, b) for k in blocks])[: stop - start]
             for g in bases:
                 acc[g].add(row_codes[g][start - lo: stop - lo], valid, x, w)
+            bar.update(stop - start)
     except (StoreError, OSError, ValueError) as exc:
         err = exc
+    bar.close()
     _agree_on_errors(comm, err)
     timings["embeddings_s"] = time.perf_counter() - t1
 
@@ -490,7 +518,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
                 row[k] = float(est[k][i])
             row["flag"] = _flags(sums.n[i], est, i, cfg)
             rows.append(row)
-        if g == (cfg.similarity_by,):
+        if cfg.similarity_by and g == (cfg.similarity_by,):
             sim_sums = (sums, [columns[g[0]].levels[int(k)] for k in combos[:, 0]])
 
     similarity = None
@@ -508,7 +536,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
            "ranks": size, "rows_nonfinite": int(bad_rows[0]), "rows_zero_norm": int(bad_rows[1]),
            "rng_block_rows": RNG_BLOCK, "bins": {c: columns[c].edges.tolist() for c in needed
                                                  if columns[c].kind == "bin"},
-           "timings": timings}
+           "timings": timings, "groupings_dropped": dropped}
     return {"rows": rows, "similarity": similarity, "run": run}
 
 

@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import config as cfglib
+from ..config import UserError
 from ..config import field
 from ..fileio import write_atomic
 
@@ -252,7 +253,8 @@ def read_store(path: str | Path, label: str) -> tuple[np.ndarray, np.ndarray, np
     store = open_store(str(path))
     for column in ("key", label):
         if column not in store.columns:
-            raise ValueError(f"store {path} has no meta column '{column}' (columns: {sorted(store.columns)})")
+            hint = "choose the class column with --label" if column == label else "was it written by `icehpc embed`?"
+            raise UserError(f"store {path} has no meta column '{column}' (columns: {sorted(store.columns)}); {hint}")
     embeddings, meta = store.read(0, store.n_rows)
     return _as_str(meta["key"]), _as_str(meta[label]), np.asarray(embeddings, dtype=np.float32)
 

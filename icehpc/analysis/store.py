@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 import h5py
 import numpy as np
 
+from ..config import UserError
 from ..fileio import file_sha256
 
 EMB = "embeddings"
@@ -36,7 +37,7 @@ MASTER_NAME = "store.h5"  # what open_store looks for when given a directory
 _STR = h5py.string_dtype("utf-8")
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """The store is unusable as given; the message says which file/dataset and why."""
 
 
@@ -277,6 +278,9 @@ def open_store(path: str | os.PathLike, verify: bool = True) -> Store:
     (reads every part once) and that the ``key`` column, where there is one, has no duplicates."""
     path = Path(path)
     if path.is_dir():
+        if not (path / MASTER_NAME).exists():
+            raise StoreError(f"store {path} is a folder without {MASTER_NAME}; give the .h5 file written by "
+                             "`icehpc embed --out STORE.h5`")
         path = path / MASTER_NAME
     if not path.exists():
         raise StoreError(f"store {path} does not exist")

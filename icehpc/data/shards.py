@@ -24,6 +24,8 @@ spaces; no ``/`` or ``.``) and must not shadow the names the tool sets itself (`
 Confinement: a file (through any link) or manifest path must resolve inside one of the given input
 folders or manifest folders; otherwise it is rejected as ``outside_root`` unless ``--allow-outside``
 is given (``/etc/passwd``, ``../outside.png`` and ``/dev/zero`` in a manifest never get read).
+A folder that holds a ``manifest.csv`` (``icehpc synth`` output) is read through that manifest, and
+says so.
 
 Per-column policy for manifest values: the label column must be non-empty (else ``missing_label``);
 float columns (temperature_c, pressure_hpa, particle_width_um, particle_height_um, pixel_um) accept
@@ -64,6 +66,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tarfile
 import warnings
 import zipfile
@@ -257,6 +260,10 @@ def _row_meta(row: dict[str, str], label_column: str) -> dict[str, Any]:
     return meta
 
 
+#: A folder given as INPUT that holds this file is read through it (labels and metadata from the CSV).
+MANIFEST_NAME = "manifest.csv"
+
+
 def _inside(path: str, roots: list[str]) -> bool:
     real = os.path.realpath(path)
     return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
@@ -286,6 +293,11 @@ def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = (),
         start = len(items)
         if str(given) in manifest_set or path.suffix.lower() == ".csv":
             items += _scan_manifest(path, name, label_column, len(items))
+        elif path.is_dir() and (path / MANIFEST_NAME).is_file():
+            # `synth` output and hand-made datasets: the manifest holds the labels and metadata
+            print(f"shards: {given} holds {MANIFEST_NAME}: using it as the manifest "
+                  f"(same as --manifest {path / MANIFEST_NAME})", file=sys.stderr, flush=True)
+            items += _scan_manifest(path / MANIFEST_NAME, MANIFEST_NAME, label_column, len(items))
         elif path.is_dir():
             for rel, below, full, rej in _tree_items(path):
                 parts = Path(rel).parts
@@ -344,6 +356,9 @@ def check_column_names(names: list[str], where: str) -> None:
 
 
 def _scan_manifest(path: Path, name: str, label_column: str, start: int) -> list[Item]:
+    if not path.is_file():
+        raise cfg.UserError(f"manifest {path} " + ("is a folder, not a CSV file" if path.is_dir() else
+                                                    "does not exist") + "; check the path")
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "path" not in reader.fieldnames or label_column not in reader.fieldnames:

@@ -1,13 +1,26 @@
 """``icehpc pipeline``: every stage in order on one machine, resumable; or chained on Slurm.
 
     icehpc pipeline --config configs/demo.yaml --out runs/demo [key.sub=value ...]
+    icehpc pipeline --data IMAGES_DIR|ARCHIVE.zip|MANIFEST.csv ... --out runs/mine [key.sub=value ...]
 
-Plan (:func:`plan`): synth → shards → pretrain (N DeepSpeed processes via torch.distributed.run) →
+With ``--data`` (config key ``data.inputs``) the plan starts from the user's images instead of
+``synth``: shards → pretrain → export → embed (trained, random init) → κ of both (groupings over
+columns the data lacks, such as temperature for 2D-S/PIP, are left out) → probe → report.
+
+Fingerprints: every step records (in ``OUT/.pipeline/STEP.json``) a hash of its command, of the
+files it reads outside OUT (configs and the user's images: content up to 1 MiB, else size and
+mtime; folders by their listing of names, sizes and mtimes) and of the fingerprints of the steps
+it waits for. A step is done when its marker exists and its record matches; otherwise it runs,
+after its old outputs are removed when the fingerprint changed, and the log says why (``--n 400 →
+800``, ``upstream step(s) synth changed``). So a change reruns that step and everything after it.
+
+Plan of the synthetic demo (:func:`plan`): synth → shards → pretrain (N DeepSpeed processes via torch.distributed.run) →
 export → embed with the trained and a random-init backbone (N MPI ranks each) → κ of both (N MPI
 ranks) → report → probe (trained vs random-init vs geometric baseline); then, for each real probe
 archive present under ``real.data_dir`` (the Jaffeux et al. 2022 2D-S and PIP images): shards →
-embed (trained, random-init) → probe. A step whose output marker exists is skipped, so a killed run
-restarted with the same command continues; each marker is written last and atomically by its stage.
+embed (trained, random-init) → probe. A step whose output marker exists (with a matching fingerprint) is
+skipped, so a killed run restarted with the same command continues; each marker is written last and
+atomically by its stage.
 The run ends with ``science.json`` (κ per temperature bin against the planted habit diversity, and
 the probe accuracies) and prints where the report is.
 
@@ -28,7 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import config as cfglib
-from ..config import field
+from ..config import UserError, field
 from ..fileio import write_atomic
 from .stages import stage as stage_info
 
@@ -38,6 +51,16 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------ config
+@dataclass
+class DataStep:
+    inputs: list[str] = field([], help="the user's images: folder trees, .zip files or CSV manifests with metadata "
+                                       "(what `shards build` takes; also `--data INPUT...`); empty: the synthetic demo")
+    label_column: str = field("habit", help="metadata key of the class (the folder name for trees and zips); "
+                                            "the probe and the similarity matrix use it")
+    probe: str = field("", help="probe name stored where the input gives none ('': unknown)")
+    pixel_um: float = field(0.0, help="pixel size (µm) stored where the input gives none (0: unknown)")
+
+
 @dataclass
 class SynthStep:
     n: int = field(2000, help="synthetic particle images")
@@ -97,6 +120,7 @@ class RealStep:
 
 @dataclass
 class PipelineConfig:
+    data: DataStep = field(default_factory=DataStep)
     synth: SynthStep = field(default_factory=SynthStep)
     shards: ShardStep = field(default_factory=ShardStep)
     pretrain: PretrainStep = field(default_factory=PretrainStep)
@@ -109,7 +133,13 @@ class PipelineConfig:
 # -------------------------------------------------------------------------------------------- plan
 @dataclass
 class Step:
-    """One stage invocation: ``icehpc STAGE ARGV`` on ``ranks`` processes, complete once ``done`` exists."""
+    """One stage invocation: ``icehpc STAGE ARGV`` on ``ranks`` processes.
+
+    Complete once ``done`` exists *and* the fingerprint recorded for it in ``record`` is the one
+    this plan computes (:func:`fingerprint_steps`): the command, the content or size/mtime of every
+    file or folder outside the run folder it reads (configs, the user's images), and the fingerprints
+    of the steps it waits for, so a change anywhere upstream reruns everything after it. Before a
+    step with a different fingerprint runs, its ``outputs`` are removed (:meth:`prepare`)."""
 
     name: str
     stage: str
@@ -117,6 +147,10 @@ class Step:
     done: Path
     ranks: int = 1
     after: tuple[str, ...] = ()
+    outputs: tuple[Path, ...] = ()
+    record: Path | None = None
+    parts: dict[str, Any] | None = None
+    fingerprint: str = ""
 
     @property
     def launcher(self) -> str:
@@ -134,8 +168,116 @@ class Step:
             return [*mpiexec_prefix(), "-n", str(self.ranks), sys.executable, "-u", *cli]
         return [sys.executable, "-u", *cli]
 
+    def recorded(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.record.read_text()) if self.record else None
+        except (OSError, ValueError):
+            return None
+
     def is_done(self) -> bool:
-        return self.done.exists()
+        if not self.done.exists():
+            return False
+        if self.record is None:
+            return True
+        rec = self.recorded()
+        return rec is not None and rec.get("fingerprint") == self.fingerprint
+
+    def why_run(self) -> str:
+        """Why this step must run: its output is missing, or what changed since it last ran."""
+        rec = self.recorded() if self.record else None
+        if rec is not None and rec.get("fingerprint") != self.fingerprint:
+            return "inputs changed: " + describe_change(rec.get("parts") or {}, self.parts or {})
+        if not self.done.exists():
+            return f"no output yet ({self.done.name})" + ("; resuming" if rec is not None else "")
+        return "no fingerprint recorded for its output (made by an older icehpc or by hand)"
+
+    def prepare(self) -> None:
+        """Before running: remove the outputs of a run with other inputs, record this fingerprint.
+
+        Recording before the run is safe: the outputs of any other fingerprint are gone, so a marker
+        that appears later can only come from this command. A killed step keeps its outputs and its
+        record, and resumes."""
+        if self.record is None:
+            return
+        rec = self.recorded()
+        if rec is None or rec.get("fingerprint") != self.fingerprint:
+            import shutil
+
+            for path in self.outputs:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.record, json.dumps({"step": self.name, "fingerprint": self.fingerprint,
+                                              "parts": self.parts}, indent=1) + "\n")
+
+
+#: Files up to this size are hashed for a step's fingerprint; bigger ones (image zips) by size and mtime.
+HASH_FILES_UP_TO = 1 << 20
+
+
+def _file_fact(path: Path) -> Any:
+    """What a step's fingerprint knows of a file or folder it reads outside the run folder."""
+    import hashlib
+
+    if path.is_dir():
+        h = hashlib.sha256()
+        n = 0
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for f in sorted(files):
+                st = os.stat(os.path.join(root, f))
+                h.update(f"{os.path.relpath(os.path.join(root, f), path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                n += 1
+        return {"files": n, "listing_sha256": h.hexdigest()[:16]}
+    st = path.stat()
+    if st.st_size <= HASH_FILES_UP_TO:
+        return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def fingerprint_steps(steps: list[Step], out: Path) -> None:
+    """Fill every step's ``parts`` and ``fingerprint`` (in plan order: upstream first) and ``record``."""
+    import hashlib
+
+    by_name: dict[str, Step] = {}
+    for step in steps:
+        files = {}
+        for token in step.argv:
+            candidate = token.partition("=")[2] if "=" in token and not token.startswith("/") else token
+            p = Path(candidate)
+            if p.is_absolute() and p.exists() and out not in p.parents and p != out:
+                files[str(p)] = _file_fact(p)
+        step.parts = {"command": [step.stage, *step.argv], "files": files,
+                      "upstream": {a: by_name[a].fingerprint for a in step.after if a in by_name}}
+        blob = json.dumps(step.parts, sort_keys=True).encode()
+        step.fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+        step.record = out / ".pipeline" / f"{step.name}.json"
+        by_name[step.name] = step
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """One line: which command arguments, files or upstream steps differ between two fingerprints."""
+    said = []
+    a, b = old.get("command") or [], new.get("command") or []
+    if a != b and len(a) == len(b):
+        said += [(f"{a[i - 1]} " if i and a[i - 1].startswith("--") else "") + f"{a[i]} → {b[i]}"
+                 for i in range(len(a)) if a[i] != b[i]]
+    elif a != b:
+        gone = [t for t in a if t not in b]
+        added = [t for t in b if t not in a]
+        said.append("command " + (f"{shlex.join(gone) or '∅'} → {shlex.join(added) or '∅'}" if gone or added
+                                  else "argument order"))
+    fa, fb = old.get("files") or {}, new.get("files") or {}
+    changed = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+    if changed:
+        said.append("file(s) " + ", ".join(changed[:3]) + (" …" if len(changed) > 3 else ""))
+    ua, ub = old.get("upstream") or {}, new.get("upstream") or {}
+    up = sorted(k for k in set(ua) | set(ub) if ua.get(k) != ub.get(k))
+    if up:
+        said.append("upstream step(s) " + ", ".join(up) + " changed")
+    return "; ".join(said) or "fingerprint scheme changed"
 
 
 def _resolve(path: str) -> Path:
@@ -154,54 +296,82 @@ def pretrain_canvas(cfg: PipelineConfig) -> int:
 
 
 def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
-    """Every step of the pipeline in a valid order, with absolute paths (jobs may start elsewhere)."""
+    """Every step of the pipeline in a valid order, with absolute paths (jobs may start elsewhere),
+    each with its fingerprint (:func:`fingerprint_steps`)."""
     o = Path(out).resolve()
     canvas = str(pretrain_canvas(cfg))
     backbone = o / "backbone.safetensors"
-    steps = [
-        Step("synth", "synth", ["--out", str(o / "synth"), "--n", str(cfg.synth.n), "--seed", str(cfg.synth.seed),
-                                "--no-progress"], o / "synth" / "planted.json"),
-        Step("shards", "shards", ["build", "--manifest", str(o / "synth" / "manifest.csv"), "--out", str(o / "shards"),
-                                  "--shard-samples", str(cfg.shards.shard_samples), "--workers",
-                                  str(cfg.shards.workers), "--no-progress"],
-             o / "shards" / "index.json", after=("synth",)),
+    user_data = bool(cfg.data.inputs)
+    label = cfg.data.label_column if user_data else cfg.probe.label
+    shard_opts = ["--shard-samples", str(cfg.shards.shard_samples), "--workers", str(cfg.shards.workers),
+                  "--no-progress"]
+    if user_data:
+        extra = ([f"--label-column={label}"] + ([f"--probe={cfg.data.probe}"] if cfg.data.probe else [])
+                 + ([f"--pixel-um={cfg.data.pixel_um}"] if cfg.data.pixel_um else []))
+        steps = [Step("shards", "shards", ["build", *[str(_resolve(i)) for i in cfg.data.inputs], "--out",
+                                           str(o / "shards"), *extra, *shard_opts],
+                      o / "shards" / "index.json", outputs=(o / "shards",))]
+    else:
+        steps = [
+            Step("synth", "synth", ["--out", str(o / "synth"), "--n", str(cfg.synth.n), "--seed", str(cfg.synth.seed),
+                                    "--no-progress"], o / "synth" / "planted.json", outputs=(o / "synth",)),
+            Step("shards", "shards", ["build", "--manifest", str(o / "synth" / "manifest.csv"), "--out",
+                                      str(o / "shards"), *shard_opts],
+                 o / "shards" / "index.json", after=("synth",), outputs=(o / "shards",)),
+        ]
+    steps += [
         Step("pretrain", "pretrain", ["--config", str(cfglib.find_config(cfg.pretrain.config)),
                                       f"data.shards={o / 'shards'}", "--out", str(o / "pretrain"), "train.progress=false",
                                       *cfg.pretrain.overrides],
-             o / "pretrain" / "backbone.safetensors", ranks=cfg.pretrain.nproc, after=("shards",)),
-        Step("export", "export", [str(o / "pretrain"), "--out", str(backbone)], backbone, after=("pretrain",)),
+             o / "pretrain" / "backbone.safetensors", ranks=cfg.pretrain.nproc, after=("shards",),
+             outputs=(o / "pretrain",)),
+        Step("export", "export", [str(o / "pretrain"), "--out", str(backbone)], backbone, after=("pretrain",),
+             outputs=(backbone,)),
     ]
+
+    def store_outputs(h5: Path) -> tuple[Path, ...]:
+        return (h5, Path(f"{h5}.json"), Path(f"{h5}.parts"))
 
     def embed_pair(prefix: str, shards: Path, dest: Path, after: tuple[str, ...]) -> list[Step]:
         common = ["--canvas", canvas, "--batch-size", str(cfg.embed.batch_size)]
         return [
             Step(f"{prefix}embed", "embed", [str(shards), "--checkpoint", str(backbone), "--out",
                                              str(dest / "trained.h5"), *common],
-                 dest / "trained.h5.json", cfg.embed.ranks, ("export", *after)),
+                 dest / "trained.h5.json", cfg.embed.ranks, ("export", *after), store_outputs(dest / "trained.h5")),
             Step(f"{prefix}embed-random", "embed", [str(shards), "--random-init", "--like", str(backbone), "--out",
                                                     str(dest / "random.h5"), *common],
-                 dest / "random.h5.json", cfg.embed.ranks, ("export", *after)),
+                 dest / "random.h5.json", cfg.embed.ranks, ("export", *after), store_outputs(dest / "random.h5")),
         ]
 
-    def probe(prefix: str, store_dir: Path, shards: Path, dest: Path) -> Step:
+    def probe(prefix: str, store_dir: Path, shards: Path, dest: Path, label: str) -> Step:
         return Step(f"{prefix}probe", "probe", [str(store_dir / "trained.h5"), "--random-store",
                                                 str(store_dir / "random.h5"), "--images", str(shards),
-                                                "--label", cfg.probe.label, "--seed", str(cfg.probe.seed),
+                                                "--label", label, "--seed", str(cfg.probe.seed),
                                                 "--out", str(dest)],
-                    dest / "probe.json", after=(f"{prefix}embed", f"{prefix}embed-random"))
+                    dest / "probe.json", after=(f"{prefix}embed", f"{prefix}embed-random"), outputs=(dest,))
 
     steps += embed_pair("", o / "shards", o / "embed", ("shards",))
     kappa_config = ["--config", str(cfglib.find_config(cfg.kappa.config))] if cfg.kappa.config else []
+    # the user's data may lack temperature or campaign: leave those groupings out instead of failing
+    data_opts = ["drop_empty_columns=true", f"similarity_by={label}"] if user_data else []
+    if user_data and label != "habit":
+        data_opts.append("groupings=" + json.dumps([label if g == "habit" else g for g in KAPPA_GROUPINGS]))
     for which, after in (("trained", "embed"), ("random", "embed-random")):
         steps.append(Step(f"kappa-{which}", "kappa", [str(o / "embed" / f"{which}.h5"), "--out",
-                                                      str(o / "kappa" / which), *kappa_config, *cfg.kappa.overrides],
-                          o / "kappa" / which / "kappa.json", cfg.kappa.ranks, (after,)))
-    steps.append(Step("report", "report", [str(o / "kappa" / "trained"), "--out", str(o / "report")],
-                      o / "report" / "index.html", after=("kappa-trained",)))
-    steps.append(probe("", o / "embed", o / "shards", o / "probe"))
+                                                      str(o / "kappa" / which), *kappa_config, *data_opts,
+                                                      *cfg.kappa.overrides],
+                          o / "kappa" / which / "kappa.json", cfg.kappa.ranks, (after,), (o / "kappa" / which,)))
+    steps.append(probe("", o / "embed", o / "shards", o / "probe", label))
+    report = [str(o / "kappa" / "trained"), "--out", str(o / "report"), "--random", str(o / "kappa" / "random"),
+              "--store", str(o / "embed" / "trained.h5"), "--shards", str(o / "shards"),
+              "--probe", str(o / "probe"), "--pretrain", str(o / "pretrain"), "--backbone", str(backbone)]
+    if not user_data:
+        report += ["--planted", str(o / "synth" / "planted.json")]
+    steps.append(Step("report", "report", report, o / "report" / "index.html",
+                      after=("kappa-trained", "kappa-random", "probe"), outputs=(o / "report",)))
 
     data_dir = _resolve(cfg.real.data_dir)
-    for archive in cfg.real.archives:
+    for archive in ([] if user_data else cfg.real.archives):
         source = data_dir / archive.file
         if not source.exists():
             continue
@@ -210,10 +380,16 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
         steps.append(Step(f"{prefix}shards", "shards", ["build", str(source), "--out", str(base / "shards"),
                                                         "--probe", archive.probe, "--pixel-um", str(archive.pixel_um),
                                                         "--workers", str(cfg.shards.workers), "--no-progress"],
-                          base / "shards" / "index.json"))
+                          base / "shards" / "index.json", outputs=(base / "shards",)))
         steps += embed_pair(prefix, base / "shards", base / "embed", (f"{prefix}shards",))
-        steps.append(probe(prefix, base / "embed", base / "shards", base / "probe"))
+        steps.append(probe(prefix, base / "embed", base / "shards", base / "probe", cfg.probe.label))
+    fingerprint_steps(steps, o)
     return steps
+
+
+#: κ groupings of a run on the user's data (the label column replaces habit); see KappaConfig.
+KAPPA_GROUPINGS = ["campaign", "habit", "temperature_c", "particle_width_um", "campaign:temperature_c",
+                   "campaign:particle_width_um"]
 
 
 # ------------------------------------------------------------------------------------ science check
@@ -300,7 +476,7 @@ def write_science(out: Path, steps: list[Step], min_count: int) -> dict[str, Any
     science: dict[str, Any] = {
         "kappa_vs_planted_diversity": kappa_vs_planted(
             out / "synth" / "planted.json", {"trained": out / "kappa" / "trained", "random_init": out / "kappa" / "random"},
-            min_count),
+            min_count) if any(s.stage == "synth" for s in steps) else {},
         "probes": {s.name: probe_summary(s.done) for s in steps if s.stage == "probe"},
     }
     write_atomic(out / "science.json", json.dumps(science, indent=1) + "\n")
@@ -315,7 +491,14 @@ def print_science(science: dict[str, Any]) -> None:
             print(f"  κ vs planted entropy over {stats['n_bins']:2d} {label:<28} {name:<12} {rho}")
     for probe_name, results in science["probes"].items():
         for rep, m in results.items():
-            print(f"  {probe_name:<16} {rep:<22} accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}")
+            print(f"  {probe_name:<16} {rep:<22} accuracy {_num(m['accuracy'])}  balanced {_num(m['balanced_accuracy'])}")
+
+
+def _num(v: Any) -> str:
+    """A probe metric: a number, or a {mean, sd} over splits."""
+    if isinstance(v, dict) and "mean" in v:
+        return f"{v['mean']:.3f} ± {v.get('sd', float('nan')):.3f}"
+    return f"{v:.3f}" if isinstance(v, (int, float)) else str(v)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -332,16 +515,20 @@ def run_pipeline(cfg: PipelineConfig, out: str | os.PathLike, min_count: int = 2
     o.mkdir(parents=True, exist_ok=True)
     steps = plan(cfg, o)
     start = time.perf_counter()
+    rerun: set[str] = set()
     for step in steps:
         if step.is_done():
             print(f"[pipeline] {step.name}: done ({step.done}), skipped", flush=True)
             continue
+        print(f"[pipeline] {step.name}: runs, {step.why_run()}", flush=True)
+        step.prepare()
         cmd = step.command()
         print(f"[pipeline] {step.name}: {shlex.join(cmd)}", flush=True)
         t = time.perf_counter()
         code = subprocess.run(cmd, env=_step_env(step)).returncode
         if code != 0:
-            raise RuntimeError(f"step {step.name} failed with exit code {code}: {shlex.join(cmd)}")
+            raise UserError(f"step {step.name} failed with exit code {code} (its messages are above); fix and "
+                            f"rerun the same command to continue from this step. Command: {shlex.join(cmd)}")
         if not step.is_done():
             raise RuntimeError(f"step {step.name} ended without writing {step.done}")
         print(f"[pipeline] {step.name}: {time.perf_counter() - t:.1f} s", flush=True)
@@ -378,8 +565,10 @@ def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folde
 
     parser = argparse.ArgumentParser(prog="icehpc pipeline")
     add_arguments(parser)
-    args = parser.parse_args(list(stage_args))
-    cfg = cfglib.from_args(PipelineConfig, args)
+    rest, overrides = cfglib.split_overrides(parser, list(stage_args))
+    args = parser.parse_args(rest)
+    args.overrides = [*args.overrides, *overrides]
+    cfg = config_from_args(args)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     jobs: dict[str, Any] = {}
@@ -390,6 +579,8 @@ def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folde
     for step in steps:
         if step.is_done():
             continue
+        print(f"[pipeline] {step.name}: submitted, {step.why_run()}", file=sys.stderr, flush=True)
+        step.prepare()
         deps = [jobs[name] for name in step.after if name in jobs]
         parallel = step.launcher != "plain"
         shape = (dict(nodes=nodes, tasks_per_node=tasks_per_node) if parallel and spread
@@ -431,14 +622,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="print the pending steps (name, ranks, dependencies, command) for jobs/pipeline.sh")
     parser.add_argument("--min-count", type=int, default=20,
                         help="κ groups with fewer samples are left out of the science check (default 20)")
+    parser.add_argument("--data", nargs="+", metavar="INPUT",
+                        help="run on these images instead of the synthetic demo: folder trees (label = first "
+                             "folder), .zip files, or CSV manifests with metadata (= config key data.inputs)")
     cfglib.add_config_arguments(parser, PipelineConfig)
 
 
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """``--data`` (absolute paths: steps may run elsewhere) goes in as data.inputs, after the overrides."""
+    if getattr(args, "data", None):
+        for given in args.data:
+            if not Path(given).exists():
+                raise UserError(f"--data {given} does not exist (a folder tree, a .zip or a .csv manifest)")
+        inputs = [str(Path(d).resolve()) for d in args.data]
+        args = argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, f"data.inputs={json.dumps(inputs)}"]})
+    return cfglib.from_args(PipelineConfig, args)
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = cfglib.from_args(PipelineConfig, args)
+    cfg = config_from_args(args)
     out = Path(args.out).resolve()
     if args.plan:
-        print_plan(plan(cfg, out), out)
+        steps = plan(cfg, out)
+        for step in steps:  # what the caller (jobs/pipeline.sh) submits next: clear stale outputs first
+            if not step.is_done():
+                print(f"[pipeline] {step.name}: submitted, {step.why_run()}", file=sys.stderr, flush=True)
+                step.prepare()
+        print_plan(steps, out)
         return 0
     if args.finish_only:
         finish(out, plan(cfg, out), args.min_count)

@@ -71,7 +71,7 @@ def run_stage(name: str, argv: Sequence[str]) -> int:
     """``icehpc NAME ARGV`` in this process; returns the exit code (config errors: one line, 2)."""
     import sys
 
-    from ..config import ConfigError, split_overrides
+    from ..config import ConfigError, UserError, split_overrides
     from ..fileio import LockedError
 
     parser = stage_parser(name)
@@ -89,3 +89,7 @@ def run_stage(name: str, argv: Sequence[str]) -> int:
     except LockedError as exc:  # another job writes the same output folder
         print(f"icehpc {name}: error: {exc}", file=sys.stderr)
         return 1
+    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        # a path the user gave that is not there or not a file: one line, not a traceback
+        print(f"icehpc {name}: error: {exc}", file=sys.stderr)
+        return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..config import UserError
 from . import launch
 from .pipeline import submit_pipeline
 
@@ -56,12 +57,26 @@ def split_stage_args(args: argparse.Namespace) -> list[str]:
     return rest[cut + 1:]
 
 
+def _scheduler_error(exc: BaseException) -> str:
+    """The last line sbatch printed (e.g. 'Could not establish a configuration source')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def run(args: argparse.Namespace) -> int:
+    import subprocess
+
+    import submitit
+
     stage_args = split_stage_args(args)
-    if args.target == "pipeline":
-        jobs = submit_pipeline(stage_args, executor=args.executor, **resources(args))
-    else:
-        jobs = [launch.submit_stage(args.target, stage_args, executor=args.executor, **resources(args))]
+    try:
+        if args.target == "pipeline":
+            jobs = submit_pipeline(stage_args, executor=args.executor, **resources(args))
+        else:
+            jobs = [launch.submit_stage(args.target, stage_args, executor=args.executor, **resources(args))]
+    except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as exc:
+        raise UserError(f"could not submit to Slurm ({_scheduler_error(exc)}); is a Slurm controller reachable "
+                        "(`sinfo`)? Without Slurm use --executor local, or run the stage directly") from exc
     for job in jobs:
         print(f"submitted job {job.job_id} (logs in {args.folder})")
     if args.wait:

@@ -348,7 +348,18 @@ class Trainer:
         if self.step == start and self.rank == 0:
             print(f"icehpc pretrain: {self.out} is already at step {self.step} / {self.total_steps}; nothing to do",
                   file=sys.stderr)
+        if self.rank == 0:
+            print(where_line(self.out, self.step, self.total_steps), flush=True)
         return 0
+
+
+def where_line(out: Path, step: int, total: int) -> str:
+    """The last line of a pretraining run: where its checkpoint, backbone and metrics are."""
+    tag = latest_tag(out)
+    ckpt = checkpoint_root(out) / tag if tag else "none saved"
+    backbone = out / "backbone.safetensors"
+    bb = backbone if backbone.exists() else f"not exported yet (step {step} < {total}; `icehpc export {out}`)"
+    return f"icehpc pretrain: step {step}/{total}; checkpoint: {ckpt}; backbone: {bb}; metrics: {out / 'metrics.jsonl'}"
 
 
 
