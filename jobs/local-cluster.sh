@@ -368,7 +368,16 @@ node_cmd() {  # node-kill I | node-start I
       for _ in $(seq 40); do node_pids_left "$i" || break; sleep 0.25; done
       rm -f "$STATE/slurmd-$(ns_of "$i").pid"
       log "killed every process on $(ns_of "$i")" ;;
-    node-start) start_node "$i"; log "$(ns_of "$i") up" ;;
+    node-start)
+      if ! alive "$STATE/slurmd-$(ns_of "$i").pid" && ! node_pids_left "$i"; then
+        # a node back from a crash: what a reboot clears. The node-local scratch, and the UNIX
+        # sockets its dead slurmstepds left in the spool: a requeued job has the same job and step
+        # ids, and its PMIx server would fail on "stepd.slurm.pmix.J.S: Address already in use".
+        find "$NODE_TMP/$(ns_of "$i")" -mindepth 1 -delete 2>/dev/null || true
+        find "$STATE/spool-$(ns_of "$i")" -maxdepth 1 -type s -delete 2>/dev/null || true
+        find "$STATE/spool-$(ns_of "$i")" -maxdepth 1 -type d -name 'pmix.*' -exec rm -rf {} + 2>/dev/null || true
+      fi
+      start_node "$i"; log "$(ns_of "$i") up" ;;
   esac
 }
 
