@@ -378,9 +378,7 @@ def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folde
 
     parser = argparse.ArgumentParser(prog="icehpc pipeline")
     add_arguments(parser)
-    rest, overrides = cfglib.split_overrides(parser, list(stage_args))  # key=value, as `icehpc pipeline` takes them
-    args = parser.parse_args(rest)
-    args.overrides = overrides
+    args = parser.parse_args(list(stage_args))
     cfg = cfglib.from_args(PipelineConfig, args)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
