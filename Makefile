@@ -41,16 +41,22 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Starts a real single-node Slurm for the `slurm` tests when root and none is running, and stops
-# exactly the daemons it started (by PID), also when the tests fail.
+# Starts a real Slurm for the `slurm` tests when root and none is running: two nodes in network
+# namespaces (for the `multinode` tests; the single-node tests run on it too), or one node where
+# namespaces cannot be made. Stops exactly what it started, also when the tests fail.
+CLUSTER_NODES ?= 2
 test: system venv
-	@started=0; \
+	@started=0; multi=0; \
 	if ! bash jobs/local-cluster.sh status >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  bash jobs/local-cluster.sh start && started=1; fi; \
+	  if [ "$(CLUSTER_NODES)" -gt 1 ] && bash jobs/local-cluster.sh start --nodes $(CLUSTER_NODES); then \
+	    started=1; multi=1; \
+	  else \
+	    bash jobs/local-cluster.sh stop >/dev/null 2>&1 || true; \
+	    bash jobs/local-cluster.sh start && started=1; fi; fi; \
 	trap 'if [ $$started = 1 ]; then bash jobs/local-cluster.sh stop; fi' EXIT; \
 	need_slurm=0; bash jobs/local-cluster.sh status >/dev/null 2>&1 && need_slurm=1; \
 	need_mpi=0; command -v mpiexec >/dev/null && need_mpi=1; \
-	ICEHPC_REQUIRE_SLURM=$$need_slurm ICEHPC_REQUIRE_MPI=$$need_mpi OMP_NUM_THREADS=1 \
+	ICEHPC_REQUIRE_SLURM=$$need_slurm ICEHPC_REQUIRE_MPI=$$need_mpi ICEHPC_REQUIRE_MULTINODE=$$multi OMP_NUM_THREADS=1 \
 	  $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: system venv

@@ -82,10 +82,21 @@ def from_env(environ: dict[str, str] | None = None) -> DistEnv:
 
 
 def export_torch_env(d: DistEnv) -> None:
-    """Set the five variables torch.distributed/DeepSpeed read, so DeepSpeed never calls MPI_Init."""
-    os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
-                      LOCAL_WORLD_SIZE=str(d.local_world_size),
-                      MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port))
+    """Set the five variables torch.distributed/DeepSpeed read, so DeepSpeed never calls MPI_Init.
+
+    With more than one rank, each rank says on stderr where it runs and which rendezvous it uses:
+    on several nodes a wrong master address (``localhost``, a name that does not resolve there) is
+    otherwise only a hang in the first collective.
+    """
+    new = dict(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
+               LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port))
+    changed = any(os.environ.get(k) != v for k, v in new.items())
+    os.environ.update(new)
+    if d.world_size > 1 and changed:  # said once, by whoever sets them first (submitit, then DeepSpeed)
+        import sys
+
+        print(f"[icehpc] rank {d.rank}/{d.world_size} on {socket.gethostname()}: rendezvous "
+              f"{d.master_addr}:{d.master_port} ({d.launcher})", file=sys.stderr, flush=True)
 
 
 def launched_by_mpi(environ: dict[str, str] | None = None) -> bool:

@@ -52,6 +52,24 @@ def slurm_cluster() -> dict:
 
 
 @pytest.fixture(scope="session")
+def multinode(slurm_cluster) -> dict:
+    """A Slurm cluster of >= 2 nodes, each in its own network namespace (jobs/local-cluster.sh start
+    --nodes 2). `make test` sets ICEHPC_REQUIRE_MULTINODE=1 when it started one, and then fewer
+    than two idle nodes fail the test instead of skipping it."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-p", slurm_cluster["partition"], "-o", "%N %t"],
+                         capture_output=True, text=True, timeout=20).stdout.split("\n")
+    nodes = sorted({line.split()[0] for line in out if line.strip() and line.split()[1].rstrip("*~#")
+                    in ("idle", "mix", "alloc")})
+    if len(nodes) < 2:
+        msg = (f"needs a Slurm partition with >= 2 up nodes, found {nodes or 'none'} (start one with "
+               "`jobs/local-cluster.sh start --nodes 2`: needs root and network namespaces)")
+        if _required("MULTINODE"):
+            pytest.fail("ICEHPC_REQUIRE_MULTINODE=1 but " + msg)
+        pytest.skip(msg)
+    return {**slurm_cluster, "nodes": nodes}
+
+
+@pytest.fixture(scope="session")
 def mpiexec() -> list[str]:
     """Command prefix to start N real Open MPI ranks: use as [*mpiexec, "-n", "2", ...]."""
     from icehpc.run.launch import mpiexec_prefix
