@@ -3,7 +3,7 @@
 # ranks, icehpc reads rank/world/master from SLURM_* (no MPI). Resources are ordinary sbatch
 # options and override the defaults below, e.g. 2 nodes × 4 GPUs:
 #   sbatch --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 --cpus-per-task=16 --time=24:00:00 \
-#       jobs/pretrain.sh --config configs/pretrain-vits16.yaml data.shards=shards/cpi out=runs/vits16
+#       jobs/pretrain.sh --config configs/pretrain-vits16.yaml data.shards=shards/cpi --out runs/vits16
 # CPU smoke run with 2 ranks on one node:
 #   sbatch --ntasks-per-node=2 jobs/pretrain.sh --config configs/pretrain-tiny-cpu.yaml data.shards=...
 #
