@@ -398,21 +398,141 @@ def test_loss_feeds_the_fused_op_the_training_dtype(monkeypatch):
 
 # ------------------------------------------------------------------------------- chunked backend
 
-@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_chunked_matches_reference(paired, dtype):
-    """The chunked backend (torch implementation; several chunks: K = 203 → chunk forced small)
-    against the float64 reference, with zero weights, −1 padding and repeated pairs."""
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Several chunks at test sizes (K = 203 would give one chunk): 8 rows for the torch step,
+    16 for the fused one, the last chunk partial."""
     from icehpc.ssl.kernels import vmf_xent_chunked as mod
 
+    monkeypatch.setattr(mod, "chunk_rows", lambda k, limit=1024: 8)
+    monkeypatch.setattr(mod, "fused_chunk_rows", lambda k, b, limit=1024: 16)
+    return mod
+
+
+@pytest.fixture(params=["torch-step", "fused-step"])
+def chunked_impl(request, small_chunks, monkeypatch):
+    """Both implementations of the chunked backend's per-chunk step; the fused Triton one is
+    spied on, so a test of it fails if the torch step ran instead."""
+    from icehpc.ssl.kernels import vmf_xent_chunk_triton as ct
+
+    fused = request.param == "fused-step"
+    monkeypatch.setattr(small_chunks, "FUSED", fused)
+    calls = []
+    real = ct.chunk_step
+    monkeypatch.setattr(ct, "chunk_step", lambda **kw: (calls.append(1), real(**kw))[1])
+    yield request.param
+    assert bool(calls) == fused, f"fused chunk_step called {len(calls)} times"
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_matches_reference(chunked_impl, paired, dtype):
+    """The chunked backend (several chunks, the last one partial) against the float64 reference,
+    with zero weights, −1 padding, repeated pairs and an all-padding row; the fused Triton step
+    runs in float64 for float64 inputs, so it must agree to 1e-12 as well."""
     ns, nt, k, d = (41, 13, 203, 48) if paired else (37, 37, 203, 48)
     inp = make_inputs(ns, nt, k, d, seed=41 + paired)
     pairs = make_pairs(ns, nt, 3, seed=41) if paired else None
     ref = run(inp, "torch", torch.float64, pairs=pairs)
-    old = mod.chunk_rows
-    mod.chunk_rows = lambda k, limit=1024: 8  # 5-6 chunks, the last one partial
-    try:
-        out = run(inp, "chunked", dtype, pairs=pairs)
-    finally:
-        mod.chunk_rows = old
+    out = run(inp, "chunked", dtype, pairs=pairs)
     assert_close(ref, out, 1e-12 if dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
+def test_chunked_fused_plain_softmax_and_odd_shapes(chunked_impl, paired):
+    """vMF off, K and D not multiples of any tile (K < one tile too), one student row."""
+    for ns, nt, k, d in ((19, 19, 33, 20), (1, 1, 17, 7)) if not paired else ((23, 5, 33, 20),):
+        inp = make_inputs(ns, nt, k, d, seed=ns + k)
+        pairs = make_pairs(ns, nt, 2, seed=ns) if paired else None
+        ref = run(inp, "torch", torch.float64, pairs=pairs, vmf=False)
+        assert_close(ref, run(inp, "chunked", torch.float64, pairs=pairs, vmf=False), 1e-12)
+
+
+def test_chunked_fused_zero_weights_partial_grads_and_no_grad(chunked_impl):
+    """All weights zero: loss and gradients exactly 0; only the gradients asked for; no grad."""
+    inp = make_inputs(37, 37, 203, 48, seed=9)
+    ref = run(inp, "torch", torch.float64)
+    only_w = run(inp, "chunked", torch.float64, grad=(False, True))
+    assert only_w["grad_zs"] is None
+    assert_close(ref, only_w, 1e-12, names=("loss", "grad_ws", *OUTS[3:]))
+    with torch.no_grad():
+        assert_close(ref, run(inp, "chunked", torch.float64), 1e-12, names=("loss", *OUTS[3:]))
+    inp["weights"] = torch.zeros(37, dtype=torch.float64)
+    zero_ref = run(inp, "torch", torch.float64, pairs=make_pairs(37, 37, 2))
+    for p in (None, make_pairs(37, 37, 2)):
+        out = run(inp, "chunked", torch.float64, pairs=p)
+        for n in ("loss", "grad_zs", "grad_ws"):
+            assert torch.equal(out[n], torch.zeros_like(out[n])), n
+    assert_close(zero_ref, out, 1e-12, names=OUTS[3:])
+
+
+def test_chunked_fused_first_call_with_autotune_benchmarking(small_chunks, monkeypatch):
+    """The fused step's partial sums accumulate across chunks and its teacher-only mode rewrites
+    logits into P_t in place: benchmarking several configs on the first call must not change the
+    result (restore_value), in both pairing modes."""
+    import triton
+
+    from icehpc.ssl.kernels import vmf_xent_chunk_triton as ct
+
+    runs = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        runs.append(1)
+        t = 1.0 / len(runs)
+        return [t, t, t]
+
+    kern = ct._chunk_kernel
+    monkeypatch.setattr(kern, "configs", [triton.Config({"BLOCK_K": bk}, num_warps=4)
+                                          for bk in (32, 64, 16)])
+    monkeypatch.setattr(kern, "cache", {})
+    monkeypatch.setitem(kern.__dict__, "do_bench", bench)
+    monkeypatch.setattr(small_chunks, "FUSED", True)
+    for paired in (False, True):
+        ns, nt = (41, 13) if paired else (37, 37)
+        inp = make_inputs(ns, nt, 203, 48, seed=51 + paired)
+        pairs = make_pairs(ns, nt, 3, seed=51) if paired else None
+        before = len(runs)
+        out = run(inp, "chunked", torch.float64, pairs=pairs)
+        assert len(runs) - before >= 3  # it did benchmark
+        assert_close(run(inp, "torch", torch.float64, pairs=pairs), out, 1e-12)
+
+
+def test_chunked_fused_memory_bound_and_fixed_shapes():
+    """Chunk sizes depend on K and the dtype only; at the patch shape (K = 8192, bf16) the fused
+    step's [chunk, K] buffers are 40 MiB and the op's extra memory (with fp32 ∂zs, ∂ws, a ∂ws
+    chunk product and the partial sums) stays under 0.1 GB at N = 25,088, D = 256."""
+    from icehpc.ssl.kernels import vmf_xent_chunk_triton as ct
+    from icehpc.ssl.kernels.vmf_xent_chunked import fused_chunk_rows
+
+    n, k, d = 25088, 8192, 256
+    chunk = fused_chunk_rows(k, 10)
+    assert 512 <= chunk <= 1024
+    extra = chunk * k * 10 + n * d * 4 + 2 * k * d * 4 + 2 * ct.programs(chunk) * k * 4 + n * 4
+    assert extra <= 0.1e9, extra
+    assert fused_chunk_rows(65536, 6) >= 16 and fused_chunk_rows(8192, 24) >= 16
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_fused_no_sync_and_peak_memory():
+    """Patch shape in bf16 on CUDA: the fused chunked op (after the autotuning call) runs with no
+    host sync and within 0.1 GB of extra memory; its gradients match plain torch."""
+    n, k, d = 25088, 8192, 256
+    inp = make_inputs(n, n, k, d, seed=26)
+    dev = torch.device("cuda")
+    zs = inp["zs"].to(dev, torch.bfloat16).requires_grad_()
+    ws = inp["ws"].to(dev, torch.bfloat16).requires_grad_()
+    zt, wt, c, w = (inp[x].to(dev, torch.bfloat16) for x in ("zt", "wt", "center", "weights"))
+    vmf_xent(zs, ws, zt, wt, c, 0.1, 0.04, weights=w, backend="chunked")[0].backward()  # autotune
+    zs.grad = ws.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        vmf_xent(zs, ws, zt, wt, c, 0.1, 0.04, weights=w, backend="chunked")[0].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - 2 * (n + k) * d * 2  # minus the two grads
+    assert extra < 0.1e9, f"peak extra {extra / 1e9:.3f} GB"

@@ -36,8 +36,9 @@ def vmf_xent(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau
     (weights and pairs do not enter the statistics).
 
     backend: "torch" (plain reference), "triton" (fused, no N×K tensor, D ≤ 256), "chunked" (rows
-    in chunks, logits by GEMM, no N×K tensor for the whole batch; any device), "auto" (triton on
-    CUDA when D ≤ 256, else torch; until a GPU benchmark shows chunked faster).
+    in chunks, logits by GEMM, one fused Triton launch per chunk for the softmaxes / soft-CE / G on
+    CUDA, torch ops per chunk on a CPU; no N×K tensor for the whole batch; any device and D),
+    "auto" (triton on CUDA when D ≤ 256, else torch; until a GPU benchmark shows chunked faster).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
