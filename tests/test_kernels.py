@@ -223,8 +223,8 @@ def test_kernels_compile_for_hopper_without_gpu():
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "vmf_kernel.py"), "--aot", "--aot-first"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(("row", "col"))]
-    assert len(lines) == 7 and all(" ok " in ln for ln in lines), res.stdout
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(("row", "col", "chunk"))]
+    assert len(lines) == 10 and all(" ok " in ln for ln in lines), res.stdout
 
 
 # ----------------------------------------------------------------------------------- GPU only
