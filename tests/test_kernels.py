@@ -375,7 +375,8 @@ def test_loss_feeds_the_fused_op_the_training_dtype(monkeypatch):
     def spy(zs, ws, zt, wt, center, *args, **kwargs):
         seen.append((zs.dtype, ws.dtype, zt.dtype, wt.dtype))
         return kernels.vmf_xent_torch(zs, ws, zt, wt, center, *args[:2], kwargs.get("pairs"),
-                                      kwargs.get("weights"), kwargs.get("vmf", True))
+                                      kwargs.get("weights"), kwargs.get("vmf", True),
+                                      kwargs.get("bias_s"), kwargs.get("bias_t"))
 
     monkeypatch.setattr(kernels, "vmf_xent", spy)
     b, n_local, k, p = 2, 1, 12, 8
@@ -536,3 +537,63 @@ def test_gpu_chunked_fused_no_sync_and_peak_memory():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - 2 * (n + k) * d * 2  # minus the two grads
     assert extra < 0.1e9, f"peak extra {extra / 1e9:.3f} GB"
+
+
+# ------------------------------------------------------------ vMF bias once per prototype set
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "chunked"])
+def test_precomputed_bias_gives_the_same_loss_and_gradients(backend):
+    """vmf_xent with bias_s / bias_t computed by the caller (its gradient through the caller's
+    graph, −A_p(κ)) equals the op computing them itself: loss, ∂zs and ∂ws (bias part included)."""
+    from icehpc.ssl.kernels import vmf_bias
+
+    dt = torch.float32 if backend == "triton" else torch.float64
+    inp = {n: t.to(dt) for n, t in make_inputs(19, 19, 45, 24, seed=61).items()}
+    outs = []
+    for given in (False, True):
+        zs = inp["zs"].clone().requires_grad_()
+        ws = inp["ws"].clone().requires_grad_()
+        kw = dict(bias_s=vmf_bias(ws, 0.1, True), bias_t=vmf_bias(inp["wt"], 0.04, True)) if given else {}
+        loss, _ = vmf_xent(zs, ws, inp["zt"], inp["wt"], inp["center"], 0.1, 0.04,
+                           weights=inp["weights"], backend=backend, **kw)
+        loss.backward()
+        outs.append((loss.detach(), zs.grad, ws.grad))
+    for a, b in zip(*outs):
+        err = (a - b).abs().max() / b.abs().max()
+        assert err <= (1e-6 if dt == torch.float32 else 1e-13), (backend, err)
+    with pytest.raises(ValueError, match="vmf=False"):
+        vmf_xent(inp["zs"], inp["ws"], inp["zt"], inp["wt"], inp["center"], 0.1, 0.04, vmf=False,
+                 bias_s=torch.zeros(45, dtype=torch.float64), backend="torch")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-head", "two-heads"])
+def test_log_cp_evaluated_once_per_prototype_set_per_step(monkeypatch, shared):
+    """Issue 12: log C_p once per prototype set per step. A head shared by the [CLS] and patch
+    losses: 2 forward evaluations (student, teacher; teacher_entropy reuses the teacher's) and 1
+    backward (−A_p for the student), was 5 + 2; two heads: 4 + 2. Loss unchanged."""
+    import icehpc.vmf as vmf_mod
+    from icehpc.ssl.config import LossConfig
+    from icehpc.ssl.loss import Centres, ibot_vmf_loss
+    from icehpc.ssl.model import HeadOut
+
+    calls = {"fwd": 0, "bwd": 0}
+    real_f, real_b = vmf_mod.log_cp_t, vmf_mod.bessel_ratio_t
+    monkeypatch.setattr(vmf_mod, "log_cp_t", lambda *a: (calls.__setitem__("fwd", calls["fwd"] + 1),
+                                                         real_f(*a))[1])
+    monkeypatch.setattr(vmf_mod, "bessel_ratio_t", lambda *a: (calls.__setitem__("bwd", calls["bwd"] + 1),
+                                                               real_b(*a))[1])
+    b, n_local, k, p = 2, 1, 12, 8
+    masks = torch.zeros(2 * b, 4, dtype=torch.bool)
+    masks[:, :2] = True
+    g = torch.Generator().manual_seed(0)
+
+    def head(grad):
+        z = F.normalize(torch.randn((2 + n_local) * b, p, generator=g), dim=1).requires_grad_(grad)
+        zp = F.normalize(torch.randn(int(masks.sum()), p, generator=g), dim=1).requires_grad_(grad)
+        w = torch.randn(k, p, generator=g).requires_grad_(grad)
+        return HeadOut(z, zp, w, w if shared else torch.randn(k, p, generator=g).requires_grad_(grad))
+
+    student, teacher = head(True), head(False)
+    out = ibot_vmf_loss(student, teacher, masks, b, n_local, Centres(k, 0.9), 0.1, 0.04, LossConfig(vmf=True))
+    out.loss.backward()
+    assert calls == ({"fwd": 2, "bwd": 1} if shared else {"fwd": 4, "bwd": 2}), calls

@@ -215,7 +215,8 @@ def _forward_fused(zs, ws, b_s, zt, wt, b_tc, w, pairs, its, itt, chunk, need_z,
 
 def vmf_xent_chunked(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
                      tau_t: float, pairs: Tensor | None = None, weights: Tensor | None = None,
-                     vmf: bool = True, chunk: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                     vmf: bool = True, bias_s: Tensor | None = None, bias_t: Tensor | None = None,
+                     chunk: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Chunked ``vmf_xent`` (same contract as the torch reference; float32/64/bf16/fp16)."""
     ns, d = zs.shape
     nt, k = zt.shape[0], ws.shape[0]
@@ -227,11 +228,11 @@ def vmf_xent_chunked(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Ten
         pairs = pairs.to(device=zs.device, dtype=torch.long)
         check_pairs(pairs, nt)
     acc = torch.promote_types(zs.dtype, torch.float32)
-    b_s = vmf_bias(ws, tau_s, vmf)
+    b_s = vmf_bias(ws, tau_s, vmf, bias_s)
     if b_s is None:
         b_s = torch.zeros(k, dtype=acc, device=zs.device)
     with torch.no_grad():
-        b_t = vmf_bias(wt.detach(), tau_t, vmf)
+        b_t = vmf_bias(wt.detach(), tau_t, vmf, None if bias_t is None else bias_t.detach())
         b_t = torch.zeros(k, dtype=acc, device=zs.device) if b_t is None else b_t.to(acc)
         logit_mean = (zt.to(acc).mean(0) @ wt.detach().to(acc).T) / tau_t + b_t
         w = (torch.ones(ns, dtype=acc, device=zs.device) if weights is None

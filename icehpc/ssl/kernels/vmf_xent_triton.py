@@ -391,7 +391,8 @@ class _VmfXentFn(torch.autograd.Function):
 
 def vmf_xent_triton(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
                     tau_t: float, pairs: Tensor | None = None, weights: Tensor | None = None,
-                    vmf: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+                    vmf: bool = True, bias_s: Tensor | None = None, bias_t: Tensor | None = None
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
     """Fused ``vmf_xent`` (same contract as the torch reference). Inputs fp32/bf16/fp16, one dtype;
     the loss is fp32 and so are the statistics."""
     ns, d = zs.shape
@@ -415,11 +416,11 @@ def vmf_xent_triton(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tens
         pairs = pairs.to(device=zs.device, dtype=torch.long, non_blocking=True)
         check_pairs(pairs, nt)  # on the device for CUDA tensors: no host round trip
     zs, ws, zt, wt = (t.contiguous() for t in (zs, ws, zt, wt))
-    b_s = vmf_bias(ws, tau_s, vmf)
+    b_s = vmf_bias(ws, tau_s, vmf, bias_s)
     if b_s is None:
         b_s = torch.zeros(k, dtype=torch.float32, device=zs.device)
     with torch.no_grad():
-        b_t = vmf_bias(wt.detach(), tau_t, vmf)
+        b_t = vmf_bias(wt.detach(), tau_t, vmf, None if bias_t is None else bias_t.detach())
         b_t = torch.zeros(k, dtype=torch.float32, device=zs.device) if b_t is None else b_t.float()
         # mean of the uncentred teacher logits is linear in zt: one [D]·[K, D] product
         logit_mean = (zt.float().mean(0) @ wt.detach().float().T) / tau_t + b_t
