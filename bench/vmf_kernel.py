@@ -234,10 +234,12 @@ def run_aot(first_only: bool) -> int:
                 "i32" if a in ("N", "K", "D", "N_BUCKET", "C") else "fp32" if a.startswith("inv_tau")
                 else "constexpr" for a in fn.arg_names}
 
-    variants = [("row", m._row_kernel.fn, m._row_configs(), dict(SAME_W=s, NEED_O=o, NEED_V=v))
-                for s, o, v in [(1, 1, 0), (0, 1, 1), (0, 0, 0)]]
-    variants += [("col", m._col_kernel.fn, m._col_configs(), dict(DO_S=a, DO_T=b, NEED_DW=c, Y_IS_XS=d))
-                 for a, b, c, d in [(1, 1, 1, 1), (1, 0, 1, 1), (0, 1, 1, 0), (0, 1, 0, 0)]]
+    # each variant with the bf16 configs its autotuner keeps (vmf_xent_triton.*_VARIANT_CONFIGS)
+    variants = [("row", m._row_kernel.fn, m.variant_configs("row", f), f)
+                for f in (dict(SAME_W=s, NEED_O=o, NEED_V=v) for s, o, v in [(1, 1, 0), (0, 1, 1), (0, 0, 0)])]
+    variants += [("col", m._col_kernel.fn, m.variant_configs("col", f), f)
+                 for f in (dict(DO_S=a, DO_T=b, NEED_DW=c, Y_IS_XS=d)
+                           for a, b, c, d in [(1, 1, 1, 1), (1, 0, 1, 1), (0, 1, 1, 0), (0, 1, 0, 0)])]
     from icehpc.ssl.kernels import vmf_xent_chunk_triton as c
 
     variants += [("chunk", c._chunk_kernel.fn, c._configs(),
