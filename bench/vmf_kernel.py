@@ -1,6 +1,8 @@
 """Benchmark of ``icehpc.ssl.kernels.vmf_xent`` forward+backward: plain eager PyTorch,
-torch.compile of the same reference, and the fused Triton op, on the three shapes of the issue, with
-peak extra GPU memory, ratios and the bf16 matmul floor (the four N×K×D products of the loss).
+torch.compile of the same reference, the fused Triton op ("fused") and the chunked backend with its
+fused per-chunk Triton step ("chunked"), on the three shapes of the issue, with peak extra GPU
+memory, ratios, a correctness column (gradients vs eager after the first, autotuning call) and the
+bf16 matmul floor (the four N×K×D products of the loss).
 
     python bench/vmf_kernel.py            # CUDA: all three shapes, bf16
     python bench/vmf_kernel.py --small    # CPU smoke: torch backend vs the Triton interpreter
@@ -109,31 +111,34 @@ def grad_error(case: dict, vmf: bool, fused) -> float:
 
 def chosen_configs() -> list[str]:
     """The autotuner's picks so far, per kernel and key."""
+    from icehpc.ssl.kernels import vmf_xent_chunk_triton as c
     from icehpc.ssl.kernels import vmf_xent_triton as m
 
     out = []
-    for name in ("_row_kernel", "_col_kernel"):
-        for key, cfg in getattr(m, name).cache.items():
+    for mod, name in ((m, "_row_kernel"), (m, "_col_kernel"), (c, "_chunk_kernel")):
+        for key, cfg in getattr(mod, name).cache.items():
             out.append(f"{name} key={key} -> {cfg}")
     return out
 
 
 def run_gpu(vmf: bool, skip_compile: bool) -> None:
     from icehpc.ssl.kernels import vmf_xent_torch
+    from icehpc.ssl.kernels.vmf_xent_chunked import vmf_xent_chunked
     from icehpc.ssl.kernels.vmf_xent_triton import vmf_xent_triton
 
     dev = torch.cuda.get_device_name()
     print(f"# vmf_xent fwd+bwd, bf16 inputs, {dev}, torch {torch.__version__}, vmf={vmf}, "
           f"{time.strftime('%Y-%m-%d')}")
-    print(f"{'shape':<24}{'variant':<10}{'ms':>9}{'peak GB':>9}{'x fused':>9}")
+    print(f"{'shape':<24}{'variant':<10}{'ms':>9}{'peak GB':>9}{'x fused':>9}{'grad err':>10}")
     for name, shape in SHAPES.items():
         case = make_case(shape, "cuda", torch.bfloat16)
         torch._dynamo.reset()
         variants = {"eager": vmf_xent_torch, "compile": torch.compile(vmf_xent_torch, dynamic=False),
-                    "fused": vmf_xent_triton}
+                    "fused": vmf_xent_triton, "chunked": vmf_xent_chunked}
         if skip_compile or not shape.get("compile", True):
             del variants["compile"]
         res: dict[str, tuple[float, float]] = {}
+        errs: dict[str, str] = {}
         for vname in ("fused", *[v for v in variants if v != "fused"]):
             fn = step_fn(case, variants[vname], vmf)
             try:
@@ -142,33 +147,37 @@ def run_gpu(vmf: bool, skip_compile: bool) -> None:
                 torch.cuda.synchronize()
                 first_s = time.perf_counter() - t0
                 res[vname] = (gpu_time_ms(fn), peak_extra_gb(fn))
-                if vname == "fused":
-                    err = grad_error(case, variants["fused"], vmf)
-                    print(f"{name:<24}fused first call {first_s:.2f} s (autotune); grad rel err vs eager "
-                          f"{err:.2e} ({'ok' if err < 2e-2 else 'WRONG'})", flush=True)
-                    print(f"SUMMARY|{name} fused grad rel err vs eager|{err:.2e}|< 2e-2|"
+                if vname in ("fused", "chunked"):
+                    err = grad_error(case, variants[vname], vmf)
+                    errs[vname] = f"{err:.1e}" + ("" if err < 2e-2 else " WRONG")
+                    print(f"{name:<24}{vname} first call {first_s:.2f} s (autotune); grad rel err vs "
+                          f"eager {err:.2e} ({'ok' if err < 2e-2 else 'WRONG'})", flush=True)
+                    print(f"SUMMARY|{name} {vname} grad rel err vs eager|{err:.2e}|< 2e-2|"
                           f"{'ok' if err < 2e-2 else 'FAIL'}")
             except Exception as exc:  # a failing variant must not hide the others' figures
                 print(f"{name:<24}{vname:<10} failed: {type(exc).__name__}: {exc}"[:300])
         floor_ms = gpu_time_ms(matmul_floor_fn(case))
         fused_ms = res.get("fused", (float("nan"),))[0]
         for vname, (ms, gb) in res.items():
-            print(f"{name:<24}{vname:<10}{ms:9.3f}{gb:9.3f}{ms / fused_ms:9.2f}")
+            print(f"{name:<24}{vname:<10}{ms:9.3f}{gb:9.3f}{ms / fused_ms:9.2f}"
+                  f"{errs.get(vname, '-'):>10}")
         print(f"{name:<24}{'matmuls':<10}{floor_ms:9.3f}{'':>9}{floor_ms / fused_ms:9.2f}")
-        if "fused" in res:
-            gb = res["fused"][1]
-            ok_ms = fused_ms <= shape["goal_ms"]
+        for op in ("fused", "chunked"):  # both candidates for backend="auto", against the goals
+            if op not in res:
+                continue
+            ms, gb = res[op]
+            ok_ms = ms <= shape["goal_ms"]
             ok_gb = shape["goal_gb"] is None or gb <= shape["goal_gb"]
             goal_gb = "" if shape["goal_gb"] is None else f", <= {shape['goal_gb']} GB"
-            print(f"{name:<24}goal <= {shape['goal_ms']} ms{goal_gb}: "
-                  f"{'met' if ok_ms and ok_gb else 'NOT met'} (fused / matmul floor = "
-                  f"{fused_ms / floor_ms:.2f})")
-            print(f"SUMMARY|{name} fused ms|{fused_ms:.3f}|<= {shape['goal_ms']}|{'ok' if ok_ms else 'NOT met'}")
+            print(f"{name:<24}{op} goal <= {shape['goal_ms']} ms{goal_gb}: "
+                  f"{'met' if ok_ms and ok_gb else 'NOT met'} ({op} / matmul floor = "
+                  f"{ms / floor_ms:.2f})")
+            print(f"SUMMARY|{name} {op} ms|{ms:.3f}|<= {shape['goal_ms']}|{'ok' if ok_ms else 'NOT met'}")
             if shape["goal_gb"] is not None:
-                print(f"SUMMARY|{name} fused peak GB|{gb:.3f}|<= {shape['goal_gb']}|{'ok' if ok_gb else 'NOT met'}")
-            for vname, (ms, _) in res.items():
-                if vname != "fused":
-                    print(f"SUMMARY|{name} {vname} ms|{ms:.3f}|reference|-")
+                print(f"SUMMARY|{name} {op} peak GB|{gb:.3f}|<= {shape['goal_gb']}|{'ok' if ok_gb else 'NOT met'}")
+        for vname, (ms, _) in res.items():
+            if vname not in ("fused", "chunked"):
+                print(f"SUMMARY|{name} {vname} ms|{ms:.3f}|reference|-")
         for line in chosen_configs():
             print(f"{name:<24}config {line}")
         sys.stdout.flush()
@@ -179,6 +188,7 @@ def run_gpu(vmf: bool, skip_compile: bool) -> None:
 def run_small(vmf: bool) -> None:
     """CPU smoke: the fused kernels under the Triton interpreter against the torch backend."""
     from icehpc.ssl.kernels import vmf_xent_torch
+    from icehpc.ssl.kernels.vmf_xent_chunked import vmf_xent_chunked
     from icehpc.ssl.kernels.vmf_xent_triton import vmf_xent_triton
 
     print(f"# CPU smoke (--small): torch backend vs Triton interpreter, fp32, vmf={vmf}; "
@@ -186,7 +196,8 @@ def run_small(vmf: bool) -> None:
     for name, shape in SMALL.items():
         case = make_case(shape, "cpu", torch.float32)
         out = {}
-        for vname, fn in (("torch", vmf_xent_torch), ("interp", vmf_xent_triton)):
+        for vname, fn in (("torch", vmf_xent_torch), ("interp", vmf_xent_triton),
+                          ("chunked", vmf_xent_chunked)):
             step = step_fn(case, fn, vmf)
             times = []
             for _ in range(3):
@@ -194,8 +205,9 @@ def run_small(vmf: bool) -> None:
                 out[vname] = step()
                 times.append(time.perf_counter() - t0)
             print(f"{name:<22}{vname:<8}{1e3 * statistics.median(times):10.1f} ms (CPU)")
-        diff = max((a - b).abs().max().item() for a, b in zip(out["torch"], out["interp"]))
-        print(f"{name:<22}max |grad torch - grad interp| = {diff:.2e}")
+        for vname in ("interp", "chunked"):
+            diff = max((a - b).abs().max().item() for a, b in zip(out["torch"], out[vname]))
+            print(f"{name:<22}max |grad torch - grad {vname}| = {diff:.2e}")
 
 
 def run_aot(first_only: bool) -> int:
@@ -217,18 +229,27 @@ def run_aot(first_only: bool) -> int:
     half = {"x_ptr", "wl_ptr", "wv_ptr", "xs_ptr", "ws_ptr", "xt_ptr", "wt_ptr", "y_ptr"}
 
     def signature(fn) -> dict[str, str]:
-        return {a: ("*bf16" if a in half else "*fp32") if a.endswith("_ptr") else
-                "i32" if a in ("N", "K", "D", "N_BUCKET") else "fp32" if a.startswith("inv_tau") else "constexpr"
-                for a in fn.arg_names}
+        ptr = {"g_ptr": "*bf16", "pairs_ptr": "*i64"}
+        return {a: ptr.get(a, "*bf16" if a in half else "*fp32") if a.endswith("_ptr") else
+                "i32" if a in ("N", "K", "D", "N_BUCKET", "C") else "fp32" if a.startswith("inv_tau")
+                else "constexpr" for a in fn.arg_names}
 
-    variants = [("row", m._row_kernel.fn, m._row_configs(), dict(SAME_W=s, NEED_O=o, NEED_V=v))
-                for s, o, v in [(1, 1, 0), (0, 1, 1), (0, 0, 0)]]
-    variants += [("col", m._col_kernel.fn, m._col_configs(), dict(DO_S=a, DO_T=b, NEED_DW=c, Y_IS_XS=d))
-                 for a, b, c, d in [(1, 1, 1, 1), (1, 0, 1, 1), (0, 1, 1, 0), (0, 1, 0, 0)]]
+    # each variant with the bf16 configs its autotuner keeps (vmf_xent_triton.*_VARIANT_CONFIGS)
+    variants = [("row", m._row_kernel.fn, m.variant_configs("row", f), f)
+                for f in (dict(SAME_W=s, NEED_O=o, NEED_V=v) for s, o, v in [(1, 1, 0), (0, 1, 1), (0, 0, 0)])]
+    variants += [("col", m._col_kernel.fn, m.variant_configs("col", f), f)
+                 for f in (dict(DO_S=a, DO_T=b, NEED_DW=c, Y_IS_XS=d)
+                           for a, b, c, d in [(1, 1, 1, 1), (1, 0, 1, 1), (0, 1, 1, 0), (0, 1, 0, 0)])]
+    from icehpc.ssl.kernels import vmf_xent_chunk_triton as c
+
+    variants += [("chunk", c._chunk_kernel.fn, c._configs(),
+                  dict(DO_S=a, TEACHER=t, WRITE_PT=w, NEED_G=g, M=mm, ACC=tl.float32, BLOCK_M=c.BLOCK_M))
+                 for a, t, w, g, mm in [(1, 1, 0, 1, 1), (0, 1, 1, 0, 1), (1, 2, 0, 1, 2)]]
     failed = 0
     for name, fn, configs, flags in variants:
         for cfg in configs[:1] if first_only else configs:
-            const = dict(flags, DOT=tl.bfloat16, PRECISION="ieee", BLOCK_D=256, **cfg.kwargs)
+            const = dict(flags, **cfg.kwargs) if name == "chunk" else dict(
+                flags, DOT=tl.bfloat16, PRECISION="ieee", BLOCK_D=256, **cfg.kwargs)
             tag = f"{name} {flags} {cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}"
             try:
                 k = triton.compile(ASTSource(fn, signature(fn), const), target=GPUTarget("cuda", 90, 32),

@@ -137,3 +137,29 @@ def test_train_loader_explicit_batches_and_too_small_dataset(shard_dir):
     assert sum(1 for _ in loader) == 5
     with pytest.raises(ValueError, match="fewer than one batch"):
         data.train_loader(shard_dir, batch_size=300, canvas=32, num_workers=0, seed=0, rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ordered_loader_pin_memory_reaches_the_batches(shard_dir, monkeypatch, num_workers):
+    """Issue 12: GPU embedding reads pinned batches. Pinning needs CUDA, so on the CPU the
+    request is checked where it is made: the images are pinned in place (no workers) or the
+    DataLoader is built with pin_memory=True (workers)."""
+    import webdataset as wds
+
+    paths = fmt.shard_paths(shard_dir)[:1]
+    if num_workers == 0:
+        pinned = []
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(1) or self)
+        n = sum(1 for _ in data.ordered_loader(paths, batch_size=16, canvas=32, pin_memory=True))
+        assert pinned and len(pinned) == n
+    else:
+        seen = {}
+        real = wds.WebLoader.__init__
+
+        def init(self, *a, **kw):
+            seen.update(kw)
+            real(self, *a, **{**kw, "pin_memory": False})
+
+        monkeypatch.setattr(wds.WebLoader, "__init__", init)
+        data.ordered_loader(paths, batch_size=16, canvas=32, num_workers=num_workers, pin_memory=True)
+        assert seen.get("pin_memory") is True

@@ -223,8 +223,30 @@ def test_kernels_compile_for_hopper_without_gpu():
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "vmf_kernel.py"), "--aot", "--aot-first"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(("row", "col"))]
-    assert len(lines) == 7 and all(" ok " in ln for ln in lines), res.stdout
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(("row", "col", "chunk"))]
+    assert len(lines) == 10 and all(" ok " in ln for ln in lines), res.stdout
+    # issue 12: the bf16 configs each variant autotunes over spill no register (main loops)
+    assert all(ln.endswith("spill_bytes=0") for ln in lines), res.stdout
+
+
+def test_autotune_keeps_each_variants_spill_free_configs(monkeypatch):
+    """On the GPU (not the interpreter) each kernel variant autotunes over its own bf16 configs,
+    those of the AOT spill table (128×128 / 8 warps / 3 stages where spill-free), fp32 over one."""
+    import triton.language as tl
+
+    from icehpc.ssl.kernels import vmf_xent_triton as m
+
+    monkeypatch.setattr(m, "INTERPRET", False)
+    rows, cols = m._row_configs(), m._col_configs()
+    assert any(c.kwargs == {"BLOCK_N": 128, "BLOCK_K": 128} and c.num_warps == 8 and c.num_stages == 3
+               for c in rows + cols)
+    for (sw, o, v), want in m.ROW_VARIANT_CONFIGS.items():
+        got = m._prune(rows, {}, SAME_W=sw, NEED_O=o, NEED_V=v, DOT=tl.bfloat16)
+        assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in got] == want
+    for (a, t, dw), want in m.COL_VARIANT_CONFIGS.items():
+        got = m._prune(cols, {}, DO_S=a, DO_T=t, NEED_DW=dw, DOT=tl.bfloat16)
+        assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in got] == want
+    assert m._prune(cols, {}, DO_S=1, DO_T=1, NEED_DW=1, DOT=tl.float32) == [m._FP32_CONFIG]
 
 
 # ----------------------------------------------------------------------------------- GPU only
@@ -244,10 +266,11 @@ def test_gpu_error_no_worse_than_plain_torch(dtype, case):
         inp, pairs = make_inputs(12 * 16, 2 * 16, 65536, 256, seed=22), crop_pairs(12, 2, 16)
     ref = run(inp, "torch", torch.float64, "cuda", pairs=pairs)
     plain = _err(ref, run(inp, "torch", dtype, "cuda", pairs=pairs))
-    fused = _err(ref, run(inp, "triton", dtype, "cuda", pairs=pairs))
     floor = 1e-5 if dtype == torch.float32 else 2e-3
-    for n in OUTS:
-        assert fused[n] <= 1.5 * plain[n] + floor, (n, fused[n], plain[n])
+    for backend in ("triton", "chunked"):  # chunked: the fused per-chunk Triton step on CUDA
+        fused = _err(ref, run(inp, backend, dtype, "cuda", pairs=pairs))
+        for n in OUTS:
+            assert fused[n] <= 1.5 * plain[n] + floor, (backend, n, fused[n], plain[n])
 
 
 @pytest.mark.gpu
@@ -375,7 +398,8 @@ def test_loss_feeds_the_fused_op_the_training_dtype(monkeypatch):
     def spy(zs, ws, zt, wt, center, *args, **kwargs):
         seen.append((zs.dtype, ws.dtype, zt.dtype, wt.dtype))
         return kernels.vmf_xent_torch(zs, ws, zt, wt, center, *args[:2], kwargs.get("pairs"),
-                                      kwargs.get("weights"), kwargs.get("vmf", True))
+                                      kwargs.get("weights"), kwargs.get("vmf", True),
+                                      kwargs.get("bias_s"), kwargs.get("bias_t"))
 
     monkeypatch.setattr(kernels, "vmf_xent", spy)
     b, n_local, k, p = 2, 1, 12, 8
@@ -398,21 +422,252 @@ def test_loss_feeds_the_fused_op_the_training_dtype(monkeypatch):
 
 # ------------------------------------------------------------------------------- chunked backend
 
-@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_chunked_matches_reference(paired, dtype):
-    """The chunked backend (torch implementation; several chunks: K = 203 → chunk forced small)
-    against the float64 reference, with zero weights, −1 padding and repeated pairs."""
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Several chunks at test sizes (K = 203 would give one chunk): 8 rows for the torch step,
+    16 for the fused one, the last chunk partial."""
     from icehpc.ssl.kernels import vmf_xent_chunked as mod
 
+    monkeypatch.setattr(mod, "chunk_rows", lambda k, limit=1024: 8)
+    monkeypatch.setattr(mod, "fused_chunk_rows", lambda k, b, limit=1024: 16)
+    return mod
+
+
+@pytest.fixture(params=["torch-step", "fused-step"])
+def chunked_impl(request, small_chunks, monkeypatch):
+    """Both implementations of the chunked backend's per-chunk step; the fused Triton one is
+    spied on, so a test of it fails if the torch step ran instead."""
+    from icehpc.ssl.kernels import vmf_xent_chunk_triton as ct
+
+    fused = request.param == "fused-step"
+    monkeypatch.setattr(small_chunks, "FUSED", fused)
+    calls = []
+    real = ct.chunk_step
+    monkeypatch.setattr(ct, "chunk_step", lambda **kw: (calls.append(1), real(**kw))[1])
+    yield request.param
+    assert bool(calls) == fused, f"fused chunk_step called {len(calls)} times"
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_matches_reference(chunked_impl, paired, dtype):
+    """The chunked backend (several chunks, the last one partial) against the float64 reference,
+    with zero weights, −1 padding, repeated pairs and an all-padding row; the fused Triton step
+    runs in float64 for float64 inputs, so it must agree to 1e-12 as well."""
     ns, nt, k, d = (41, 13, 203, 48) if paired else (37, 37, 203, 48)
     inp = make_inputs(ns, nt, k, d, seed=41 + paired)
     pairs = make_pairs(ns, nt, 3, seed=41) if paired else None
     ref = run(inp, "torch", torch.float64, pairs=pairs)
-    old = mod.chunk_rows
-    mod.chunk_rows = lambda k, limit=1024: 8  # 5-6 chunks, the last one partial
-    try:
-        out = run(inp, "chunked", dtype, pairs=pairs)
-    finally:
-        mod.chunk_rows = old
+    out = run(inp, "chunked", dtype, pairs=pairs)
     assert_close(ref, out, 1e-12 if dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
+def test_chunked_fused_plain_softmax_and_odd_shapes(chunked_impl, paired):
+    """vMF off, K and D not multiples of any tile (K < one tile too), one student row."""
+    for ns, nt, k, d in ((19, 19, 33, 20), (1, 1, 17, 7)) if not paired else ((23, 5, 33, 20),):
+        inp = make_inputs(ns, nt, k, d, seed=ns + k)
+        pairs = make_pairs(ns, nt, 2, seed=ns) if paired else None
+        ref = run(inp, "torch", torch.float64, pairs=pairs, vmf=False)
+        assert_close(ref, run(inp, "chunked", torch.float64, pairs=pairs, vmf=False), 1e-12)
+
+
+def test_chunked_fused_zero_weights_partial_grads_and_no_grad(chunked_impl):
+    """All weights zero: loss and gradients exactly 0; only the gradients asked for; no grad."""
+    inp = make_inputs(37, 37, 203, 48, seed=9)
+    ref = run(inp, "torch", torch.float64)
+    only_w = run(inp, "chunked", torch.float64, grad=(False, True))
+    assert only_w["grad_zs"] is None
+    assert_close(ref, only_w, 1e-12, names=("loss", "grad_ws", *OUTS[3:]))
+    with torch.no_grad():
+        assert_close(ref, run(inp, "chunked", torch.float64), 1e-12, names=("loss", *OUTS[3:]))
+    inp["weights"] = torch.zeros(37, dtype=torch.float64)
+    zero_ref = run(inp, "torch", torch.float64, pairs=make_pairs(37, 37, 2))
+    for p in (None, make_pairs(37, 37, 2)):
+        out = run(inp, "chunked", torch.float64, pairs=p)
+        for n in ("loss", "grad_zs", "grad_ws"):
+            assert torch.equal(out[n], torch.zeros_like(out[n])), n
+    assert_close(zero_ref, out, 1e-12, names=OUTS[3:])
+
+
+def test_chunked_fused_first_call_with_autotune_benchmarking(small_chunks, monkeypatch):
+    """The fused step's partial sums accumulate across chunks and its teacher-only mode rewrites
+    logits into P_t in place: benchmarking several configs on the first call must not change the
+    result (restore_value), in both pairing modes."""
+    import triton
+
+    from icehpc.ssl.kernels import vmf_xent_chunk_triton as ct
+
+    runs = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        runs.append(1)
+        t = 1.0 / len(runs)
+        return [t, t, t]
+
+    kern = ct._chunk_kernel
+    monkeypatch.setattr(kern, "configs", [triton.Config({"BLOCK_K": bk}, num_warps=4)
+                                          for bk in (32, 64, 16)])
+    monkeypatch.setattr(kern, "cache", {})
+    monkeypatch.setitem(kern.__dict__, "do_bench", bench)
+    monkeypatch.setattr(small_chunks, "FUSED", True)
+    for paired in (False, True):
+        ns, nt = (41, 13) if paired else (37, 37)
+        inp = make_inputs(ns, nt, 203, 48, seed=51 + paired)
+        pairs = make_pairs(ns, nt, 3, seed=51) if paired else None
+        before = len(runs)
+        out = run(inp, "chunked", torch.float64, pairs=pairs)
+        assert len(runs) - before >= 3  # it did benchmark
+        assert_close(run(inp, "torch", torch.float64, pairs=pairs), out, 1e-12)
+
+
+def test_chunked_fused_memory_bound_and_fixed_shapes():
+    """Chunk sizes depend on K and the dtype only; at the patch shape (K = 8192, bf16) the fused
+    step's [chunk, K] buffers are 40 MiB and the op's extra memory (with fp32 ∂zs, ∂ws, a ∂ws
+    chunk product and the partial sums) stays under 0.1 GB at N = 25,088, D = 256."""
+    from icehpc.ssl.kernels import vmf_xent_chunk_triton as ct
+    from icehpc.ssl.kernels.vmf_xent_chunked import fused_chunk_rows
+
+    n, k, d = 25088, 8192, 256
+    chunk = fused_chunk_rows(k, 10)
+    assert 512 <= chunk <= 1024
+    extra = chunk * k * 10 + n * d * 4 + 2 * k * d * 4 + 2 * ct.programs(chunk) * k * 4 + n * 4
+    assert extra <= 0.1e9, extra
+    assert fused_chunk_rows(65536, 6) >= 16 and fused_chunk_rows(8192, 24) >= 16
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_fused_no_sync_and_peak_memory():
+    """Patch shape in bf16 on CUDA: the fused chunked op (after the autotuning call) runs with no
+    host sync and within 0.1 GB of extra memory; its gradients match plain torch."""
+    n, k, d = 25088, 8192, 256
+    inp = make_inputs(n, n, k, d, seed=26)
+    dev = torch.device("cuda")
+    zs = inp["zs"].to(dev, torch.bfloat16).requires_grad_()
+    ws = inp["ws"].to(dev, torch.bfloat16).requires_grad_()
+    zt, wt, c, w = (inp[x].to(dev, torch.bfloat16) for x in ("zt", "wt", "center", "weights"))
+    vmf_xent(zs, ws, zt, wt, c, 0.1, 0.04, weights=w, backend="chunked")[0].backward()  # autotune
+    zs.grad = ws.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        vmf_xent(zs, ws, zt, wt, c, 0.1, 0.04, weights=w, backend="chunked")[0].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - 2 * (n + k) * d * 2  # minus the two grads
+    assert extra < 0.1e9, f"peak extra {extra / 1e9:.3f} GB"
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_fused_captures_in_a_cuda_graph():
+    """After the autotuning call, forward + backward of the chunked op (fused per-chunk step) is
+    captured in a CUDA graph and its replay on new inputs equals an eager call (no data-dependent
+    shapes, no host reads)."""
+    n, k, d = 4096, 8192, 256
+    dev = torch.device("cuda")
+    inp = make_inputs(n, n, k, d, seed=27)
+    static = {x: inp[x].to(dev, torch.bfloat16) for x in ("zs", "ws", "zt", "wt", "center", "weights")}
+    static["zs"].requires_grad_()
+    static["ws"].requires_grad_()
+
+    def step():
+        loss, _ = vmf_xent(static["zs"], static["ws"], static["zt"], static["wt"], static["center"],
+                           0.1, 0.04, weights=static["weights"], backend="chunked")
+        return (loss, *torch.autograd.grad(loss, (static["zs"], static["ws"])))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # autotune and warm up outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    new = make_inputs(n, n, k, d, seed=28)
+    for x in ("zs", "ws", "zt", "wt"):
+        with torch.no_grad():
+            static[x].copy_(new[x].to(dev, torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for a, b in zip(outs, eager):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------ vMF bias once per prototype set
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "chunked"])
+def test_precomputed_bias_gives_the_same_loss_and_gradients(backend):
+    """vmf_xent with bias_s / bias_t computed by the caller (its gradient through the caller's
+    graph, −A_p(κ)) equals the op computing them itself: loss, ∂zs and ∂ws (bias part included)."""
+    from icehpc.ssl.kernels import vmf_bias
+
+    dt = torch.float32 if backend == "triton" else torch.float64
+    inp = {n: t.to(dt) for n, t in make_inputs(19, 19, 45, 24, seed=61).items()}
+    outs = []
+    for given in (False, True):
+        zs = inp["zs"].clone().requires_grad_()
+        ws = inp["ws"].clone().requires_grad_()
+        kw = dict(bias_s=vmf_bias(ws, 0.1, True), bias_t=vmf_bias(inp["wt"], 0.04, True)) if given else {}
+        loss, _ = vmf_xent(zs, ws, inp["zt"], inp["wt"], inp["center"], 0.1, 0.04,
+                           weights=inp["weights"], backend=backend, **kw)
+        loss.backward()
+        outs.append((loss.detach(), zs.grad, ws.grad))
+    for a, b in zip(*outs):
+        err = (a - b).abs().max() / b.abs().max()
+        assert err <= (1e-6 if dt == torch.float32 else 1e-13), (backend, err)
+    with pytest.raises(ValueError, match="vmf=False"):
+        vmf_xent(inp["zs"], inp["ws"], inp["zt"], inp["wt"], inp["center"], 0.1, 0.04, vmf=False,
+                 bias_s=torch.zeros(45, dtype=torch.float64), backend="torch")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-head", "two-heads"])
+def test_log_cp_evaluated_once_per_prototype_set_per_step(monkeypatch, shared):
+    """Issue 12: log C_p once per prototype set per step. A head shared by the [CLS] and patch
+    losses: 2 forward evaluations (student, teacher; teacher_entropy reuses the teacher's) and 1
+    backward (−A_p for the student), was 5 + 2; two heads: 4 + 2. Loss unchanged."""
+    import icehpc.vmf as vmf_mod
+    from icehpc.ssl.config import LossConfig
+    from icehpc.ssl.loss import Centres, ibot_vmf_loss
+    from icehpc.ssl.model import HeadOut
+
+    calls = {"fwd": 0, "bwd": 0}
+    real_f, real_b = vmf_mod.log_cp_t, vmf_mod.bessel_ratio_t
+    monkeypatch.setattr(vmf_mod, "log_cp_t", lambda *a: (calls.__setitem__("fwd", calls["fwd"] + 1),
+                                                         real_f(*a))[1])
+    monkeypatch.setattr(vmf_mod, "bessel_ratio_t", lambda *a: (calls.__setitem__("bwd", calls["bwd"] + 1),
+                                                               real_b(*a))[1])
+    b, n_local, k, p = 2, 1, 12, 8
+    masks = torch.zeros(2 * b, 4, dtype=torch.bool)
+    masks[:, :2] = True
+    g = torch.Generator().manual_seed(0)
+
+    def head(grad):
+        z = F.normalize(torch.randn((2 + n_local) * b, p, generator=g), dim=1).requires_grad_(grad)
+        zp = F.normalize(torch.randn(int(masks.sum()), p, generator=g), dim=1).requires_grad_(grad)
+        w = torch.randn(k, p, generator=g).requires_grad_(grad)
+        return HeadOut(z, zp, w, w if shared else torch.randn(k, p, generator=g).requires_grad_(grad))
+
+    student, teacher = head(True), head(False)
+    out = ibot_vmf_loss(student, teacher, masks, b, n_local, Centres(k, 0.9), 0.1, 0.04, LossConfig(vmf=True))
+    out.loss.backward()
+    assert calls == ({"fwd": 2, "bwd": 1} if shared else {"fwd": 4, "bwd": 2}), calls
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
+def test_chunked_bf16_no_worse_than_plain_torch_bf16(chunked_impl, paired):
+    """bf16 inputs (G stored in bf16 for the gradient GEMMs): error vs float64 within 1.1× that of
+    the plain torch backend in bf16, plus a small margin."""
+    inp = make_inputs(37, 13 if paired else 37, 203, 48, seed=3)
+    pairs = make_pairs(37, 13, 2) if paired else None
+    ref = run(inp, "torch", torch.float64, pairs=pairs)
+    plain, out = run(inp, "torch", torch.bfloat16, pairs=pairs), run(inp, "chunked", torch.bfloat16, pairs=pairs)
+    for n in OUTS:
+        scale = ref[n].abs().max().item()
+        e_plain, e_out = ((x[n] - ref[n]).abs().max().item() / scale for x in (plain, out))
+        assert e_out <= 1.1 * e_plain + 1e-3, (n, e_out, e_plain)

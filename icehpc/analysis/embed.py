@@ -260,7 +260,8 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
     total = sum(shard_counts[Path(p).name] for p in todo)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu), \
             Progress(total, progress or "embed", "images", enabled=progress is not None) as bar:
-        for images, metas in ordered_loader(todo, batch_size=batch_size, canvas=canvas, num_workers=num_workers):
+        for images, metas in ordered_loader(todo, batch_size=batch_size, canvas=canvas, num_workers=num_workers,
+                                            pin_memory=on_gpu):
             x = eval_transform(images.to(device, non_blocking=True), spec.img_size, spec.mean, spec.std,
                                torch.float32)
             cls = model.forward_features(x)[:, 0].float().cpu().numpy()

@@ -128,8 +128,13 @@ def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, 
     return loader.with_epoch(batches_per_epoch)
 
 
-def ordered_loader(paths: list[str], *, batch_size: int, canvas: int, num_workers: int = 0) -> Iterable[Batch]:
+def ordered_loader(paths: list[str], *, batch_size: int, canvas: int, num_workers: int = 0,
+                   pin_memory: bool = False) -> Iterable[Batch]:
     """Every sample of ``paths`` exactly once, batches never mixing shards of different workers.
+
+    ``pin_memory`` (GPU jobs): image batches arrive in pinned host memory, so that
+    ``.to("cuda", non_blocking=True)`` is a real asynchronous copy (the loader's pinning thread
+    with workers, in place here without).
 
     With ``num_workers <= 1`` the order is exactly shard order, then sample order. With more
     workers shard ``i`` goes to worker ``i % num_workers`` and batches arrive worker-interleaved
@@ -143,6 +148,11 @@ def ordered_loader(paths: list[str], *, batch_size: int, canvas: int, num_worker
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
     if num_workers == 0:
-        return dataset
+        return (_pinned(b) for b in dataset) if pin_memory else dataset
     return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
-                         prefetch_factor=4)
+                         prefetch_factor=4, pin_memory=pin_memory)
+
+
+def _pinned(batch: Batch) -> Batch:
+    images, metas = batch
+    return images.pin_memory(), metas

@@ -44,9 +44,32 @@ def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | 
     (a pageable host→device copy blocks the host until the stream has drained)."""
     if dtype is not None:
         t = t.to(dtype)
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or t.is_cuda:
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def pack_to_device(tensors: list[torch.Tensor], device: torch.device | str,
+                   pack: bool | None = None) -> list[torch.Tensor]:
+    """Many small CPU tensors (any dtypes and shapes) to ``device`` in ONE host→device copy: their
+    bytes go into one pinned uint8 buffer (8-byte aligned slots), copied non_blocking, and each is
+    a view of the device buffer. ``pack``: default on CUDA only (elsewhere plain .to)."""
+    if pack is None:
+        pack = torch.device(device).type == "cuda"
+    if not pack:
+        return [t.to(device) for t in tensors]
+    slots, off = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        slots.append((off, n))
+        off += -(-n // 8) * 8
+    pin = torch.device(device).type == "cuda"
+    host = torch.empty(max(off, 8), dtype=torch.uint8, pin_memory=pin)
+    for (o, n), t in zip(slots, tensors):
+        if n:
+            host[o:o + n].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    dev = host.to(device, non_blocking=pin)
+    return [dev[o:o + n].view(t.dtype).reshape(t.shape) for (o, n), t in zip(slots, tensors)]
 
 
 def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
@@ -82,14 +105,16 @@ def crop_theta(gen: torch.Generator, n: int, scale: list[float], aspect: list[fl
     return theta
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor,
+                  sigma_host: torch.Tensor | None = None) -> torch.Tensor:
     """Blur each image of ``x`` [B, 1, H, W] with its own sigma [B] (pixels) where ``apply`` [B].
 
     One grouped separable convolution for the whole batch; rows that are not blurred get a delta
     kernel. The kernel radius is fixed by the largest sigma (3 sigma), reflect padding.
     """
     b, c, hgt, wid = x.shape
-    radius = max(1, math.ceil(3 * float(sigma.max())))
+    # sigma on the CPU (drawn there): its max sets the radius without a device read
+    radius = max(1, math.ceil(3 * float((sigma_host if sigma_host is not None else sigma).max())))
     radius = min(radius, hgt - 1, wid - 1)
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     sig = to_device(sigma, x.device, x.dtype).clamp(min=1e-3)[:, None]
@@ -147,28 +172,33 @@ class MultiCrop:
         if cfg.global_size % patch_size:
             raise ValueError(f"augment.global_size={cfg.global_size} is not a multiple of the patch size {patch_size}")
 
-    def _view(self, x: torch.Tensor, gen: torch.Generator, size: int, scale: list[float],
-              blur_p: float, solarize_p: float) -> torch.Tensor:
+    def _draw(self, gen: torch.Generator, b: int, scale: list[float], blur_p: float,
+              solarize_p: float) -> list[torch.Tensor]:
+        """One view's random parameters on the CPU: theta, brightness, contrast, sigma, blur, solar."""
         cfg = self.cfg
-        b = x.shape[0]
-        theta = to_device(crop_theta(gen, b, scale, cfg.aspect_ratio, cfg.hflip_p, cfg.vflip_p), x.device, x.dtype)
-        grid = F.affine_grid(theta, [b, 1, size, size], align_corners=False)
-        v = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
+        theta = crop_theta(gen, b, scale, cfg.aspect_ratio, cfg.hflip_p, cfg.vflip_p)
         jitter = _bernoulli(gen, b, cfg.jitter_p)
         bright = torch.where(jitter, _uniform(gen, b, 1 - cfg.brightness, 1 + cfg.brightness), 1.0)
         contr = torch.where(jitter, _uniform(gen, b, 1 - cfg.contrast, 1 + cfg.contrast), 1.0)
-        v = (v * to_device(bright, v.device, v.dtype)[:, None, None, None]).clamp(0, 1)
-        mean = v.mean(dim=(1, 2, 3), keepdim=True)
-        v = ((v - mean) * to_device(contr, v.device, v.dtype)[:, None, None, None] + mean).clamp(0, 1)
-
         sigma = _uniform(gen, b, cfg.blur_sigma[0], cfg.blur_sigma[1])
         blur = _bernoulli(gen, b, blur_p)
-        if bool(blur.any()):
-            v = gaussian_blur(v, sigma, blur)
+        solar = _bernoulli(gen, b, solarize_p)
+        return [theta, bright, contr, sigma, blur, solar]
 
-        solar = to_device(_bernoulli(gen, b, solarize_p), v.device)[:, None, None, None]
-        v = torch.where(solar & (v >= 0.5), 1 - v, v)
+    def _view(self, x: torch.Tensor, size: int, host: list[torch.Tensor],
+              dev: list[torch.Tensor]) -> torch.Tensor:
+        """One view from its parameters (``host`` on the CPU, ``dev`` the same on x's device)."""
+        cfg = self.cfg
+        b = x.shape[0]
+        theta, bright, contr, sigma, blur, solar = dev
+        grid = F.affine_grid(theta.to(x.dtype), [b, 1, size, size], align_corners=False)
+        v = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        v = (v * bright.to(v.dtype)[:, None, None, None]).clamp(0, 1)
+        mean = v.mean(dim=(1, 2, 3), keepdim=True)
+        v = ((v - mean) * contr.to(v.dtype)[:, None, None, None] + mean).clamp(0, 1)
+        if bool(host[4].any()):  # CPU tensor: no device read
+            v = gaussian_blur(v, sigma, blur, sigma_host=host[3])
+        v = torch.where(solar[:, None, None, None] & (v >= 0.5), 1 - v, v)
         return (v - cfg.mean) / cfg.std
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Crops:
@@ -178,20 +208,21 @@ class MultiCrop:
             raise ValueError(f"expected uint8 [B, 1, C, C] images, got {images.dtype} {list(images.shape)}")
         x = images.to(dtype) / 255.0
         b = x.shape[0]
-        globals_ = torch.cat([
-            self._view(x, gen, cfg.global_size, cfg.global_scale, cfg.blur_p[i], cfg.solarize_p[i])
-            for i in range(2)])
-        if cfg.n_local:
-            locals_ = torch.cat([
-                self._view(x, gen, cfg.local_size, cfg.local_scale, cfg.blur_p[2], cfg.solarize_p[2])
-                for _ in range(cfg.n_local)])
-        else:
-            locals_ = x.new_zeros(0, 1, cfg.local_size, cfg.local_size)
+        # every random parameter of the step is drawn on the CPU first (same draw order as one view
+        # at a time), then ALL go to the device in one pinned copy (pack_to_device)
+        specs = [(cfg.global_size, cfg.global_scale, cfg.blur_p[i], cfg.solarize_p[i]) for i in range(2)]
+        specs += [(cfg.local_size, cfg.local_scale, cfg.blur_p[2], cfg.solarize_p[2])] * cfg.n_local
+        host = [self._draw(gen, b, scale, bp, sp) for _, scale, bp, sp in specs]
         grid = (cfg.global_size // self.patch_size,) * 2
         # masks are built on the host (their parameters are drawn there anyway): the masked-patch
         # count and positions are then known without reading the device (GPU boolean indexing syncs)
         masks = block_masks(gen, 2 * b, grid, cfg.mask_ratio, cfg.mask_min_patches, cfg.mask_aspect,
                             cfg.mask_candidates, device="cpu").flatten(1)
         index = masks.flatten().nonzero().squeeze(1)
-        return Crops(globals_=globals_, locals_=locals_, masks=to_device(masks, images.device),
-                     mask_index=to_device(index, images.device))
+        flat = pack_to_device([t for view in host for t in view] + [masks, index], images.device)
+        dev = [flat[6 * i:6 * i + 6] for i in range(len(specs))]
+        views = [self._view(x, size, h, d) for (size, *_), h, d in zip(specs, host, dev)]
+        globals_ = torch.cat(views[:2])
+        locals_ = (torch.cat(views[2:]) if cfg.n_local
+                   else x.new_zeros(0, 1, cfg.local_size, cfg.local_size))
+        return Crops(globals_=globals_, locals_=locals_, masks=flat[-2], mask_index=flat[-1])

@@ -58,14 +58,40 @@ class Centres:
         self.patch.copy_(state["centre_patch"])
 
 
+def prototype_biases(student: HeadOut, teacher: HeadOut, tau_s: float, tau_t: float,
+                     vmf: bool) -> tuple[torch.Tensor | None, ...]:
+    """vMF biases log C_p(‖w_k‖/τ) (cls student, cls teacher, patch student, patch teacher), each
+    prototype set evaluated ONCE per step: a head shared by both losses gives one student and one
+    teacher evaluation, and teacher_entropy reuses the teacher's. From the prototypes as the head
+    returns them (fp32 master weights); the student's stay differentiable (gradient −A_p(κ))."""
+    if not vmf:
+        return (None,) * 4
+    from .kernels import vmf_bias
+
+    cache: dict[tuple[int, float], torch.Tensor] = {}
+
+    def get(w: torch.Tensor, tau: float, grad: bool) -> torch.Tensor:
+        key = (id(w), tau)
+        if key not in cache:
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                cache[key] = vmf_bias(w if grad else w.detach(), tau, True)
+        return cache[key]
+
+    return (get(student.cls_prototypes, tau_s, True), get(teacher.cls_prototypes, tau_t, False),
+            get(student.patch_prototypes, tau_s, True), get(teacher.patch_prototypes, tau_t, False))
+
+
 @torch.no_grad()
-def teacher_entropy(zt: torch.Tensor, wt: torch.Tensor, centre: torch.Tensor, tau_t: float, vmf: bool) -> torch.Tensor:
+def teacher_entropy(zt: torch.Tensor, wt: torch.Tensor, centre: torch.Tensor, tau_t: float, vmf: bool,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """Mean entropy (nats) of the teacher's centred softmax over the rows of zt [N, p] (N×K, so
     only used for the [CLS] rows). With it the [CLS] loss splits into H(P_t) + KL(P_t‖P_s): the
     entropy shows centring/sharpening and collapse (→0: one prototype, →ln K: uniform), the KL
     shows the student learning (DINO's collapse diagnostics)."""
     logits = (zt.float() @ wt.float().T) / tau_t - centre.float()
-    if vmf:
+    if vmf and bias is not None:  # the step's b_t (prototype_biases): log C_p not re-evaluated
+        logits = logits + bias.float()
+    elif vmf:
         from ..vmf import log_cp_torch
 
         logits = logits + log_cp_torch(wt.float().norm(dim=1) / tau_t, wt.shape[1])
@@ -95,13 +121,15 @@ def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch
 
     dtype = dtype or student.cls_z.dtype  # both operands of the fused matmuls match
     pairs = cls_pairs(batch, n_local, student.cls_z.device)
+    b_cls_s, b_cls_t, b_patch_s, b_patch_t = prototype_biases(student, teacher, tau_s, tau_t, cfg.vmf)
     loss_cls, st_cls = vmf_xent(student.cls_z.to(dtype), student.cls_prototypes.to(dtype), teacher.cls_z.to(dtype),
                                 teacher.cls_prototypes.to(dtype), centres.cls, tau_s, tau_t, pairs=pairs,
-                                vmf=cfg.vmf, backend=cfg.backend)
+                                vmf=cfg.vmf, backend=cfg.backend, bias_s=b_cls_s, bias_t=b_cls_t)
     loss_patch, st_patch = vmf_xent(student.patch_z.to(dtype), student.patch_prototypes.to(dtype), teacher.patch_z.to(dtype),
                                     teacher.patch_prototypes.to(dtype), centres.patch, tau_s, tau_t,
-                                    weights=patch_weights(masks, mask_index), vmf=cfg.vmf, backend=cfg.backend)
+                                    weights=patch_weights(masks, mask_index), vmf=cfg.vmf, backend=cfg.backend,
+                                    bias_s=b_patch_s, bias_t=b_patch_t)
     total = cfg.lambda_cls * loss_cls + cfg.lambda_patch * loss_patch
-    entropy = teacher_entropy(teacher.cls_z, teacher.cls_prototypes, centres.cls, tau_t, cfg.vmf)
+    entropy = teacher_entropy(teacher.cls_z, teacher.cls_prototypes, centres.cls, tau_t, cfg.vmf, b_cls_t)
     return LossOut(total, loss_cls, loss_patch, st_cls, st_patch, entropy)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .vmf_xent_torch import crop_pairs, vmf_xent_torch
+from .vmf_xent_torch import crop_pairs, vmf_bias, vmf_xent_torch
 
 BACKENDS = ("auto", "torch", "triton", "chunked")
 TRITON_MAX_D = 256  # vmf_xent_triton.MAX_D (not imported here: importing Triton is deferred)
@@ -15,7 +15,8 @@ TRITON_MAX_D = 256  # vmf_xent_triton.MAX_D (not imported here: importing Triton
 
 def vmf_xent(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
              tau_t: float, pairs: Tensor | None = None, weights: Tensor | None = None,
-             vmf: bool = True, backend: str = "auto") -> tuple[Tensor, dict[str, Tensor]]:
+             vmf: bool = True, backend: str = "auto", bias_s: Tensor | None = None,
+             bias_t: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Soft cross-entropy between teacher and student vMF prototype softmaxes.
 
     zs [Ns, D] student rows (L2-normalised), ws [K, D] student prototypes (unnormalised: ‖w_k‖
@@ -35,9 +36,15 @@ def vmf_xent(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau
     before centring, for the EMA centre), ``teacher_prob_mean`` [K] = mean over all Nt rows of P_t
     (weights and pairs do not enter the statistics).
 
+    bias_s / bias_t: the vMF biases b_s, b_t [K] computed once per step by the caller
+    (``vmf_bias(w, tau, True)``, differentiable for the student: its gradient −A_p(κ) flows through
+    the caller's graph), so that a prototype set shared by several calls evaluates log C_p once;
+    None: computed here. Only with vmf=True.
+
     backend: "torch" (plain reference), "triton" (fused, no N×K tensor, D ≤ 256), "chunked" (rows
-    in chunks, logits by GEMM, no N×K tensor for the whole batch; any device), "auto" (triton on
-    CUDA when D ≤ 256, else torch; until a GPU benchmark shows chunked faster).
+    in chunks, logits by GEMM, one fused Triton launch per chunk for the softmaxes / soft-CE / G on
+    CUDA, torch ops per chunk on a CPU; no N×K tensor for the whole batch; any device and D),
+    "auto" (triton on CUDA when D ≤ 256, else torch; until a GPU benchmark shows chunked faster).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -45,14 +52,14 @@ def vmf_xent(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau
         use = zs.is_cuda and zs.shape[1] <= TRITON_MAX_D and _triton_available()
         backend = "triton" if use else "torch"
     if backend == "torch":
-        return vmf_xent_torch(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf)
+        return vmf_xent_torch(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf, bias_s, bias_t)
     if backend == "chunked":
         from .vmf_xent_chunked import vmf_xent_chunked
 
-        return vmf_xent_chunked(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf)
+        return vmf_xent_chunked(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf, bias_s, bias_t)
     from .vmf_xent_triton import vmf_xent_triton
 
-    return vmf_xent_triton(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf)
+    return vmf_xent_triton(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf, bias_s, bias_t)
 
 
 def _triton_available() -> bool:
@@ -64,4 +71,4 @@ def _triton_available() -> bool:
     return torch.cuda.is_available()
 
 
-__all__ = ["vmf_xent", "vmf_xent_torch", "crop_pairs", "BACKENDS"]
+__all__ = ["vmf_xent", "vmf_xent_torch", "vmf_bias", "crop_pairs", "BACKENDS"]

@@ -9,11 +9,19 @@ import torch
 from torch import Tensor
 
 
-def vmf_bias(w: Tensor, tau: float, vmf: bool) -> Tensor | None:
+def vmf_bias(w: Tensor, tau: float, vmf: bool, given: Tensor | None = None) -> Tensor | None:
     """b[k] = log C_p(‖w_k‖/τ) with p = D (the vMF normaliser of prototype k), or None without vMF.
 
-    w: [K, D]. Returns [K] in float32 (float64 for float64 input); differentiable through ‖w_k‖.
+    w: [K, D]. Returns [K] in float32 (float64 for float64 input); differentiable through ‖w_k‖
+    (d b / d κ = −A_p(κ) exactly). ``given``: a bias computed once per step by the caller for this
+    prototype set and temperature (see ``vmf_xent``'s bias_s / bias_t); returned as it is.
     """
+    if given is not None:
+        if not vmf:
+            raise ValueError("a precomputed vMF bias was given with vmf=False")
+        if given.shape != w.shape[:1]:
+            raise ValueError(f"vMF bias must be [K={w.shape[0]}], got {tuple(given.shape)}")
+        return given
     if not vmf:
         return None
     from ...vmf import log_cp_torch  # exact gradient −A_p(κ)
@@ -62,7 +70,8 @@ def pair_matrix(pairs: Tensor | None, n_student: int, n_teacher: int, dtype: tor
 
 def vmf_xent_torch(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
                    tau_t: float, pairs: Tensor | None = None, weights: Tensor | None = None,
-                   vmf: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+                   vmf: bool = True, bias_s: Tensor | None = None, bias_t: Tensor | None = None
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
     """Reference of ``icehpc.ssl.kernels.vmf_xent`` (see there for shapes and the formula).
 
     Matmuls run in the input dtype; logits and softmaxes in float32 (float64 for float64 input),
@@ -74,12 +83,12 @@ def vmf_xent_torch(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tenso
         raise ValueError(f"pairs=None pairs row i with row i, so Ns ({ns}) must equal Nt ({nt})")
     acc = torch.promote_types(zs.dtype, torch.float32)
     ls = (zs @ ws.T).to(acc) / tau_s
-    b_s = vmf_bias(ws, tau_s, vmf)
+    b_s = vmf_bias(ws, tau_s, vmf, bias_s)
     if b_s is not None:
         ls = ls + b_s.to(acc)
     with torch.no_grad():
         lt_raw = (zt @ wt.T).to(acc) / tau_t
-        b_t = vmf_bias(wt, tau_t, vmf)
+        b_t = vmf_bias(wt, tau_t, vmf, None if bias_t is None else bias_t.detach())
         if b_t is not None:
             lt_raw = lt_raw + b_t.to(acc)
         p_t = torch.softmax(lt_raw - center.to(acc), dim=1)

@@ -42,20 +42,52 @@ MAX_D = 256
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on sm_90
 
 
+# bf16 configs per kernel variant (BLOCK_N, BLOCK_K, warps, stages): only those whose sm_90a
+# compile at D = 256 spills no register (ptxas -v, `python bench/vmf_kernel.py --aot`, table in
+# the notes); 128×128 tiles, 8 warps and 3 stages where they fit that rule. Row variants are
+# (SAME_W, NEED_O, NEED_V), column variants (DO_S, DO_T, NEED_DW).
+ROW_VARIANT_CONFIGS = {
+    (1, 1, 0): [(32, 64, 4, 2), (32, 64, 4, 3)],  # student: lse_s, O = P_s@ws
+    (0, 1, 1): [(64, 64, 8, 2)],  # teacher: lse_t, U = P_t@ws, v = P_t·b_s
+    (0, 0, 0): [(32, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 3), (128, 128, 8, 3)],
+}
+COL_VARIANT_CONFIGS = {
+    (1, 1, 1): [(64, 32, 8, 3)],  # identity pairing: student and teacher in one program
+    (1, 0, 1): [(32, 64, 8, 2), (128, 64, 8, 3), (32, 32, 4, 2), (128, 32, 8, 3)],
+    (0, 1, 1): [(64, 64, 8, 2), (64, 64, 8, 3)],
+    (0, 1, 0): [(32, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3)],
+}
+
+
+def _cfg(bn: int, bk: int, w: int, s: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+
+
+def _union(table: dict) -> list[triton.Config]:
+    return [_cfg(*c) for c in dict.fromkeys(c for cs in table.values() for c in cs)]
+
+
 def _row_configs() -> list[triton.Config]:
-    """Few configs (each one more compile per dtype and mode); the row kernel holds a
-    [BLOCK_N, D] fp32 accumulator, D ~ 256."""
+    """Union of the per-variant lists (_prune keeps the launched variant's own); the row kernel
+    holds a [BLOCK_N, D] fp32 accumulator, D ~ 256."""
     if INTERPRET:  # the interpreter fails with several autotune configs
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [(32, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2)]]
+    return _union(ROW_VARIANT_CONFIGS)
 
 
 def _col_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [(32, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 3)]]
+    return _union(COL_VARIANT_CONFIGS)
+
+
+def variant_configs(kind: str, flags: dict) -> list[triton.Config]:
+    """The bf16 configs of one kernel variant (kind "row" or "col", flags by name)."""
+    if kind == "row":
+        return [_cfg(*c) for c in ROW_VARIANT_CONFIGS[
+            (int(flags["SAME_W"]), int(flags["NEED_O"]), int(flags["NEED_V"]))]]
+    return [_cfg(*c) for c in COL_VARIANT_CONFIGS[
+        (int(flags["DO_S"]), int(flags["DO_T"]), int(flags["NEED_DW"]))]]
 
 
 # fp32 inputs on the GPU: one small config (fp32 tiles double the shared memory and the compile time)
@@ -63,10 +95,18 @@ _FP32_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_st
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep the autotune list for half inputs; fp32 gets _FP32_CONFIG (not under the interpreter)."""
-    if not INTERPRET and kwargs.get("DOT", named_args.get("DOT")) == tl.float32:
+    """Half inputs: the launched variant's spill-free configs (those of ``configs`` in its table
+    entry); fp32 gets _FP32_CONFIG. The interpreter keeps what it is given (tests patch it)."""
+    if INTERPRET:
+        return configs
+    arg = lambda n: kwargs.get(n, named_args.get(n))  # noqa: E731
+    if arg("DOT") == tl.float32:
         return [_FP32_CONFIG]
-    return configs
+    kind = "row" if "SAME_W" in kwargs or "SAME_W" in named_args else "col"
+    flags = ("SAME_W", "NEED_O", "NEED_V") if kind == "row" else ("DO_S", "DO_T", "NEED_DW")
+    have = {str(c): c for c in configs}
+    keep = [have[str(c)] for c in variant_configs(kind, {f: arg(f) for f in flags}) if str(c) in have]
+    return keep or configs
 
 
 def n_bucket(n: int) -> int:
@@ -183,7 +223,10 @@ def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
         rmask = rows < row_end
         xoff = rows[:, None] * D + cols[None, :]
         xmask = rmask[:, None] & dmask[None, :]
-        g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        # the tiles are computed transposed, [BLOCK_K, BLOCK_N] = w@xᵀ, so that Gᵀ feeds the ∂w
+        # product as the A operand straight from registers (no tl.trans of the G accumulator,
+        # which costs a register→shared round trip); xᵀ is a layout of the loaded operand
+        gt = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
         # prototype tiles re-read each step (L2 hits) rather than held across the loop: fewer
         # register spills next to the [BLOCK_K, D] accumulator in most variants (ptxas, sm_90a)
         if DO_S:
@@ -191,28 +234,28 @@ def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
             xs = tl.load(xs_ptr + xoff, mask=xmask, other=0.0).to(DOT)
             lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=float("inf"))
             a_s = tl.load(as_ptr + rows, mask=rmask, other=0.0)
-            s = tl.dot(xs, tl.trans(w_s), input_precision=PRECISION) * inv_tau_s + b_s[None, :]
-            p = tl.exp(s - lse_s[:, None])
-            g += a_s[:, None] * p
-            db += tl.sum(a_s[:, None] * p, axis=0)
+            st = tl.dot(w_s, tl.trans(xs), input_precision=PRECISION) * inv_tau_s + b_s[:, None]
+            pt = a_s[None, :] * tl.exp(st - lse_s[None, :])
+            gt += pt
+            db += tl.sum(pt, axis=1)
         if DO_T:
             w_t = tl.load(wt_ptr + woff, mask=wmask, other=0.0).to(DOT)
             xt = tl.load(xt_ptr + xoff, mask=xmask, other=0.0).to(DOT)
             lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=float("inf"))
-            t = tl.dot(xt, tl.trans(w_t), input_precision=PRECISION) * inv_tau_t + b_t[None, :]
-            q = tl.exp(t - lse_t[:, None])
-            pm += tl.sum(q, axis=0)
+            tt = tl.dot(w_t, tl.trans(xt), input_precision=PRECISION) * inv_tau_t + b_t[:, None]
+            qt = tl.exp(tt - lse_t[None, :])
+            pm += tl.sum(qt, axis=1)
             if NEED_DW:
                 a_tw = tl.load(atw_ptr + rows, mask=rmask, other=0.0)
                 a_tb = tl.load(atb_ptr + rows, mask=rmask, other=0.0)
-                g -= a_tw[:, None] * q
-                db -= tl.sum(a_tb[:, None] * q, axis=0)
+                gt -= a_tw[None, :] * qt
+                db -= tl.sum(a_tb[None, :] * qt, axis=1)
         if NEED_DW:
             if Y_IS_XS:
                 y = xs
             else:
                 y = tl.load(y_ptr + xoff, mask=xmask, other=0.0).to(DOT)
-            dw += tl.dot(tl.trans(g.to(DOT)), y, input_precision=PRECISION)
+            dw += tl.dot(gt.to(DOT), y, input_precision=PRECISION)
     if NEED_DW:
         tl.atomic_add(dw_ptr + woff, dw, mask=wmask)
         tl.atomic_add(db_ptr + ks, db, mask=kmask)
@@ -391,7 +434,8 @@ class _VmfXentFn(torch.autograd.Function):
 
 def vmf_xent_triton(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
                     tau_t: float, pairs: Tensor | None = None, weights: Tensor | None = None,
-                    vmf: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+                    vmf: bool = True, bias_s: Tensor | None = None, bias_t: Tensor | None = None
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
     """Fused ``vmf_xent`` (same contract as the torch reference). Inputs fp32/bf16/fp16, one dtype;
     the loss is fp32 and so are the statistics."""
     ns, d = zs.shape
@@ -415,11 +459,11 @@ def vmf_xent_triton(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tens
         pairs = pairs.to(device=zs.device, dtype=torch.long, non_blocking=True)
         check_pairs(pairs, nt)  # on the device for CUDA tensors: no host round trip
     zs, ws, zt, wt = (t.contiguous() for t in (zs, ws, zt, wt))
-    b_s = vmf_bias(ws, tau_s, vmf)
+    b_s = vmf_bias(ws, tau_s, vmf, bias_s)
     if b_s is None:
         b_s = torch.zeros(k, dtype=torch.float32, device=zs.device)
     with torch.no_grad():
-        b_t = vmf_bias(wt.detach(), tau_t, vmf)
+        b_t = vmf_bias(wt.detach(), tau_t, vmf, None if bias_t is None else bias_t.detach())
         b_t = torch.zeros(k, dtype=torch.float32, device=zs.device) if b_t is None else b_t.float()
         # mean of the uncentred teacher logits is linear in zt: one [D]·[K, D] product
         logit_mean = (zt.float().mean(0) @ wt.detach().float().T) / tau_t + b_t
