@@ -51,6 +51,9 @@ class BackboneSpec:
     std: float
     weights: str  # checkpoint path, or "random-init(seed=S)"
     weights_sha256: str
+    canvas: int | None = None  # decode canvas of pretraining (export header), None: not recorded
+    framing: str = "none"      # particle framing of pretraining (none | bbox), from the export header
+    framing_margin: float = 0.1
 
 
 def _sha256(path: str | os.PathLike) -> str:
@@ -93,7 +96,10 @@ def backbone_spec(checkpoint: str | None, arch: str | None, img_size: int | None
                         mean=float(meta.get("input_mean", DEFAULT_MEAN)),
                         std=float(meta.get("input_std", DEFAULT_STD)),
                         weights=checkpoint or f"random-init(seed={seed})",
-                        weights_sha256=_sha256(checkpoint) if checkpoint else "")
+                        weights_sha256=_sha256(checkpoint) if checkpoint else "",
+                        canvas=int(meta["input_canvas"]) if "input_canvas" in meta else None,
+                        framing=meta.get("input_framing", "none"),
+                        framing_margin=float(meta.get("input_framing_margin", 0.1)))
 
 
 def build_backbone(spec: BackboneSpec, seed: int):
@@ -189,7 +195,8 @@ def _pin_run(store: Path, manifest: dict[str, Any]) -> None:
 
 
 def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Path, spec: BackboneSpec, *,
-                 seed: int, canvas: int, batch_size: int, num_workers: int, device: str) -> dict[str, Any]:
+                 seed: int, canvas: int, batch_size: int, num_workers: int, device: str,
+                 framing: str | None = None) -> dict[str, Any]:
     """Embed the given shards of this rank, one atomic part per shard; returns timing counters."""
     import torch
 
@@ -205,7 +212,8 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
     pending: dict[str, tuple[list[np.ndarray], list[dict]]] = {}
     start = time.perf_counter()
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
-        for images, metas in ordered_loader(todo, batch_size=batch_size, canvas=canvas, num_workers=num_workers):
+        for images, metas in ordered_loader(todo, batch_size=batch_size, canvas=canvas, num_workers=num_workers,
+                                            framing=framing or spec.framing, margin=spec.framing_margin):
             x = eval_transform(images.to(device, non_blocking=True), spec.img_size, spec.mean, spec.std,
                                torch.float32)
             cls = model.forward_features(x)[:, 0].float().cpu().numpy()
@@ -261,7 +269,7 @@ def _torch_threads(local_world: int) -> None:
 
 def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init: bool, arch: str | None,
               img_size: int | None, canvas: int | None, batch_size: int, num_workers: int | None,
-              seed: int = 0, like: str | None = None) -> dict[str, Any] | None:
+              seed: int = 0, like: str | None = None, framing: str | None = None) -> dict[str, Any] | None:
     """The whole MPI job (every rank calls this); returns the summary on rank 0, None elsewhere."""
     import torch
 
@@ -281,8 +289,9 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
         paths = shard_paths(shard_dir)
         counts = {Path(s["name"]).name: int(s["samples"]) for s in index["shards"] if s["samples"] > 0}
         spec = backbone_spec(checkpoint, arch, img_size, seed, like=like)
-        canvas = canvas or spec.img_size
-        manifest = {"backbone": asdict(spec), "seed": seed, "canvas": canvas,
+        canvas = canvas or spec.canvas or spec.img_size  # default: decode as pretraining did (header)
+        framing = framing or spec.framing
+        manifest = {"backbone": asdict(spec), "seed": seed, "canvas": canvas, "framing": framing,
                     "shards": str(Path(shard_dir).resolve()), "shard_counts": counts}
         dist.run_on_root(comm, lambda: _pin_run(store_path, manifest))
         device = f"cuda:{env.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
@@ -291,7 +300,7 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
         workers = num_workers if num_workers is not None else (0 if device == "cpu" else 6)
         mine = assign_shards(paths, rank, world)
         stats = embed_shards(mine, counts, store_path, spec, seed=seed, canvas=canvas, batch_size=batch_size,
-                             num_workers=workers, device=device)
+                             num_workers=workers, device=device, framing=framing)
     except Exception:  # one failing rank must not leave the others waiting in the barrier forever
         if world > 1:
             traceback.print_exc()
@@ -329,7 +338,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"timm architecture (default: from the exported file, else {DEFAULT_ARCH})")
     parser.add_argument("--img-size", type=int, default=None,
                         help="model input side (default: from the exported file, else 224)")
-    parser.add_argument("--canvas", type=int, default=None, help="decode canvas side (default: the input side)")
+    parser.add_argument("--canvas", type=int, default=None,
+                        help="decode canvas side (default: the export header's pretraining canvas, else the input side)")
+    parser.add_argument("--framing", choices=("none", "bbox"), default=None,
+                        help="particle framing (default: the export header's, as in pretraining; else none)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--workers", type=int, default=None, help="decode workers per rank (default: 0 on CPU, 6 on GPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init backbone")
@@ -338,7 +350,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     summary = run_embed(args.shards, args.out, checkpoint=args.checkpoint, random_init=args.random_init,
                         arch=args.model, img_size=args.img_size, canvas=args.canvas, batch_size=args.batch_size,
-                        num_workers=args.workers, seed=args.seed, like=args.like)
+                        num_workers=args.workers, seed=args.seed, like=args.like, framing=args.framing)
     if summary is not None:
         print(f"embedded {summary['rows']} samples ({summary['dim']}-d, {summary['shards']} shards, "
               f"{summary['shards_reused']} reused) on {summary['ranks']} rank(s): "

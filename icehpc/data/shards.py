@@ -28,7 +28,8 @@ Hostile inputs are rejected with a reason and never stop the build: ``empty``, `
 ``unsupported_mode`` (float images or 32-bit integers beyond 16 bits), ``duplicate`` (same sha256
 as an earlier input). Faithful conversions are applied instead and listed in ``conversion``:
 EXIF orientation, 16-bit → 8-bit (v/257), alpha composited over white, palette/RGB/CMYK → luma,
-first frame of multi-frame files. An 8-bit grayscale PNG is stored byte-for-byte.
+first frame of multi-frame files. An 8-bit grayscale PNG is stored byte-for-byte, unless
+``--polarity`` (default auto) inverts it: every shard holds dark particles on a light field.
 
 How: pass 1 reads every input once (parallel over chunks of the sorted inputs), hashes and
 validates it and spools its finished tar members in ``DIR/.work`` (scratch as large as the output,
@@ -95,12 +96,17 @@ class BuildConfig:
     max_pixels: int = cfg.field(2**25, help="reject images declaring more pixels (decompression bombs)")
     max_file_bytes: int = cfg.field(64 * 2**20, help="reject source files larger than this")
     duplicates: Literal["reject", "keep"] = cfg.field("reject", help="byte-identical inputs after the first")
+    polarity: Literal["auto", "keep", "invert"] = cfg.field(
+        "auto", help="auto: invert images whose border is dark (light particle on dark field) so every shard "
+                     "holds dark particles on a light background; keep; invert (recorded in 'conversion')")
 
     def validate(self) -> None:
         if self.shard_samples < 1 or self.shard_bytes < 1:
             raise ValueError("shard_samples and shard_bytes must be >= 1")
         if not self.label_column or "." in self.label_column:
             raise ValueError("label_column must be a non-empty key without dots")
+        if self.polarity not in ("auto", "keep", "invert"):
+            raise ValueError(f"polarity must be auto, keep or invert, got {self.polarity!r}")
 
 
 @dataclasses.dataclass
@@ -378,11 +384,40 @@ def check_png(data: bytes, max_pixels: int) -> tuple[int, int, bool] | None:
     return w, h, plain
 
 
-def normalise(data: bytes, max_pixels: int) -> tuple[bytes, int, int, list[str]]:
+def dark_border(gray: Image.Image) -> bool:
+    """True when the median of the border pixels of an 'L' image is below mid-grey (dark field)."""
+    a = np.asarray(gray)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    return bool(np.median(border) < 128)
+
+
+def apply_polarity(png: bytes, gray: Image.Image | None, polarity: str, notes: list[str]) -> bytes:
+    """The stored convention is a dark particle on a light field (synthetic CPI data, the canvas
+    padding). ``auto`` inverts an image whose border is dark, ``invert`` every image, ``keep`` none;
+    an inversion re-encodes the PNG and is listed in ``notes`` (the sample's ``conversion``)."""
+    if polarity == "keep":
+        return png
+    if gray is None:
+        gray = Image.open(io.BytesIO(png), formats=("PNG",))
+        gray.load()
+    if polarity == "auto" and not dark_border(gray):
+        return png
+    notes.append("inverted_auto_dark_border" if polarity == "auto" else "inverted")
+    buf = io.BytesIO()
+    ImageOps.invert(gray.convert("L")).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def normalise(data: bytes, max_pixels: int, polarity: str = "keep") -> tuple[bytes, int, int, list[str]]:
     """Source bytes → (8-bit grayscale PNG bytes, width, height, conversions applied)."""
     png = check_png(data, max_pixels)
     if png is not None and png[2]:
-        return data, png[0], png[1], []  # already what we store: keep the bytes (and their sha256)
+        notes: list[str] = []  # already what we store: keep the bytes (and their sha256) unless inverted
+        try:
+            out = apply_polarity(data, None, polarity, notes)
+        except Exception as exc:
+            raise Reject("corrupt", f"{type(exc).__name__}: {exc}") from None
+        return out, png[0], png[1], notes
     try:
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
@@ -420,7 +455,7 @@ def normalise(data: bytes, max_pixels: int) -> tuple[bytes, int, int, list[str]]
     notes.insert(0, f"{fmt}_{raw_mode or im.mode}_reencoded")
     buf = io.BytesIO()
     gray.save(buf, format="PNG")
-    return buf.getvalue(), gray.width, gray.height, notes
+    return apply_polarity(buf.getvalue(), gray, polarity, notes), gray.width, gray.height, notes
 
 
 # ---------------------------------------------------------------- check pass (read once, spool)
@@ -481,7 +516,7 @@ def _check_chunk(out: str, k: int, items: list[Item], c: BuildConfig) -> list[li
         try:
             data = read_source(item, c.max_file_bytes)
             sha = hashlib.sha256(data).hexdigest()
-            png, w, h, notes = normalise(data, c.max_pixels)
+            png, w, h, notes = normalise(data, c.max_pixels, c.polarity)
         except Reject as exc:
             results.append([None, [exc.reason, exc.detail], 0, 0])
             continue
@@ -849,7 +884,7 @@ def default_workers() -> int:
 
 
 _FLAGS = ("label_column", "probe", "pixel_um", "shard_samples", "shard_bytes", "seed", "max_pixels",
-          "max_file_bytes", "duplicates")
+          "max_file_bytes", "duplicates", "polarity")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -865,7 +900,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kind = {"shard_samples": int, "shard_bytes": int, "seed": int, "max_pixels": int,
                     "max_file_bytes": int, "pixel_um": float}.get(f.name, str)
             b.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=kind,
-                           choices=("reject", "keep") if f.name == "duplicates" else None,
+                           choices={"duplicates": ("reject", "keep"),
+                                    "polarity": ("auto", "keep", "invert")}.get(f.name),
                            help=f"{f.metadata['help']} (default {f.default!r})")
     b.add_argument("--shuffle", action="store_true", default=None, help="seeded shuffle of samples across shards")
     b.add_argument("--workers", type=int, default=default_workers(), help="processes (output does not depend on it)")

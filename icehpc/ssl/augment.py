@@ -175,6 +175,14 @@ class MultiCrop:
         else:
             locals_ = x.new_zeros(0, 1, cfg.local_size, cfg.local_size)
         grid = (cfg.global_size // self.patch_size,) * 2
-        masks = block_masks(gen, 2 * b, grid, cfg.mask_ratio, cfg.mask_min_patches, cfg.mask_aspect,
-                            cfg.mask_candidates, device=images.device)
+        masks = block_masks(gen, 2 * b, grid, cfg.mask_ratio, scaled_min_block(cfg.mask_min_patches, grid),
+                            cfg.mask_aspect, cfg.mask_candidates, device=images.device)
+        masked_view = _bernoulli(gen, 2 * b, cfg.mask_prob).to(images.device)  # iBOT: half the views unmasked
+        masks = masks & masked_view[:, None, None]
         return Crops(globals_=globals_, locals_=locals_, masks=masks.flatten(1))
+
+
+def scaled_min_block(min_patches_14: int, grid: tuple[int, int]) -> int:
+    """iBOT's smallest block (given for a 14×14 patch grid) scaled to ``grid``'s area, at least 1:
+    16 patches on 14×14 (ViT-S/16 at 224 px) cover the same image fraction as 5 on 8×8."""
+    return max(1, round(min_patches_14 * grid[0] * grid[1] / 196))
