@@ -55,6 +55,8 @@ class PretrainStep:
     config: str = field("pretrain-tiny-cpu.yaml", help="pretraining YAML (configs/ is searched)")
     nproc: int = field(2, help="DeepSpeed processes (torch.distributed.run --nproc-per-node)")
     overrides: list[str] = field([], help="dotted overrides for the pretraining config")
+    data: str = field("synth", help="what pretraining sees: synth (the synthetic shards) | real (the unlabeled real "
+                                    "archives found, one shuffled shard set) | both (real + synthetic)")
 
 
 @dataclass
@@ -73,7 +75,8 @@ class KappaStep:
 @dataclass
 class ProbeStep:
     label: str = field("habit", help="meta column holding the class")
-    seed: int = field(0, help="seed of the stratified split")
+    seed: int = field(0, help="seed of the first stratified split")
+    splits: int = field(5, help="stratified 80/20 splits (seeds seed … seed+splits−1); mean ± sd reported")
 
 
 @dataclass
@@ -156,8 +159,13 @@ def pretrain_canvas(cfg: PipelineConfig) -> int:
 def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
     """Every step of the pipeline in a valid order, with absolute paths (jobs may start elsewhere)."""
     o = Path(out).resolve()
-    canvas = str(pretrain_canvas(cfg))
     backbone = o / "backbone.safetensors"
+    if cfg.pretrain.data not in ("synth", "real", "both"):
+        raise ValueError(f"pretrain.data must be synth, real or both, got {cfg.pretrain.data!r}")
+    data_dir = _resolve(cfg.real.data_dir)
+    real_sources = [data_dir / a.file for a in cfg.real.archives if (data_dir / a.file).exists()]
+    if cfg.pretrain.data != "synth" and not real_sources:
+        raise ValueError(f"pretrain.data={cfg.pretrain.data} but no real archive was found under {data_dir}")
     steps = [
         Step("synth", "synth", ["--out", str(o / "synth"), "--n", str(cfg.synth.n), "--seed", str(cfg.synth.seed),
                                 "--no-progress"], o / "synth" / "planted.json"),
@@ -165,15 +173,28 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
                                   "--shard-samples", str(cfg.shards.shard_samples), "--workers",
                                   str(cfg.shards.workers), "--no-progress"],
              o / "shards" / "index.json", after=("synth",)),
+    ]
+    pretrain_shards, pretrain_after = o / "shards", ("shards",)
+    if cfg.pretrain.data != "synth":
+        # one shuffled shard set of the images only: labels are in the metadata but never read by pretraining
+        pretrain_shards, pretrain_after = o / "pretrain-shards", ("pretrain-shards", "shards")
+        manifest = ["--manifest", str(o / "synth" / "manifest.csv")] if cfg.pretrain.data == "both" else []
+        steps.append(Step("pretrain-shards", "shards", ["build", *map(str, real_sources), *manifest, "--shuffle",
+                                                        "--out", str(pretrain_shards), "--shard-samples",
+                                                        str(cfg.shards.shard_samples), "--workers",
+                                                        str(cfg.shards.workers), "--no-progress"],
+                          pretrain_shards / "index.json", after=("synth",)))
+    steps += [
         Step("pretrain", "pretrain", ["--config", str(cfglib.find_config(cfg.pretrain.config)),
-                                      f"data.shards={o / 'shards'}", f"out={o / 'pretrain'}", "train.progress=false",
+                                      f"data.shards={pretrain_shards}", f"out={o / 'pretrain'}", "train.progress=false",
                                       *cfg.pretrain.overrides],
-             o / "pretrain" / "backbone.safetensors", ranks=cfg.pretrain.nproc, after=("shards",)),
+             o / "pretrain" / "backbone.safetensors", ranks=cfg.pretrain.nproc, after=pretrain_after),
         Step("export", "export", [str(o / "pretrain"), "--out", str(backbone)], backbone, after=("pretrain",)),
     ]
 
     def embed_pair(prefix: str, shards: Path, dest: Path, after: tuple[str, ...]) -> list[Step]:
-        common = ["--canvas", canvas, "--batch-size", str(cfg.embed.batch_size)]
+        # canvas and framing come from the exported header (as pretraining decoded), for both backbones
+        common = ["--batch-size", str(cfg.embed.batch_size)]
         return [
             Step(f"{prefix}embed", "embed", [str(shards), "--checkpoint", str(backbone), "--out",
                                              str(dest / "trained.h5"), *common],
@@ -187,6 +208,7 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
         return Step(f"{prefix}probe", "probe", [str(store_dir / "trained.h5"), "--random-store",
                                                 str(store_dir / "random.h5"), "--images", str(shards),
                                                 "--label", cfg.probe.label, "--seed", str(cfg.probe.seed),
+                                                "--splits", str(cfg.probe.splits),
                                                 "--out", str(dest)],
                     dest / "probe.json", after=(f"{prefix}embed", f"{prefix}embed-random"))
 
@@ -201,7 +223,6 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
                       o / "report" / "index.html", after=("kappa-trained",)))
     steps.append(probe("", o / "embed", o / "shards", o / "probe"))
 
-    data_dir = _resolve(cfg.real.data_dir)
     for archive in cfg.real.archives:
         source = data_dir / archive.file
         if not source.exists():
@@ -292,7 +313,8 @@ def kappa_vs_planted(planted_json: Path, kappa_dirs: dict[str, Path], min_count:
 
 def probe_summary(probe_json: Path) -> dict[str, dict[str, float]]:
     result = json.loads(probe_json.read_text())
-    return {f"{rep}/{method}": {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
+    return {f"{rep}/{method}": {k: m[k] for k in ("accuracy", "balanced_accuracy", "accuracy_sd",
+                                                  "balanced_accuracy_sd") if k in m}
             for rep, res in result["results"].items() for method, m in res.items() if isinstance(m, dict)}
 
 
@@ -316,7 +338,9 @@ def print_science(science: dict[str, Any]) -> None:
             print(f"  κ vs planted entropy over {stats['n_bins']:2d} {label:<28} {name:<12} {rho}")
     for probe_name, results in science["probes"].items():
         for rep, m in results.items():
-            print(f"  {probe_name:<16} {rep:<22} accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}")
+            sd, bsd = m.get("accuracy_sd", 0.0), m.get("balanced_accuracy_sd", 0.0)
+            print(f"  {probe_name:<16} {rep:<22} accuracy {m['accuracy']:.3f} ± {sd:.3f}  "
+                  f"balanced {m['balanced_accuracy']:.3f} ± {bsd:.3f}")
 
 
 # ------------------------------------------------------------------------------------------ running

@@ -147,7 +147,7 @@ def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch
     dtype = student.cls_z.dtype  # bf16 under autocast: both operands of the fused matmuls match
     pairs = cls_pairs(batch, n_local, student.cls_z.device)
     loss_cls, st_cls = vmf_xent(student.cls_z, student.cls_prototypes.to(dtype), teacher.cls_z.to(dtype),
-                                teacher.cls_prototypes.to(dtype), centres.cls, tau_s, tau_t, pairs=pairs,
+                                teacher.cls_prototypes.to(dtype), centres.offset("cls"), tau_s, tau_t, pairs=pairs,
                                 vmf=cfg.vmf, backend=cfg.backend)
     loss_patch, st_patch = vmf_xent(student.patch_z, student.patch_prototypes.to(dtype), teacher.patch_z.to(dtype),
                                     teacher.patch_prototypes.to(dtype), centres.offset("patch"), tau_s, tau_t,
