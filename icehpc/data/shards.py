@@ -385,10 +385,17 @@ def check_png(data: bytes, max_pixels: int) -> tuple[int, int, bool] | None:
 
 
 def dark_border(gray: Image.Image) -> bool:
-    """True when the median of the border pixels of an 'L' image is below mid-grey (dark field)."""
-    a = np.asarray(gray)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    return bool(np.median(border) < 128)
+    """True when an 'L' image shows a light particle on a dark field: its border (the field) is
+    dark (median < 128) and uniform (≥ 90 % of border pixels within 32 levels of the median), and
+    something in it is brighter by ≥ 64 levels. Images too small to have an interior, noise, or a
+    featureless frame are left alone (``auto`` then keeps them)."""
+    a = np.asarray(gray).astype(np.int16)
+    if min(a.shape) < 3:
+        return False
+    border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+    level = int(np.median(border))
+    uniform = float(np.mean(np.abs(border - level) <= 32)) >= 0.9
+    return level < 128 and uniform and int(a.max()) - level >= 64
 
 
 def apply_polarity(png: bytes, gray: Image.Image | None, polarity: str, notes: list[str]) -> bytes:
