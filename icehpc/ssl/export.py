@@ -57,7 +57,8 @@ def export_teacher(teacher: torch.nn.Module, cfg: Any, out: str | os.PathLike, s
     """Write the live teacher's backbone (``teacher.backbone.vit``) of a running pretraining."""
     from ..config import to_dict
 
-    meta = _metadata(to_dict(cfg.model), to_dict(cfg.augment), step, to_dict(cfg.data))
+    data = getattr(cfg, "data", None)
+    meta = _metadata(to_dict(cfg.model), to_dict(cfg.augment), step, to_dict(data) if data is not None else None)
     return _save(teacher.backbone.vit.state_dict(), meta, out)
 
 
