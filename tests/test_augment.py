@@ -155,3 +155,19 @@ def test_multicrop_moves_all_parameters_in_one_copy(monkeypatch):
     assert calls == [6 * (2 + 2) + 2]
     for n in ("globals_", "locals_", "masks", "mask_index"):
         assert torch.equal(getattr(plain, n), getattr(packed, n)), n
+
+
+def test_ibot_masking_recipe_half_the_views_and_blocks_scaled_to_the_grid():
+    from icehpc.ssl.augment import scaled_min_block
+
+    assert scaled_min_block(16, (14, 14)) == 16 and scaled_min_block(16, (8, 8)) == 5
+    assert scaled_min_block(16, (2, 2)) == 1
+    cfg = AugmentConfig(global_size=32, local_size=16, n_local=0)
+    assert cfg.mask_prob == 0.5 and cfg.mask_min_patches == 16 and cfg.mask_ratio == [0.1, 0.5]
+    crops = MultiCrop(cfg, patch_size=4)(_images(b=200), torch.Generator().manual_seed(3))
+    masked = crops.masks.any(dim=1).float()
+    assert 0.4 < float(masked.mean()) < 0.6  # each of the 400 global views masked with probability 0.5
+    ratio = crops.masks.float().mean(1)[masked.bool()]
+    assert float(ratio.min()) >= 0.05 and float(ratio.max()) <= 0.65
+    always = MultiCrop(AugmentConfig(global_size=32, local_size=16, n_local=0, mask_prob=1.0), patch_size=4)
+    assert bool(always(_images(b=50), torch.Generator().manual_seed(3)).masks.any(dim=1).all())

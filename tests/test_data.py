@@ -163,3 +163,39 @@ def test_ordered_loader_pin_memory_reaches_the_batches(shard_dir, monkeypatch, n
         monkeypatch.setattr(wds.WebLoader, "__init__", init)
         data.ordered_loader(paths, batch_size=16, canvas=32, num_workers=num_workers, pin_memory=True)
         assert seen.get("pin_memory") is True
+
+
+def test_bbox_framing_fills_the_canvas_with_the_particle_and_keeps_its_aspect():
+    """A 20×10 particle on a 200×200 light field: unframed it covers ~0.5 % of a 64-px canvas;
+    framed (bbox + 10 % margin) it spans the canvas along its long side, aspect 2:1 kept."""
+    field = np.full((200, 200), 240, np.uint8)
+    field[60:70, 120:140] = 30  # 10 rows × 20 columns, off-centre
+    plain = data.decode_image(_png(field), 64)
+    framed = data.decode_image(_png(field), 64, framing="bbox", margin=0.1)
+    assert int((plain[0] < 128).sum()) < 0.01 * 64 * 64
+    dark = framed[0] < 128
+    rows, cols = dark.any(dim=1).nonzero().flatten(), dark.any(dim=0).nonzero().flatten()
+    width, height = int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)
+    assert 50 <= width <= 55 and abs(width / height - 2.0) < 0.15  # 64/1.2 ≈ 53 px long side
+    assert abs((cols.min() + cols.max()) / 2 - 31.5) <= 1 and abs((rows.min() + rows.max()) / 2 - 31.5) <= 1
+    assert framed[0, 0, 0] == 240 and framed[0, -1, -1] == 240  # margin filled with the field level
+    blank = np.full((30, 30), 200, np.uint8)  # nothing to frame: decoded as without framing
+    assert torch.equal(data.decode_image(_png(blank), 16, framing="bbox"), data.decode_image(_png(blank), 16))
+    with pytest.raises(ValueError):
+        data.decode_image(_png(blank), 16, framing="tight")
+
+
+def test_loaders_pass_the_framing_on(shard_dir):
+    paths = fmt.shard_paths(shard_dir)[:1]
+    plain, _ = next(iter(data.ordered_loader(paths, batch_size=16, canvas=64)))
+    framed, _ = next(iter(data.ordered_loader(paths, batch_size=16, canvas=64, framing="bbox")))
+    def long_side(img: torch.Tensor) -> int:
+        top, left, bottom, right = data.particle_bbox(img[0].numpy())
+        return max(bottom - top, right - left)
+
+    # framed, every particle spans the canvas (64 / 1.2 ≈ 53 px), larger than unframed
+    assert all(long_side(f) >= 50 for f in framed)
+    assert sum(long_side(f) for f in framed) > sum(long_side(p) for p in plain)
+    batch, _ = next(iter(data.train_loader(shard_dir, batch_size=8, canvas=64, num_workers=0, seed=0, rank=0,
+                                           world_size=1, framing="bbox")))
+    assert batch.shape == (8, 1, 64, 64)

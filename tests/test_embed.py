@@ -73,7 +73,7 @@ def _read(store: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return s.read(0, s.n_rows)
 
 
-def _reference_cls(shard_dir: Path, backbone: Path) -> dict[str, np.ndarray]:
+def _reference_cls(shard_dir: Path, backbone: Path, canvas: int = CANVAS, framing: str = "none") -> dict[str, np.ndarray]:
     """[CLS] per key from the exported file loaded by its own loader, images decoded one by one."""
     import tarfile
 
@@ -87,7 +87,7 @@ def _reference_cls(shard_dir: Path, backbone: Path) -> dict[str, np.ndarray]:
         with tarfile.open(path) as tar:
             for member in tar:
                 if member.name.endswith(".png"):
-                    img = decode_image(tar.extractfile(member).read(), CANVAS)[None].float() / 255
+                    img = decode_image(tar.extractfile(member).read(), canvas, framing=framing)[None].float() / 255
                     img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True)
                     with torch.no_grad():
                         out[member.name.split(".")[0]] = model.forward_features((img - mean) / std)[0, 0].numpy()
@@ -288,3 +288,30 @@ def test_embed_sbatch_and_submit_on_slurm(shards, backbone, trained, tmp_path, s
     assert json.loads(Path(f"{out2}.json").read_text())["ranks"] == 2
     assert (meta2["key"] == ref_meta["key"]).all()
     np.testing.assert_allclose(got2, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_embed_frames_particles_as_pretraining_did_from_the_export_header(shards, tmp_path, icehpc_cmd):
+    """The export header records pretraining's canvas and framing; `icehpc embed` (trained and
+    random-init --like) uses them without --canvas/--framing, so both see what pretraining saw."""
+    from icehpc.analysis.embed import backbone_spec
+    from icehpc.ssl.config import AugmentConfig, DataConfig, ModelConfig
+    from icehpc.ssl.export import export_teacher, read_metadata
+    from icehpc.ssl.model import build_model
+
+    torch.manual_seed(3)
+    model_cfg = ModelConfig(arch_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+                            head_hidden=16, head_bottleneck=8, n_prototypes=16)
+    cfg = SimpleNamespace(model=model_cfg, augment=AugmentConfig(global_size=32, mean=0.5, std=0.25),
+                          data=DataConfig(canvas=64, framing="bbox", framing_margin=0.1))
+    path = export_teacher(build_model(model_cfg, 32), cfg, tmp_path / "framed.safetensors", 1)
+    meta = read_metadata(path)
+    assert (meta["input_canvas"], meta["input_framing"], meta["input_framing_margin"]) == ("64", "bbox", "0.1")
+    for spec in (backbone_spec(str(path), None, None, 0), backbone_spec(None, None, None, 0, like=str(path))):
+        assert (spec.canvas, spec.framing, spec.framing_margin) == (64, "bbox", 0.1)
+    store = tmp_path / "framed.h5"
+    _run([*icehpc_cmd, "embed", str(shards), "--checkpoint", str(path), "--out", str(store)])
+    emb, meta_cols = _read(store)
+    ref = _reference_cls(shards, path, canvas=64, framing="bbox")
+    keys = [k.decode() if isinstance(k, bytes) else str(k) for k in meta_cols["key"]]
+    np.testing.assert_allclose(emb, np.stack([ref[k] for k in keys]), atol=2e-5, rtol=0)
+    assert json.loads(Path(f"{store}.json").read_text())["backbone"]["framing"] == "bbox"

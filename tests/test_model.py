@@ -32,9 +32,35 @@ def test_forward_shapes_and_normalised_bottleneck():
     assert out.cls_z.shape == (15, 16) and out.patch_z.shape == (int(masks.sum()), 16)
     assert out.cls_prototypes.shape == (40, 16) and out.patch_prototypes is out.cls_prototypes
     torch.testing.assert_close(out.cls_z.norm(dim=1), torch.ones(15))
-    assert model.prototype_names() == ["head.prototypes"]
+    assert model.prototype_names() == ["head.prototype_v", "head.prototype_g"]
     separate = build_model(ModelConfig(**{**TINY.__dict__, "shared_head": False}), img_size=32)
-    assert separate.prototype_names() == ["head.prototypes", "patch_head.prototypes"]
+    assert separate.prototype_names() == ["head.prototype_v", "head.prototype_g", "patch_head.prototype_v",
+                                          "patch_head.prototype_g"]
+    plain = build_model(ModelConfig(**{**TINY.__dict__, "prototype_param": "plain"}), img_size=32)
+    assert plain.prototype_names() == ["head.prototypes_plain"]
+
+
+def test_weight_normalised_prototypes_keep_their_norm_out_of_weight_decay():
+    """w_k = g_k·v_k/‖v_k‖ (the reference head): decaying v leaves w unchanged, and g (= κτ) sits
+    in its own optimiser group without weight decay, frozen with the prototypes at first."""
+    from icehpc.ssl.engine import apply_schedule, param_groups
+    from icehpc.ssl.schedule import Schedule
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**TINY.__dict__, "prototype_init_norm": 1.5}), img_size=32)
+    head = model.head
+    torch.testing.assert_close(head.prototypes.norm(dim=1), torch.full((40,), 1.5))
+    before = head.prototypes.detach().clone()
+    with torch.no_grad():
+        head.prototype_v.mul_(0.3)  # what weight decay does to v
+    torch.testing.assert_close(head.prototypes, before)
+    groups = {g["name"]: g for g in param_groups(model)}
+    assert [id(p) for p in groups["prototype_norms"]["params"]] == [id(head.prototype_g)]
+    opt = torch.optim.AdamW(list(groups.values()), lr=1.0)
+    apply_schedule(opt, Schedule(lr=0.1, weight_decay=0.2, momentum=0.99, teacher_temp=0.04, last_layer_frozen=True))
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["prototype_norms"]["weight_decay"] == 0.0 and by_name["prototypes"]["weight_decay"] == 0.2
+    assert by_name["prototype_norms"]["lr"] == 0.0 == by_name["prototypes"]["lr"] and by_name["decay"]["lr"] == 0.1
 
 
 def test_mask_token_replaces_patch_embeddings():
@@ -57,7 +83,8 @@ def test_gradients_reach_the_prototypes_and_the_mask_token():
     out = model(torch.randn(2, 1, 32, 32), torch.rand(2, 64) < 0.5, torch.randn(2, 1, 16, 16))
     logits = torch.cat([out.cls_z, out.patch_z]) @ out.cls_prototypes.T
     logits.logsumexp(1).sum().backward()
-    assert model.head.prototypes.grad is not None and model.head.prototypes.grad.abs().sum() > 0
+    assert model.head.prototype_v.grad is not None and model.head.prototype_v.grad.abs().sum() > 0
+    assert model.head.prototype_g.grad is not None and model.head.prototype_g.grad.abs().sum() > 0
     assert model.backbone.mask_token.grad.abs().sum() > 0
 
 

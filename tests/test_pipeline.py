@@ -79,7 +79,8 @@ def test_pipeline_local_outputs_and_resume(local_run, real_dir, icehpc_cmd):
     with open_store(out / "embed" / "trained.h5") as s:
         assert s.n_rows == 160 and "habit" in s.columns
     probe = json.loads((out / "probe" / "probe.json").read_text())
-    assert set(probe["results"]) == {"pretrained", "random_init", "geometric"}
+    assert set(probe["results"]) == {"pretrained", "random_init", "geometric", "geometric_shape"}
+    assert probe["split"]["seeds"] == [0, 1, 2, 3, 4]
     science = json.loads((out / "science.json").read_text())
     bins = science["kappa_vs_planted_diversity"]["temperature_bins"]
     assert set(bins) == {"trained", "random_init"} and bins["trained"]["n_bins"] >= 3
@@ -245,3 +246,31 @@ def test_pipeline_on_the_users_folder_of_images(tmp_path, icehpc_cmd):
     page = (out / "report" / "index.html").read_text()
     assert "random-init control" in page and "Probe results" in page and "Pretraining curves" in page
     assert "Report: " in res.stdout
+
+
+def test_plan_pretrains_on_the_real_archives_when_asked(tmp_path):
+    """pretrain.data=both: one shuffled shard set of the real archives found + the synthetic manifest
+    feeds pretraining; embed steps take canvas and framing from the export header (no --canvas)."""
+    from icehpc import config as cfglib
+    from icehpc.run import pipeline
+
+    (tmp_path / "a.zip").write_bytes(b"")
+    (tmp_path / "b.zip").write_bytes(b"")
+    overrides = [f"real.data_dir={tmp_path}", "pretrain.data=both",
+                 "real.archives=[{name: a, file: a.zip, probe: 2D-S, pixel_um: 10.0}, "
+                 "{name: b, file: b.zip, probe: PIP, pixel_um: 100.0}, {name: c, file: missing.zip}]"]
+    cfg = cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"), overrides)
+    steps = {s.name: s for s in pipeline.plan(cfg, tmp_path / "out")}
+    build = steps["pretrain-shards"]
+    assert build.argv[1:3] == [str(tmp_path / "a.zip"), str(tmp_path / "b.zip")]
+    assert "--manifest" in build.argv and "--shuffle" in build.argv and "--probe" not in build.argv
+    assert f"data.shards={tmp_path / 'out' / 'pretrain-shards'}" in steps["pretrain"].argv
+    assert "pretrain-shards" in steps["pretrain"].after
+    assert all("--canvas" not in s.argv for s in steps.values() if s.stage == "embed")
+    assert all("--splits" in s.argv for s in steps.values() if s.stage == "probe")
+    synth_only = pipeline.plan(cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"), []), tmp_path / "o2")
+    assert "pretrain-shards" not in {s.name for s in synth_only}
+    cfg_real = cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"),
+                           [f"real.data_dir={tmp_path / 'nothing'}", "pretrain.data=real"])
+    with pytest.raises(ValueError, match="no real archive"):
+        pipeline.plan(cfg_real, tmp_path / "o3")

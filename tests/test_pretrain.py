@@ -22,10 +22,10 @@ from icehpc.ssl.kernels import vmf_xent
 from icehpc.ssl.checkpoint import PREEMPTED_EXIT
 from icehpc.ssl.config import PretrainConfig
 from icehpc.ssl.engine import ema_update
-from icehpc.ssl.loss import cls_pairs, patch_weights
-from icehpc.ssl.metrics import prototype_stats
+from icehpc.ssl.loss import Centres, cls_pairs, patch_weights, resolve_centering, teacher_targets, uncentred_prob_mean
+from icehpc.ssl.metrics import CollapseGuard, prototype_stats
 from icehpc.ssl.schedule import schedule_at
-from icehpc.ssl.trainer import NONFINITE_EXIT
+from icehpc.ssl.trainer import COLLAPSE_EXIT, NONFINITE_EXIT
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/pretrain-tiny-cpu.yaml"
@@ -132,6 +132,68 @@ def test_loss_pairing_and_weights_match_explicit_loops():
     per_row = [-(torch.softmax(zt_p[r] @ wt.T / 0.05 - centre, 0) * torch.log_softmax(zs_p[r] @ ws.T / 0.1, 0)).sum()
                for r in range(4)]
     torch.testing.assert_close(patch, (torch.stack(per_row[:3]).mean() + per_row[3]) / 2)
+
+
+def _targets_after_centring(vmf: bool, mode: str, steps: int = 150) -> torch.Tensor:
+    """Teacher targets on a fixed batch after ``steps`` centre updates; prototypes of unequal norms."""
+    from icehpc.ssl.loss import teacher_logits
+
+    torch.manual_seed(0)
+    k, p, n = 16, 8, 64
+    zt = torch.nn.functional.normalize(torch.randn(n, p, dtype=torch.float64), dim=1)
+    directions = torch.nn.functional.normalize(torch.randn(k, p, dtype=torch.float64), dim=1)
+    wt = directions * torch.linspace(0.6, 1.4, k, dtype=torch.float64)[:, None]
+    centres = Centres(k, 0.9, mode=mode)
+    centres.cls = centres.cls.double()
+    for _ in range(steps):
+        stat = (uncentred_prob_mean(zt, wt, 0.1, vmf).double() if mode == "probability"
+                else teacher_logits(zt, wt, 0.1, vmf).double().mean(0))
+        centres.update(stat, centres.patch, patch_rows=torch.zeros(()))
+    return teacher_targets(zt, wt, centres.offset("cls"), 0.1, vmf)
+
+
+def test_probability_centring_keeps_the_vmf_term_that_logit_centring_cancels():
+    """The vMF term b_k = log C_p(‖w_k‖/τ) is a per-prototype constant: logit centring absorbs it
+    into the centre (once the centre has caught up, vMF on and off give the same targets, so the
+    prototype norms act only through w·z); DINO-vMF's probability centring, the default with vmf
+    on, keeps its effect."""
+    assert resolve_centering("auto", vmf=True) == "probability" and resolve_centering("auto", vmf=False) == "logit"
+    default = resolve_centering("auto", vmf=True)
+    moved = (_targets_after_centring(True, default) - _targets_after_centring(False, default)).abs().max()
+    assert moved > 1e-2, "with the default vMF centring, the κ term log C_p(‖w‖/τ) must change the targets"
+    # logit centring (the old default): the κ term's effect on the targets is cancelled
+    cancelled = (_targets_after_centring(True, "logit") - _targets_after_centring(False, "logit")).abs().max()
+    assert cancelled < 1e-4 < moved
+
+
+def test_probability_centre_is_the_ema_of_uncentred_teacher_probabilities():
+    torch.manual_seed(1)
+    zt = torch.nn.functional.normalize(torch.randn(10, 4), dim=1)
+    wt = torch.randn(6, 4)
+    centres = Centres(6, 0.5, mode="probability")
+    torch.testing.assert_close(centres.cls, torch.full((6,), 1 / 6))
+    stat = uncentred_prob_mean(zt, wt, 0.2, vmf=True, chunk=3)
+    torch.testing.assert_close(stat, teacher_targets(zt, wt, torch.zeros(6), 0.2, vmf=True).mean(0))
+    centres.update(stat, torch.zeros(6), patch_rows=torch.zeros(()))
+    torch.testing.assert_close(centres.cls, 0.5 / 6 + 0.5 * stat)
+    torch.testing.assert_close(centres.patch, torch.full((6,), 1 / 6))  # no masked patch: unchanged
+    centres.update(stat, stat, patch_rows=torch.full((), 3.0))
+    torch.testing.assert_close(centres.patch, 0.5 / 6 + 0.5 * stat)  # masked patches: EMA step
+    torch.testing.assert_close(centres.offset("cls"), torch.log(centres.cls))
+
+
+def test_collapse_guard_fires_after_patience_consecutive_steps_only():
+    import math
+
+    k = 256
+    guard = CollapseGuard(k, patience=3, margin=0.01, min_entropy=0.1)
+    uniform, healthy = 0.995 * math.log(k), 3.0
+    assert [guard.update(i, e) for i, e in enumerate([uniform, uniform, healthy, uniform, uniform])] == [None] * 5
+    message = guard.update(5, uniform)
+    assert message and "uniform" in message and "step 5" in message
+    sharp = CollapseGuard(k, patience=2, min_entropy=0.1)
+    assert sharp.update(0, 0.05) is None and "one prototype" in sharp.update(1, 0.01)
+    assert CollapseGuard(k, patience=0).update(0, uniform) is None  # 0 = off
 
 
 def test_ema_and_prototype_usage():
@@ -273,6 +335,20 @@ def test_single_process_init_preemption_and_nan_stop(shards, tmp_path):
     assert "non-finite" in proc.stderr and f"step-{done:08d}" in proc.stderr
     assert _latest(out) == f"step-{done:08d}"
     assert all(r["step"] < done + 3 for r in _metrics(out))
+
+
+@pytest.mark.slow
+def test_collapsed_teacher_stops_the_run_loudly_with_a_checkpoint(shards, tmp_path):
+    """A collapse threshold every healthy run meets (entropy below 100 nats) stands in for a real
+    collapse: the run stops after `patience` steps with exit 4, one clear line and a checkpoint."""
+    out = tmp_path / "run"
+    proc = _run(_pretrain_cmd(shards, out, "train.collapse_patience=3", "train.collapse_min_entropy=100",
+                              "train.checkpoint_every=1000", nproc=1))
+    assert proc.returncode == COLLAPSE_EXIT, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("icehpc pretrain:")]
+    assert len(lines) == 1 and "teacher collapsed" in lines[0] and "step-00000003" in lines[0]
+    assert _latest(out) == "step-00000003" and len(_metrics(out)) == 3
+    assert {"cls_teacher_entropy", "cls_kl", "cls_proto_used", "cls_proto_perplexity"} <= set(_metrics(out)[0])
 
 
 # ------------------------------------------------------------------------------------------ slurm

@@ -129,6 +129,24 @@ def test_probe_cli_on_hand_written_stores(tmp_path, icehpc_cmd):
         assert cm.sum() == 96 and (cm.sum(axis=1) == 24).all()  # stratified: 24 test rows per class
         assert (out / f"confusion_pretrained_{method}.png").stat().st_size > 5000
     assert len((out / "summary.csv").read_text().splitlines()) == 5
+    # 5 stratified splits by default (seeds 0-4), the same for every representation: mean ± sd
+    assert report["split"]["seeds"] == [0, 1, 2, 3, 4]
+    for rep in (trained, random):
+        for method in ("knn", "logreg"):
+            m = rep[method]
+            assert len(m["accuracy_per_split"]) == 5 == len(m["balanced_accuracy_per_split"])
+            assert m["accuracy"] == pytest.approx(np.mean(m["accuracy_per_split"]))
+            assert m["accuracy_sd"] == pytest.approx(np.std(m["accuracy_per_split"], ddof=1))
+    assert len(set(random["knn"]["accuracy_per_split"])) > 1  # the splits differ
+    one = tmp_path / "probe1"
+    res = subprocess.run([*icehpc_cmd, "probe", str(tmp_path / "trained.h5"), "--out", str(one), "--splits", "1",
+                          "--seed", "2", "--random-store", str(tmp_path / "random.h5")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    single = json.loads((one / "probe.json").read_text())["results"]
+    for rep in ("pretrained", "random_init"):
+        assert single[rep]["knn"]["accuracy"] == report["results"][rep]["knn"]["accuracy_per_split"][2]
+        assert single[rep]["knn"]["accuracy_sd"] == 0.0
 
     # A random store that lacks samples of the probed store is an error, not a silent subset.
     write_store(tmp_path / "short.h5", rng.normal(size=(10, 32)), {"key": keys[:10], "habit": labels[:10]})

@@ -456,3 +456,33 @@ def test_sbatch_build_matches_local_build(slurm_cluster, synth_data, tmp_path):
     assert {k: v for k, v in a.items() if k != "index.json"} == {k: v for k, v in b.items() if k != "index.json"}
     ia, ib = (json.loads((d / "index.json").read_text()) for d in (local, remote))
     assert ia.pop("command") != ib.pop("command") and ia == ib  # only --out differs
+
+
+@pytest.mark.parametrize("polarity", ["auto", "keep", "invert"])
+def test_polarity_gives_every_shard_dark_particles_on_a_light_field(tmp_path, polarity):
+    """OAP archives are white particles on black; synthetic CPI images dark on light. ``auto``
+    inverts exactly the dark-field images (noted in ``conversion``), so both end up dark on light."""
+    tree = tmp_path / "tree"
+    (tree / "col").mkdir(parents=True)
+    oap = np.zeros((40, 40), np.uint8)
+    oap[12:28, 15:25] = 255  # white particle, black field
+    cpi = np.full((40, 40), 230, np.uint8)
+    cpi[10:30, 18:22] = 40  # dark particle, light field
+    Image.fromarray(oap).save(tree / "col" / "oap.png")
+    Image.fromarray(cpi).save(tree / "col" / "cpi.png")
+    out = tmp_path / "out"
+    shards.build([str(tree)], out, shards.BuildConfig(polarity=polarity), workers=1, progress=False)
+    samples = _samples(out)
+    stored = {k.split("/")[-1]: (m, np.asarray(Image.open(io.BytesIO(png)))) for k, (m, png) in samples.items()}
+    (m_oap, a_oap), (m_cpi, a_cpi) = stored["oap.png"], stored["cpi.png"]
+    if polarity == "keep":
+        assert np.array_equal(a_oap, oap) and np.array_equal(a_cpi, cpi)
+        assert m_oap["conversion"] == [] and m_cpi["conversion"] == []
+    elif polarity == "auto":
+        assert np.array_equal(a_oap, 255 - oap) and "inverted_auto_dark_border" in m_oap["conversion"]
+        assert np.array_equal(a_cpi, cpi) and m_cpi["conversion"] == []
+        assert a_oap[0, 0] > 128 and a_cpi[0, 0] > 128  # one convention: light field everywhere
+    else:
+        assert np.array_equal(a_oap, 255 - oap) and np.array_equal(a_cpi, 255 - cpi)
+        assert "inverted" in m_cpi["conversion"]
+    assert json.loads((out / "index.json").read_text())["totals"]["written"] == 2

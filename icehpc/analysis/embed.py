@@ -46,7 +46,10 @@ DEFAULT_MEAN, DEFAULT_STD = AugmentConfig.mean, AugmentConfig.std
 class EmbedConfig:
     arch: str | None = field(None, help=f"timm architecture (default: from the exported file, else {DEFAULT_ARCH})")
     img_size: int | None = field(None, help="model input side (default: from the exported file, else 224)")
-    canvas: int | None = field(None, help="decode canvas side (default: the input side)")
+    canvas: int | None = field(None, help="decode canvas side (default: the export header's pretraining canvas, "
+                                          "else the input side)")
+    framing: str | None = field(None, help="particle framing none | bbox (default: the export header's, as in "
+                                           "pretraining; else none)")
     batch_size: int = field(64, help="images per forward pass")
     workers: int | None = field(None, help="decode workers per rank (default: 0 on CPU, 6 on GPU)")
     seed: int = field(0, help="seed of the random-init backbone")
@@ -54,6 +57,8 @@ class EmbedConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.framing not in (None, "none", "bbox"):
+            raise ValueError(f"framing must be none or bbox, got {self.framing!r}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
 
@@ -70,6 +75,9 @@ class BackboneSpec:
     std: float
     weights: str  # checkpoint path, or "random-init(seed=S)"
     weights_sha256: str
+    canvas: int | None = None  # decode canvas of pretraining (export header), None: not recorded
+    framing: str = "none"      # particle framing of pretraining (none | bbox), from the export header
+    framing_margin: float = 0.1
 
 
 def check_backbone_file(flag: str, path: str | None) -> None:
@@ -112,7 +120,10 @@ def backbone_spec(checkpoint: str | None, arch: str | None, img_size: int | None
                         mean=float(meta.get("input_mean", DEFAULT_MEAN)),
                         std=float(meta.get("input_std", DEFAULT_STD)),
                         weights=checkpoint or f"random-init(seed={seed})",
-                        weights_sha256=file_sha256(checkpoint) if checkpoint else "")
+                        weights_sha256=file_sha256(checkpoint) if checkpoint else "",
+                        canvas=int(meta["input_canvas"]) if "input_canvas" in meta else None,
+                        framing=meta.get("input_framing", "none"),
+                        framing_margin=float(meta.get("input_framing_margin", 0.1)))
 
 
 def build_backbone(spec: BackboneSpec, seed: int):
@@ -234,12 +245,13 @@ def part_is_current(part: Path, shard_sha256: str, model: str) -> bool:
 def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Path, spec: BackboneSpec, *,
                  seed: int, canvas: int, batch_size: int, num_workers: int, device: str,
                  shard_sha256: dict[str, str] | None = None, model_id: str = "",
-                 progress: str | None = None) -> dict[str, Any]:
+                 progress: str | None = None, framing: str | None = None) -> dict[str, Any]:
     """Embed the given shards of this rank, one atomic part per shard; returns timing counters.
 
     A part is reused only when it records the shard's sha256 (``shard_sha256``, from index.json)
     and ``model_id`` (:func:`model_digest`); any other part is recomputed. ``progress``: the label
-    of a progress bar / periodic log line of this rank's images (None: quiet).
+    of a progress bar / periodic log line of this rank's images (None: quiet). ``framing``: the
+    particle framing (default: the backbone's, from its export header).
     """
     import torch
 
@@ -261,6 +273,7 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu), \
             Progress(total, progress or "embed", "images", enabled=progress is not None) as bar:
         for images, metas in ordered_loader(todo, batch_size=batch_size, canvas=canvas, num_workers=num_workers,
+                                            framing=framing or spec.framing, margin=spec.framing_margin,
                                             pin_memory=on_gpu):
             x = eval_transform(images.to(device, non_blocking=True), spec.img_size, spec.mean, spec.std,
                                torch.float32)
@@ -319,8 +332,8 @@ def _torch_threads(local_world: int) -> None:
 
 def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init: bool, arch: str | None,
               img_size: int | None, canvas: int | None, batch_size: int, num_workers: int | None,
-              seed: int = 0, like: str | None = None, provenance: dict[str, Any] | None = None
-              ) -> dict[str, Any] | None:
+              seed: int = 0, like: str | None = None, framing: str | None = None,
+              provenance: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The whole MPI job (every rank calls this); returns the summary on rank 0, None elsewhere."""
     with contextlib.ExitStack() as held:  # the store lock, released however the job ends
         return _run_embed(shard_dir, store, checkpoint=checkpoint, random_init=random_init, arch=arch,
@@ -354,8 +367,9 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
         counts = {Path(s["name"]).name: int(s["samples"]) for s in index["shards"] if s["samples"] > 0}
         shas = {Path(s["name"]).name: str(s.get("sha256", "")) for s in index["shards"]}
         spec = backbone_spec(checkpoint, arch, img_size, seed, like=like)
-        canvas = canvas or spec.img_size
-        manifest = {"backbone": asdict(spec), "seed": seed, "canvas": canvas,
+        canvas = canvas or spec.canvas or spec.img_size  # default: decode as pretraining did (header)
+        framing = framing or spec.framing
+        manifest = {"backbone": asdict(spec), "seed": seed, "canvas": canvas, "framing": framing,
                     "shards": str(Path(shard_dir).resolve()), "shard_counts": counts}
         err = None
         if rank == 0:  # one job per store: rank 0 holds the lock of STORE.parts until the end
@@ -374,6 +388,7 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
         mine = assign_shards(paths, rank, world)
         stats = embed_shards(mine, counts, store_path, spec, seed=seed, canvas=canvas, batch_size=batch_size,
                              num_workers=workers, device=device, shard_sha256=shas, model_id=model_digest(manifest),
+                             framing=framing,
                              progress=f"embed rank 0/{world}" if world > 1 and rank == 0 else
                              ("embed" if rank == 0 else None))
     except LockedError:
@@ -413,15 +428,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--like", help="with --random-init: an exported backbone whose architecture, input "
                                        "size and normalisation to copy (its weights are not used)")
     cfglib.add_config_arguments(parser, EmbedConfig, {
-        "--model": "arch", "--img-size": "img_size", "--canvas": "canvas", "--batch-size": "batch_size",
-        "--workers": "workers", "--seed": "seed"})
+        "--model": "arch", "--img-size": "img_size", "--canvas": "canvas", "--framing": "framing",
+        "--batch-size": "batch_size", "--workers": "workers", "--seed": "seed"})
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = cfglib.from_args(EmbedConfig, args)
     summary = run_embed(args.shards, args.out, checkpoint=args.checkpoint, random_init=args.random_init,
                         arch=cfg.arch, img_size=cfg.img_size, canvas=cfg.canvas, batch_size=cfg.batch_size,
-                        num_workers=cfg.workers, seed=cfg.seed, like=args.like,
+                        num_workers=cfg.workers, seed=cfg.seed, like=args.like, framing=cfg.framing,
                         provenance=cfglib.provenance(args, cfg))
     if summary is not None:
         print(f"embedded {summary['rows']} samples ({summary['dim']}-d, {summary['shards']} shards, "

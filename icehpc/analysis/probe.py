@@ -2,15 +2,17 @@
 
 The protocol follows the paper: a weighted cosine kNN (k = 20, T = 0.07, votes weighted by
 exp(cos/T), as in DINO) and a logistic regression on standardised features, on one stratified
-train/test split with a fixed seed. Every representation is scored on the *same* split (rows are
-matched by the sample key), so the numbers are directly comparable:
+train/test split per seed, ``--splits`` of them (default 5: seeds 0-4), reported as mean ± sd.
+Every representation is scored on the *same* splits (rows are matched by the sample key), so the
+numbers are directly comparable:
 
 - the store under test (usually the pretrained backbone),
 - optionally a store from a random-init backbone (``--random-store``): what the architecture alone
   gives,
 - optionally the paper's geometric baseline (``--images SHARDS``): six contour features of the
   binarised particle (aspect ratio, area ratio, circularity, solidity, complexity, equivalent
-  diameter) with logistic regression.
+  diameter) with logistic regression, and the same without its size feature (``geometric_shape``:
+  what an embedding of a size-normalised, bbox-framed crop can know).
 
 Output in DIR: ``probe.json`` (all metrics, class names, split, inputs), ``summary.csv`` (one row
 per representation × method) and one confusion-matrix PNG per representation × method.
@@ -309,10 +311,13 @@ class ProbeSettings:
     seed: int = field(0, help="split and solver seed")
     logreg_c: float = field(1.0, help="inverse L2 strength of the logistic regression")
     min_class_count: int = field(5, help="classes with fewer samples are left out and listed")
+    splits: int = field(5, help="stratified splits, seeds seed … seed+splits−1, the same for every representation; "
+                               "metrics are their mean ± sd")
 
     def validate(self) -> None:
-        if self.k < 1 or self.temperature <= 0 or not 0 < self.test_fraction < 1 or self.logreg_c <= 0:
-            raise ValueError("need k >= 1, temperature > 0, 0 < test_fraction < 1 and logreg_c > 0")
+        if self.k < 1 or self.temperature <= 0 or not 0 < self.test_fraction < 1 or self.logreg_c <= 0 \
+                or self.splits < 1:
+            raise ValueError("need k >= 1, temperature > 0, 0 < test_fraction < 1, logreg_c > 0 and splits >= 1")
 
 
 def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", name: str = "pretrained",
@@ -338,7 +343,9 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
         raise ValueError(f"store {store}: need at least 2 classes in '{label}' with "
                          f">= {settings.min_class_count} samples, found {classes}")
     y = np.searchsorted(np.asarray(classes), labels)
-    train, test = stratified_split(y, settings.test_fraction, settings.seed)
+    seeds = [settings.seed + i for i in range(max(1, settings.splits))]
+    splits = [stratified_split(y, settings.test_fraction, s) for s in seeds]  # the same for every representation
+    train, test = splits[0]
 
     representations: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {name: (features, ("knn", "logreg"))}
     inputs = {name: str(store)}
@@ -352,7 +359,9 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
         g_keys, g_features = geometric_features_from_shards(images, workers)
         geometric = _align(g_keys, g_features, keys, f"shards {images}")
         representations["geometric"] = (geometric, ("logreg",))
-        inputs["geometric"] = str(images)
+        # without the size feature (equivalent diameter): what framed, size-normalised crops can know
+        representations["geometric_shape"] = (geometric[:, :-1], ("logreg",))
+        inputs["geometric"] = inputs["geometric_shape"] = str(images)
         extra["geometric_empty_images"] = int(np.isnan(geometric).all(axis=1).sum())
         extra["geometric_features"] = list(GEOMETRIC_FEATURES)
 
@@ -361,11 +370,19 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
     for rep, (x, methods) in representations.items():
         results[rep] = {"dim": int(x.shape[1])}
         for method in methods:
-            if method == "knn":
-                pred = knn_predict(x[train], y[train], x[test], len(classes), settings.k, settings.temperature)
-            else:
-                pred = logreg_predict(x[train], y[train], x[test], settings.seed, settings.logreg_c)
-            metrics = score(y[test], pred, classes)
+            per_split = []
+            for seed, (tr, te) in zip(seeds, splits):
+                if method == "knn":
+                    pred = knn_predict(x[tr], y[tr], x[te], len(classes), settings.k, settings.temperature)
+                else:
+                    pred = logreg_predict(x[tr], y[tr], x[te], seed, settings.logreg_c)
+                per_split.append(score(y[te], pred, classes))
+            metrics = dict(per_split[0])  # per-class recall and confusion matrix: the first split
+            for key in ("accuracy", "balanced_accuracy"):
+                values = np.array([m[key] for m in per_split])
+                metrics[key] = float(values.mean())
+                metrics[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                metrics[f"{key}_per_split"] = values.tolist()
             results[rep][method] = metrics
             plot_confusion(np.asarray(metrics["confusion_matrix"]), classes,
                            f"{rep} / {method}: acc {metrics['accuracy']:.3f}, "
@@ -375,7 +392,8 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
 
     report = {
         "label": label, "classes": classes, "inputs": inputs,
-        "split": {"seed": settings.seed, "test_fraction": settings.test_fraction, "n_train": int(len(train)),
+        "split": {"seed": settings.seed, "seeds": seeds, "test_fraction": settings.test_fraction,
+                  "n_train": int(len(train)),
                   "n_test": int(len(test)), "left_out_classes": too_small},
         "settings": {"knn_k": settings.k, "knn_temperature": settings.temperature,
                      "logreg_c": settings.logreg_c},
@@ -383,8 +401,10 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
     }
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["representation", "method", "accuracy", "balanced_accuracy"])
-    writer.writerows([(r, m, f"{a:.4f}", f"{b:.4f}") for r, m, a, b in rows])
+    writer.writerow(["representation", "method", "accuracy", "accuracy_sd", "balanced_accuracy",
+                     "balanced_accuracy_sd", "splits"])
+    writer.writerows([(r, m, f"{a:.4f}", f"{results[r][m]['accuracy_sd']:.4f}", f"{b:.4f}",
+                       f"{results[r][m]['balanced_accuracy_sd']:.4f}", len(seeds)) for r, m, a, b in rows])
     write_atomic(out / "summary.csv", buf.getvalue())
     write_atomic(out / "probe.json", json.dumps(report, indent=2) + "\n")  # last: marks completion
     return report
@@ -402,7 +422,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes for the geometric features (default: CPUs available)")
     cfglib.add_config_arguments(parser, ProbeSettings, {
         "--k": "k", "--temperature": "temperature", "--test-fraction": "test_fraction", "--seed": "seed",
-        "--logreg-c": "logreg_c", "--min-class-count": "min_class_count"})
+        "--splits": "splits", "--logreg-c": "logreg_c", "--min-class-count": "min_class_count"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -415,7 +435,8 @@ def run(args: argparse.Namespace) -> int:
     for rep, res in report["results"].items():
         for method in ("knn", "logreg"):
             if method in res:
-                print(f"  {rep:<12} {method:<7} accuracy {res[method]['accuracy']:.4f}  "
-                      f"balanced {res[method]['balanced_accuracy']:.4f}")
+                m = res[method]
+                print(f"  {rep:<16} {method:<7} accuracy {m['accuracy']:.4f} ± {m['accuracy_sd']:.4f}  "
+                      f"balanced {m['balanced_accuracy']:.4f} ± {m['balanced_accuracy_sd']:.4f}")
     print(f"results: {Path(args.out) / 'probe.json'}")
     return 0

@@ -43,15 +43,64 @@ def assign_shards(paths: list[str], rank: int, world: int) -> list[str]:
     return list(paths[rank::world])
 
 
-def decode_image(png_bytes: bytes, canvas: int, max_upscale: float = 1.0) -> torch.Tensor:
+FRAMINGS = ("none", "bbox")
+
+
+def particle_bbox(pixels: np.ndarray, min_contrast: float = 16.0) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right) exclusive bounds of the particle in ``pixels`` uint8 [H, W], or None.
+
+    The background level is the median of the border pixels; a pixel belongs to the particle when
+    it differs from it by more than half the largest difference (the half-maximum contour, robust to
+    blur and either polarity). None when the image has no contrast (nothing to frame).
+    """
+    img = pixels.astype(np.int16)
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    contrast = np.abs(img - int(np.median(border)))
+    peak = int(contrast.max())
+    if peak < min_contrast:
+        return None
+    mask = contrast > peak // 2
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def frame_particle(pixels: np.ndarray, margin: float) -> np.ndarray:
+    """uint8 [S, S]: a square window centred on the particle's bounding box, side = longest box side
+    × (1 + 2·margin), filled with the border median where it leaves the image. The particle then
+    spans the canvas whatever its size (physical size stays in ``particle_width_um``/``pixel_um``)."""
+    box = particle_bbox(pixels)
+    if box is None:
+        return pixels
+    top, left, bottom, right = box
+    side = max(1, round(max(bottom - top, right - left) * (1 + 2 * margin)))
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    y0, x0 = int(round(cy - side / 2)), int(round(cx - side / 2))
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    out = np.full((side, side), int(np.median(border)), dtype=np.uint8)
+    h, w = pixels.shape
+    sy0, sx0, sy1, sx1 = max(0, y0), max(0, x0), min(h, y0 + side), min(w, x0 + side)
+    out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = pixels[sy0:sy1, sx0:sx1]
+    return out
+
+
+def decode_image(png_bytes: bytes, canvas: int, max_upscale: float = 1.0, framing: str = "none",
+                 margin: float = 0.1) -> torch.Tensor:
     """PNG bytes → ``uint8 [1, canvas, canvas]``, aspect kept, centred, padded with 255.
 
-    Crops larger than the canvas are shrunk (Pillow's antialiased bilinear) so their longest side
-    fits; smaller crops are enlarged by at most ``max_upscale`` (default 1: never), so tiny
-    particles are not blown up into blurry blobs and the pixel scale of small crops is kept.
+    ``framing="none"``: crops larger than the canvas are shrunk (Pillow's antialiased bilinear) so
+    their longest side fits; smaller crops are enlarged by at most ``max_upscale`` (default 1:
+    never), so the pixel scale of small crops is kept. ``framing="bbox"``: the particle's bounding
+    box plus ``margin`` (fraction of its longest side, each side) is cut out as a square and
+    resized to the canvas, up or down (training and embedding see the particle, not the empty
+    field around it; absolute size is then only in the metadata).
     """
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
     with Image.open(io.BytesIO(png_bytes), formats=("PNG",)) as im:
         im = im.convert("L") if im.mode != "L" else im
+        if framing == "bbox":
+            im = Image.fromarray(frame_particle(np.asarray(im), margin))
+            max_upscale = float("inf")
         w, h = im.size
         scale = min(canvas / max(w, h), max_upscale)
         if scale != 1.0:
@@ -64,11 +113,12 @@ def decode_image(png_bytes: bytes, canvas: int, max_upscale: float = 1.0) -> tor
     return torch.from_numpy(out)
 
 
-def _sample_to_item(sample: dict, canvas: int) -> tuple[torch.Tensor, dict]:
+def _sample_to_item(sample: dict, canvas: int, framing: str = "none",
+                    margin: float = 0.1) -> tuple[torch.Tensor, dict]:
     meta = json.loads(sample["json"])
     meta["__key__"] = sample["__key__"]
     meta["__shard__"] = os.path.basename(sample["__url__"])
-    return decode_image(sample["png"], canvas), meta
+    return decode_image(sample["png"], canvas, framing=framing, margin=margin), meta
 
 
 def _collate(items: list[tuple[torch.Tensor, dict]]) -> Batch:
@@ -94,7 +144,8 @@ class _SeededShuffle:
 
 def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, num_workers: int,
                  seed: int, rank: int, world_size: int, epoch: int = 0,
-                 batches_per_epoch: int | None = None, shuffle_buffer: int = 2000) -> Iterable[Batch]:
+                 batches_per_epoch: int | None = None, shuffle_buffer: int = 2000, framing: str = "none",
+                 margin: float = 0.1) -> Iterable[Batch]:
     """Training batches from an infinite resampled stream, exactly ``batches_per_epoch`` of them.
 
     Build one loader per epoch and iterate it once: ``epoch`` (with ``seed``) decides the draw.
@@ -120,7 +171,7 @@ def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, 
                             worker_seed=functools.partial(_worker_seed, rank)),
         wds.tarfile_to_samples(),
         _SeededShuffle(shuffle_buffer, seed, epoch, rank),
-        wds.map(functools.partial(_sample_to_item, canvas=canvas)),
+        wds.map(functools.partial(_sample_to_item, canvas=canvas, framing=framing, margin=margin)),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
@@ -129,6 +180,7 @@ def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, 
 
 
 def ordered_loader(paths: list[str], *, batch_size: int, canvas: int, num_workers: int = 0,
+                   framing: str = "none", margin: float = 0.1,
                    pin_memory: bool = False) -> Iterable[Batch]:
     """Every sample of ``paths`` exactly once, batches never mixing shards of different workers.
 
@@ -144,7 +196,7 @@ def ordered_loader(paths: list[str], *, batch_size: int, canvas: int, num_worker
         wds.SimpleShardList(list(paths)),
         wds.split_by_worker,
         wds.tarfile_to_samples(),
-        wds.map(functools.partial(_sample_to_item, canvas=canvas)),
+        wds.map(functools.partial(_sample_to_item, canvas=canvas, framing=framing, margin=margin)),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
     if num_workers == 0:

@@ -40,7 +40,8 @@ Hostile inputs are rejected with a reason and never stop the build: ``empty``, `
 as an earlier input), ``not_regular``, ``outside_root``, ``symlink_loop``. Every input (file or zip
 member) is read in bounded chunks, never more than ``max_file_bytes + 1`` bytes. Faithful conversions are applied instead and listed in ``conversion``:
 EXIF orientation, 16-bit → 8-bit (v/257), alpha composited over white, palette/RGB/CMYK → luma,
-first frame of multi-frame files. An 8-bit grayscale PNG is stored byte-for-byte.
+first frame of multi-frame files. An 8-bit grayscale PNG is stored byte-for-byte, unless
+``--polarity`` (default auto) inverts it: every shard holds dark particles on a light field.
 
 How: pass 1 reads every input once (parallel over chunks of the sorted inputs), hashes and
 validates it and spools its finished tar members in ``DIR/.work`` (scratch as large as the output,
@@ -115,12 +116,17 @@ class BuildConfig:
     max_pixels: int = cfg.field(2**25, help="reject images declaring more pixels (decompression bombs)")
     max_file_bytes: int = cfg.field(64 * 2**20, help="reject source files larger than this")
     duplicates: Literal["reject", "keep"] = cfg.field("reject", help="byte-identical inputs after the first")
+    polarity: Literal["auto", "keep", "invert"] = cfg.field(
+        "auto", help="auto: invert images whose border is dark (light particle on dark field) so every shard "
+                     "holds dark particles on a light background; keep; invert (recorded in 'conversion')")
 
     def validate(self) -> None:
         if self.shard_samples < 1 or self.shard_bytes < 1:
             raise ValueError("shard_samples and shard_bytes must be >= 1")
         if not self.label_column or "." in self.label_column:
             raise ValueError("label_column must be a non-empty key without dots")
+        if self.polarity not in ("auto", "keep", "invert"):
+            raise ValueError(f"polarity must be auto, keep or invert, got {self.polarity!r}")
 
 
 @dataclasses.dataclass
@@ -516,11 +522,47 @@ def check_png(data: bytes, max_pixels: int) -> tuple[int, int, bool] | None:
     return w, h, plain
 
 
-def normalise(data: bytes, max_pixels: int) -> tuple[bytes, int, int, list[str]]:
+def dark_border(gray: Image.Image) -> bool:
+    """True when an 'L' image shows a light particle on a dark field: its border (the field) is
+    dark (median < 128) and uniform (≥ 90 % of border pixels within 32 levels of the median), and
+    something in it is brighter by ≥ 64 levels. Images too small to have an interior, noise, or a
+    featureless frame are left alone (``auto`` then keeps them)."""
+    a = np.asarray(gray).astype(np.int16)
+    if min(a.shape) < 3:
+        return False
+    border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+    level = int(np.median(border))
+    uniform = float(np.mean(np.abs(border - level) <= 32)) >= 0.9
+    return level < 128 and uniform and int(a.max()) - level >= 64
+
+
+def apply_polarity(png: bytes, gray: Image.Image | None, polarity: str, notes: list[str]) -> bytes:
+    """The stored convention is a dark particle on a light field (synthetic CPI data, the canvas
+    padding). ``auto`` inverts an image whose border is dark, ``invert`` every image, ``keep`` none;
+    an inversion re-encodes the PNG and is listed in ``notes`` (the sample's ``conversion``)."""
+    if polarity == "keep":
+        return png
+    if gray is None:
+        gray = Image.open(io.BytesIO(png), formats=("PNG",))
+        gray.load()
+    if polarity == "auto" and not dark_border(gray):
+        return png
+    notes.append("inverted_auto_dark_border" if polarity == "auto" else "inverted")
+    buf = io.BytesIO()
+    ImageOps.invert(gray.convert("L")).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def normalise(data: bytes, max_pixels: int, polarity: str = "keep") -> tuple[bytes, int, int, list[str]]:
     """Source bytes → (8-bit grayscale PNG bytes, width, height, conversions applied)."""
     png = check_png(data, max_pixels)
     if png is not None and png[2]:
-        return data, png[0], png[1], []  # already what we store: keep the bytes (and their sha256)
+        notes: list[str] = []  # already what we store: keep the bytes (and their sha256) unless inverted
+        try:
+            out = apply_polarity(data, None, polarity, notes)
+        except Exception as exc:
+            raise Reject("corrupt", f"{type(exc).__name__}: {exc}") from None
+        return out, png[0], png[1], notes
     try:
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
@@ -558,7 +600,7 @@ def normalise(data: bytes, max_pixels: int) -> tuple[bytes, int, int, list[str]]
     notes.insert(0, f"{fmt}_{raw_mode or im.mode}_reencoded")
     buf = io.BytesIO()
     gray.save(buf, format="PNG")
-    return buf.getvalue(), gray.width, gray.height, notes
+    return apply_polarity(buf.getvalue(), gray, polarity, notes), gray.width, gray.height, notes
 
 
 # ---------------------------------------------------------------- check pass (read once, spool)
@@ -619,7 +661,7 @@ def _check_chunk(out: str, k: int, items: list[Item], c: BuildConfig) -> list[li
         try:
             data = read_source(item, c.max_file_bytes)
             sha = hashlib.sha256(data).hexdigest()
-            png, w, h, notes = normalise(data, c.max_pixels)
+            png, w, h, notes = normalise(data, c.max_pixels, c.polarity)
         except Reject as exc:
             results.append([None, [exc.reason, exc.detail], 0, 0])
             continue

@@ -78,6 +78,8 @@ class PretrainStep:
     config: str = field("pretrain-tiny-cpu.yaml", help="pretraining YAML (configs/ is searched)")
     nproc: int = field(2, help="DeepSpeed processes (torch.distributed.run --nproc-per-node)")
     overrides: list[str] = field([], help="dotted overrides for the pretraining config")
+    data: str = field("synth", help="what pretraining sees: synth (the synthetic shards) | real (the unlabeled real "
+                                    "archives found, one shuffled shard set) | both (real + synthetic)")
 
 
 @dataclass
@@ -96,7 +98,8 @@ class KappaStep:
 @dataclass
 class ProbeStep:
     label: str = field("habit", help="meta column holding the class")
-    seed: int = field(0, help="seed of the stratified split")
+    seed: int = field(0, help="seed of the first stratified split")
+    splits: int = field(5, help="stratified 80/20 splits (seeds seed … seed+splits−1); mean ± sd reported")
 
 
 @dataclass
@@ -299,13 +302,16 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
     """Every step of the pipeline in a valid order, with absolute paths (jobs may start elsewhere),
     each with its fingerprint (:func:`fingerprint_steps`)."""
     o = Path(out).resolve()
-    canvas = str(pretrain_canvas(cfg))
     backbone = o / "backbone.safetensors"
     user_data = bool(cfg.data.inputs)
     label = cfg.data.label_column if user_data else cfg.probe.label
     shard_opts = ["--shard-samples", str(cfg.shards.shard_samples), "--workers", str(cfg.shards.workers),
                   "--no-progress"]
-    if user_data:
+    if cfg.pretrain.data not in ("synth", "real", "both"):
+        raise ValueError(f"pretrain.data must be synth, real or both, got {cfg.pretrain.data!r}")
+    data_dir = _resolve(cfg.real.data_dir)
+    pretrain_shards, pretrain_after = o / "shards", ("shards",)
+    if user_data:  # the user's images: pretraining reads the same shards (labels never read there)
         extra = ([f"--label-column={label}"] + ([f"--probe={cfg.data.probe}"] if cfg.data.probe else [])
                  + ([f"--pixel-um={cfg.data.pixel_um}"] if cfg.data.pixel_um else []))
         steps = [Step("shards", "shards", ["build", *[str(_resolve(i)) for i in cfg.data.inputs], "--out",
@@ -319,11 +325,21 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
                                       str(o / "shards"), *shard_opts],
                  o / "shards" / "index.json", after=("synth",), outputs=(o / "shards",)),
         ]
+        real_sources = [data_dir / a.file for a in cfg.real.archives if (data_dir / a.file).exists()]
+        if cfg.pretrain.data != "synth" and not real_sources:
+            raise ValueError(f"pretrain.data={cfg.pretrain.data} but no real archive was found under {data_dir}")
+        if cfg.pretrain.data != "synth":
+            # one shuffled shard set of the images only: labels are in the metadata but never read by pretraining
+            pretrain_shards, pretrain_after = o / "pretrain-shards", ("pretrain-shards", "shards")
+            manifest = ["--manifest", str(o / "synth" / "manifest.csv")] if cfg.pretrain.data == "both" else []
+            steps.append(Step("pretrain-shards", "shards", ["build", *map(str, real_sources), *manifest, "--shuffle",
+                                                            "--out", str(pretrain_shards), *shard_opts],
+                              pretrain_shards / "index.json", after=("synth",), outputs=(pretrain_shards,)))
     steps += [
         Step("pretrain", "pretrain", ["--config", str(cfglib.find_config(cfg.pretrain.config)),
-                                      f"data.shards={o / 'shards'}", "--out", str(o / "pretrain"), "train.progress=false",
-                                      *cfg.pretrain.overrides],
-             o / "pretrain" / "backbone.safetensors", ranks=cfg.pretrain.nproc, after=("shards",),
+                                      f"data.shards={pretrain_shards}", "--out", str(o / "pretrain"),
+                                      "train.progress=false", *cfg.pretrain.overrides],
+             o / "pretrain" / "backbone.safetensors", ranks=cfg.pretrain.nproc, after=pretrain_after,
              outputs=(o / "pretrain",)),
         Step("export", "export", [str(o / "pretrain"), "--out", str(backbone)], backbone, after=("pretrain",),
              outputs=(backbone,)),
@@ -333,7 +349,8 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
         return (h5, Path(f"{h5}.json"), Path(f"{h5}.parts"))
 
     def embed_pair(prefix: str, shards: Path, dest: Path, after: tuple[str, ...]) -> list[Step]:
-        common = ["--canvas", canvas, "--batch-size", str(cfg.embed.batch_size)]
+        # canvas and framing come from the exported header (as pretraining decoded), for both backbones
+        common = ["--batch-size", str(cfg.embed.batch_size)]
         return [
             Step(f"{prefix}embed", "embed", [str(shards), "--checkpoint", str(backbone), "--out",
                                              str(dest / "trained.h5"), *common],
@@ -347,6 +364,7 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
         return Step(f"{prefix}probe", "probe", [str(store_dir / "trained.h5"), "--random-store",
                                                 str(store_dir / "random.h5"), "--images", str(shards),
                                                 "--label", label, "--seed", str(cfg.probe.seed),
+                                                "--splits", str(cfg.probe.splits),
                                                 "--out", str(dest)],
                     dest / "probe.json", after=(f"{prefix}embed", f"{prefix}embed-random"), outputs=(dest,))
 
@@ -370,7 +388,6 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
     steps.append(Step("report", "report", report, o / "report" / "index.html",
                       after=("kappa-trained", "kappa-random", "probe"), outputs=(o / "report",)))
 
-    data_dir = _resolve(cfg.real.data_dir)
     for archive in ([] if user_data else cfg.real.archives):
         source = data_dir / archive.file
         if not source.exists():
@@ -467,7 +484,8 @@ def kappa_vs_planted(planted_json: Path, kappa_dirs: dict[str, Path], min_count:
 
 def probe_summary(probe_json: Path) -> dict[str, dict[str, float]]:
     result = json.loads(probe_json.read_text())
-    return {f"{rep}/{method}": {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
+    return {f"{rep}/{method}": {k: m[k] for k in ("accuracy", "balanced_accuracy", "accuracy_sd",
+                                                  "balanced_accuracy_sd") if k in m}
             for rep, res in result["results"].items() for method, m in res.items() if isinstance(m, dict)}
 
 

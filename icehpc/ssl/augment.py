@@ -216,8 +216,10 @@ class MultiCrop:
         grid = (cfg.global_size // self.patch_size,) * 2
         # masks are built on the host (their parameters are drawn there anyway): the masked-patch
         # count and positions are then known without reading the device (GPU boolean indexing syncs)
-        masks = block_masks(gen, 2 * b, grid, cfg.mask_ratio, cfg.mask_min_patches, cfg.mask_aspect,
-                            cfg.mask_candidates, device="cpu").flatten(1)
+        masks = block_masks(gen, 2 * b, grid, cfg.mask_ratio, scaled_min_block(cfg.mask_min_patches, grid),
+                            cfg.mask_aspect, cfg.mask_candidates, device="cpu")
+        masked_view = _bernoulli(gen, 2 * b, cfg.mask_prob)  # iBOT: half the views unmasked
+        masks = (masks & masked_view[:, None, None]).flatten(1)
         index = masks.flatten().nonzero().squeeze(1)
         flat = pack_to_device([t for view in host for t in view] + [masks, index], images.device)
         dev = [flat[6 * i:6 * i + 6] for i in range(len(specs))]
@@ -226,3 +228,9 @@ class MultiCrop:
         locals_ = (torch.cat(views[2:]) if cfg.n_local
                    else x.new_zeros(0, 1, cfg.local_size, cfg.local_size))
         return Crops(globals_=globals_, locals_=locals_, masks=flat[-2], mask_index=flat[-1])
+
+
+def scaled_min_block(min_patches_14: int, grid: tuple[int, int]) -> int:
+    """iBOT's smallest block (given for a 14×14 patch grid) scaled to ``grid``'s area, at least 1:
+    16 patches on 14×14 (ViT-S/16 at 224 px) cover the same image fraction as 5 on 8×8."""
+    return max(1, round(min_patches_14 * grid[0] * grid[1] / 196))

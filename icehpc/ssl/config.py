@@ -31,6 +31,8 @@ class ModelConfig:
     head_bottleneck: int = field(256, help="bottleneck dimension p of the L2-normalised head output")
     n_prototypes: int = field(8192, help="number of vMF prototypes K")
     prototype_init_norm: float = field(1.0, help="initial ‖w_k‖ (1 = iBOT's normalised layer at start)")
+    prototype_param: str = field("weightnorm", help="weightnorm: w_k = g_k·v_k/‖v_k‖ (reference head; no decay "
+                                                    "on g = κτ) | plain: w_k one decayed tensor")
     shared_head: bool = field(True, help="one head for [CLS] and patch tokens (iBOT default)")
 
     def validate(self) -> None:
@@ -41,6 +43,8 @@ class ModelConfig:
             raise ValueError("head_hidden, head_bottleneck and n_prototypes must be >= 2")
         if self.prototype_init_norm <= 0:
             raise ValueError("prototype_init_norm must be > 0")
+        if self.prototype_param not in ("weightnorm", "plain"):
+            raise ValueError(f"prototype_param must be weightnorm or plain, got {self.prototype_param!r}")
 
 
 @dataclass
@@ -66,8 +70,10 @@ class AugmentConfig:
     solarize_p: list[float] = field([0.0, 0.2, 0.0], help="solarisation probability: global 1, global 2, locals")
     mean: float = field(0.449, help="normalisation mean (ImageNet RGB means averaged, fits folded weights)")
     std: float = field(0.226, help="normalisation std")
-    mask_ratio: list[float] = field([0.1, 0.5], help="per-image masked patch fraction range (student globals)")
-    mask_min_patches: int = field(4, help="smallest masking block (patches)")
+    mask_prob: float = field(0.5, help="probability that a student global view is masked at all (iBOT: 0.5)")
+    mask_ratio: list[float] = field([0.1, 0.5], help="masked patch fraction range of a masked view (iBOT: 0.1-0.5)")
+    mask_min_patches: int = field(16, help="smallest masking block in patches on a 14×14 grid (iBOT: 16); "
+                                           "scaled by grid area / 196 for other grids (at least 1)")
     mask_aspect: list[float] = field([0.3, 3.3333], help="masking block aspect ratio range (log-uniform)")
     mask_candidates: int = field(32, help="candidate blocks drawn per image (vectorised BEiT masking)")
 
@@ -81,6 +87,8 @@ class AugmentConfig:
             raise ValueError("crop scales and mask ratios are fractions and must be <= 1")
         if len(self.blur_p) != 3 or len(self.solarize_p) != 3:
             raise ValueError("blur_p and solarize_p take 3 values: global 1, global 2, locals")
+        if not 0 <= self.mask_prob <= 1:
+            raise ValueError(f"mask_prob must be in [0, 1], got {self.mask_prob}")
         if self.n_local < 0 or self.global_size < 1 or self.local_size < 1:
             raise ValueError("n_local must be >= 0 and crop sizes >= 1")
 
@@ -92,6 +100,15 @@ class DataConfig:
     batch_size: int = field(64, help="images per rank per step (global batch = this × ranks)")
     num_workers: int = field(4, help="decoding DataLoader workers per rank")
     batches_per_epoch: int | None = field(None, help="steps per epoch (default: shard total // global batch)")
+    framing: str = field("bbox", help="bbox: crop each particle to its bounding box + margin, resize to the canvas "
+                                      "(aspect kept); none: shrink-to-fit only (recorded in the export for embed)")
+    framing_margin: float = field(0.1, help="bbox margin on each side, as a fraction of the box's longest side")
+
+    def validate(self) -> None:
+        if self.framing not in ("none", "bbox"):
+            raise ValueError(f"data.framing must be none or bbox, got {self.framing!r}")
+        if not 0 <= self.framing_margin <= 2:
+            raise ValueError("data.framing_margin must be in [0, 2]")
 
     def validate(self) -> None:
         if self.canvas < 1:
@@ -113,6 +130,8 @@ class LossConfig:
     teacher_temp_final: float = field(0.07, help="teacher temperature after warm-up")
     teacher_temp_warmup_epochs: float = field(30.0, help="epochs of linear teacher temperature warm-up")
     center_momentum: float = field(0.9, help="EMA momentum of the [CLS] and patch centres")
+    centering: str = field("auto", help="teacher centring: auto (probability with vmf, else logit) | logit (DINO) | "
+                                        "probability (DINO-vMF: keeps the vMF κ term, which logit centring cancels)")
     vmf: bool = field(True, help="add log C_p(‖w_k‖/τ) to the logits (iBOT-vMF); false = plain iBOT")
     backend: str = field("auto", help="vmf_xent backend: auto | torch | triton")
     usage_threshold: float = field(0.1, help="a prototype is 'used' when its mean teacher probability ≥ this / K")
@@ -125,6 +144,8 @@ class LossConfig:
             raise ValueError("center_momentum must be in [0, 1)")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
+        if self.centering not in ("auto", "logit", "probability"):
+            raise ValueError(f"centering must be auto, logit or probability, got {self.centering!r}")
 
 
 @dataclass
@@ -185,6 +206,10 @@ class TrainConfig:
     metrics_every: int = field(0, help="read and log metrics every N steps (a read waits for the GPU); "
                                        "0 = auto: 1 on CPU, 20 on CUDA")
     export: bool = field(True, help="write backbone.safetensors (teacher) when the run completes")
+    collapse_patience: int = field(50, help="stop (checkpoint kept, exit 4) when the teacher [CLS] entropy has "
+                                            "signalled collapse for this many consecutive steps; 0 = never")
+    collapse_uniform_margin: float = field(0.01, help="uniform collapse: entropy within this fraction of ln K")
+    collapse_min_entropy: float = field(0.1, help="one-prototype collapse: entropy below this (nats)")
 
     def validate(self) -> None:
         _check_finite(self)
@@ -192,6 +217,8 @@ class TrainConfig:
             raise ValueError("metrics_every must be >= 0 (0 = auto)")
         if self.epochs <= 0 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("epochs must be > 0, checkpoint_every and keep_checkpoints >= 1")
+        if self.collapse_patience < 0 or not 0 <= self.collapse_uniform_margin < 1 or self.collapse_min_entropy < 0:
+            raise ValueError("collapse_patience >= 0, collapse_uniform_margin in [0, 1), collapse_min_entropy >= 0")
 
 
 @dataclass

@@ -60,25 +60,30 @@ def ds_config(cfg: PretrainConfig, bf16: bool) -> dict[str, Any]:
 
 def param_groups(model: IBOTVMF) -> list[dict[str, Any]]:
     """AdamW groups: decayed weights, undecayed biases/norms/tokens (DINO's rule: bias or 1-D), and
-    the prototypes on their own so they can be frozen (lr 0) during the first epoch."""
+    the prototypes on their own so they can be frozen (lr 0) during the first epoch: directions
+    (decayed, as in the reference) and weight-norm magnitudes g = κτ (never decayed)."""
+    from .model import PROTOTYPE_NORMS
+
     protos = set(model.prototype_names())
-    decay, no_decay, last = [], [], []
+    decay, no_decay, last, norms = [], [], [], []
     for name, p in model.named_parameters():
         if name in protos:
-            last.append(p)
+            (norms if name.endswith(PROTOTYPE_NORMS) else last).append(p)
         elif name.endswith(".bias") or p.ndim <= 1:
             no_decay.append(p)
         else:
             decay.append(p)
     return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0},
-            {"params": last, "name": "prototypes"}]
+            {"params": last, "name": "prototypes"},
+            {"params": norms, "name": "prototype_norms", "weight_decay": 0.0}]
 
 
 def apply_schedule(optimizer: Any, sched: Schedule) -> None:
     for group in optimizer.param_groups:
         name = group.get("name")
-        group["lr"] = 0.0 if (name == "prototypes" and sched.last_layer_frozen) else sched.lr
-        if name != "no_decay":
+        frozen = name in ("prototypes", "prototype_norms") and sched.last_layer_frozen
+        group["lr"] = 0.0 if frozen else sched.lr
+        if name not in ("no_decay", "prototype_norms"):
             group["weight_decay"] = sched.weight_decay
 
 

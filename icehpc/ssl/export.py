@@ -3,7 +3,8 @@
 The embedding job (and any user) needs only timm: the file holds the ``VisionTransformer`` tensors
 under timm's own key names, and its safetensors metadata says how to build the model and feed it:
 ``arch``, ``timm_kwargs`` (JSON, includes ``in_chans=1``), ``input_size``, ``input_mean``,
-``input_std`` (pixels are ``(uint8/255 − mean)/std``), ``step``. :func:`load_backbone` does exactly
+``input_std`` (pixels are ``(uint8/255 − mean)/std``), ``step``, and the decoding of pretraining:
+``input_canvas``, ``input_framing`` (none | bbox), ``input_framing_margin``. :func:`load_backbone` does exactly
 that. Pretraining calls :func:`export_teacher` itself when a run completes.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's per-tag file holding 
 _TEACHER_PREFIX = "backbone.vit."
 
 
-def _metadata(model_cfg: dict[str, Any], augment_cfg: dict[str, Any], step: int) -> dict[str, str]:
+def _metadata(model_cfg: dict[str, Any], augment_cfg: dict[str, Any], step: int,
+              data_cfg: dict[str, Any] | None = None) -> dict[str, str]:
     from .config import ModelConfig
     from .model import timm_kwargs
 
@@ -28,7 +30,16 @@ def _metadata(model_cfg: dict[str, Any], augment_cfg: dict[str, Any], step: int)
     size = int(augment_cfg["global_size"])
     return {"format": "timm", "source": "icehpc pretrain teacher", "arch": mc.arch,
             "timm_kwargs": json.dumps(timm_kwargs(mc, size)), "input_size": str(size),
-            "input_mean": str(augment_cfg["mean"]), "input_std": str(augment_cfg["std"]), "step": str(step)}
+            "input_mean": str(augment_cfg["mean"]), "input_std": str(augment_cfg["std"]), "step": str(step),
+            **_framing(data_cfg)}
+
+
+def _framing(data_cfg: dict[str, Any] | None) -> dict[str, str]:
+    """How pretraining decoded its images, so ``icehpc embed`` frames particles the same way."""
+    if not data_cfg:
+        return {}
+    return {"input_canvas": str(int(data_cfg["canvas"])), "input_framing": str(data_cfg.get("framing", "none")),
+            "input_framing_margin": str(float(data_cfg.get("framing_margin", 0.1)))}
 
 
 def _save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: str | os.PathLike) -> Path:
@@ -46,7 +57,8 @@ def export_teacher(teacher: torch.nn.Module, cfg: Any, out: str | os.PathLike, s
     """Write the live teacher's backbone (``teacher.backbone.vit``) of a running pretraining."""
     from ..config import to_dict
 
-    meta = _metadata(to_dict(cfg.model), to_dict(cfg.augment), step)
+    data = getattr(cfg, "data", None)
+    meta = _metadata(to_dict(cfg.model), to_dict(cfg.augment), step, to_dict(data) if data is not None else None)
     return _save(teacher.backbone.vit.state_dict(), meta, out)
 
 
@@ -69,7 +81,7 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out: str | os.PathLike) -> Pa
     if "teacher" not in state or "config" not in state:
         raise ValueError(f"{path} is not an icehpc pretraining checkpoint (no teacher/config client state)")
     teacher = {k[len(_TEACHER_PREFIX):]: v for k, v in state["teacher"].items() if k.startswith(_TEACHER_PREFIX)}
-    meta = _metadata(state["config"]["model"], state["config"]["augment"], int(state["step"]))
+    meta = _metadata(state["config"]["model"], state["config"]["augment"], int(state["step"]), state["config"].get("data"))
     return _save(teacher, meta, out)
 
 

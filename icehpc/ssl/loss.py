@@ -32,22 +32,61 @@ def patch_weights(masks: torch.Tensor, mask_index: torch.Tensor | None = None) -
     return (1.0 / counts).repeat_interleave(masks.sum(1))
 
 
+
+CENTERINGS = ("logit", "probability")
+
+
+def resolve_centering(centering: str, vmf: bool) -> str:
+    """``auto`` → probability centring with vMF (DINO-vMF), logit centring without (DINO/iBOT)."""
+    if centering == "auto":
+        return "probability" if vmf else "logit"
+    if centering not in CENTERINGS:
+        raise ValueError(f"loss.centering must be auto, logit or probability, got {centering!r}")
+    return centering
+
+
 class Centres:
     """The teacher centres of the [CLS] and patch losses, owned here with their update rule.
 
-    Each is an EMA (``momentum``) of the batch-mean teacher logits over all ranks (the caller passes
-    the all-reduced means); they are subtracted from the teacher logits before the softmax.
+    ``logit`` (DINO, iBOT): each centre c is an EMA (``momentum``) of the batch-mean teacher logits
+    l = z·w/τ_t + b (b = log C_p(‖w‖/τ_t) with vMF); targets are softmax(l − c). Because b[k] is a
+    per-prototype constant it is absorbed into c: at equilibrium the vMF term cancels exactly.
+
+    ``probability`` (DINO-vMF, Govindarajan et al. 2024): each centre c is an EMA of the batch-mean
+    *uncentred* teacher probabilities softmax(l) [K] (starting uniform, 1/K); targets are the
+    probabilities divided by c and renormalised, softmax(l − log c). The per-row normaliser of
+    softmax(l) does not cancel in the batch mean, so b (the prototypes' κ) keeps acting on the
+    targets, and a prototype's target mass is damped in proportion to how much it already gets.
+
+    The centre statistics are all-reduced by the caller (batch means over all ranks).
     """
 
-    def __init__(self, k: int, momentum: float, device: torch.device | str = "cpu") -> None:
+    def __init__(self, k: int, momentum: float, device: torch.device | str = "cpu", mode: str = "logit") -> None:
+        if mode not in CENTERINGS:
+            raise ValueError(f"centring mode must be one of {CENTERINGS}, got {mode!r}")
         self.momentum = momentum
-        self.cls = torch.zeros(k, device=device)
-        self.patch = torch.zeros(k, device=device)
+        self.mode = mode
+        init = 1.0 / k if mode == "probability" else 0.0
+        self.cls = torch.full((k,), init, device=device)
+        self.patch = torch.full((k,), init, device=device)
+
+    def offset(self, which: str) -> torch.Tensor:
+        """[K] subtracted from the teacher logits before the softmax (the op's ``center``)."""
+        c = self.cls if which == "cls" else self.patch
+        if self.mode == "probability":
+            return torch.log(c.clamp(min=1e-30))
+        return c
 
     @torch.no_grad()
-    def update(self, cls_mean: torch.Tensor, patch_mean: torch.Tensor) -> None:
+    def update(self, cls_mean: torch.Tensor, patch_mean: torch.Tensor,
+               patch_rows: torch.Tensor | None = None) -> None:
+        """EMA step with the all-reduced batch means (logits or uncentred probabilities, per mode).
+        ``patch_rows`` (device scalar, the global masked-patch count): when it is 0 the patch centre
+        stays as is, decided on the device (no host read)."""
         m = self.momentum
         self.cls.mul_(m).add_(cls_mean, alpha=1 - m)
+        if patch_rows is not None:
+            patch_mean = torch.where(patch_rows > 0, patch_mean, self.patch)
         self.patch.mul_(m).add_(patch_mean, alpha=1 - m)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -81,21 +120,45 @@ def prototype_biases(student: HeadOut, teacher: HeadOut, tau_s: float, tau_t: fl
             get(student.patch_prototypes, tau_s, True), get(teacher.patch_prototypes, tau_t, False))
 
 
-@torch.no_grad()
-def teacher_entropy(zt: torch.Tensor, wt: torch.Tensor, centre: torch.Tensor, tau_t: float, vmf: bool,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean entropy (nats) of the teacher's centred softmax over the rows of zt [N, p] (N×K, so
-    only used for the [CLS] rows). With it the [CLS] loss splits into H(P_t) + KL(P_t‖P_s): the
-    entropy shows centring/sharpening and collapse (→0: one prototype, →ln K: uniform), the KL
-    shows the student learning (DINO's collapse diagnostics)."""
-    logits = (zt.float() @ wt.float().T) / tau_t - centre.float()
-    if vmf and bias is not None:  # the step's b_t (prototype_biases): log C_p not re-evaluated
+def teacher_logits(zt: torch.Tensor, wt: torch.Tensor, tau_t: float, vmf: bool,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Uncentred teacher logits [N, K] float32: zt·wt/τ_t (+ log C_p(‖w_k‖/τ_t) with vMF; ``bias``:
+    the step's precomputed b_t from :func:`prototype_biases`, so log C_p is not evaluated again)."""
+    logits = (zt.float() @ wt.float().T) / tau_t
+    if vmf and bias is not None:
         logits = logits + bias.float()
     elif vmf:
         from ..vmf import log_cp_torch
 
         logits = logits + log_cp_torch(wt.float().norm(dim=1) / tau_t, wt.shape[1])
-    logp = torch.log_softmax(logits, dim=1)
+    return logits
+
+
+@torch.no_grad()
+def uncentred_prob_mean(zt: torch.Tensor, wt: torch.Tensor, tau_t: float, vmf: bool,
+                        bias: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+    """Mean over the rows of zt [N, p] of softmax(teacher logits) [K] float32, before any centring
+    (the statistic of probability centring), in row chunks so no N×K tensor is held at once."""
+    total = torch.zeros(wt.shape[0], device=zt.device, dtype=torch.float32)
+    for start in range(0, zt.shape[0], chunk):
+        total += torch.softmax(teacher_logits(zt[start:start + chunk], wt, tau_t, vmf, bias), dim=1).sum(0)
+    return total / max(zt.shape[0], 1)
+
+
+@torch.no_grad()
+def teacher_targets(zt: torch.Tensor, wt: torch.Tensor, offset: torch.Tensor, tau_t: float, vmf: bool) -> torch.Tensor:
+    """The teacher's centred targets P_t [N, K] = softmax(logits − offset) (for tests, diagnostics)."""
+    return torch.softmax(teacher_logits(zt, wt, tau_t, vmf) - offset.float(), dim=1)
+
+
+@torch.no_grad()
+def teacher_entropy(zt: torch.Tensor, wt: torch.Tensor, offset: torch.Tensor, tau_t: float, vmf: bool,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean entropy (nats) of the teacher's centred softmax over the rows of zt [N, p] (N×K, so
+    only used for the [CLS] rows). With it the [CLS] loss splits into H(P_t) + KL(P_t‖P_s): the
+    entropy shows centring/sharpening and collapse (→0: one prototype, →ln K: uniform), the KL
+    shows the student learning (DINO's collapse diagnostics). ``offset``: :meth:`Centres.offset`."""
+    logp = torch.log_softmax(teacher_logits(zt, wt, tau_t, vmf, bias) - offset.float(), dim=1)
     return -(logp.exp() * logp).sum(1).mean()
 
 
@@ -107,6 +170,8 @@ class LossOut:
     stats_cls: dict[str, torch.Tensor]
     stats_patch: dict[str, torch.Tensor]
     teacher_entropy_cls: torch.Tensor
+    centre_stat_cls: torch.Tensor    # [K] batch mean the centre update needs (logits or probabilities)
+    centre_stat_patch: torch.Tensor  # [K] (zeros when there are no masked patches)
 
 
 def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch: int, n_local: int,
@@ -122,14 +187,19 @@ def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch
     dtype = dtype or student.cls_z.dtype  # both operands of the fused matmuls match
     pairs = cls_pairs(batch, n_local, student.cls_z.device)
     b_cls_s, b_cls_t, b_patch_s, b_patch_t = prototype_biases(student, teacher, tau_s, tau_t, cfg.vmf)
+    off_cls, off_patch = centres.offset("cls"), centres.offset("patch")
     loss_cls, st_cls = vmf_xent(student.cls_z.to(dtype), student.cls_prototypes.to(dtype), teacher.cls_z.to(dtype),
-                                teacher.cls_prototypes.to(dtype), centres.cls, tau_s, tau_t, pairs=pairs,
+                                teacher.cls_prototypes.to(dtype), off_cls, tau_s, tau_t, pairs=pairs,
                                 vmf=cfg.vmf, backend=cfg.backend, bias_s=b_cls_s, bias_t=b_cls_t)
     loss_patch, st_patch = vmf_xent(student.patch_z.to(dtype), student.patch_prototypes.to(dtype), teacher.patch_z.to(dtype),
-                                    teacher.patch_prototypes.to(dtype), centres.patch, tau_s, tau_t,
+                                    teacher.patch_prototypes.to(dtype), off_patch, tau_s, tau_t,
                                     weights=patch_weights(masks, mask_index), vmf=cfg.vmf, backend=cfg.backend,
                                     bias_s=b_patch_s, bias_t=b_patch_t)
     total = cfg.lambda_cls * loss_cls + cfg.lambda_patch * loss_patch
-    entropy = teacher_entropy(teacher.cls_z, teacher.cls_prototypes, centres.cls, tau_t, cfg.vmf, b_cls_t)
-    return LossOut(total, loss_cls, loss_patch, st_cls, st_patch, entropy)
-
+    entropy = teacher_entropy(teacher.cls_z, teacher.cls_prototypes, off_cls, tau_t, cfg.vmf, b_cls_t)
+    if centres.mode == "probability":
+        stat_cls = uncentred_prob_mean(teacher.cls_z, teacher.cls_prototypes, tau_t, cfg.vmf, b_cls_t)
+        stat_patch = uncentred_prob_mean(teacher.patch_z, teacher.patch_prototypes, tau_t, cfg.vmf, b_patch_t)
+    else:
+        stat_cls, stat_patch = st_cls["teacher_logit_mean"], st_patch["teacher_logit_mean"]
+    return LossOut(total, loss_cls, loss_patch, st_cls, st_patch, entropy, stat_cls.float(), stat_patch.float())

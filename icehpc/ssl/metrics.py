@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,34 @@ class MetricsLog:
         if self._fh is not None:
             self._fh.close()
 
+
+
+class CollapseGuard:
+    """Watches the teacher [CLS] entropy H (nats) of every step for DINO's two collapses.
+
+    Uniform: H ≥ (1 − margin)·ln K (the centring won, every prototype equally likely, KL → 0).
+    One prototype: H < min_entropy (sharpening won). ``update`` returns a one-line message once
+    either has held for ``patience`` consecutive steps (0 = never), else None.
+    """
+
+    def __init__(self, k: int, patience: int, margin: float = 0.01, min_entropy: float = 0.1) -> None:
+        self.ln_k = math.log(k)
+        self.patience, self.margin, self.min_entropy = patience, margin, min_entropy
+        self.run, self.kind = 0, ""
+
+    def update(self, step: int, entropy: float) -> str | None:
+        if entropy >= (1 - self.margin) * self.ln_k:
+            kind = f"uniform (entropy within {self.margin:.0%} of ln K = {self.ln_k:.3f})"
+        elif entropy < self.min_entropy:
+            kind = f"onto one prototype (entropy < {self.min_entropy} nats)"
+        else:
+            kind = ""
+        self.run = self.run + 1 if kind and kind == self.kind else (1 if kind else 0)
+        self.kind = kind
+        if self.patience and self.run >= self.patience:
+            return (f"teacher collapsed {kind} for {self.run} steps up to step {step} "
+                    f"(entropy {entropy:.3f} nats)")
+        return None
 
 
 def _as_float(x: Any) -> float | None:

@@ -68,9 +68,16 @@ class MaskedViT(nn.Module):
 
 
 class VMFHead(nn.Module):
-    """MLP (in → hidden → hidden → p, GELU) + L2 norm, and K unnormalised vMF prototypes [K, p]."""
+    """MLP (in → hidden → hidden → p, GELU) + L2 norm, and K unnormalised vMF prototypes [K, p].
 
-    def __init__(self, in_dim: int, hidden: int, bottleneck: int, n_prototypes: int, init_norm: float) -> None:
+    ``param="weightnorm"`` (the iBOT/DINO reference head): w_k = g_k·v_k/‖v_k‖, so the optimiser
+    moves a direction v_k and a norm g_k (= κ_k·τ) separately, and weight decay shrinks v (harmless
+    to w) but never g. ``param="plain"``: w_k is one free tensor, and AdamW with weight decay act on
+    ‖w_k‖ = κ_k·τ directly.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, bottleneck: int, n_prototypes: int, init_norm: float,
+                 param: str = "weightnorm") -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, bottleneck))
@@ -79,11 +86,30 @@ class VMFHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         directions = F.normalize(torch.randn(n_prototypes, bottleneck), dim=1)
-        self.prototypes = nn.Parameter(directions * init_norm)
+        self.param = param
+        if param == "weightnorm":
+            self.prototype_v = nn.Parameter(directions.clone())
+            self.prototype_g = nn.Parameter(torch.full((n_prototypes,), float(init_norm)))
+        elif param == "plain":
+            self.prototypes_plain = nn.Parameter(directions * init_norm)
+        else:
+            raise ValueError(f"model.prototype_param must be weightnorm or plain, got {param!r}")
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        """[K, p] prototypes w_k (‖w_k‖/τ is the concentration κ_k)."""
+        if self.param == "weightnorm":
+            return self.prototype_g[:, None] * F.normalize(self.prototype_v, dim=1, eps=1e-12)
+        return self.prototypes_plain
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [N, D] → z [N, p], L2-normalised."""
         return F.normalize(self.mlp(tokens), dim=-1, eps=1e-6)
+
+
+#: Parameter-name endings of the prototype layer ("last layer": frozen at first, own optimiser groups).
+PROTOTYPE_DIRECTIONS = ("prototype_v", "prototypes_plain")
+PROTOTYPE_NORMS = ("prototype_g",)
 
 
 @dataclass
@@ -133,7 +159,11 @@ class IBOTVMF(nn.Module):
 
     def prototype_names(self) -> list[str]:
         """Parameter names of the prototype layer(s): the 'last layer' that stays frozen at first."""
-        return [n for n, _ in self.named_parameters() if n.endswith("prototypes")]
+        return [n for n, _ in self.named_parameters() if n.endswith(PROTOTYPE_DIRECTIONS + PROTOTYPE_NORMS)]
+
+    def prototype_heads(self) -> dict[str, VMFHead]:
+        """{"head": …, "patch_head": …} (the latter only with separate heads)."""
+        return {"head": self.head, **({"patch_head": self.patch_head} if self.patch_head is not None else {})}
 
 
 def build_model(cfg: ModelConfig, img_size: int, drop_path: float | None = None) -> IBOTVMF:
@@ -145,7 +175,8 @@ def build_model(cfg: ModelConfig, img_size: int, drop_path: float | None = None)
     backbone = MaskedViT(vit)
 
     def make_head() -> VMFHead:
-        return VMFHead(vit.embed_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.n_prototypes, cfg.prototype_init_norm)
+        return VMFHead(vit.embed_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.n_prototypes, cfg.prototype_init_norm,
+                       cfg.prototype_param)
 
     head = make_head()
     return IBOTVMF(backbone, head, None if cfg.shared_head else make_head())

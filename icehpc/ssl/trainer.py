@@ -35,8 +35,8 @@ from .augment import Crops, MultiCrop
 from .checkpoint import PREEMPTED_EXIT, PreemptFlag, checkpoint_root, latest_tag, ResumeError, resume_tag, write_manifest
 from .config import PretrainConfig
 from .engine import apply_schedule, ds_config, ema_update, init_distributed, param_groups
-from .loss import Centres, LossOut, ibot_vmf_loss
-from .metrics import MetricsLog, _as_float, _progress, kappa_stats, prototype_stats
+from .loss import Centres, LossOut, ibot_vmf_loss, resolve_centering
+from .metrics import CollapseGuard, MetricsLog, _as_float, _progress, kappa_stats, prototype_stats
 from .model import build_model, load_backbone_weights
 from .schedule import Schedule, schedule_at, step_seed
 
@@ -44,12 +44,18 @@ log = logging.getLogger("icehpc.ssl.trainer")
 
 #: Exit code of a run stopped by a NaN/inf loss or non-finite weights.
 NONFINITE_EXIT = 3
+#: Exit code of a run stopped because the teacher collapsed (see train.collapse_patience).
+COLLAPSE_EXIT = 4
 #: Scalars leading the per-step all-reduce: loss_cls, loss_patch, #patch rows, preempt, H(P_t) cls.
 _N_SCALARS = 5
 
 
 class NonFiniteError(RuntimeError):
     """A loss or the weights became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class CollapseError(RuntimeError):
+    """The teacher [CLS] entropy signalled collapse for train.collapse_patience steps (checkpoint saved)."""
 
 
 class Preempted(Exception):
@@ -62,7 +68,8 @@ def _batches(cfg: PretrainConfig, epoch: int, rank: int, world: int, steps_per_e
 
     loader = train_loader(cfg.data.shards, batch_size=cfg.data.batch_size, canvas=cfg.data.canvas,
                           num_workers=cfg.data.num_workers, seed=cfg.train.seed, rank=rank, world_size=world,
-                          epoch=epoch, batches_per_epoch=steps_per_epoch)
+                          epoch=epoch, batches_per_epoch=steps_per_epoch, framing=cfg.data.framing,
+                          margin=cfg.data.framing_margin)
     it = iter(loader)
     for _ in range(skip):  # resume mid-epoch: the loader is deterministic per epoch, replay its prefix
         next(it)
@@ -126,7 +133,8 @@ class Trainer:
             model=student.to(self.device), model_parameters=param_groups(student),
             config=ds_config(cfg, self.bf16))
         k = cfg.model.n_prototypes
-        self.centres = Centres(k, cfg.loss.center_momentum, self.device)
+        self.centres = Centres(k, cfg.loss.center_momentum, self.device,
+                               mode=resolve_centering(cfg.loss.centering, cfg.loss.vmf))
         self.step = 0
         # metrics (each read waits for the device) every N steps; between reads nothing in
         # train_step reads the device, so the host runs ahead of the GPU
@@ -224,7 +232,7 @@ class Trainer:
                                torch.full((), float(n_patch_rows), device=self.device),  # no H2D copy
                                torch.full((), float(preempt), device=self.device),
                                out.teacher_entropy_cls.float()])
-        flat = torch.cat([scalars, sc["teacher_logit_mean"] * n_cls, sp["teacher_logit_mean"] * n_patch_rows,
+        flat = torch.cat([scalars, out.centre_stat_cls * n_cls, out.centre_stat_patch * n_patch_rows,
                           sc["teacher_prob_mean"] * n_cls, sp["teacher_prob_mean"] * n_patch_rows]).float()
         torch.distributed.all_reduce(flat)
         assert flat.numel() == _N_SCALARS + 4 * k
@@ -267,7 +275,7 @@ class Trainer:
         logit_cls, logit_patch, prob_cls, prob_patch = flat[_N_SCALARS:].view(4, k)
         logit_cls, prob_cls = logit_cls / n_cls_all, prob_cls / n_cls_all
         logit_patch, prob_patch = logit_patch / n_patch_all, prob_patch / n_patch_all
-        self.centres.update(logit_cls, logit_patch)
+        self.centres.update(logit_cls, logit_patch, patch_rows=flat[2])  # no host read
         ema_update(self.teacher, self.engine.module, sched.momentum)
         if not read:
             return None
@@ -292,9 +300,8 @@ class Trainer:
                   "img_per_s": b * self.world / dt, "step_s": dt}
         record.update(prototype_stats(prob_cls, "cls", cfg.loss.usage_threshold))
         record.update(prototype_stats(prob_patch, "patch", cfg.loss.usage_threshold))
-        for name, p in self.engine.module.named_parameters():
-            if name.endswith("prototypes"):
-                record.update(kappa_stats(p.detach(), cfg.loss.student_temp, name.split(".")[0]))
+        for name, head in self.engine.module.prototype_heads().items():
+            record.update(kappa_stats(head.prototypes.detach(), cfg.loss.student_temp, name))
         record["preempt"] = bool(flat[3] > 0)
         return record
 
@@ -313,6 +320,8 @@ class Trainer:
         stop = min(self.total_steps, cfg.train.stop_at_step or self.total_steps)
         bar = _progress(cfg.train.progress and self.rank == 0, start, self.total_steps)
         batches: Iterator | None = None
+        guard = CollapseGuard(cfg.model.n_prototypes, cfg.train.collapse_patience, cfg.train.collapse_uniform_margin,
+                              cfg.train.collapse_min_entropy)
         try:
             while self.step < stop:
                 epoch, index = divmod(self.step, self.steps_per_epoch)
@@ -335,6 +344,11 @@ class Trainer:
                 if record["preempt"]:
                     self.save()
                     raise Preempted(f"SIGUSR2: checkpoint saved at step {self.step}")
+                collapsed = guard.update(record["step"], record["cls_teacher_entropy"])  # same value on all ranks
+                if collapsed:
+                    tag = self.save()
+                    raise CollapseError(f"{collapsed}; checkpoint {checkpoint_root(self.out) / tag} kept. Try a "
+                                        "lower loss.teacher_temp, loss.centering=probability or a larger batch")
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == stop:
                     self.save()
         finally:
@@ -385,6 +399,10 @@ def pretrain(cfg: PretrainConfig, source: dict[str, Any] | None = None) -> int:
         if trainer.rank == 0:
             print(f"icehpc pretrain: error: {exc}", file=sys.stderr)
         return 2
+    except CollapseError as exc:
+        if trainer.rank == 0:
+            print(f"icehpc pretrain: {exc}", file=sys.stderr)
+        return COLLAPSE_EXIT
     except Preempted as exc:
         if trainer.rank == 0:
             print(f"icehpc pretrain: {exc}; requeue (same command) to resume", file=sys.stderr)
