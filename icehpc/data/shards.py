@@ -762,8 +762,11 @@ CHUNK = 500  # inputs per check task (and per resumable spool file)
 
 def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifests: Iterable[str] = (),
           workers: int = 1, progress: bool = True, overwrite: bool = False, allow_outside: bool = False,
-          provenance: dict[str, Any] | None = None) -> dict:
+          provenance: dict[str, Any] | None = None, keys: Iterable[str] | None = None) -> dict:
     """Build (or finish, or confirm) the shards of ``inputs`` in ``out``; returns the index.
+
+    ``keys`` (e.g. the ``key`` column of ``icehpc curate``'s ``curated.csv``): keep only the inputs
+    whose key in a build of the same inputs is listed; they keep that key, the others are not read.
 
     The whole build holds the lock of ``out`` (:func:`icehpc.fileio.lock_dir`): a second build
     into the same folder raises :class:`icehpc.fileio.LockedError` before touching anything.
@@ -771,7 +774,17 @@ def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifest
     Path(out).mkdir(parents=True, exist_ok=True)
     with lock_dir(out, "shard folder"):
         return _build(inputs, out, c, manifests=manifests, workers=workers, progress=progress,
-                      overwrite=overwrite, allow_outside=allow_outside, provenance=provenance)
+                      overwrite=overwrite, allow_outside=allow_outside, provenance=provenance,
+                      keys=None if keys is None else set(keys))
+
+
+def read_keys(path: str | os.PathLike) -> set[str]:
+    """The ``key`` column of a CSV (``icehpc curate``'s ``curated.csv``), for ``build --keys``."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if "key" not in (reader.fieldnames or []):
+            raise cfg.ConfigError(f"--keys {path}: no 'key' column (columns: {reader.fieldnames})")
+        return {row["key"].strip() for row in reader}
 
 
 def _shard_intact(root: Path, s: dict) -> bool:
@@ -790,7 +803,7 @@ def _labels(shard: list[Item], c: BuildConfig) -> dict[str, int]:
 
 def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifests: Iterable[str],
            workers: int, progress: bool, overwrite: bool, allow_outside: bool,
-           provenance: dict[str, Any] | None) -> dict:
+           provenance: dict[str, Any] | None, keys: set[str] | None = None) -> dict:
     """:func:`build` under the folder lock.
 
     Pass 1 (parallel over chunks of the sorted inputs): read each input once, sha256, validate,
@@ -810,6 +823,8 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
     for p in [*root.glob(".*.tmp"), *work.glob(".*.tmp")]:  # cut by a kill; always rewritten whole
         p.unlink()
     items = scan(list(inputs), c.label_column, manifests, allow_outside=allow_outside)
+    if keys is not None:  # a curated subset: the inputs keep the keys of the full build
+        items = [i for i in items if sample_key(i.ordinal) in keys]
     index_path = root / "index.json"
     old = _read_json(index_path)
     if old is not None and (old.get("config") != cfg.to_dict(c) or old.get("inputs") != _input_summary(items)):
@@ -1073,6 +1088,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="read files (manifest paths, links) that resolve outside the given input and manifest "
                         "folders; default: reject them as outside_root")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--keys", metavar="CSV", help="keep only the inputs whose key (in a build of the same inputs) "
+                                                 "is in this CSV's 'key' column, e.g. icehpc curate's curated.csv")
     v = sub.add_parser("verify", help="re-read every shard with stock webdataset; check counts and hashes")
     v.add_argument("dir")
     s = sub.add_parser("stats", help="label and size summaries, and a histogram PNG")
@@ -1099,5 +1116,5 @@ def run(args: argparse.Namespace) -> int:
     c = cfg.from_args(BuildConfig, args)
     build(args.inputs, args.out, c, manifests=args.manifest, workers=args.workers,
           progress=not args.no_progress, overwrite=args.overwrite, allow_outside=args.allow_outside,
-          provenance=cfg.provenance(args))
+          provenance=cfg.provenance(args), keys=read_keys(args.keys) if args.keys else None)
     return 0

@@ -41,6 +41,10 @@ STAGES: dict[str, Stage] = {
     "embed": Stage("icehpc.analysis.embed", "MPI-parallel [CLS] embedding of shards into an HDF5 store",
                    "mpi", gpu=True),
     "kappa": Stage("icehpc.analysis.kappa", "MPI-parallel vMF concentration (kappa) per group, with CIs", "mpi"),
+    "curate": Stage("icehpc.analysis.curate", "MPI hierarchical k-means and balanced sampling of a store "
+                    "(a curated pretraining set)", "mpi"),
+    "outliers": Stage("icehpc.analysis.outliers", "MPI kNN rarity and mislabel scores of a store, with an HTML "
+                      "page of the top samples", "mpi"),
     "report": Stage("icehpc.analysis.report", "offline HTML/PNG/CSV report of a kappa run"),
     "probe": Stage("icehpc.analysis.probe", "kNN / logistic-regression habit probes and baselines"),
     "pipeline": Stage("icehpc.run.pipeline", "run every stage in order on one machine (or chained on Slurm)",
