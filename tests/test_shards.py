@@ -455,7 +455,10 @@ def test_sbatch_build_matches_local_build(slurm_cluster, synth_data, tmp_path):
     a, b = _all_bytes(local), _all_bytes(remote)
     assert {k: v for k, v in a.items() if k != "index.json"} == {k: v for k, v in b.items() if k != "index.json"}
     ia, ib = (json.loads((d / "index.json").read_text()) for d in (local, remote))
-    assert ia.pop("command") != ib.pop("command") and ia == ib  # only --out differs
+    # only how it was invoked differs: the command (--out) and where the config came from (library call vs CLI)
+    assert ia.pop("command") != ib.pop("command")
+    assert ia.pop("config_source") is None and ib.pop("config_source") == {"file": None, "overrides": []}
+    assert ia == ib
 
 
 @pytest.mark.parametrize("polarity", ["auto", "keep", "invert"])

@@ -338,12 +338,12 @@ def run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init
     with contextlib.ExitStack() as held:  # the store lock, released however the job ends
         return _run_embed(shard_dir, store, checkpoint=checkpoint, random_init=random_init, arch=arch,
                           img_size=img_size, canvas=canvas, batch_size=batch_size, num_workers=num_workers,
-                          seed=seed, like=like, held=held, provenance=provenance)
+                          seed=seed, like=like, framing=framing, held=held, provenance=provenance)
 
 
 def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_init: bool, arch: str | None,
                img_size: int | None, canvas: int | None, batch_size: int, num_workers: int | None,
-               seed: int, like: str | None, held: contextlib.ExitStack,
+               seed: int, like: str | None, framing: str | None, held: contextlib.ExitStack,
                provenance: dict[str, Any] | None) -> dict[str, Any] | None:
     import torch
 
