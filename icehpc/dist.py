@@ -181,3 +181,14 @@ def run_on_root(comm: Any, fn: Callable[[], Any]) -> Any:
     if not ok:
         raise value
     return value
+
+
+def lock_on_root(comm: Any, held: Any, folder: Any, what: str) -> None:
+    """Rank 0 takes :func:`icehpc.fileio.lock_dir` of ``folder`` into the ExitStack ``held`` (kept
+    until the stack closes); when another job holds it, every rank raises the same LockedError."""
+    from .fileio import lock_dir
+
+    def take() -> None:
+        held.enter_context(lock_dir(folder, what))
+
+    run_on_root(comm, take)

@@ -55,8 +55,8 @@ import numpy as np
 from .. import __version__
 from .. import config as cfglib
 from ..config import field
-from ..dist import SerialComm, mpi_comm, sum_op
-from ..fileio import LockedError, lock_dir, write_atomic
+from ..dist import SerialComm, lock_on_root, mpi_comm, sum_op
+from ..fileio import LockedError, write_atomic
 from .store import Store, StoreError, _atomic_h5, open_store
 
 BLOCK = 512  # rows per ownership / priority block: part of the result's definition, not a tuning knob
@@ -501,15 +501,7 @@ def run_curate(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: C
     comm = comm if comm is not None else mpi_comm()
     out = Path(out_dir)
     with contextlib.ExitStack() as held:
-        err = None
-        if comm.Get_rank() == 0:
-            try:
-                held.enter_context(lock_dir(out, "curate output folder"))
-            except LockedError as exc:
-                err = str(exc)
-        err = comm.bcast(err, root=0)
-        if err:
-            raise LockedError(err)
+        lock_on_root(comm, held, out, "curate output folder")
         with open_store(store_path) as store:
             fp = fingerprint(store, cfg)
             done = out / "curate.json"

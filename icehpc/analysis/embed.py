@@ -34,7 +34,7 @@ import numpy as np
 from .. import config as cfglib
 from ..config import field
 from ..data.format import NUMERIC_COLUMNS, STRING_COLUMNS
-from ..fileio import LockedError, file_sha256, lock_dir, write_atomic
+from ..fileio import LockedError, file_sha256, write_atomic
 from ..ssl.config import AugmentConfig
 
 DEFAULT_ARCH = "vit_small_patch16_224"
@@ -371,15 +371,8 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
         framing = framing or spec.framing
         manifest = {"backbone": asdict(spec), "seed": seed, "canvas": canvas, "framing": framing,
                     "shards": str(Path(shard_dir).resolve()), "shard_counts": counts}
-        err = None
-        if rank == 0:  # one job per store: rank 0 holds the lock of STORE.parts until the end
-            try:
-                held.enter_context(lock_dir(parts_dir(store_path), "embedding store"))
-            except LockedError as exc:
-                err = str(exc)
-        err = comm.bcast(err, root=0)
-        if err:
-            raise LockedError(err)
+        # one job per store: rank 0 holds the lock of STORE.parts until the end
+        dist.lock_on_root(comm, held, parts_dir(store_path), "embedding store")
         dist.run_on_root(comm, lambda: _pin_run(store_path, manifest))
         device = f"cuda:{env.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
         if device == "cpu":

@@ -47,10 +47,10 @@ from .. import __version__
 from .. import config as cfgmod
 from ..config import field
 from ..data.synth import TEMPERATURE_EDGES_C
-from ..dist import mpi_comm, sum_op
+from ..dist import lock_on_root, mpi_comm, sum_op
 from .store import Store, StoreError, open_store
 from ..vmf import kappa_closed_form, kappa_mle
-from ..fileio import LockedError, lock_dir, write_atomic
+from ..fileio import LockedError, write_atomic
 
 RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
 READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)
@@ -600,15 +600,7 @@ def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: Ka
     Rank 0 holds the lock of ``out_dir`` throughout: a second job writing there stops at once."""
     comm = comm if comm is not None else mpi_comm()
     with contextlib.ExitStack() as held:
-        err = None
-        if comm.Get_rank() == 0:
-            try:
-                held.enter_context(lock_dir(out_dir, "kappa output folder"))
-            except LockedError as exc:
-                err = str(exc)
-        err = comm.bcast(err, root=0)
-        if err:
-            raise LockedError(err)
+        lock_on_root(comm, held, out_dir, "kappa output folder")
         return _run_kappa(store_path, out_dir, cfg, force, comm, provenance)
 
 

@@ -46,10 +46,10 @@ import numpy as np
 from .. import __version__
 from .. import config as cfglib
 from ..config import field
-from ..dist import mpi_comm
-from ..fileio import LockedError, lock_dir, write_atomic
+from ..dist import lock_on_root, mpi_comm
+from ..fileio import LockedError, write_atomic
 from .curate import block_range, normalise
-from .store import Store, StoreError, open_store
+from .store import Store, open_store
 
 
 class OutliersError(cfglib.UserError):
@@ -258,15 +258,7 @@ def run_outliers(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg:
     comm = comm if comm is not None else mpi_comm()
     out = Path(out_dir)
     with contextlib.ExitStack() as held:
-        err = None
-        if comm.Get_rank() == 0:
-            try:
-                held.enter_context(lock_dir(out, "outliers output folder"))
-            except LockedError as exc:
-                err = str(exc)
-        err = comm.bcast(err, root=0)
-        if err:
-            raise LockedError(err)
+        lock_on_root(comm, held, out, "outliers output folder")
         with open_store(store_path) as store:
             fp = fingerprint(store, cfg, images)
             done = out / "outliers.json"
