@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -143,3 +144,30 @@ def test_empty_part_is_allowed(tmp_path):
     write_master(tmp_path / "m.h5", [tmp_path / "e.h5", tmp_path / "a.h5"])
     with open_store(tmp_path / "m.h5") as st:
         assert st.n_rows == 6 and np.array_equal(st.read(0, 6)[0], emb)
+
+
+def test_mpi_open_verifies_parts_on_rank_0_only(tmp_path, monkeypatch):
+    """kappa/curate/outliers on N ranks: the parts are hashed once (rank 0), not N times."""
+    from icehpc.analysis import store as store_mod
+
+    rng = np.random.default_rng(0)
+    path = write_store(tmp_path / "s", rng.normal(size=(90, 4)).astype(np.float32),
+                       {"key": np.array([f"k{i}" for i in range(90)])}, n_parts=3)
+    hashed = []
+    real = store_mod.file_sha256
+    monkeypatch.setattr(store_mod, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+
+    class Comm:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def Get_rank(self):
+            return self.rank
+
+        def bcast(self, value, root=0):
+            return value if self.rank == 0 else (True, None)  # rank 0's verdict reaches the others
+
+    for rank, parts_hashed in ((0, 3), (1, 0)):
+        hashed.clear()
+        store_mod.open_store_mpi(path, Comm(rank)).close()
+        assert sum(n.startswith("part-") for n in hashed) == parts_hashed, (rank, hashed)

@@ -57,7 +57,7 @@ from .. import config as cfglib
 from ..config import field
 from ..dist import SerialComm, lock_on_root, mpi_comm, sum_op
 from ..fileio import LockedError, write_atomic
-from .store import Store, StoreError, _atomic_h5, open_store
+from .store import Store, StoreError, _atomic_h5, open_store_mpi
 
 BLOCK = 512  # rows per ownership / priority block: part of the result's definition, not a tuning knob
 _CHUNK = 8192  # rows per similarity product (bounds the [rows, K] scratch)
@@ -502,7 +502,7 @@ def run_curate(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: C
     out = Path(out_dir)
     with contextlib.ExitStack() as held:
         lock_on_root(comm, held, out, "curate output folder")
-        with open_store(store_path) as store:
+        with open_store_mpi(store_path, comm) as store:
             fp = fingerprint(store, cfg)
             done = out / "curate.json"
             if not force and done.exists() and (out / "curated.csv").exists() and (out / "clusters.h5").exists():

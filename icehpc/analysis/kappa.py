@@ -48,7 +48,7 @@ from .. import config as cfgmod
 from ..config import field
 from ..data.synth import TEMPERATURE_EDGES_C
 from ..dist import lock_on_root, mpi_comm, sum_op
-from .store import Store, StoreError, open_store
+from .store import Store, StoreError, open_store_mpi
 from ..vmf import kappa_closed_form, kappa_mle
 from ..fileio import LockedError, write_atomic
 
@@ -607,7 +607,7 @@ def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: Ka
 def _run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: KappaConfig,
                force: bool, comm: Any, provenance: dict[str, Any] | None) -> dict[str, Any] | None:
     out = Path(out_dir)
-    with open_store(store_path) as store:
+    with open_store_mpi(store_path, comm) as store:
         fp = fingerprint(store, cfg)
         done = out / "kappa.json"
         if not force and done.exists() and (out / "kappa.csv").exists():

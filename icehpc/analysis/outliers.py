@@ -49,7 +49,7 @@ from ..config import field
 from ..dist import lock_on_root, mpi_comm
 from ..fileio import LockedError, write_atomic
 from .curate import block_range, normalise
-from .store import Store, open_store
+from .store import Store, open_store_mpi
 
 
 class OutliersError(cfglib.UserError):
@@ -259,7 +259,7 @@ def run_outliers(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg:
     out = Path(out_dir)
     with contextlib.ExitStack() as held:
         lock_on_root(comm, held, out, "outliers output folder")
-        with open_store(store_path) as store:
+        with open_store_mpi(store_path, comm) as store:
             fp = fingerprint(store, cfg, images)
             done = out / "outliers.json"
             if not force and done.exists() and (out / "outliers.csv").exists():

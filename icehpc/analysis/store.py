@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -269,6 +269,15 @@ def _check_part(path: Path, part: Path, rows: int, d: int, sha: str | None, layo
     if sha is not None and file_sha256(part) != sha:
         raise StoreError(f"{path}: part {part} does not match the sha256 the master recorded: it was rewritten, "
                          "replaced or edited after the master; delete it and re-run `icehpc embed`")
+
+
+def open_store_mpi(path: str | os.PathLike, comm: Any) -> Store:
+    """:func:`open_store` for an MPI job: rank 0 verifies every part once (a bad part is the same
+    StoreError on every rank), then each rank opens the store without reading the parts again."""
+    from ..dist import run_on_root
+
+    run_on_root(comm, lambda: open_store(path).close())
+    return open_store(path, verify=False)
 
 
 def open_store(path: str | os.PathLike, verify: bool = True) -> Store:
