@@ -1,5 +1,5 @@
 """Images/s of the batched GPU multi-crop augmentation (2 global + N local crops, block masks) on
-a 256×1×256×256 uint8 batch already on the device (issue 12 goal: >= 20,000 img/s on an H200).
+a 256×1×256×256 uint8 batch already on the device (goal: >= 20,000 img/s on an H200).
 
     python bench/augment.py [--config configs/pretrain-vits16.yaml] [--batch 256] [--steps 20]
     python bench/augment.py --dry-run     # CPU, tiny batch: checks the code path only

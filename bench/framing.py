@@ -1,5 +1,5 @@
 """What the crops and masks of pretraining see: particle share per crop and background share of
-masked patches, for each framing and masking recipe (issue 10, causes 1 and 4).
+masked patches, for each framing and masking recipe.
 
 The particle of every decoded canvas is found as in :func:`icehpc.data.loader.particle_bbox`'s
 half-maximum contour; the same crop geometry and masks as training (``MultiCrop`` with photometric

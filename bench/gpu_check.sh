@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issue 12): runs first time, inside 5 minutes, on an H200.
+# The one prepared GPU check: runs first time, inside 5 minutes, on an H200.
 #
 #   bash bench/prepare_wheels.sh               # once, on the CPU machine: .whl/ (git-ignored)
 #   bash bench/gpu_check.sh                    # on the GPU machine, from the repo root (carry .whl)

@@ -114,7 +114,7 @@ def test_rejects_wrong_input():
 
 
 def test_pack_to_device_round_trip_of_mixed_tensors():
-    """Issue 12: the step's parameters travel in one buffer; every dtype, shape (empty too) and
+    """the step's parameters travel in one buffer; every dtype, shape (empty too) and
     value comes back exactly, each slot 8-byte aligned."""
     from icehpc.ssl.augment import pack_to_device
 

@@ -141,7 +141,7 @@ def test_train_loader_explicit_batches_and_too_small_dataset(shard_dir):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_ordered_loader_pin_memory_reaches_the_batches(shard_dir, monkeypatch, num_workers):
-    """Issue 12: GPU embedding reads pinned batches. Pinning needs CUDA, so on the CPU the
+    """GPU embedding reads pinned batches. Pinning needs CUDA, so on the CPU the
     request is checked where it is made: the images are pinned in place (no workers) or the
     DataLoader is built with pin_memory=True (workers)."""
     import webdataset as wds

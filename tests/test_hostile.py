@@ -1,4 +1,4 @@
-"""Hostile tests of issue 11: every way found to lose data or get wrong numbers with exit code 0.
+"""Hostile tests: every way found to lose data or get wrong numbers with exit code 0.
 
 Each test reproduces one attack (it fails on the code before the fix) and checks the fix: the
 attack is refused with one clear line, or the data is recomputed, or the input is written down as

@@ -225,7 +225,7 @@ def test_kernels_compile_for_hopper_without_gpu():
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith(("row", "col", "chunk"))]
     assert len(lines) == 10 and all(" ok " in ln for ln in lines), res.stdout
-    # issue 12: the bf16 configs each variant autotunes over spill no register (main loops)
+    # the bf16 configs each variant autotunes over spill no register (main loops)
     assert all(ln.endswith("spill_bytes=0") for ln in lines), res.stdout
 
 
@@ -351,7 +351,7 @@ def several_configs(monkeypatch):
 
 @pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
 def test_first_call_with_autotune_benchmarking_is_correct(several_configs, paired):
-    """Issue 12 (1): the FIRST call per autotune key benchmarks every config; the column pass
+    """the FIRST call per autotune key benchmarks every config; the column pass
     accumulates into dw/db/pm (twice in pairs mode), so benchmarking must leave them as they were
     (restore_value), not zero them (reset_to_zero lost the first launch: grad_ws error ~0.8)."""
     ns, nt, k, d = (41, 13, 203, 48) if paired else (37, 37, 203, 48)
@@ -364,7 +364,7 @@ def test_first_call_with_autotune_benchmarking_is_correct(several_configs, paire
 
 
 def test_autotune_key_buckets_rows(several_configs):
-    """Issue 12 (2): the masked-patch count changes every step; N = 1000, 1010, 1020 (one log2
+    """the masked-patch count changes every step; N = 1000, 1010, 1020 (one log2
     bucket) must benchmark once, not once per N."""
     counts = []
     for n in (1000, 1010, 1020):
@@ -375,7 +375,7 @@ def test_autotune_key_buckets_rows(several_configs):
 
 
 def test_triton_enforces_the_shared_memory_bound_on_d():
-    """Issue 12 (4): D is one tile; above MAX_D = 256 the sm_90 configs need more than 227 KiB of
+    """D is one tile; above MAX_D = 256 the sm_90 configs need more than 227 KiB of
     shared memory, so the op refuses (on the CPU too) instead of failing to launch on the GPU."""
     from icehpc.ssl.kernels.vmf_xent_triton import MAX_D
 
@@ -386,7 +386,7 @@ def test_triton_enforces_the_shared_memory_bound_on_d():
 
 
 def test_loss_feeds_the_fused_op_the_training_dtype(monkeypatch):
-    """Issue 12 (3): under CUDA autocast F.normalize returns fp32, so the head's rows arrive in
+    """under CUDA autocast F.normalize returns fp32, so the head's rows arrive in
     fp32; training in bf16, every operand handed to vmf_xent must be bf16 (not the fp32 kernel)."""
     import icehpc.ssl.kernels as kernels
     from icehpc.ssl.config import LossConfig
@@ -628,7 +628,7 @@ def test_precomputed_bias_gives_the_same_loss_and_gradients(backend):
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-head", "two-heads"])
 def test_log_cp_evaluated_once_per_prototype_set_per_step(monkeypatch, shared):
-    """Issue 12: log C_p once per prototype set per step. A head shared by the [CLS] and patch
+    """log C_p once per prototype set per step. A head shared by the [CLS] and patch
     losses: 2 forward evaluations (student, teacher; teacher_entropy reuses the teacher's) and 1
     backward (−A_p for the student), was 5 + 2; two heads: 4 + 2. Loss unchanged."""
     import icehpc.vmf as vmf_mod

@@ -490,7 +490,7 @@ def _cpu_trainer(tmp_path, *overrides):
 def test_train_step_reads_nothing_from_the_device_between_metrics(tmp_path, monkeypatch):
     ref_module = sys.modules["icehpc.ssl.kernels.vmf_xent_torch"]
 
-    """Issue 12: a step that is not a metrics step has no host sync in icehpc's code (no scalar
+    """a step that is not a metrics step has no host sync in icehpc's code (no scalar
     read before backward, no boolean indexing, no data-dependent repeat_interleave, no
     int(pairs.max())), checked on the CPU by recording the ops that would sync on a GPU.
     Augmentation parameters are drawn on the CPU by design and run unrecorded. The GPU test

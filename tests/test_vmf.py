@@ -145,7 +145,7 @@ def test_torch_log_cp_keeps_float32_and_shape():
 
 @pytest.mark.parametrize("p", [32, 33, 41, 64, 128, 256, 384, 512, 768, 1024])
 def test_torch_log_cp_equals_float64_reference_on_grid(p):
-    """Issue 12: torch-native log C_p and its gradient −A_p equal the float64 numpy reference to
+    """torch-native log C_p and its gradient −A_p equal the float64 numpy reference to
     1e-12 relative for κ from 1e-6 to 1e6 (every region: series, Debye, ν < 20 recurrence)."""
     k_np = np.concatenate([[0.0], np.logspace(-6, 6, 121), [2 * np.sqrt(p / 2)]])
     k = torch.tensor(k_np, requires_grad=True)
