@@ -41,7 +41,8 @@ def plain_loop(shard_dir: Path, model_name: str, img_size: int, batch_size: int,
 
     from icehpc.data.format import shard_paths
     from icehpc.data.loader import ordered_loader
-    from icehpc.analysis.embed import backbone_spec, build_backbone, eval_transform
+    from icehpc.analysis.embed import eval_transform
+    from icehpc.ssl.export import backbone_spec, build_backbone
 
     spec = backbone_spec(None, model_name, img_size, seed=0)
     model = build_backbone(spec, seed=0).to(device)

@@ -55,7 +55,8 @@ def main() -> None:
 
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-    from icehpc.analysis.embed import backbone_spec, build_backbone, eval_transform
+    from icehpc.analysis.embed import eval_transform
+    from icehpc.ssl.export import backbone_spec, build_backbone
 
     spec = backbone_spec(None, None, None, args.seed, like=args.like)
     canvas = spec.canvas or spec.img_size

@@ -156,7 +156,8 @@ def test_embed_exact_cls_all_columns_and_resume(shards, backbone, tmp_path, iceh
 def test_embed_random_init_like_and_rgb_timm_checkpoint(shards, backbone, trained, tmp_path, icehpc_cmd):
     # --random-init --like: the exported shape with seeded random weights, the same in every process
     from icehpc.data.loader import ordered_loader
-    from icehpc.analysis.embed import backbone_spec, build_backbone, eval_transform
+    from icehpc.analysis.embed import eval_transform
+    from icehpc.ssl.export import backbone_spec, build_backbone
 
     _run([*icehpc_cmd, "embed", str(shards), "--random-init", "--like", str(backbone), "--seed", "1",
           "--out", str(tmp_path / "r1" / "s.h5"), "--canvas", str(CANVAS)])
@@ -248,7 +249,8 @@ def test_embed_two_mpi_ranks_equal_one_and_survive_sigkill(shards, backbone, tra
 
     # the uninterrupted reference, computed here in one pass over all shards
     from icehpc.data.loader import ordered_loader
-    from icehpc.analysis.embed import backbone_spec, build_backbone, eval_transform
+    from icehpc.analysis.embed import eval_transform
+    from icehpc.ssl.export import backbone_spec, build_backbone
 
     spec = backbone_spec(None, "vit_small_patch16_224", 64, seed=0)
     model = build_backbone(spec, seed=0)
@@ -293,7 +295,7 @@ def test_embed_sbatch_and_submit_on_slurm(shards, backbone, trained, tmp_path, s
 def test_embed_frames_particles_as_pretraining_did_from_the_export_header(shards, tmp_path, icehpc_cmd):
     """The export header records pretraining's canvas and framing; `icehpc embed` (trained and
     random-init --like) uses them without --canvas/--framing, so both see what pretraining saw."""
-    from icehpc.analysis.embed import backbone_spec
+    from icehpc.ssl.export import backbone_spec
     from icehpc.ssl.config import AugmentConfig, DataConfig, ModelConfig
     from icehpc.ssl.export import export_teacher, read_metadata
     from icehpc.ssl.model import build_model

@@ -34,12 +34,9 @@ import numpy as np
 from .. import config as cfglib
 from ..config import field
 from ..data.format import NUMERIC_COLUMNS, STRING_COLUMNS
-from ..fileio import LockedError, file_sha256, write_atomic
-from ..ssl.config import AugmentConfig
+from ..fileio import LockedError, write_atomic
+from ..ssl.export import DEFAULT_ARCH, BackboneSpec, backbone_spec, build_backbone
 
-DEFAULT_ARCH = "vit_small_patch16_224"
-#: Input normalisation of a checkpoint whose header does not state it: the pretraining default.
-DEFAULT_MEAN, DEFAULT_STD = AugmentConfig.mean, AugmentConfig.std
 
 
 @dataclass
@@ -64,22 +61,6 @@ class EmbedConfig:
 
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What defines the embeddings: architecture, timm kwargs, weights and input normalisation."""
-
-    arch: str
-    timm_kwargs: dict[str, Any]
-    img_size: int
-    mean: float
-    std: float
-    weights: str  # checkpoint path, or "random-init(seed=S)"
-    weights_sha256: str
-    canvas: int | None = None  # decode canvas of pretraining (export header), None: not recorded
-    framing: str = "none"      # particle framing of pretraining (none | bbox), from the export header
-    framing_margin: float = 0.1
-
-
 def check_backbone_file(flag: str, path: str | None) -> None:
     """A missing file or a folder (e.g. a pretraining run folder) given as a backbone: say what to give."""
     if path is None:
@@ -94,57 +75,6 @@ def check_backbone_file(flag: str, path: str | None) -> None:
     if not p.is_file():
         raise cfglib.UserError(f"{flag} {path} does not exist (an exported .safetensors from `icehpc export`, "
                                "or a timm/DINO checkpoint file)")
-
-
-def backbone_spec(checkpoint: str | None, arch: str | None, img_size: int | None, seed: int,
-                  like: str | None = None) -> BackboneSpec:
-    """Resolve the backbone from an exported file's header, else from ``arch``/``img_size``.
-
-    ``icehpc export`` records the timm architecture, its kwargs, input size and the pretraining
-    normalisation (``arch``, ``timm_kwargs``, ``input_size``, ``input_mean``, ``input_std``) in the
-    safetensors header; a plain timm checkpoint needs ``arch`` (default ViT-S/16). ``like`` (an
-    export) takes only that header, for a random-init baseline of exactly the trained shape.
-    """
-    from ..ssl.export import read_metadata
-
-    header_source = checkpoint or like
-    meta = read_metadata(header_source) if header_source else {}
-    file_arch = meta.get("arch")
-    if arch and file_arch and arch != file_arch:
-        raise ValueError(f"--model {arch} but {header_source} holds a {file_arch} backbone; drop --model")
-    kwargs = json.loads(meta.get("timm_kwargs", "{}"))
-    for fixed in ("in_chans", "num_classes", "img_size", "dynamic_img_size"):  # set by build_backbone
-        kwargs.pop(fixed, None)
-    size = img_size or int(meta.get("input_size", 0)) or 224
-    return BackboneSpec(arch=arch or file_arch or DEFAULT_ARCH, timm_kwargs=kwargs, img_size=size,
-                        mean=float(meta.get("input_mean", DEFAULT_MEAN)),
-                        std=float(meta.get("input_std", DEFAULT_STD)),
-                        weights=checkpoint or f"random-init(seed={seed})",
-                        weights_sha256=file_sha256(checkpoint) if checkpoint else "",
-                        canvas=int(meta["input_canvas"]) if "input_canvas" in meta else None,
-                        framing=meta.get("input_framing", "none"),
-                        framing_margin=float(meta.get("input_framing_margin", 0.1)))
-
-
-def build_backbone(spec: BackboneSpec, seed: int):
-    """A grayscale timm ViT (model.py's convention: in_chans=1, RGB checkpoints folded) in eval mode.
-
-    A random-init backbone is seeded, so every rank builds the same network.
-    """
-    import timm
-    import torch
-    from timm.models.vision_transformer import VisionTransformer
-
-    from ..ssl.model import MaskedViT, load_backbone_weights
-
-    torch.manual_seed(seed)
-    vit = timm.create_model(spec.arch, pretrained=False, in_chans=1, num_classes=0, img_size=spec.img_size,
-                            dynamic_img_size=True, **spec.timm_kwargs)
-    if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
-        raise ValueError(f"--model {spec.arch}: need a timm VisionTransformer with a [CLS] token")
-    if spec.weights_sha256:
-        load_backbone_weights(MaskedViT(vit), spec.weights)
-    return vit.eval()
 
 
 def eval_transform(images, img_size: int, mean: float, std: float, dtype):

@@ -4,18 +4,23 @@ The embedding job (and any user) needs only timm: the file holds the ``VisionTra
 under timm's own key names, and its safetensors metadata says how to build the model and feed it:
 ``arch``, ``timm_kwargs`` (JSON, includes ``in_chans=1``), ``input_size``, ``input_mean``,
 ``input_std`` (pixels are ``(uint8/255 − mean)/std``), ``step``, and the decoding of pretraining:
-``input_canvas``, ``input_framing`` (none | bbox), ``input_framing_margin``. :func:`load_backbone` does exactly
-that. Pretraining calls :func:`export_teacher` itself when a run completes.
+``input_canvas``, ``input_framing`` (none | bbox), ``input_framing_margin``. This module is the one
+reader and writer of that file: :func:`backbone_spec` reads the header, :func:`build_backbone` builds
+the ViT (also from other local timm/DINO/iBOT checkpoints, or seeded random init), and
+:func:`load_backbone` does both for an export. Pretraining calls :func:`export_teacher` itself when a
+run completes. Importing this module does not import torch (``icehpc embed --help`` stays fast).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from ..fileio import file_sha256
+from .config import AugmentConfig
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's per-tag file holding our client state
 _TEACHER_PREFIX = "backbone.vit."
@@ -77,6 +82,8 @@ def find_model_states(ckpt_dir: str | os.PathLike) -> Path:
 def export_checkpoint(ckpt_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Export the teacher backbone stored in a pretraining checkpoint (no DeepSpeed, no process group)."""
     path = find_model_states(ckpt_dir)
+    import torch
+
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "teacher" not in state or "config" not in state:
         raise ValueError(f"{path} is not an icehpc pretraining checkpoint (no teacher/config client state)")
@@ -95,17 +102,81 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """timm ViT with the exported weights (strict), in eval mode; see the module docstring for inputs."""
-    import timm
-    from safetensors.torch import load_file
+DEFAULT_ARCH = "vit_small_patch16_224"
+#: Input normalisation of a checkpoint whose header does not state it: the pretraining default.
+DEFAULT_MEAN, DEFAULT_STD = AugmentConfig.mean, AugmentConfig.std
 
-    meta = read_metadata(path)
-    if meta.get("format") != "timm":
-        raise ValueError(f"{path}: not an icehpc backbone export (metadata format={meta.get('format')!r})")
-    model = timm.create_model(meta["arch"], pretrained=False, **json.loads(meta["timm_kwargs"]))
-    model.load_state_dict(load_file(str(path), device="cpu"))
-    return model.to(device).eval()
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What defines the embeddings: architecture, timm kwargs, weights and input normalisation."""
+
+    arch: str
+    timm_kwargs: dict[str, Any]
+    img_size: int
+    mean: float
+    std: float
+    weights: str  # checkpoint path, or "random-init(seed=S)"
+    weights_sha256: str
+    canvas: int | None = None  # decode canvas of pretraining (export header), None: not recorded
+    framing: str = "none"      # particle framing of pretraining (none | bbox), from the export header
+    framing_margin: float = 0.1
+
+
+def backbone_spec(checkpoint: str | None, arch: str | None, img_size: int | None, seed: int,
+                  like: str | None = None) -> BackboneSpec:
+    """Resolve the backbone from an exported file's header, else from ``arch``/``img_size``.
+
+    ``icehpc export`` records the timm architecture, its kwargs, input size and the pretraining
+    normalisation (``arch``, ``timm_kwargs``, ``input_size``, ``input_mean``, ``input_std``) in the
+    safetensors header; a plain timm checkpoint needs ``arch`` (default ViT-S/16). ``like`` (an
+    export) takes only that header, for a random-init baseline of exactly the trained shape.
+    """
+    header_source = checkpoint or like
+    meta = read_metadata(header_source) if header_source else {}
+    file_arch = meta.get("arch")
+    if arch and file_arch and arch != file_arch:
+        raise ValueError(f"--model {arch} but {header_source} holds a {file_arch} backbone; drop --model")
+    kwargs = json.loads(meta.get("timm_kwargs", "{}"))
+    for fixed in ("in_chans", "num_classes", "img_size", "dynamic_img_size"):  # set by build_backbone
+        kwargs.pop(fixed, None)
+    size = img_size or int(meta.get("input_size", 0)) or 224
+    return BackboneSpec(arch=arch or file_arch or DEFAULT_ARCH, timm_kwargs=kwargs, img_size=size,
+                        mean=float(meta.get("input_mean", DEFAULT_MEAN)),
+                        std=float(meta.get("input_std", DEFAULT_STD)),
+                        weights=checkpoint or f"random-init(seed={seed})",
+                        weights_sha256=file_sha256(checkpoint) if checkpoint else "",
+                        canvas=int(meta["input_canvas"]) if "input_canvas" in meta else None,
+                        framing=meta.get("input_framing", "none"),
+                        framing_margin=float(meta.get("input_framing_margin", 0.1)))
+
+
+def build_backbone(spec: BackboneSpec, seed: int):
+    """A grayscale timm ViT (model.py's convention: in_chans=1, RGB checkpoints folded) in eval mode.
+
+    A random-init backbone is seeded, so every rank builds the same network.
+    """
+    import timm
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from .model import MaskedViT, load_backbone_weights
+
+    torch.manual_seed(seed)
+    vit = timm.create_model(spec.arch, pretrained=False, in_chans=1, num_classes=0, img_size=spec.img_size,
+                            dynamic_img_size=True, **spec.timm_kwargs)
+    if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
+        raise ValueError(f"--model {spec.arch}: need a timm VisionTransformer with a [CLS] token")
+    if spec.weights_sha256:
+        load_backbone_weights(MaskedViT(vit), spec.weights)
+    return vit.eval()
+
+
+def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The exported backbone as a timm ViT in eval mode (:func:`build_backbone` of its header)."""
+    if read_metadata(path).get("format") != "timm":
+        raise ValueError(f"{path}: not an icehpc backbone export (no timm format in its header)")
+    return build_backbone(backbone_spec(str(path), None, None, seed=0), seed=0).to(device)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
