@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import platform
 import socket
+import sys
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 LOCK_NAME = ".lock"
 
@@ -84,3 +88,27 @@ def lock_dir(folder: str | os.PathLike, what: str = "output folder") -> Iterator
         yield folder
     finally:
         os.close(fd)  # releases the flock
+
+
+def recorded_fingerprint(done: str | os.PathLike, required: Iterable[str | os.PathLike] = (),
+                         section: str | None = None) -> str | None:
+    """The fingerprint a finished stage recorded in its JSON ``done`` (under ``section`` if given);
+    None when ``done`` or any ``required`` output is missing or the JSON is unreadable."""
+    paths = [Path(done), *map(Path, required)]
+    if not all(p.exists() for p in paths):
+        return None
+    try:
+        record = json.loads(paths[0].read_text())
+        return (record[section] if section else record).get("fingerprint")
+    except (ValueError, KeyError, AttributeError, OSError):
+        return None
+
+
+def run_facts(started: float) -> dict[str, Any]:
+    """Where and how a stage ran, for its output's record: start time, host, versions, argv."""
+    import numpy as np
+
+    from . import __version__
+
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "host": socket.gethostname(),
+            "icehpc": __version__, "python": platform.python_version(), "numpy": np.__version__, "argv": sys.argv}

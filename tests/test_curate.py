@@ -164,6 +164,12 @@ def test_shards_build_keys_keeps_the_curated_samples(tmp_path):
     p = icehpc("shards", "build", str(tmp_path / "in"), "--keys", str(tmp_path / "bad.csv"), "--out",
                str(tmp_path / "s2"), "--no-progress")
     assert p.returncode == 2 and "no 'key' column" in p.stderr
+    # keys of another build (or a typo) name no input here: one clear line, nothing silently dropped
+    (tmp_path / "other.csv").write_text("key\n" + pick[0] + "\nnot-a-key-of-these-inputs\n")
+    p = icehpc("shards", "build", str(tmp_path / "in"), "--keys", str(tmp_path / "other.csv"), "--out",
+               str(tmp_path / "s3"), "--no-progress")
+    assert p.returncode == 2 and "1 of 2 keys name no input of this build" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
 
 
 # ---------------------------------------------------------------------------- outliers

@@ -199,3 +199,15 @@ def test_loaders_pass_the_framing_on(shard_dir):
     batch, _ = next(iter(data.train_loader(shard_dir, batch_size=8, canvas=64, num_workers=0, seed=0, rank=0,
                                            world_size=1, framing="bbox")))
     assert batch.shape == (8, 1, 64, 64)
+
+
+@pytest.mark.parametrize("override, says", [("data.framing=bbx", "data.framing must be none or bbox"),
+                                            ("data.framing_margin=3", "framing_margin must be in"),
+                                            ("data.canvas=0", "canvas must be >= 1")])
+def test_data_config_rejects_bad_framing_and_canvas(override, says):
+    """Both halves of DataConfig.validate run (a second definition once hid the framing checks)."""
+    from icehpc import config as cfglib
+    from icehpc.ssl.config import PretrainConfig
+
+    with pytest.raises(ValueError, match=says):
+        cfglib.load(PretrainConfig, cfglib.find_config("pretrain-tiny-cpu.yaml"), [override])

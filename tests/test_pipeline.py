@@ -274,3 +274,35 @@ def test_plan_pretrains_on_the_real_archives_when_asked(tmp_path):
                            [f"real.data_dir={tmp_path / 'nothing'}", "pretrain.data=real"])
     with pytest.raises(ValueError, match="no real archive"):
         pipeline.plan(cfg_real, tmp_path / "o3")
+
+
+@pytest.mark.parametrize("data", ["synth", "both"])
+def test_plan_pretrains_on_a_curated_subset(tmp_path, data):
+    """pretrain.keys: the pretraining shard set is rebuilt from the same inputs with --keys (the keys
+    file is fingerprinted, so a new curation reruns pretraining); a missing file is one clear error."""
+    from icehpc import config as cfglib
+    from icehpc.run import pipeline
+
+    (tmp_path / "a.zip").write_bytes(b"")
+    keys = tmp_path / "curated.csv"
+    keys.write_text("key\n000000000001\n")
+    base = [f"real.data_dir={tmp_path}", f"pretrain.data={data}",
+            "real.archives=[{name: a, file: a.zip, probe: 2D-S, pixel_um: 10.0}]"]
+    cfg = cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"), [*base, f"pretrain.keys={keys}"])
+    steps = {s.name: s for s in pipeline.plan(cfg, tmp_path / "out")}
+    build = steps["pretrain-shards"]
+    assert build.argv[build.argv.index("--keys") + 1] == str(keys)
+    assert ("--manifest" in build.argv) and ((str(tmp_path / "a.zip") in build.argv) == (data == "both"))
+    assert f"data.shards={tmp_path / 'out' / 'pretrain-shards'}" in steps["pretrain"].argv
+    assert str(keys) in build.parts["files"]
+    before = steps["pretrain"].fingerprint
+    keys.write_text("key\n000000000002\n")
+    again = {s.name: s for s in pipeline.plan(cfg, tmp_path / "out")}
+    assert again["pretrain"].fingerprint != before
+    plain = {s.name: s for s in pipeline.plan(cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"),
+                                                          base), tmp_path / "o2")}
+    assert all("--keys" not in s.argv for s in plain.values())
+    missing = cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"),
+                          [*base, f"pretrain.keys={tmp_path / 'nope.csv'}"])
+    with pytest.raises(pipeline.UserError, match="pretrain.keys=.*does not exist"):
+        pipeline.plan(missing, tmp_path / "o3")

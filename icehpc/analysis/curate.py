@@ -42,8 +42,6 @@ import hashlib
 import io
 import json
 import os
-import platform
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -52,11 +50,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .. import __version__
 from .. import config as cfglib
 from ..config import field
 from ..dist import SerialComm, lock_on_root, mpi_comm, sum_op
-from ..fileio import LockedError, write_atomic
+from ..fileio import LockedError, recorded_fingerprint, run_facts, write_atomic
 from .store import Store, StoreError, _atomic_h5, open_store_mpi
 
 BLOCK = 512  # rows per ownership / priority block: part of the result's definition, not a tuning knob
@@ -504,24 +501,16 @@ def run_curate(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: C
         lock_on_root(comm, held, out, "curate output folder")
         with open_store_mpi(store_path, comm) as store:
             fp = fingerprint(store, cfg)
-            done = out / "curate.json"
-            if not force and done.exists() and (out / "curated.csv").exists() and (out / "clusters.h5").exists():
-                try:
-                    prev = json.loads(done.read_text()).get("fingerprint")
-                except ValueError:
-                    prev = None
-                if prev == fp:
-                    if comm.Get_rank() == 0:
-                        print(f"icehpc curate: {out} is up to date (fingerprint {fp}); --force to redo")
-                    return None
+            if not force and recorded_fingerprint(out / "curate.json", [out / "curated.csv", out / "clusters.h5"]) == fp:
+                if comm.Get_rank() == 0:
+                    print(f"icehpc curate: {out} is up to date (fingerprint {fp}); --force to redo")
+                return None
             t = time.time()
             res = compute(store, cfg, comm)
         if res is None:
             return None
-        res["summary"].update(
-            store=str(store.path), fingerprint=fp, config=cfglib.to_dict(cfg), config_source=provenance,
-            started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)), host=socket.gethostname(),
-            icehpc=__version__, python=platform.python_version(), numpy=np.__version__, argv=sys.argv)
+        res["summary"].update(store=str(store.path), fingerprint=fp, config=cfglib.to_dict(cfg),
+                              config_source=provenance, **run_facts(t))
         write_outputs(out, res, res["summary"]["label_column"])
         return res["summary"]
 

@@ -33,8 +33,6 @@ import hashlib
 import io
 import json
 import os
-import platform
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -43,14 +41,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import __version__
 from .. import config as cfgmod
 from ..config import field
 from ..data.synth import TEMPERATURE_EDGES_C
 from ..dist import lock_on_root, mpi_comm, sum_op
 from .store import Store, StoreError, open_store_mpi
 from ..vmf import kappa_closed_form, kappa_mle
-from ..fileio import LockedError, write_atomic
+from ..fileio import LockedError, recorded_fingerprint, run_facts, write_atomic
 
 RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
 READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)
@@ -609,25 +606,15 @@ def _run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: K
     out = Path(out_dir)
     with open_store_mpi(store_path, comm) as store:
         fp = fingerprint(store, cfg)
-        done = out / "kappa.json"
-        if not force and done.exists() and (out / "kappa.csv").exists():
-            try:
-                prev = json.loads(done.read_text())["run"].get("fingerprint")
-            except (ValueError, KeyError):
-                prev = None
-            if prev == fp:
-                if comm.Get_rank() == 0:
-                    print(f"icehpc kappa: {out} is up to date (fingerprint {fp}); --force to redo")
-                return None
+        if not force and recorded_fingerprint(out / "kappa.json", [out / "kappa.csv"], section="run") == fp:
+            if comm.Get_rank() == 0:
+                print(f"icehpc kappa: {out} is up to date (fingerprint {fp}); --force to redo")
+            return None
         t = time.time()
         result = compute(store, cfg, comm)
     if result is None:
         return None
-    result["run"].update(
-        fingerprint=fp, config=cfgmod.to_dict(cfg), config_source=provenance,
-        started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)),
-        host=socket.gethostname(), icehpc=__version__, python=platform.python_version(),
-        numpy=np.__version__, argv=sys.argv)
+    result["run"].update(fingerprint=fp, config=cfgmod.to_dict(cfg), config_source=provenance, **run_facts(t))
     write_outputs(out, result)
     return jsonable(result)
 

@@ -33,8 +33,6 @@ import html
 import io
 import json
 import os
-import platform
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -43,11 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
 from .. import config as cfglib
 from ..config import field
 from ..dist import lock_on_root, mpi_comm
-from ..fileio import LockedError, write_atomic
+from ..fileio import LockedError, recorded_fingerprint, run_facts, write_atomic
 from .curate import block_range, normalise
 from .store import Store, open_store_mpi
 
@@ -184,7 +181,6 @@ def html_page(res: dict[str, Any], cfg: OutliersConfig, thumbs: dict[str, str] |
     esc = html.escape
     label = res["label"]
     score_name = "mislabel" if res["mislabel"] is not None else "rarity"
-    score = res[score_name]
     groups = sorted(set(label.tolist())) if label is not None else ["all samples"]
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>icehpc outliers</title><style>"
              "body{font-family:sans-serif}figure{display:inline-block;margin:4px;width:140px;font-size:11px;"
@@ -261,24 +257,16 @@ def run_outliers(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg:
         lock_on_root(comm, held, out, "outliers output folder")
         with open_store_mpi(store_path, comm) as store:
             fp = fingerprint(store, cfg, images)
-            done = out / "outliers.json"
-            if not force and done.exists() and (out / "outliers.csv").exists():
-                try:
-                    prev = json.loads(done.read_text()).get("fingerprint")
-                except ValueError:
-                    prev = None
-                if prev == fp:
-                    if comm.Get_rank() == 0:
-                        print(f"icehpc outliers: {out} is up to date (fingerprint {fp}); --force to redo")
-                    return None
+            if not force and recorded_fingerprint(out / "outliers.json", [out / "outliers.csv"]) == fp:
+                if comm.Get_rank() == 0:
+                    print(f"icehpc outliers: {out} is up to date (fingerprint {fp}); --force to redo")
+                return None
             t = time.time()
             res = compute(store, cfg, comm)
         if res is None:
             return None
-        res["summary"].update(
-            store=str(store.path), images=images, fingerprint=fp, config=cfglib.to_dict(cfg),
-            config_source=provenance, started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)),
-            host=socket.gethostname(), icehpc=__version__, python=platform.python_version(), argv=sys.argv)
+        res["summary"].update(store=str(store.path), images=images, fingerprint=fp, config=cfglib.to_dict(cfg),
+                              config_source=provenance, **run_facts(t))
         write_outputs(out, res, cfg, images)
         return res["summary"]
 

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import random
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np

@@ -824,6 +824,10 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
         p.unlink()
     items = scan(list(inputs), c.label_column, manifests, allow_outside=allow_outside)
     if keys is not None:  # a curated subset: the inputs keep the keys of the full build
+        unknown = keys - {sample_key(i.ordinal) for i in items}
+        if unknown:
+            raise cfg.ConfigError(f"--keys: {len(unknown)} of {len(keys)} keys name no input of this build "
+                                  f"(e.g. {min(unknown)}); the keys must come from a build of the same inputs")
         items = [i for i in items if sample_key(i.ordinal) in keys]
     index_path = root / "index.json"
     old = _read_json(index_path)

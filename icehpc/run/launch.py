@@ -12,7 +12,6 @@ Slurm and on the local executor alike.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess

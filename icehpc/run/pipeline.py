@@ -80,6 +80,9 @@ class PretrainStep:
     overrides: list[str] = field([], help="dotted overrides for the pretraining config")
     data: str = field("synth", help="what pretraining sees: synth (the synthetic shards) | real (the unlabeled real "
                                     "archives found, one shuffled shard set) | both (real + synthetic)")
+    keys: str = field("", help="a curated subset to pretrain on: a CSV with a 'key' column (icehpc curate's "
+                               "curated.csv) naming samples of the pretraining shard set built from the same "
+                               "inputs; empty = every sample")
 
 
 @dataclass
@@ -291,6 +294,13 @@ def _resolve(path: str) -> Path:
     return (CHECKOUT / p).resolve()
 
 
+def _resolve_existing(path: str, what: str) -> Path:
+    p = _resolve(path)
+    if not p.exists():
+        raise UserError(f"{what}={path} does not exist")
+    return p
+
+
 def pretrain_canvas(cfg: PipelineConfig) -> int:
     """The decode canvas of the pretraining data: embedding must see particles at the same scale."""
     from ..ssl.config import PretrainConfig
@@ -311,12 +321,18 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
         raise ValueError(f"pretrain.data must be synth, real or both, got {cfg.pretrain.data!r}")
     data_dir = _resolve(cfg.real.data_dir)
     pretrain_shards, pretrain_after = o / "shards", ("shards",)
+    keys = ["--keys", str(_resolve_existing(cfg.pretrain.keys, "pretrain.keys"))] if cfg.pretrain.keys else []
     if user_data:  # the user's images: pretraining reads the same shards (labels never read there)
         extra = ([f"--label-column={label}"] + ([f"--probe={cfg.data.probe}"] if cfg.data.probe else [])
                  + ([f"--pixel-um={cfg.data.pixel_um}"] if cfg.data.pixel_um else []))
-        steps = [Step("shards", "shards", ["build", *[str(_resolve(i)) for i in cfg.data.inputs], "--out",
-                                           str(o / "shards"), *extra, *shard_opts],
+        inputs = [str(_resolve(i)) for i in cfg.data.inputs]
+        steps = [Step("shards", "shards", ["build", *inputs, "--out", str(o / "shards"), *extra, *shard_opts],
                       o / "shards" / "index.json", outputs=(o / "shards",))]
+        if keys:  # the curated subset of the same inputs (same keys as the full build)
+            pretrain_shards, pretrain_after = o / "pretrain-shards", ("pretrain-shards", "shards")
+            steps.append(Step("pretrain-shards", "shards", ["build", *inputs, *extra, *keys, "--out",
+                                                            str(pretrain_shards), *shard_opts],
+                              pretrain_shards / "index.json", outputs=(pretrain_shards,)))
     else:
         steps = [
             Step("synth", "synth", ["--out", str(o / "synth"), "--n", str(cfg.synth.n), "--seed", str(cfg.synth.seed),
@@ -328,11 +344,12 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
         real_sources = [data_dir / a.file for a in cfg.real.archives if (data_dir / a.file).exists()]
         if cfg.pretrain.data != "synth" and not real_sources:
             raise ValueError(f"pretrain.data={cfg.pretrain.data} but no real archive was found under {data_dir}")
-        if cfg.pretrain.data != "synth":
+        if cfg.pretrain.data != "synth" or keys:
             # one shuffled shard set of the images only: labels are in the metadata but never read by pretraining
             pretrain_shards, pretrain_after = o / "pretrain-shards", ("pretrain-shards", "shards")
-            manifest = ["--manifest", str(o / "synth" / "manifest.csv")] if cfg.pretrain.data == "both" else []
-            steps.append(Step("pretrain-shards", "shards", ["build", *map(str, real_sources), *manifest, "--shuffle",
+            sources = [] if cfg.pretrain.data == "synth" else list(map(str, real_sources))
+            manifest = ["--manifest", str(o / "synth" / "manifest.csv")] if cfg.pretrain.data != "real" else []
+            steps.append(Step("pretrain-shards", "shards", ["build", *sources, *manifest, "--shuffle", *keys,
                                                             "--out", str(pretrain_shards), *shard_opts],
                               pretrain_shards / "index.json", after=("synth",), outputs=(pretrain_shards,)))
     steps += [
@@ -533,7 +550,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | os.PathLike, min_count: int = 2
     o.mkdir(parents=True, exist_ok=True)
     steps = plan(cfg, o)
     start = time.perf_counter()
-    rerun: set[str] = set()
     for step in steps:
         if step.is_done():
             print(f"[pipeline] {step.name}: done ({step.done}), skipped", flush=True)

@@ -109,8 +109,6 @@ class DataConfig:
             raise ValueError(f"data.framing must be none or bbox, got {self.framing!r}")
         if not 0 <= self.framing_margin <= 2:
             raise ValueError("data.framing_margin must be in [0, 2]")
-
-    def validate(self) -> None:
         if self.canvas < 1:
             raise ValueError(f"canvas must be >= 1 pixel, got {self.canvas}")
         if self.batch_size < 1:
