@@ -275,3 +275,34 @@ def test_job_scripts_parse_and_run_through_a_stand_in_srun(skewed_store, tmp_pat
                         "--levels", "10,3", "--target", "200"], capture_output=True, text=True, timeout=120, env=e)
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "c" / "curate.json").read_text())["ranks"] == 2
+
+
+@pytest.mark.slurm
+def test_curate_and_outliers_job_scripts_on_the_real_slurm(slurm_cluster, skewed_store, noisy_store, tmp_path):
+    """`sbatch -n 2 jobs/curate.sh` and `jobs/outliers.sh` on the real cluster: 2 srun ranks, and the
+    same keys / scores as one local process."""
+    def sbatch(script: str, *args: str) -> None:
+        log = tmp_path / f"{script}-%j.out"
+        p = subprocess.run(["sbatch", "--wait", "--parsable", "-p", slurm_cluster["partition"], "-n", "2", "-t", "5",
+                            "-o", str(log), "--export", f"ALL,ICEHPC_ROOT={ROOT}", str(ROOT / "jobs" / f"{script}.sh"),
+                            *args], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        logs = "".join(f.read_text() for f in tmp_path.glob(f"{script}-*.out"))
+        assert p.returncode == 0, p.stderr + logs
+        state = subprocess.run(["sacct", "-j", p.stdout.strip().split(";")[0], "-X", "-n", "-o", "State,ExitCode"],
+                               capture_output=True, text=True, timeout=30).stdout.split()
+        assert state[:2] == ["COMPLETED", "0:0"], (state, logs)
+
+    store, _, _ = skewed_store
+    sbatch("curate", str(store), "--out", str(tmp_path / "c"), "--levels", "24,6", "--target", "600", "--seed", "1")
+    assert json.loads((tmp_path / "c" / "curate.json").read_text())["ranks"] == 2
+    cur.run_curate(store, tmp_path / "c1", cur.CurateConfig(levels=[24, 6], target=600, seed=1))
+    keys = [sorted(r["key"] for r in csv.DictReader(open(tmp_path / d / "curated.csv"))) for d in ("c", "c1")]
+    assert keys[0] == keys[1] and len(keys[0]) == 600
+    noisy, _, _ = noisy_store
+    sbatch("outliers", str(noisy), "--out", str(tmp_path / "o"), "--label", "habit", "--k", "10")
+    assert json.loads((tmp_path / "o" / "outliers.json").read_text())["ranks"] == 2
+    outl.run_outliers(noisy, tmp_path / "o1", outl.OutliersConfig(k=10, label="habit"))
+    a, b = _read_csv(tmp_path / "o" / "outliers.csv"), _read_csv(tmp_path / "o1" / "outliers.csv")
+    assert (a["key"] == b["key"]).all()
+    for k in ("rarity", "local_ratio", "mislabel"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-9, atol=1e-12)

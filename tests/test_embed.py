@@ -317,3 +317,35 @@ def test_embed_frames_particles_as_pretraining_did_from_the_export_header(shards
     keys = [k.decode() if isinstance(k, bytes) else str(k) for k in meta_cols["key"]]
     np.testing.assert_allclose(emb, np.stack([ref[k] for k in keys]), atol=2e-5, rtol=0)
     assert json.loads(Path(f"{store}.json").read_text())["backbone"]["framing"] == "bbox"
+
+
+def test_eval_size_is_the_embedding_side_of_trained_and_random_init(shards, tmp_path, icehpc_cmd):
+    """augment.eval_size goes into the header as input_size (the weights keep the training grid,
+    input_train_size); `icehpc embed` and its random-init control both embed at that side."""
+    from icehpc.ssl.config import AugmentConfig, ModelConfig
+    from icehpc.ssl.export import backbone_spec, export_teacher, read_metadata
+    from icehpc.ssl.model import build_model
+
+    torch.manual_seed(4)
+    model_cfg = ModelConfig(arch_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+                            head_hidden=16, head_bottleneck=8, n_prototypes=16)
+    cfg = SimpleNamespace(model=model_cfg, augment=AugmentConfig(global_size=32, eval_size=48, mean=0.5, std=0.25))
+    path = export_teacher(build_model(model_cfg, 32), cfg, tmp_path / "fixres.safetensors", 1)
+    meta = read_metadata(path)
+    assert (meta["input_size"], meta["input_train_size"]) == ("48", "32")
+    assert json.loads(meta["timm_kwargs"])["img_size"] == 32
+    assert backbone_spec(None, None, None, 0, like=str(path)).img_size == 48
+    store = tmp_path / "fixres.h5"
+    _run([*icehpc_cmd, "embed", str(shards), "--checkpoint", str(path), "--out", str(store), "--canvas", str(CANVAS)])
+    emb, meta_cols = _read(store)
+    ref = _reference_cls(shards, path)
+    keys = [k.decode() if isinstance(k, bytes) else str(k) for k in meta_cols["key"]]
+    np.testing.assert_allclose(emb, np.stack([ref[k] for k in keys]), atol=2e-5, rtol=0)
+    at32 = tmp_path / "at32.h5"
+    _run([*icehpc_cmd, "embed", str(shards), "--checkpoint", str(path), "--out", str(at32), "--canvas", str(CANVAS),
+          "--img-size", "32"])
+    assert not np.allclose(_read(at32)[0], emb, atol=1e-3)  # the side matters, so the default is checked
+    rand = tmp_path / "rand.h5"
+    _run([*icehpc_cmd, "embed", str(shards), "--random-init", "--like", str(path), "--out", str(rand),
+          "--canvas", str(CANVAS)])
+    assert json.loads(Path(f"{rand}.json").read_text())["backbone"]["img_size"] == 48

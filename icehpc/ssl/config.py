@@ -58,6 +58,10 @@ class AugmentConfig:
     global_scale: list[float] = field([0.25, 1.0], help="area fraction range of the global crops")
     local_size: int = field(96, help="side of the local crops (pixels)")
     local_scale: list[float] = field([0.05, 0.25], help="area fraction range of the local crops")
+    eval_size: int | None = field(None, help="side the exported backbone embeds whole canvases at (its header's "
+                                             "input_size; default global_size). Random-resized global crops "
+                                             "magnify the particle, so a larger side can match what training saw "
+                                             "(test-time resolution; README Science checks)")
     n_local: int = field(10, help="number of local crops per image")
     aspect_ratio: list[float] = field([0.8, 1.25], help="width/height range of crops (log-uniform)")
     hflip_p: float = field(0.5, help="probability of a horizontal flip")
@@ -91,6 +95,8 @@ class AugmentConfig:
             raise ValueError(f"mask_prob must be in [0, 1], got {self.mask_prob}")
         if self.n_local < 0 or self.global_size < 1 or self.local_size < 1:
             raise ValueError("n_local must be >= 0 and crop sizes >= 1")
+        if self.eval_size is not None and self.eval_size < 1:
+            raise ValueError(f"eval_size must be >= 1 (or null = global_size), got {self.eval_size}")
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 The embedding job (and any user) needs only timm: the file holds the ``VisionTransformer`` tensors
 under timm's own key names, and its safetensors metadata says how to build the model and feed it:
-``arch``, ``timm_kwargs`` (JSON, includes ``in_chans=1``), ``input_size``, ``input_mean``,
+``arch``, ``timm_kwargs`` (JSON, includes ``in_chans=1``), ``input_size`` (the side to embed at:
+``augment.eval_size``, else the global crop side ``input_train_size``), ``input_mean``,
 ``input_std`` (pixels are ``(uint8/255 − mean)/std``), ``step``, and the decoding of pretraining:
 ``input_canvas``, ``input_framing`` (none | bbox), ``input_framing_margin``. This module is the one
 reader and writer of that file: :func:`backbone_spec` reads the header, :func:`build_backbone` builds
@@ -32,9 +33,10 @@ def _metadata(model_cfg: dict[str, Any], augment_cfg: dict[str, Any], step: int,
     from .model import timm_kwargs
 
     mc = ModelConfig(**model_cfg)
-    size = int(augment_cfg["global_size"])
+    size = int(augment_cfg["global_size"])  # the position-embedding grid of the weights
     return {"format": "timm", "source": "icehpc pretrain teacher", "arch": mc.arch,
-            "timm_kwargs": json.dumps(timm_kwargs(mc, size)), "input_size": str(size),
+            "timm_kwargs": json.dumps(timm_kwargs(mc, size)), "input_train_size": str(size),
+            "input_size": str(int(augment_cfg.get("eval_size") or size)),
             "input_mean": str(augment_cfg["mean"]), "input_std": str(augment_cfg["std"]), "step": str(step),
             **_framing(data_cfg)}
 
