@@ -299,6 +299,11 @@ def test_plan_pretrains_on_a_curated_subset(tmp_path, data):
     keys.write_text("key\n000000000002\n")
     again = {s.name: s for s in pipeline.plan(cfg, tmp_path / "out")}
     assert again["pretrain"].fingerprint != before
+    user = cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"),
+                       [*base, f"pretrain.keys={keys}", f"data.inputs=[{tmp_path / 'a.zip'}]"])
+    user_steps = {s.name: s for s in pipeline.plan(user, tmp_path / "o4")}  # --data: a subset of the same build
+    assert user_steps["pretrain-shards"].argv[1] == str(tmp_path / "a.zip") and "--keys" in user_steps["pretrain-shards"].argv
+    assert "--keys" not in user_steps["shards"].argv and "pretrain-shards" in user_steps["pretrain"].after
     plain = {s.name: s for s in pipeline.plan(cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"),
                                                           base), tmp_path / "o2")}
     assert all("--keys" not in s.argv for s in plain.values())
