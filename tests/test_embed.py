@@ -7,13 +7,13 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from backbone_helpers import tiny_backbone
 from icehpc.data.format import read_index, shard_paths
 from icehpc.data.loader import decode_image
 from icehpc.analysis.embed import meta_columns, part_path
@@ -46,15 +46,7 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory) -> Path:
     """A tiny seeded backbone exported by the real export code (arch and normalisation in the header)."""
-    from icehpc.ssl.config import AugmentConfig, ModelConfig
-    from icehpc.ssl.model import build_model
-    from icehpc.ssl.export import export_teacher
-
-    torch.manual_seed(7)
-    model_cfg = ModelConfig(arch_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-                            head_hidden=16, head_bottleneck=8, n_prototypes=16)
-    cfg = SimpleNamespace(model=model_cfg, augment=AugmentConfig(global_size=32, mean=0.5, std=0.25))
-    return export_teacher(build_model(model_cfg, 32), cfg, tmp_path_factory.mktemp("backbone") / "b.safetensors", 5)
+    return tiny_backbone(tmp_path_factory.mktemp("backbone") / "b.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -295,17 +287,11 @@ def test_embed_sbatch_and_submit_on_slurm(shards, backbone, trained, tmp_path, s
 def test_embed_frames_particles_as_pretraining_did_from_the_export_header(shards, tmp_path, icehpc_cmd):
     """The export header records pretraining's canvas and framing; `icehpc embed` (trained and
     random-init --like) uses them without --canvas/--framing, so both see what pretraining saw."""
-    from icehpc.ssl.export import backbone_spec
-    from icehpc.ssl.config import AugmentConfig, DataConfig, ModelConfig
-    from icehpc.ssl.export import export_teacher, read_metadata
-    from icehpc.ssl.model import build_model
+    from icehpc.ssl.config import DataConfig
+    from icehpc.ssl.export import backbone_spec, read_metadata
 
-    torch.manual_seed(3)
-    model_cfg = ModelConfig(arch_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-                            head_hidden=16, head_bottleneck=8, n_prototypes=16)
-    cfg = SimpleNamespace(model=model_cfg, augment=AugmentConfig(global_size=32, mean=0.5, std=0.25),
-                          data=DataConfig(canvas=64, framing="bbox", framing_margin=0.1))
-    path = export_teacher(build_model(model_cfg, 32), cfg, tmp_path / "framed.safetensors", 1)
+    path = tiny_backbone(tmp_path / "framed.safetensors", seed=3, depth=1, step=1,
+                         data=DataConfig(canvas=64, framing="bbox", framing_margin=0.1))
     meta = read_metadata(path)
     assert (meta["input_canvas"], meta["input_framing"], meta["input_framing_margin"]) == ("64", "bbox", "0.1")
     for spec in (backbone_spec(str(path), None, None, 0), backbone_spec(None, None, None, 0, like=str(path))):
@@ -322,15 +308,9 @@ def test_embed_frames_particles_as_pretraining_did_from_the_export_header(shards
 def test_eval_size_is_the_embedding_side_of_trained_and_random_init(shards, tmp_path, icehpc_cmd):
     """augment.eval_size goes into the header as input_size (the weights keep the training grid,
     input_train_size); `icehpc embed` and its random-init control both embed at that side."""
-    from icehpc.ssl.config import AugmentConfig, ModelConfig
-    from icehpc.ssl.export import backbone_spec, export_teacher, read_metadata
-    from icehpc.ssl.model import build_model
+    from icehpc.ssl.export import backbone_spec, read_metadata
 
-    torch.manual_seed(4)
-    model_cfg = ModelConfig(arch_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-                            head_hidden=16, head_bottleneck=8, n_prototypes=16)
-    cfg = SimpleNamespace(model=model_cfg, augment=AugmentConfig(global_size=32, eval_size=48, mean=0.5, std=0.25))
-    path = export_teacher(build_model(model_cfg, 32), cfg, tmp_path / "fixres.safetensors", 1)
+    path = tiny_backbone(tmp_path / "fixres.safetensors", seed=4, depth=1, step=1, eval_size=48)
     meta = read_metadata(path)
     assert (meta["input_size"], meta["input_train_size"]) == ("48", "32")
     assert json.loads(meta["timm_kwargs"])["img_size"] == 32

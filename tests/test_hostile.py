@@ -7,7 +7,6 @@ input attacks against the real 2D-S and PIP archives beside the repository.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import backbone_helpers
 from icehpc import fileio
 from icehpc.config import ConfigError
 from icehpc.data import shards
@@ -343,19 +343,8 @@ def test_store_files_respect_the_umask(tmp_path):
 # ------------------------------------------------------------------ 2. stale embedding parts
 @pytest.fixture(scope="module")
 def tiny_backbone(tmp_path_factory) -> Path:
-    from types import SimpleNamespace
-
-    import torch
-
-    from icehpc.ssl.config import AugmentConfig, ModelConfig
-    from icehpc.ssl.export import export_teacher
-    from icehpc.ssl.model import build_model
-
-    torch.manual_seed(7)
-    mc = ModelConfig(arch_kwargs={"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2},
-                     head_hidden=8, head_bottleneck=4, n_prototypes=8)
-    cfg = SimpleNamespace(model=mc, augment=AugmentConfig(global_size=16, mean=0.5, std=0.25))
-    return export_teacher(build_model(mc, 16), cfg, tmp_path_factory.mktemp("bb") / "b.safetensors", 1)
+    return backbone_helpers.tiny_backbone(tmp_path_factory.mktemp("bb") / "b.safetensors", size=16, dim=16, depth=1,
+                                          step=1)
 
 
 def _manifest_shards(folder: Path, out: Path, offset: float) -> None:

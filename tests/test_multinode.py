@@ -21,6 +21,7 @@ from icehpc.analysis.kappa import KappaConfig, run_kappa
 from icehpc.analysis.store import open_store
 from icehpc.data.format import shard_paths
 from icehpc import config as cfgmod
+from backbone_helpers import release_when_requeued, tiny_backbone
 from kappa_helpers import cheap_groups, paper_meta, write_store
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multinode, pytest.mark.mpi]
@@ -90,25 +91,6 @@ def _assert_on_both_nodes(job: str, mn: dict) -> None:
     assert step[3] == "2" and hosts == mn["nodes"][:2], steps
 
 
-def _release_when_requeued(job: str, timeout: float = 120) -> None:
-    """A requeued job is held back ~2 min (begin time); start it now, as an admin would, once no
-    step of the old run is left (else slurmd revokes the new credential)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
-                               timeout=30).stdout.strip()
-        if state == "PENDING":
-            while subprocess.run(["squeue", "-h", "-s", "-j", job], capture_output=True, text=True,
-                                 timeout=30).stdout.strip() and time.time() < deadline:
-                time.sleep(0.3)
-            time.sleep(2.0)
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
-            return
-        assert state, f"job {job} left the queue instead of being requeued"
-        time.sleep(0.3)
-    raise AssertionError(f"job {job} was not requeued within {timeout} s")
-
-
 # ------------------------------------------------------------------------------------------- data
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
@@ -123,19 +105,7 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory) -> Path:
-    from types import SimpleNamespace
-
-    import torch
-
-    from icehpc.ssl.config import AugmentConfig, ModelConfig
-    from icehpc.ssl.export import export_teacher
-    from icehpc.ssl.model import build_model
-
-    torch.manual_seed(7)
-    model_cfg = ModelConfig(arch_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-                            head_hidden=16, head_bottleneck=8, n_prototypes=16)
-    cfg = SimpleNamespace(model=model_cfg, augment=AugmentConfig(global_size=32, mean=0.5, std=0.25))
-    return export_teacher(build_model(model_cfg, 32), cfg, tmp_path_factory.mktemp("mn-bb") / "b.safetensors", 5)
+    return tiny_backbone(tmp_path_factory.mktemp("mn-bb") / "b.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +186,7 @@ def test_pretrain_two_nodes_gloo_usr2_requeue_resume(multinode, shards, tmp_path
             assert time.time() < deadline and _state(job) not in TERMINAL, _logs(tmp_path)[-4000:]
             time.sleep(0.3)
         subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True, timeout=30)
-        _release_when_requeued(job)
+        release_when_requeued(job)
         state = _wait_state(job, lambda s: s in TERMINAL, timeout=180)
     finally:
         subprocess.run(["scancel", job], timeout=30)
@@ -291,7 +261,7 @@ def test_node_lost_mid_embed_then_rerun_is_complete(multinode, shards, one_proce
         queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
                                 timeout=30).stdout.strip()
         if queued:  # requeued by Slurm (--requeue in embed.sh): start it now instead of after the back-off
-            _release_when_requeued(job)
+            release_when_requeued(job)
             state = _wait_state(job, lambda s: s in TERMINAL - {"NODE_FAIL"} or s == "COMPLETED", timeout=240)
             rerun = job
         else:  # failed for good: the user's rerun is the same command

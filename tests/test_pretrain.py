@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.utils._python_dispatch
 
+from backbone_helpers import release_when_requeued
 from icehpc import config as cfglib
 from icehpc.ssl.kernels import vmf_xent
 from icehpc.ssl.checkpoint import PREEMPTED_EXIT
@@ -361,27 +362,6 @@ def _slurm_state(job_id: str) -> str:
     return out[-1].split()[0] if out else "UNKNOWN"
 
 
-def _release_when_requeued(job_id: str, timeout: float = 120) -> None:
-    """Slurm holds a requeued job back ~2 minutes (its begin time moves); start it now instead, as
-    an admin would, so the test does not sit out the back-off."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                               timeout=30).stdout.strip()
-        if state == "PENDING":
-            # releasing while slurmd still tears down the old steps revokes the new credential
-            # ("Job credential revoked") and fails the job: wait until no step of it is left
-            while subprocess.run(["squeue", "-h", "-s", "-j", job_id], capture_output=True, text=True,
-                                 timeout=30).stdout.strip() and time.time() < deadline:
-                time.sleep(0.3)
-            time.sleep(2.0)
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
-            return
-        assert state, f"job {job_id} left the queue instead of being requeued"
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} was not requeued within {timeout} s")
-
-
 def _wait_for_steps(out: Path, n: int, is_over, timeout: float = 150) -> None:
     deadline = time.time() + timeout
     while len(_metrics(out)) < n:
@@ -405,7 +385,7 @@ def test_sbatch_two_tasks_requeue_on_usr2_and_resume(slurm_cluster, shards, tmp_
     try:
         _wait_for_steps(out, 3, lambda: _slurm_state(job) in _TERMINAL)
         subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True, timeout=30)
-        _release_when_requeued(job)
+        release_when_requeued(job)
         deadline = time.time() + 180
         while _slurm_state(job) not in _TERMINAL:
             assert time.time() < deadline, f"job {job} did not finish"
@@ -435,7 +415,7 @@ def test_submitit_timeout_requeues_and_resumes(slurm_cluster, shards, tmp_path, 
     try:
         _wait_for_steps(out, 3, job.done)
         job._interrupt(timeout=True)
-        _release_when_requeued(str(job.job_id))
+        release_when_requeued(str(job.job_id))
         deadline = time.time() + 180
         while not job.done():
             assert time.time() < deadline, f"job {job.job_id} did not finish"
