@@ -1,8 +1,6 @@
-"""Shared by the test modules: a tiny exported backbone, and releasing a requeued Slurm job."""
+"""Shared by the test modules: a tiny exported backbone."""
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,23 +24,3 @@ def tiny_backbone(path: Path, *, seed: int = 7, size: int = 32, dim: int = 32, d
                           **({"data": data} if data is not None else {}))
     return export_teacher(build_model(model_cfg, size), cfg, path, step)
 
-
-def release_when_requeued(job: str, timeout: float = 120) -> None:
-    """Slurm holds a requeued job back ~2 min (its begin time moves); start it now, as an admin
-    would, so a test does not sit out the back-off."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
-                               timeout=30).stdout.strip()
-        if state == "PENDING":
-            # releasing while slurmd still tears down the old steps revokes the new credential
-            # ("Job credential revoked") and fails the job: wait until no step of it is left
-            while subprocess.run(["squeue", "-h", "-s", "-j", job], capture_output=True, text=True,
-                                 timeout=30).stdout.strip() and time.time() < deadline:
-                time.sleep(0.3)
-            time.sleep(2.0)
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
-            return
-        assert state, f"job {job} left the queue instead of being requeued"
-        time.sleep(0.3)
-    raise AssertionError(f"job {job} was not requeued within {timeout} s")

@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kappa_helpers import write_store  # noqa: E402
+from slurm_helpers import final_state  # noqa: E402
 
 from icehpc.analysis import curate as cur  # noqa: E402
 from icehpc.analysis import outliers as outl  # noqa: E402
@@ -288,9 +289,7 @@ def test_curate_and_outliers_job_scripts_on_the_real_slurm(slurm_cluster, skewed
                             *args], capture_output=True, text=True, timeout=240, cwd=tmp_path)
         logs = "".join(f.read_text() for f in tmp_path.glob(f"{script}-*.out"))
         assert p.returncode == 0, p.stderr + logs
-        state = subprocess.run(["sacct", "-j", p.stdout.strip().split(";")[0], "-X", "-n", "-o", "State,ExitCode"],
-                               capture_output=True, text=True, timeout=30).stdout.split()
-        assert state[:2] == ["COMPLETED", "0:0"], (state, logs)
+        assert final_state(p.stdout.strip().split(";")[0]) == ("COMPLETED", "0:0"), logs
 
     store, _, _ = skewed_store
     sbatch("curate", str(store), "--out", str(tmp_path / "c"), "--levels", "24,6", "--target", "600", "--seed", "1")

@@ -15,6 +15,7 @@ from icehpc.analysis.kappa import (RNG_BLOCK, KappaConfig, KappaError, block_ran
                           poisson_weights, run_kappa)
 from icehpc.vmf import kappa_closed_form, kappa_mle
 from kappa_helpers import cheap_groups, paper_meta, sample_vmf, write_store
+from slurm_helpers import final_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -284,12 +285,6 @@ def test_results_do_not_depend_on_rank_count(tmp_path, mpiexec, icehpc_cmd):
         _assert_same(serial, res)
 
 
-def _slurm_job_ok(job_id: str) -> None:
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "State,ExitCode,NTasks"],
-                         capture_output=True, text=True, timeout=30).stdout.split()
-    assert out[:2] == ["COMPLETED", "0:0"], out
-
-
 @pytest.mark.slurm
 def test_sbatch_job_script_with_two_tasks(slurm_cluster, tmp_path, paper_store):
     out = tmp_path / "o"
@@ -306,7 +301,7 @@ def test_sbatch_job_script_with_two_tasks(slurm_cluster, tmp_path, paper_store):
     assert res["run"]["ranks"] == 2, logs
     serial = run_kappa(paper_store[0], tmp_path / "serial", cfg("bootstrap=20"))
     _assert_same(serial, res)
-    _slurm_job_ok(job_id)
+    assert final_state(job_id) == ("COMPLETED", "0:0"), logs
 
 
 @pytest.mark.slurm

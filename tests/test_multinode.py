@@ -21,8 +21,10 @@ from icehpc.analysis.kappa import KappaConfig, run_kappa
 from icehpc.analysis.store import open_store
 from icehpc.data.format import shard_paths
 from icehpc import config as cfgmod
-from backbone_helpers import release_when_requeued, tiny_backbone
+from backbone_helpers import tiny_backbone
 from kappa_helpers import cheap_groups, paper_meta, write_store
+from slurm_helpers import TERMINAL, release_when_requeued
+from slurm_helpers import sacct as _sacct, state as _state, wait_state as _wait_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multinode, pytest.mark.mpi]
 
@@ -30,8 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "jobs" / "local-cluster.sh"
 TINY = "configs/pretrain-tiny-cpu.yaml"
 CANVAS = 48
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-            "BOOT_FAIL", "DEADLINE"}
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -58,27 +58,6 @@ def _sbatch(mn: dict, log: Path, script: str, *args, wait: bool = True, timeout:
 
 def _logs(folder: Path, pattern: str = "slurm-*.out") -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(folder.glob(pattern)))
-
-
-def _sacct(job: str, fields: str = "JobID,State,NodeList,NNodes") -> list[list[str]]:
-    out = subprocess.run(["sacct", "-j", job, "-n", "-P", "-o", fields], capture_output=True, text=True,
-                         timeout=30).stdout
-    return [line.split("|") for line in out.splitlines() if line.strip()]
-
-
-def _state(job: str) -> str:
-    rows = [r for r in _sacct(job, "JobID,State") if r[0] == job]
-    return rows[-1][1].split()[0] if rows else "UNKNOWN"
-
-
-def _wait_state(job: str, done, timeout: float) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = _state(job)
-        if done(state):
-            return state
-        time.sleep(0.5)
-    raise AssertionError(f"job {job} still {_state(job)} after {timeout} s")
 
 
 def _assert_on_both_nodes(job: str, mn: dict) -> None:

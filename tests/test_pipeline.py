@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from icehpc.analysis.store import open_store
+from slurm_helpers import TERMINAL
 
 ROOT = Path(__file__).resolve().parent.parent
 MINI_PER_CLASS = 25
@@ -142,13 +143,12 @@ def _compare_runs(a: Path, b: Path) -> None:
 def _wait_for_jobs(job_ids: list[str], timeout: float) -> dict[str, str]:
     """Poll sacct until every job has ended; returns job id → state."""
     deadline = time.monotonic() + timeout
-    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
     states: dict[str, str] = {}
     while time.monotonic() < deadline:
         res = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
                              capture_output=True, text=True, timeout=30)
         states = dict(line.split("|")[:2] for line in res.stdout.split() if "|" in line)
-        if all(states.get(j, "").split()[0:1] and states[j].split()[0] in ended for j in job_ids):
+        if all(states.get(j, "").split()[0:1] and states[j].split()[0] in TERMINAL for j in job_ids):
             return states
         if any(states.get(j, "").startswith(("FAILED", "CANCELLED", "TIMEOUT")) for j in job_ids):
             time.sleep(2)  # let dependants be cancelled, then report

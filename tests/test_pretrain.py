@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.utils._python_dispatch
 
-from backbone_helpers import release_when_requeued
+from slurm_helpers import TERMINAL, final_state, release_when_requeued, state
 from icehpc import config as cfglib
 from icehpc.ssl.kernels import vmf_xent
 from icehpc.ssl.checkpoint import PREEMPTED_EXIT
@@ -353,15 +353,6 @@ def test_collapsed_teacher_stops_the_run_loudly_with_a_checkpoint(shards, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------ slurm
-_TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
-
-
-def _slurm_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True,
-                         text=True, timeout=30).stdout.split()
-    return out[-1].split()[0] if out else "UNKNOWN"
-
-
 def _wait_for_steps(out: Path, n: int, is_over, timeout: float = 150) -> None:
     deadline = time.time() + timeout
     while len(_metrics(out)) < n:
@@ -383,17 +374,14 @@ def test_sbatch_two_tasks_requeue_on_usr2_and_resume(slurm_cluster, shards, tmp_
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
     try:
-        _wait_for_steps(out, 3, lambda: _slurm_state(job) in _TERMINAL)
+        _wait_for_steps(out, 3, lambda: state(job) in TERMINAL)
         subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True, timeout=30)
         release_when_requeued(job)
-        deadline = time.time() + 180
-        while _slurm_state(job) not in _TERMINAL:
-            assert time.time() < deadline, f"job {job} did not finish"
-            time.sleep(1)
+        ended = final_state(job, timeout=180)
     finally:
         subprocess.run(["scancel", job], timeout=30)
     text = Path(str(log).replace("%j", job)).read_text()
-    assert _slurm_state(job) == "COMPLETED", text[-4000:]
+    assert ended[0] == "COMPLETED", text[-4000:]
     assert "requeueing job" in text and "SIGUSR2: checkpoint saved at step" in text and "resumed" in text
     assert [r["step"] for r in _metrics(out)] == list(range(15))
     assert (out / "backbone.safetensors").exists()
