@@ -6,7 +6,10 @@ set is sharded, embedded with BACKBONE and scored by `icehpc outliers` for sever
 precision at the planted count for `rarity` and `local_ratio`, and, as a control, the same for the
 rarest habit that occurs naturally. Everything runs through the real CLI.
 
-    python bench/outliers_planted.py BACKBONE --out DIR [--n 3000] [--habit dendrite]
+``--habit capped_column`` (default; one of ``synth.PLANT_ONLY_HABITS``) plants a habit the set does
+not otherwise hold; a habit of the natural mix (e.g. ``dendrite``) joins the samples it already has.
+
+    python bench/outliers_planted.py BACKBONE --out DIR [--n 3000] [--habit capped_column] [--random-init]
         [--campaign tropical-anvil] [--fraction 0.03] [--k 20,100,300]
 """
 from __future__ import annotations
@@ -57,34 +60,56 @@ def precision_at(scores: dict[str, float], positives: set[str]) -> float:
     return len(set(top) & positives) / max(len(positives), 1)
 
 
+def neighbour_purity(x: np.ndarray, habits, of: list[str], k: int = 10) -> dict[str, float]:
+    """Per habit in ``of``: the mean fraction of its rows' k nearest (cosine) neighbours with the same
+    habit. Low: the embedding does not set the habit apart, and no neighbour score can find it."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    habits = np.asarray(habits).astype(str)
+    out = {}
+    for h in of:
+        rows = np.flatnonzero(habits == h)
+        sim = x[rows] @ x.T
+        sim[np.arange(len(rows)), rows] = -np.inf
+        nn = np.argpartition(-sim, k, axis=1)[:, :k]
+        out[h] = float((habits[nn] == h).mean())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("backbone", help="exported backbone (.safetensors)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--habit", default="dendrite")
+    ap.add_argument("--habit", default="capped_column")
     ap.add_argument("--campaign", default="tropical-anvil")
     ap.add_argument("--fraction", type=float, default=0.03)
     ap.add_argument("--k", default="20,100,300")
+    ap.add_argument("--random-init", action="store_true",
+                    help="embed with a seeded random-init backbone shaped like BACKBONE (the control)")
     args = ap.parse_args()
     o = args.out
     icehpc("synth", "--out", str(o / "synth"), "--n", str(args.n), "--seed", str(args.seed), "--no-progress")
     planted_paths = plant(o / "synth", args.seed, args.habit, args.campaign, args.fraction)
     icehpc("shards", "build", "--manifest", str(o / "synth" / "manifest.csv"), "--out", str(o / "shards"),
            "--no-progress")
-    icehpc("embed", str(o / "shards"), "--checkpoint", args.backbone, "--out", str(o / "store.h5"), ranks=2)
+    weights = ["--random-init", "--like"] if args.random_init else ["--checkpoint"]
+    icehpc("embed", str(o / "shards"), *weights, args.backbone, "--out", str(o / "store.h5"), ranks=2)
     from icehpc.analysis.store import open_store
 
     with open_store(o / "store.h5") as s:
-        _, meta = s.read(0, s.n_rows, ["key", "habit", "source_path"])
+        vectors, meta = s.read(0, s.n_rows, ["key", "habit", "source_path"])
     keys = meta["key"].tolist()
     planted = {k for k, p in zip(keys, meta["source_path"]) if any(p.endswith(q) for q in planted_paths)}
     counts = Counter(meta["habit"].tolist())
     natural = min((h for h in counts if h != args.habit), key=counts.get)
     control = {k for k, h in zip(keys, meta["habit"]) if h == natural}
+    purity = neighbour_purity(np.asarray(vectors, dtype=np.float64), meta["habit"], [args.habit, natural])
     result = {"planted": len(planted), "planted_habit": args.habit, "campaign": args.campaign,
-              "habit_counts": dict(counts), "control_habit": natural, "control_count": len(control), "by_k": {}}
+              "weights": "random-init" if args.random_init else "checkpoint", "habit_counts": dict(counts),
+              "control_habit": natural, "control_count": len(control), "neighbour_purity_10": purity, "by_k": {}}
+    print(f"same habit among the 10 nearest neighbours: planted {args.habit} {purity[args.habit]:.2f}, "
+          f"{natural} {purity[natural]:.2f}", flush=True)
     for k in map(int, args.k.split(",")):
         icehpc("outliers", str(o / "store.h5"), "--out", str(o / f"outliers-k{k}"), "--k", str(k), ranks=2)
         with open(o / f"outliers-k{k}" / "outliers.csv", newline="") as f:

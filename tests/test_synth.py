@@ -144,3 +144,17 @@ def test_cli(icehpc_cmd, tmp_path):
     bad = subprocess.run([*icehpc_cmd, "synth", "--out", str(tmp_path / "x"), "n=0"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "n must be >= 1" in bad.stderr
+
+
+def test_plant_only_habit_is_drawn_but_never_sampled(run):
+    """A capped column renders (two caps wider than the column: the dark area spans the short axis),
+    but the planted mix never draws it, so planting it makes a habit the set does not hold."""
+    assert set(synth.PLANT_ONLY_HABITS).isdisjoint(synth.HABITS)
+    with open(run / "manifest.csv", newline="") as f:
+        assert not {r["habit"] for r in csv.DictReader(f)} & set(synth.PLANT_ONLY_HABITS)
+    for i in range(5):
+        meta, rng = synth.sample_metadata(3, i)
+        meta["habit"] = "capped_column"
+        img = synth.render(meta, rng, cutoff_fraction=0.0)
+        dark = img < img.max() - 60
+        assert dark.sum() > 20 and 0 < meta["particle_height_um"] < meta["particle_width_um"]

@@ -824,11 +824,12 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
         p.unlink()
     items = scan(list(inputs), c.label_column, manifests, allow_outside=allow_outside)
     if keys is not None:  # a curated subset: the inputs keep the keys of the full build
-        unknown = keys - {sample_key(i.ordinal) for i in items}
+        by_key = {sample_key(i.ordinal): i for i in items}
+        unknown = keys - by_key.keys()
         if unknown:
             raise cfg.ConfigError(f"--keys: {len(unknown)} of {len(keys)} keys name no input of this build "
                                   f"(e.g. {min(unknown)}); the keys must come from a build of the same inputs")
-        items = [i for i in items if sample_key(i.ordinal) in keys]
+        items = [i for k, i in by_key.items() if k in keys]
     index_path = root / "index.json"
     old = _read_json(index_path)
     if old is not None and (old.get("config") != cfg.to_dict(c) or old.get("inputs") != _input_summary(items)):

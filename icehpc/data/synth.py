@@ -50,6 +50,9 @@ from .shards import default_workers
 PIXEL_UM = 2.3
 HABITS: tuple[str, ...] = ("column", "needle", "plate", "dendrite", "bullet_rosette", "aggregate",
                            "compact_irregular", "rimed", "sphere")
+# Drawn by `render` but never sampled: shapes to plant as a habit the set does not otherwise hold
+# (bench/outliers_planted.py). A capped column is a real CPI habit (a column with a plate on each end).
+PLANT_ONLY_HABITS: tuple[str, ...] = ("capped_column",)
 # The paper's default κ bins: 10 °C temperature bins from −70 to 0 °C, and 10 equal width bins
 # over 10…1000 µm with the last two merged (the largest sizes are rare).
 TEMPERATURE_EDGES_C: tuple[float, ...] = tuple(float(t) for t in range(-70, 1, 10))
@@ -242,6 +245,17 @@ def _column(rng: np.random.Generator, aspect: tuple[float, float]) -> list[Poly]
     return shapes
 
 
+def _capped_column(rng: np.random.Generator) -> list[Poly]:
+    """Side view: a column along x with a plate, seen edge-on, across each end."""
+    length, hw = rng.uniform(0.35, 0.8), rng.uniform(0.06, 0.14)
+    cap, thick = rng.uniform(max(0.35, 3 * hw), 0.5), rng.uniform(0.02, 0.04)
+    shapes: list[Poly] = [(_rect(-length / 2, length / 2, hw), 255)]
+    for end in (-1, 1):
+        x = end * length / 2
+        shapes.append((np.array([[x - thick, -cap], [x + thick, -cap], [x + thick, cap], [x - thick, cap]]), 255))
+    return shapes
+
+
 def _plate(rng: np.random.Generator) -> list[Poly]:
     phase = rng.uniform(0, np.pi / 3)
     return [(_hexagon(0.5, phase), 255), (_hexagon(rng.uniform(0.32, 0.42), phase), int(rng.integers(110, 170)))]
@@ -314,6 +328,7 @@ _SHAPES = {
     "compact_irregular": lambda r: [(_irregular(r), 255)],
     "rimed": _rimed,
     "sphere": _sphere,
+    "capped_column": _capped_column,
 }
 _TILTED = {"plate", "dendrite", "bullet_rosette"}  # 3-D orientation foreshortens one axis
 
