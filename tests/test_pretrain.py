@@ -23,7 +23,8 @@ from icehpc.ssl.kernels import vmf_xent
 from icehpc.ssl.checkpoint import PREEMPTED_EXIT
 from icehpc.ssl.config import PretrainConfig
 from icehpc.ssl.engine import ema_update
-from icehpc.ssl.loss import Centres, cls_pairs, patch_weights, resolve_centering, teacher_targets, uncentred_prob_mean
+from icehpc.ssl.loss import (Centres, cls_pairs, ibot_vmf_loss, koleo, patch_weights, resolve_centering,
+                             teacher_targets, uncentred_prob_mean)
 from icehpc.ssl.metrics import CollapseGuard, prototype_stats
 from icehpc.ssl.schedule import schedule_at
 from icehpc.ssl.trainer import COLLAPSE_EXIT, NONFINITE_EXIT
@@ -133,6 +134,58 @@ def test_loss_pairing_and_weights_match_explicit_loops():
     per_row = [-(torch.softmax(zt_p[r] @ wt.T / 0.05 - centre, 0) * torch.log_softmax(zs_p[r] @ ws.T / 0.1, 0)).sum()
                for r in range(4)]
     torch.testing.assert_close(patch, (torch.stack(per_row[:3]).mean() + per_row[3]) / 2)
+
+
+def test_koleo_matches_a_float64_loop_and_spreads_the_closest_pair():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2 * 6, 5, generator=g, dtype=torch.float64)
+    ref = []
+    for v in range(2):
+        rows = torch.nn.functional.normalize(x[v * 6:(v + 1) * 6], dim=1).tolist()
+        for i, a in enumerate(rows):
+            ref.append(-math.log(min(math.dist(a, b) for j, b in enumerate(rows) if j != i) + 1e-8))
+    torch.testing.assert_close(koleo(x, views=2), torch.tensor(sum(ref) / len(ref), dtype=torch.float64))
+    # a gradient step on it moves the two closest rows of a view apart
+    y = x.clone()
+    y[1] = y[0] + 1e-2 * torch.randn(5, generator=g, dtype=torch.float64)
+    y.requires_grad_(True)
+    koleo(y, views=2).backward()
+
+    def gap(t):
+        u = torch.nn.functional.normalize(t[:2], dim=1)
+        return float((u[0] - u[1]).norm())
+
+    assert gap(y.detach() - 1e-3 * y.grad) > gap(y.detach())
+
+
+def test_koleo_weight_enters_the_loss_and_zero_leaves_it_alone():
+    """λ_koleo · KoLeo(student global-view backbone [CLS]) is added to the total; at 0 (the default)
+    the total is the iBOT-vMF loss bit for bit and the backbone tokens get no gradient from it."""
+    from icehpc.ssl.config import LossConfig
+    from icehpc.ssl.model import HeadOut
+
+    torch.manual_seed(0)
+    b, n_local, k, p, d = 4, 1, 12, 8, 16
+    masks = torch.zeros(2 * b, 4, dtype=torch.bool)
+    masks[:, :2] = True
+
+    def head(grad):
+        z = torch.nn.functional.normalize(torch.randn((2 + n_local) * b, p), dim=1).requires_grad_(grad)
+        zp = torch.nn.functional.normalize(torch.randn(int(masks.sum()), p), dim=1).requires_grad_(grad)
+        w = torch.randn(k, p, requires_grad=grad)
+        return HeadOut(z, zp, w, w, torch.randn((2 + n_local) * b, d, requires_grad=grad))
+
+    student, teacher = head(True), head(False)
+    run = lambda lam: ibot_vmf_loss(student, teacher, masks, b, n_local, Centres(k, 0.9, mode="probability"),
+                                    0.1, 0.04, LossConfig(lambda_koleo=lam))
+    off, on = run(0.0), run(0.5)
+    assert float(off.koleo) == 0.0 and torch.equal(off.loss, off.cls + off.patch)
+    torch.testing.assert_close(on.koleo, koleo(student.cls_tokens[: 2 * b], views=2))
+    torch.testing.assert_close(on.loss, off.loss + 0.5 * on.koleo)
+    off.loss.backward()
+    assert student.cls_tokens.grad is None
+    on.loss.backward()
+    assert student.cls_tokens.grad[: 2 * b].abs().sum() > 0 and not student.cls_tokens.grad[2 * b:].any()
 
 
 def _targets_after_centring(vmf: bool, mode: str, steps: int = 150) -> torch.Tensor:
@@ -463,7 +516,7 @@ def test_train_step_reads_nothing_from_the_device_between_metrics(tmp_path, monk
     int(pairs.max())), checked on the CPU by recording the ops that would sync on a GPU.
     Augmentation parameters are drawn on the CPU by design and run unrecorded. The GPU test
     below checks the same step under torch.cuda.set_sync_debug_mode("error")."""
-    cfg, trainer = _cpu_trainer(tmp_path)
+    cfg, trainer = _cpu_trainer(tmp_path, "loss.lambda_koleo=0.1")  # every term of the loss
     try:
         guard = _HostReads()
         draw = trainer.multicrop

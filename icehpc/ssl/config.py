@@ -129,6 +129,8 @@ class DataConfig:
 class LossConfig:
     lambda_cls: float = field(1.0, help="weight of the DINO [CLS] loss")
     lambda_patch: float = field(1.0, help="weight of the iBOT masked-patch loss")
+    lambda_koleo: float = field(0.0, help="weight of the KoLeo spreading term on the student's global-view "
+                                          "backbone [CLS] (DINOv2 uses 0.1); 0 = off")
     student_temp: float = field(0.1, help="student temperature τ_s")
     teacher_temp: float = field(0.04, help="teacher temperature at the start of warm-up")
     teacher_temp_final: float = field(0.07, help="teacher temperature after warm-up")
@@ -146,6 +148,8 @@ class LossConfig:
             raise ValueError("temperatures must be > 0")
         if not 0 <= self.center_momentum < 1:
             raise ValueError("center_momentum must be in [0, 1)")
+        if min(self.lambda_cls, self.lambda_patch, self.lambda_koleo) < 0:
+            raise ValueError("loss weights (lambda_*) must be >= 0")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
         if self.centering not in ("auto", "logit", "probability"):

@@ -162,11 +162,24 @@ def teacher_entropy(zt: torch.Tensor, wt: torch.Tensor, offset: torch.Tensor, ta
     return -(logp.exp() * logp).sum(1).mean()
 
 
+def koleo(x: torch.Tensor, views: int, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo (Kozachenko–Leonenko) spreading term, as DINOv2 uses it: x [views*B, D] view-major, each
+    view's rows L2-normalised; −mean log(distance to the nearest other row of the same view), averaged
+    over views. Lower when the rows spread out; it pushes apart the closest pairs."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 rows: the distances in fp32
+    xs = torch.nn.functional.normalize(x, dim=-1, eps=1e-6).unflatten(0, (views, -1))
+    dist = torch.cdist(xs, xs)  # [views, B, B]
+    eye = torch.eye(xs.shape[1], dtype=torch.bool, device=x.device)
+    nearest = dist.masked_fill(eye, float("inf")).amin(dim=-1)
+    return -torch.log(nearest + eps).mean()
+
+
 @dataclass
 class LossOut:
-    loss: torch.Tensor  # scalar with grad: λ_cls·cls + λ_patch·patch
+    loss: torch.Tensor  # scalar with grad: λ_cls·cls + λ_patch·patch + λ_koleo·koleo
     cls: torch.Tensor
     patch: torch.Tensor
+    koleo: torch.Tensor  # 0 when λ_koleo = 0 (not computed)
     stats_cls: dict[str, torch.Tensor]
     stats_patch: dict[str, torch.Tensor]
     teacher_entropy_cls: torch.Tensor
@@ -196,10 +209,16 @@ def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch
                                     weights=patch_weights(masks, mask_index), vmf=cfg.vmf, backend=cfg.backend,
                                     bias_s=b_patch_s, bias_t=b_patch_t)
     total = cfg.lambda_cls * loss_cls + cfg.lambda_patch * loss_patch
+    loss_koleo = torch.zeros((), device=total.device)
+    if cfg.lambda_koleo > 0:
+        if student.cls_tokens is None:
+            raise ValueError("loss.lambda_koleo > 0 needs the student's backbone [CLS] (HeadOut.cls_tokens)")
+        loss_koleo = koleo(student.cls_tokens[: 2 * batch], views=2)
+        total = total + cfg.lambda_koleo * loss_koleo
     entropy = teacher_entropy(teacher.cls_z, teacher.cls_prototypes, off_cls, tau_t, cfg.vmf, b_cls_t)
     if centres.mode == "probability":
         stat_cls = uncentred_prob_mean(teacher.cls_z, teacher.cls_prototypes, tau_t, cfg.vmf, b_cls_t)
         stat_patch = uncentred_prob_mean(teacher.patch_z, teacher.patch_prototypes, tau_t, cfg.vmf, b_patch_t)
     else:
         stat_cls, stat_patch = st_cls["teacher_logit_mean"], st_patch["teacher_logit_mean"]
-    return LossOut(total, loss_cls, loss_patch, st_cls, st_patch, entropy, stat_cls.float(), stat_patch.float())
+    return LossOut(total, loss_cls, loss_patch, loss_koleo, st_cls, st_patch, entropy, stat_cls.float(), stat_patch.float())

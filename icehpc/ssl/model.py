@@ -114,12 +114,14 @@ PROTOTYPE_NORMS = ("prototype_g",)
 
 @dataclass
 class HeadOut:
-    """cls_z [n_crops*B, p] (view-major), patch_z [N_masked, p], prototypes [K, p] for each loss."""
+    """cls_z [n_crops*B, p] (view-major), patch_z [N_masked, p], prototypes [K, p] for each loss;
+    cls_tokens [n_crops*B, D]: the backbone's [CLS] before the head (the KoLeo term reads them)."""
 
     cls_z: torch.Tensor
     patch_z: torch.Tensor
     cls_prototypes: torch.Tensor
     patch_prototypes: torch.Tensor
+    cls_tokens: torch.Tensor | None = None
 
 
 class IBOTVMF(nn.Module):
@@ -153,9 +155,9 @@ class IBOTVMF(nn.Module):
             z = self.head(torch.cat([cls_tokens, patch_tokens]))
             cls_z, patch_z = z[: cls_tokens.shape[0]], z[cls_tokens.shape[0]:]
             protos = self.head.prototypes
-            return HeadOut(cls_z, patch_z, protos, protos)
+            return HeadOut(cls_z, patch_z, protos, protos, cls_tokens)
         return HeadOut(self.head(cls_tokens), self.patch_head(patch_tokens), self.head.prototypes,
-                       self.patch_head.prototypes)
+                       self.patch_head.prototypes, cls_tokens)
 
     def prototype_names(self) -> list[str]:
         """Parameter names of the prototype layer(s): the 'last layer' that stays frozen at first."""

@@ -46,8 +46,8 @@ log = logging.getLogger("icehpc.ssl.trainer")
 NONFINITE_EXIT = 3
 #: Exit code of a run stopped because the teacher collapsed (see train.collapse_patience).
 COLLAPSE_EXIT = 4
-#: Scalars leading the per-step all-reduce: loss_cls, loss_patch, #patch rows, preempt, H(P_t) cls.
-_N_SCALARS = 5
+#: Scalars leading the per-step all-reduce: loss_cls, loss_patch, #patch rows, preempt, H(P_t) cls, KoLeo.
+_N_SCALARS = 6
 
 
 class NonFiniteError(RuntimeError):
@@ -231,7 +231,7 @@ class Trainer:
         scalars = torch.stack([out.cls.detach().float(), out.patch.detach().float(),
                                torch.full((), float(n_patch_rows), device=self.device),  # no H2D copy
                                torch.full((), float(preempt), device=self.device),
-                               out.teacher_entropy_cls.float()])
+                               out.teacher_entropy_cls.float(), out.koleo.detach().float()])
         flat = torch.cat([scalars, out.centre_stat_cls * n_cls, out.centre_stat_patch * n_patch_rows,
                           sc["teacher_prob_mean"] * n_cls, sp["teacher_prob_mean"] * n_patch_rows]).float()
         torch.distributed.all_reduce(flat)
@@ -285,13 +285,15 @@ class Trainer:
             raise NonFiniteError(f"non-finite loss at or before step {self.step} (cls={loss_cls}, "
                                  f"patch={loss_patch}); stopping, {self._last_good()}. Lower optim.lr "
                                  "or check the inputs.")
-        entropy_cls = float(flat[4]) / self.world
+        entropy_cls, loss_koleo = float(flat[4]) / self.world, float(flat[5]) / self.world
         now = time.perf_counter()  # the reads above waited for the device: a true mean step time
         dt = (now - self._window[0]) / max(1, self.step + 1 - self._window[1])
         self._window = (now, self.step + 1)
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                  "loss": cfg.loss.lambda_cls * loss_cls + cfg.loss.lambda_patch * loss_patch,
-                  "loss_cls": loss_cls, "loss_patch": loss_patch, "cls_teacher_entropy": entropy_cls,
+                  "loss": cfg.loss.lambda_cls * loss_cls + cfg.loss.lambda_patch * loss_patch
+                  + cfg.loss.lambda_koleo * loss_koleo,
+                  "loss_cls": loss_cls, "loss_patch": loss_patch, "loss_koleo": loss_koleo,
+                  "cls_teacher_entropy": entropy_cls,
                   "cls_kl": loss_cls - entropy_cls, "lr": sched.lr, "wd": sched.weight_decay,
                   "momentum": sched.momentum, "teacher_temp": sched.teacher_temp,
                   "last_layer_frozen": sched.last_layer_frozen,
