@@ -1,0 +1,113 @@
+"""Does `icehpc outliers` find real mislabels? AUROC on the random-inspection set.
+
+``random_inspections.zip`` (Jaffeux et al. 2022) holds 900 2D-S and PIP images in folders named
+``CNN:<label> Hum:<label>``: the CNN classifier's label and a human's. Where they differ, the CNN
+label is wrong. This bench shards the 900 images with the CNN label as ``habit`` (prefixed by the
+probe: the two probes' classes differ), embeds them with BACKBONE and with a random-init backbone of
+its shape, scores every CNN label with `icehpc outliers --label habit`, and reports the AUROC of
+the ``mislabel`` score for CNN ≠ human. The geometric features of the probes' baseline (z-scored)
+go through the same outlier stage as a third representation. The kNN runs within the 900 images,
+whose CNN labels are themselves often wrong. Everything runs through the real CLI.
+
+    python bench/mislabel_auroc.py BACKBONE --out DIR [--zip PATH] [--k 20]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+ZIP = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "oap-jaffeux2022" / "random_inspections.zip"
+FOLDER = re.compile(r"Details classif (2DS|PIP)/CNN:(.+?) Hum:(.+?)/([^/]+)$")
+PROBES = {"2DS": ("2D-S", 10.0), "PIP": ("PIP", 100.0)}
+
+
+def icehpc(*args: str, ranks: int = 0) -> None:
+    pre = ["mpiexec", "--oversubscribe", "-n", str(ranks)] if ranks else []
+    subprocess.run([*pre, sys.executable, "-m", "icehpc", *args], check=True, stdout=subprocess.DEVNULL)
+
+
+def extract(zip_path: Path, out: Path) -> dict[str, tuple[str, str]]:
+    """Images under OUT/images, OUT/manifest.csv (CNN label as habit); path → (CNN, human) label."""
+    labels, rows = {}, []
+    with zipfile.ZipFile(zip_path) as z:
+        for name in sorted(z.namelist()):
+            m = FOLDER.search(name)
+            if not m or name.endswith("/"):
+                continue
+            probe, cnn, human, _ = m.groups()
+            rel = f"images/{probe}/{len(rows):04d}.png"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(z.read(name))
+            labels[rel] = (f"{probe}:{cnn.strip()}", f"{probe}:{human.strip()}")
+            rows.append({"path": rel, "habit": labels[rel][0], "probe": PROBES[probe][0],
+                         "pixel_um": PROBES[probe][1]})
+    with open(out / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return labels
+
+
+def geometric_store(shards: Path, like: Path, path: Path) -> None:
+    """A store of the z-scored geometric features, rows and metadata as in the embedded store LIKE."""
+    from icehpc.analysis.probe import geometric_features_from_shards
+    from icehpc.analysis.store import open_store, write_master, write_part
+
+    keys, feats = geometric_features_from_shards(shards, workers=2)
+    with open_store(like) as s:
+        _, meta = s.read(0, s.n_rows, ["key", "habit", "source_path"])
+    order = {k: i for i, k in enumerate(keys.tolist())}
+    x = feats[[order[k] for k in meta["key"].tolist()]]
+    x = (x - np.nanmean(x, axis=0)) / np.maximum(np.nanstd(x, axis=0), 1e-12)
+    write_part(path.parent / f"{path.stem}-part.h5", np.nan_to_num(x).astype(np.float32),
+               {c: [str(v) for v in meta[c]] for c in ("key", "habit", "source_path")})
+    write_master(path, [path.parent / f"{path.stem}-part.h5"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("backbone", help="exported backbone (.safetensors)")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--zip", type=Path, default=ZIP)
+    ap.add_argument("--k", type=int, default=20)
+    args = ap.parse_args()
+    if not args.zip.is_file():
+        sys.exit(f"mislabel_auroc: {args.zip} not found (pass --zip)")
+    o = args.out
+    o.mkdir(parents=True, exist_ok=True)
+    labels = extract(args.zip, o)
+    icehpc("shards", "build", "--manifest", str(o / "manifest.csv"), "--out", str(o / "shards"), "--no-progress")
+    icehpc("embed", str(o / "shards"), "--checkpoint", str(args.backbone), "--out", str(o / "trained.h5"), ranks=2)
+    icehpc("embed", str(o / "shards"), "--random-init", "--like", str(args.backbone), "--out", str(o / "random.h5"),
+           ranks=2)
+    geometric_store(o / "shards", o / "trained.h5", o / "geometric.h5")
+    wrong = sum(c != h for c, h in labels.values())
+    result = {"images": len(labels), "cnn_wrong": wrong, "k": args.k, "auroc": {}}
+    for name in ("trained", "random", "geometric"):
+        icehpc("outliers", str(o / f"{name}.h5"), "--out", str(o / f"outliers-{name}"), "--label", "habit",
+               "--k", str(args.k), ranks=2)
+        from icehpc.analysis.store import open_store
+
+        with open_store(o / f"{name}.h5") as s:
+            _, meta = s.read(0, s.n_rows, ["key", "source_path"])
+        path_of = {k: next(p for p in labels if str(src).endswith(p)) for k, src in zip(meta["key"], meta["source_path"])}
+        with open(o / f"outliers-{name}" / "outliers.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        y = [labels[path_of[r["key"]]][0] != labels[path_of[r["key"]]][1] for r in rows]
+        result["auroc"][name] = float(roc_auc_score(y, [float(r["mislabel"]) for r in rows]))
+        print(f"{name:9s}: mislabel AUROC {result['auroc'][name]:.3f} for CNN != human "
+              f"({wrong} of {len(labels)}, k = {args.k})", flush=True)
+    (o / "auroc.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
