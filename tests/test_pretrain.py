@@ -188,6 +188,16 @@ def test_koleo_weight_enters_the_loss_and_zero_leaves_it_alone():
     assert student.cls_tokens.grad[: 2 * b].abs().sum() > 0 and not student.cls_tokens.grad[2 * b:].any()
 
 
+def test_koleo_config_errors_are_one_line():
+    from icehpc.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lambda_koleo > 0 needs data\.batch_size >= 2"):
+        cfglib.load(PretrainConfig, None, ["loss.lambda_koleo=0.1", "data.batch_size=1"])
+    with pytest.raises(ConfigError, match=r"loss: loss weights"):
+        cfglib.load(PretrainConfig, None, ["loss.lambda_koleo=-0.1"])
+    assert cfglib.load(PretrainConfig, None, ["data.batch_size=1"]).loss.lambda_koleo == 0
+
+
 def _targets_after_centring(vmf: bool, mode: str, steps: int = 150) -> torch.Tensor:
     """Teacher targets on a fixed batch after ``steps`` centre updates; prototypes of unequal norms."""
     from icehpc.ssl.loss import teacher_logits

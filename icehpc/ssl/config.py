@@ -241,4 +241,8 @@ class PretrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def validate(self) -> None:
+        if self.loss.lambda_koleo > 0 and self.data.batch_size < 2:
+            raise ValueError("loss.lambda_koleo > 0 needs data.batch_size >= 2 (KoLeo compares the images of a rank's batch)")
+
 
