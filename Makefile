@@ -57,7 +57,7 @@ test: system venv
 	need_slurm=0; bash jobs/local-cluster.sh status >/dev/null 2>&1 && need_slurm=1; \
 	need_mpi=0; command -v mpiexec >/dev/null && need_mpi=1; \
 	ICEHPC_REQUIRE_SLURM=$$need_slurm ICEHPC_REQUIRE_MPI=$$need_mpi ICEHPC_REQUIRE_MULTINODE=$$multi OMP_NUM_THREADS=1 \
-	  $(PY) -m pytest $(PYTEST_ARGS)
+	  $(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 demo: system venv
 	$(PY) -m icehpc pipeline --config configs/demo.yaml --out $(DEMO_OUT)
