@@ -17,22 +17,19 @@ import argparse
 import csv
 import json
 import re
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
+from outliers_planted import icehpc  # the same CLI runner (bench/ is on sys.path)
 from sklearn.metrics import roc_auc_score
+
+from icehpc.analysis.store import open_store
 
 ZIP = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "oap-jaffeux2022" / "random_inspections.zip"
 FOLDER = re.compile(r"Details classif (2DS|PIP)/CNN:(.+?) Hum:(.+?)/([^/]+)$")
 PROBES = {"2DS": ("2D-S", 10.0), "PIP": ("PIP", 100.0)}
-
-
-def icehpc(*args: str, ranks: int = 0) -> None:
-    pre = ["mpiexec", "--oversubscribe", "-n", str(ranks)] if ranks else []
-    subprocess.run([*pre, sys.executable, "-m", "icehpc", *args], check=True, stdout=subprocess.DEVNULL)
 
 
 def extract(zip_path: Path, out: Path) -> dict[str, tuple[str, str]]:
@@ -60,7 +57,7 @@ def extract(zip_path: Path, out: Path) -> dict[str, tuple[str, str]]:
 def geometric_store(shards: Path, like: Path, path: Path) -> None:
     """A store of the z-scored geometric features, rows and metadata as in the embedded store LIKE."""
     from icehpc.analysis.probe import geometric_features_from_shards
-    from icehpc.analysis.store import open_store, write_master, write_part
+    from icehpc.analysis.store import write_master, write_part
 
     keys, feats = geometric_features_from_shards(shards, workers=2)
     with open_store(like) as s:
@@ -91,18 +88,18 @@ def main() -> None:
            ranks=2)
     geometric_store(o / "shards", o / "trained.h5", o / "geometric.h5")
     wrong = sum(c != h for c, h in labels.values())
+    with open_store(o / "trained.h5") as s:  # the three stores share keys and metadata
+        _, meta = s.read(0, s.n_rows, ["key", "source_path"])
+    # source_path ends with the manifest path: images/<probe>/<n>.png
+    pairs = {k: labels["/".join(Path(str(src)).parts[-3:])] for k, src in zip(meta["key"], meta["source_path"])}
+    cnn_wrong = {k: cnn != human for k, (cnn, human) in pairs.items()}
     result = {"images": len(labels), "cnn_wrong": wrong, "k": args.k, "auroc": {}}
     for name in ("trained", "random", "geometric"):
         icehpc("outliers", str(o / f"{name}.h5"), "--out", str(o / f"outliers-{name}"), "--label", "habit",
                "--k", str(args.k), ranks=2)
-        from icehpc.analysis.store import open_store
-
-        with open_store(o / f"{name}.h5") as s:
-            _, meta = s.read(0, s.n_rows, ["key", "source_path"])
-        path_of = {k: next(p for p in labels if str(src).endswith(p)) for k, src in zip(meta["key"], meta["source_path"])}
         with open(o / f"outliers-{name}" / "outliers.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        y = [labels[path_of[r["key"]]][0] != labels[path_of[r["key"]]][1] for r in rows]
+        y = [cnn_wrong[r["key"]] for r in rows]
         result["auroc"][name] = float(roc_auc_score(y, [float(r["mislabel"]) for r in rows]))
         print(f"{name:9s}: mislabel AUROC {result['auroc'][name]:.3f} for CNN != human "
               f"({wrong} of {len(labels)}, k = {args.k})", flush=True)
