@@ -104,6 +104,34 @@ def recorded_fingerprint(done: str | os.PathLike, required: Iterable[str | os.Pa
         return None
 
 
+#: First characters that make a spreadsheet read a cell as a formula (CSV/formula injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell that no spreadsheet runs: text starting like a formula (``=cmd|' /C calc'!A0``)
+    gets a leading ``'``; numbers, and text that reads as a number (``-3.5``), are left as they are."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
+def csv_text(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
+    """CSV (``\n`` line ends) of ``header`` and ``rows``, every text cell :func:`spreadsheet_safe`."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow([spreadsheet_safe(h) for h in header])
+    wr.writerows([spreadsheet_safe(v) for v in row] for row in rows)
+    return buf.getvalue()
+
+
 def run_facts(started: float) -> dict[str, Any]:
     """Where and how a stage ran, for its output's record: start time, host, versions, argv."""
     import numpy as np
