@@ -10,6 +10,11 @@ Nothing outside the contract is ever deleted: :meth:`Contract.remove` removes on
 files it lists and files matching the stage's own patterns (including its ``.NAME.PID.tmp`` temps);
 a user's notes or figures in the same folder stay. :meth:`Contract.foreign` names files that are
 not the stage's, for stages that prefer to refuse a folder holding them.
+
+Every stage module also answers, without writing anything, whether running it with given arguments
+would redo work: ``status(args) -> Status`` (``args``: the stage's parsed ``argparse.Namespace``).
+``icehpc pipeline`` (and its ``--plan`` preview) asks each stage this instead of restating the
+stage's file names or fingerprints.
 """
 from __future__ import annotations
 
@@ -44,6 +49,17 @@ def fact_matches(path: Path, fact: dict[str, Any], full: bool = False) -> bool:
     if not full and st.st_mtime_ns == fact.get("mtime_ns"):
         return True
     return file_sha256(path) == fact.get("sha256")
+
+
+@dataclass(frozen=True)
+class Status:
+    """A stage's answer to "is my output for these arguments complete and current?".
+
+    ``why``: one line for the log, e.g. ``"up to date (fingerprint 3f2a…)"`` or ``"input
+    2ds_training.zip changed since the build"``. Computing it writes nothing."""
+
+    done: bool
+    why: str
 
 
 @dataclass(frozen=True)
