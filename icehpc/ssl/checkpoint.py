@@ -1,5 +1,9 @@
 """Preemption (SIGUSR2) and the checkpoint folder layout of a pretraining run.
 
+This module is the one owner of that layout: :func:`commit` seals a saved tag (manifest, then
+``latest``, then pruning) and :func:`model_states` is the one reader of a tag's model file for
+anyone outside the trainer (``icehpc export``); it verifies the manifest first, as resume does.
+
 Layout: ``OUT/checkpoints/step-XXXXXXXX/`` (DeepSpeed tags) each with ``icehpc-sha256.json``, the
 sha256 of every file of the tag, written by rank 0 after every rank saved; ``OUT/checkpoints/latest``
 names the last complete tag. On resume (:func:`resume_tag`) ``latest`` must name a tag folder
@@ -20,9 +24,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import UserError
 from ..fileio import file_sha256, write_atomic
 
 MANIFEST = "icehpc-sha256.json"
+LATEST = "latest"
+#: DeepSpeed's per-tag file holding the client state (teacher, config, step) of rank 0.
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class CheckpointError(UserError):
+    """A checkpoint given to a reader (``icehpc export``) is missing or does not match its manifest."""
 
 
 class ResumeError(RuntimeError):
@@ -68,7 +80,7 @@ def checkpoint_root(out: str | os.PathLike) -> Path:
 
 def latest_tag(out: str | os.PathLike) -> str | None:
     """The last complete checkpoint tag of a run folder, or None."""
-    f = checkpoint_root(out) / "latest"
+    f = checkpoint_root(out) / LATEST
     return f.read_text().strip() if f.exists() else None
 
 
@@ -93,6 +105,11 @@ def check_tag(out: str | os.PathLike, tag: str) -> str | None:
     tag_dir = root / tag
     if tag_dir.is_symlink() or tag_dir.resolve().parent != root.resolve():
         return f"{tag_dir} is a link out of the run folder"
+    return check_tag_dir(tag_dir)
+
+
+def check_tag_dir(tag_dir: Path) -> str | None:
+    """Why the tag folder ``tag_dir`` does not match its manifest, or None when it is intact."""
     if not tag_dir.is_dir():
         return f"{tag_dir} is missing"
     try:
@@ -131,3 +148,47 @@ def resume_tag(out: str | os.PathLike) -> tuple[str | None, list[str]]:
         problems.append(f"checkpoint {tag}: {why}")
     raise ResumeError(f"no intact checkpoint to resume from in {root} ({'; '.join(problems[:3])}); restore "
                        f"one from a backup or start over in a new `out` folder")
+
+
+def commit(out: str | os.PathLike, tag: str, keep: int) -> None:
+    """Seal tag ``tag`` that every rank has saved (rank 0 only, after a barrier): its manifest first,
+    then ``latest`` atomically (so ``latest`` only ever names a verifiable tag), then prune the tags
+    beyond the newest ``keep``. Only ``step-XXXXXXXX`` folders are ever removed."""
+    import shutil
+
+    root = checkpoint_root(out)
+    if not _TAG.fullmatch(tag):
+        raise ValueError(f"checkpoint tag {tag!r} is not step-XXXXXXXX")
+    write_manifest(root / tag)
+    write_atomic(root / LATEST, tag + "\n")
+    tags = sorted(p.name for p in root.glob("step-*") if p.is_dir() and _TAG.fullmatch(p.name))
+    for old in tags[: max(0, len(tags) - keep)]:
+        if old != tag:
+            shutil.rmtree(root / old, ignore_errors=True)
+
+
+def model_states(path: str | os.PathLike) -> Path:
+    """The verified model-states file of a run folder, its ``checkpoints/`` folder (both: the tag
+    ``latest`` names) or one tag folder. Raises :class:`CheckpointError` (one line) when there is no
+    checkpoint or the tag does not match its sha256 manifest: what resume would reject is never read."""
+    d = Path(path)
+    for root in (checkpoint_root(d), d):
+        latest = root / LATEST
+        if latest.is_file():
+            tag = latest.read_text().strip()
+            why = check_tag(root.parent, tag) if root.name == "checkpoints" else \
+                (f"tag {tag!r} named by {latest} is not a checkpoint name (step-XXXXXXXX)" if not _TAG.fullmatch(tag)
+                 else check_tag_dir(root / tag))
+            tag_dir = root / tag
+            break
+    else:
+        if not (d / MODEL_STATES).is_file() and not (d / MANIFEST).is_file():
+            raise CheckpointError(f"{d}: no checkpoint found (expected a run folder with checkpoints/{LATEST}, "
+                                  f"a checkpoints/ folder, or a step-XXXXXXXX tag folder)")
+        tag_dir, why = d, check_tag_dir(d)
+    if why is not None:
+        raise CheckpointError(f"checkpoint {tag_dir} does not verify: {why}; resume would reject it too")
+    states = tag_dir / MODEL_STATES
+    if not states.is_file():
+        raise CheckpointError(f"{tag_dir} has no {MODEL_STATES} (not a DeepSpeed checkpoint of icehpc pretrain)")
+    return states

@@ -23,7 +23,6 @@ from typing import Any
 from ..fileio import file_sha256
 from .config import AugmentConfig
 
-MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's per-tag file holding our client state
 _TEACHER_PREFIX = "backbone.vit."
 
 
@@ -69,21 +68,14 @@ def export_teacher(teacher: torch.nn.Module, cfg: Any, out: str | os.PathLike, s
     return _save(teacher.backbone.vit.state_dict(), meta, out)
 
 
-def find_model_states(ckpt_dir: str | os.PathLike) -> Path:
-    """The DeepSpeed model-states file of a run folder, its ``checkpoints/`` folder, or one tag folder."""
-    d = Path(ckpt_dir)
-    for root in (d / "checkpoints", d):
-        latest = root / "latest"
-        if latest.is_file():
-            return root / latest.read_text().strip() / MODEL_STATES
-    if (d / MODEL_STATES).is_file():
-        return d / MODEL_STATES
-    raise FileNotFoundError(f"{d}: no checkpoint found (expected checkpoints/latest, latest, or {MODEL_STATES})")
-
-
 def export_checkpoint(ckpt_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Export the teacher backbone stored in a pretraining checkpoint (no DeepSpeed, no process group)."""
-    path = find_model_states(ckpt_dir)
+    """Export the teacher backbone stored in a pretraining checkpoint (no DeepSpeed, no process group).
+
+    The tag is verified against its sha256 manifest first (:func:`icehpc.ssl.checkpoint.model_states`):
+    a tag that resume would reject is refused (:class:`~icehpc.ssl.checkpoint.CheckpointError`)."""
+    from .checkpoint import model_states
+
+    path = model_states(ckpt_dir)
     import torch
 
     state = torch.load(path, map_location="cpu", weights_only=True)

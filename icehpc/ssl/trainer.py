@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import yaml
 from .. import config as cfglib
 from ..fileio import LockedError, lock_dir, write_atomic
 from .augment import Crops, MultiCrop
-from .checkpoint import PREEMPTED_EXIT, PreemptFlag, checkpoint_root, latest_tag, ResumeError, resume_tag, write_manifest
+from .checkpoint import PREEMPTED_EXIT, PreemptFlag, checkpoint_root, commit, latest_tag, ResumeError, resume_tag
 from .config import PretrainConfig
 from .engine import apply_schedule, ds_config, ema_update, init_distributed, param_groups
 from .loss import Centres, LossOut, ibot_vmf_loss, resolve_centering
@@ -162,12 +161,7 @@ class Trainer:
         self.engine.save_checkpoint(str(root), tag=tag, client_state=self._client_state(), save_latest=False)
         torch.distributed.barrier()
         if self.rank == 0:
-            write_manifest(root / tag)  # checksums first: `latest` only ever names a verifiable tag
-            write_atomic(root / "latest", tag + "\n")
-            tags = sorted(p.name for p in root.glob("step-*") if p.is_dir())
-            for old in tags[: max(0, len(tags) - self.cfg.train.keep_checkpoints)]:
-                if old != tag:
-                    shutil.rmtree(root / old, ignore_errors=True)
+            commit(self.out, tag, self.cfg.train.keep_checkpoints)  # manifest, then `latest`, then pruning
         torch.distributed.barrier()
         return tag
 
