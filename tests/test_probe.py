@@ -182,3 +182,156 @@ def test_geometric_baseline_on_real_probe_images(shared_data, archive, chance_ma
     metrics = score(y[test], logreg_predict(features[train], y[train], features[test], seed=0), classes)
     chance = 1 / len(classes)
     assert metrics["balanced_accuracy"] > chance + chance_margin, metrics
+
+
+# --------------------------------------------------------------------------- joins, hostile input, contract
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from icehpc.run.cli import main
+
+    rc = main(["probe", *argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _one_line(rc: int, err: str) -> None:
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    """40 synthetic samples → shards through the real CLI (every sample JSON carries source_sha256)."""
+    import sys
+
+    base = tmp_path_factory.mktemp("probe-shards")
+    for cmd in (["synth", "--out", str(base / "synth"), "--n", "40", "--seed", "5", "--no-progress"],
+                ["shards", "build", str(base / "synth" / "manifest.csv"), "--out", str(base / "shards"),
+                 "--no-progress"]):
+        res = subprocess.run([sys.executable, "-m", "icehpc", *cmd], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+    return base / "shards"
+
+
+def _shard_meta(shards: Path) -> tuple[np.ndarray, np.ndarray]:
+    from icehpc.data.format import iter_samples, shard_paths
+
+    keys, sources = [], []
+    for p in shard_paths(str(shards)):
+        for key, sample in iter_samples(p, ("json",)):
+            keys.append(key)
+            sources.append(json.loads(sample["json"])["source_sha256"])
+    return np.array(keys), np.array(sources)
+
+
+def _two_class_store(path: Path, keys: np.ndarray, sources: np.ndarray | None = None, seed: int = 0,
+                     labels: np.ndarray | None = None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    labels = np.array(["plate", "column"] * (len(keys) // 2 + 1))[: len(keys)] if labels is None else labels
+    emb = rng.normal(size=(len(keys), 8)) + (labels == "plate")[:, None] * 3.0
+    meta = {"key": keys, "habit": labels}
+    if sources is not None:
+        meta["source_sha256"] = sources
+    write_store(path, emb, meta)
+    return emb
+
+
+def test_probe_images_of_another_build_are_refused_in_one_line(small_shards, tmp_path, capsys):
+    keys, sources = _shard_meta(small_shards)
+    _two_class_store(tmp_path / "s.h5", keys, sources)
+    rc, out, err = _cli(capsys, str(tmp_path / "s.h5"), "--out", str(tmp_path / "ok"), "--images", str(small_shards),
+                        "--workers", "1", "--splits", "1")
+    assert rc == 0, err
+    assert "geometric" in json.loads((tmp_path / "ok" / "probe.json").read_text())["results"]
+    other = sources.copy()
+    other[3] = "0" * 64  # another image under the same key: another build of the data
+    _two_class_store(tmp_path / "other.h5", keys, other)
+    rc, out, err = _cli(capsys, str(tmp_path / "other.h5"), "--out", str(tmp_path / "bad"), "--images",
+                        str(small_shards), "--workers", "1")
+    _one_line(rc, err)
+    assert "source_sha256 differs" in err and keys[3] in err
+    assert not (tmp_path / "bad" / "probe.json").exists()
+
+
+def test_probe_random_store_of_other_samples_is_refused_in_one_line(tmp_path, capsys):
+    keys = np.array([f"k{i:03d}" for i in range(60)])
+    sources = np.array([f"{i:064x}" for i in range(60)])
+    _two_class_store(tmp_path / "s.h5", keys, sources)
+    _two_class_store(tmp_path / "same.h5", keys[::-1], sources[::-1], seed=1)
+    rc, out, err = _cli(capsys, str(tmp_path / "s.h5"), "--out", str(tmp_path / "ok"), "--random-store",
+                        str(tmp_path / "same.h5"), "--splits", "1")
+    assert rc == 0, err
+    swapped = sources.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # same keys, sources of other images
+    _two_class_store(tmp_path / "swapped.h5", keys, swapped, seed=1)
+    rc, out, err = _cli(capsys, str(tmp_path / "s.h5"), "--out", str(tmp_path / "p"), "--random-store",
+                        str(tmp_path / "swapped.h5"))
+    _one_line(rc, err)
+    assert "source_sha256 differs" in err
+    more = np.concatenate([keys, ["extra"]])
+    _two_class_store(tmp_path / "more.h5", more, np.concatenate([sources, ["f" * 64]]), seed=1)
+    rc, out, err = _cli(capsys, str(tmp_path / "s.h5"), "--out", str(tmp_path / "p"), "--random-store",
+                        str(tmp_path / "more.h5"))
+    _one_line(rc, err)
+    assert "does not" in err and "extra" in err
+
+
+def test_probe_skips_and_counts_nonfinite_rows_and_refuses_too_few_classes(tmp_path, capsys):
+    keys = np.array([f"k{i:03d}" for i in range(80)])
+    emb = _two_class_store(tmp_path / "s.h5", keys)
+    rc, out, err = _cli(capsys, str(tmp_path / "s.h5"), "--out", str(tmp_path / "clean"), "--splits", "2")
+    assert rc == 0, err
+    clean = json.loads((tmp_path / "clean" / "probe.json").read_text())
+    emb[[2, 5]] = np.nan
+    emb[7, 3] = np.inf
+    labels = np.array(["plate", "column"] * 40)
+    write_store(tmp_path / "nan.h5", emb, {"key": keys, "habit": labels})
+    rc, out, err = _cli(capsys, str(tmp_path / "nan.h5"), "--out", str(tmp_path / "nan"), "--splits", "2")
+    assert rc == 0, err
+    assert "skipped rows with a NaN/inf embedding: 3 in pretrained" in out
+    rec = json.loads((tmp_path / "nan" / "probe.json").read_text())
+    assert rec["rows_nonfinite"] == {"pretrained": 3}
+    assert rec["split"]["n_train"] + rec["split"]["n_test"] == 77
+    assert clean["rows_nonfinite"] == {"pretrained": 0}
+    # one class only (the other has too few samples): one line, no traceback
+    write_store(tmp_path / "one.h5", emb[:40], {"key": keys[:40], "habit": np.array(["plate"] * 37 + ["column"] * 3)})
+    rc, out, err = _cli(capsys, str(tmp_path / "one.h5"), "--out", str(tmp_path / "one"))
+    _one_line(rc, err)
+    assert "need at least 2 classes" in err
+
+
+def test_probe_names_cannot_crash_figures_or_inject_formulas(tmp_path, capsys):
+    keys = np.array([f"k{i:03d}" for i in range(60)])
+    labels = np.array(["$\\frac{x$ col", "=1+1"] * 30)
+    _two_class_store(tmp_path / "s.h5", keys, labels=labels)
+    rc, out, err = _cli(capsys, str(tmp_path / "s.h5"), "--out", str(tmp_path / "p"), "--name", "=1+1",
+                        "--splits", "1")
+    assert rc == 0, err
+    assert (tmp_path / "p" / "confusion_=1+1_knn.png").stat().st_size > 3000
+    rows = (tmp_path / "p" / "summary.csv").read_text().splitlines()
+    assert rows[1].startswith("'=1+1,knn,")
+
+
+def test_probe_json_seals_the_set_and_status_compares_inputs(tmp_path, capsys):
+    from icehpc.analysis import probe
+    from icehpc.run.stages import stage_parser
+
+    keys = np.array([f"k{i:03d}" for i in range(60)])
+    _two_class_store(tmp_path / "s.h5", keys)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "my_notes.txt").write_text("mine")
+    argv = [str(tmp_path / "s.h5"), "--out", str(tmp_path / "p"), "--splits", "1"]
+    args = stage_parser("probe").parse_args(argv)
+    assert not probe.status(args).done
+    rc, out, err = _cli(capsys, *argv)
+    assert rc == 0, err
+    rec = probe.CONTRACT.verify(tmp_path / "p")
+    assert rec is not None and set(rec["outputs"]) == {"summary.csv", "confusion_pretrained_knn.png",
+                                                       "confusion_pretrained_logreg.png"}
+    assert probe.status(args).done, probe.status(args).why
+    assert not probe.status(stage_parser("probe").parse_args([*argv, "--k", "3"])).done  # other settings
+    (tmp_path / "p" / "summary.csv").write_text("representation\n")  # a file of the set changed
+    assert not probe.status(args).done
+    rc, out, err = _cli(capsys, *argv)
+    assert rc == 0 and probe.status(args).done
+    _two_class_store(tmp_path / "s.h5", keys, seed=9)  # the store rebuilt in place
+    assert "changed" in probe.status(args).why
+    assert (tmp_path / "p" / "my_notes.txt").read_text() == "mine"  # a user's file is never removed

@@ -15,12 +15,19 @@ numbers are directly comparable:
   what an embedding of a size-normalised, bbox-framed crop can know).
 
 Output in DIR: ``probe.json`` (all metrics, class names, split, inputs), ``summary.csv`` (one row
-per representation × method) and one confusion-matrix PNG per representation × method.
+per representation × method) and one confusion-matrix PNG per representation × method;
+``probe.json`` is written last and seals the others (:data:`CONTRACT`, with the sha256 of each input
+store and shard index: :func:`status` answers "up to date?" without writing).
+
+Joins are checked by content (:mod:`icehpc.analysis.joins`): ``--random-store`` must hold the same
+keys with the same source images (``source_sha256``) as the store, and ``--images`` shards the same
+source image under every key; a mismatch is one line, exit 2. Rows with a NaN/inf embedding (in
+either store) are skipped and counted (``rows_nonfinite`` in probe.json), as κ does.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import hashlib
 import io
 import json
 import os
@@ -33,7 +40,12 @@ import numpy as np
 from .. import config as cfglib
 from ..config import UserError
 from ..config import field
-from ..fileio import write_atomic
+from ..contract import Contract, Status
+from ..fileio import csv_text, file_sha256, lock_dir, write_atomic
+from .joins import SOURCE, source_mismatch
+
+#: probe.json (written last) seals summary.csv and the confusion figures.
+CONTRACT = Contract("probe.json", ("summary.csv", "confusion_*.png", "confusion_*.svg", "confusion_*.pdf"))
 
 GEOMETRIC_FEATURES = ("aspect_ratio", "area_ratio", "circularity", "solidity", "complexity",
                       "log10_equivalent_diameter_um")
@@ -141,8 +153,8 @@ def iter_shard_images(shard_path: str) -> Iterator[tuple[str, np.ndarray, dict]]
         yield key, image, json.loads(sample["json"])
 
 
-def _shard_geometric_features(shard_path: str) -> tuple[list[str], list[np.ndarray]]:
-    keys, rows = [], []
+def _shard_geometric_features(shard_path: str) -> tuple[list[str], list[np.ndarray], list[str]]:
+    keys, rows, sources = [], [], []
     for key, image, meta in iter_shard_images(shard_path):
         try:
             pixel_um = float(meta.get("pixel_um"))
@@ -150,11 +162,13 @@ def _shard_geometric_features(shard_path: str) -> tuple[list[str], list[np.ndarr
             pixel_um = float("nan")
         keys.append(key)
         rows.append(contour_features(image, pixel_um if np.isfinite(pixel_um) and pixel_um > 0 else 1.0))
-    return keys, rows
+        sources.append(str(meta.get(SOURCE) or ""))
+    return keys, rows, sources
 
 
-def geometric_features_from_shards(shard_dir: str | Path, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(keys [N] str, features float64 [N, 6]) of every sample in a shard folder, shards in parallel.
+def geometric_features_from_shards(shard_dir: str | Path, workers: int = 1, with_sources: bool = False):
+    """(keys [N] str, features float64 [N, 6]) of every sample in a shard folder, shards in parallel;
+    with ``with_sources`` also each sample's ``source_sha256`` (for the join check).
 
     Particles without a known ``pixel_um`` get their equivalent diameter in pixels.
     """
@@ -168,9 +182,11 @@ def geometric_features_from_shards(shard_dir: str | Path, workers: int = 1) -> t
             results = list(pool.map(_shard_geometric_features, paths))
     else:
         results = [_shard_geometric_features(p) for p in paths]
-    keys = [k for ks, _ in results for k in ks]
-    rows = [r for _, rs in results for r in rs]
-    return np.asarray(keys, dtype=str), np.asarray(rows, dtype=np.float64).reshape(-1, len(GEOMETRIC_FEATURES))
+    keys = np.asarray([k for ks, _, _ in results for k in ks], dtype=str)
+    rows = np.asarray([r for _, rs, _ in results for r in rs], dtype=np.float64).reshape(-1, len(GEOMETRIC_FEATURES))
+    if with_sources:
+        return keys, rows, [s for _, _, ss in results for s in ss]
+    return keys, rows
 
 
 # --------------------------------------------------------------------------- probes
@@ -248,8 +264,9 @@ def _as_str(values: np.ndarray) -> np.ndarray:
     return values.astype(str)
 
 
-def read_store(path: str | Path, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(keys [N] str, labels [N] str, embeddings float32 [N, D]) of an embedding store."""
+def read_store(path: str | Path, label: str, with_sources: bool = False):
+    """(keys [N] str, labels [N] str, embeddings float32 [N, D]) of an embedding store; with
+    ``with_sources`` also ({key: source_sha256}, the store file's sha256)."""
     from .store import open_store
 
     store = open_store(str(path))
@@ -258,7 +275,12 @@ def read_store(path: str | Path, label: str) -> tuple[np.ndarray, np.ndarray, np
             hint = "choose the class column with --label" if column == label else "was it written by `icehpc embed`?"
             raise UserError(f"store {path} has no meta column '{column}' (columns: {sorted(store.columns)}); {hint}")
     embeddings, meta = store.read(0, store.n_rows)
-    return _as_str(meta["key"]), _as_str(meta[label]), np.asarray(embeddings, dtype=np.float32)
+    keys = _as_str(meta["key"])
+    out = keys, _as_str(meta[label]), np.asarray(embeddings, dtype=np.float32)
+    if not with_sources:
+        return out
+    src = _as_str(meta[SOURCE]) if SOURCE in meta else np.full(len(keys), "")
+    return (*out, dict(zip(keys.tolist(), src.tolist())), store.sha256)
 
 
 def _align(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray, what: str) -> np.ndarray:
@@ -266,25 +288,31 @@ def _align(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray, what: str) 
     position = {k: i for i, k in enumerate(keys)}
     missing = [k for k in wanted if k not in position]
     if missing:
-        raise ValueError(f"{what}: {len(missing)} of {len(wanted)} keys of the store are missing "
-                         f"(first: {missing[:3]}); it must hold the same samples")
+        raise UserError(f"{what}: {len(missing)} of {len(wanted)} keys of the store are missing "
+                        f"(first: {missing[:3]}); it must hold the same samples")
     return values[np.fromiter((position[k] for k in wanted), dtype=np.int64, count=len(wanted))]
 
 
+def _finite_rows(x: np.ndarray) -> np.ndarray:
+    return np.isfinite(x).all(axis=1) if x.size else np.ones(len(x), dtype=bool)
+
+
 # --------------------------------------------------------------------------- output
-def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    """Row-normalised confusion matrix (rows: true class), annotated with recall and counts."""
-    import matplotlib
+def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path,
+                   formats: tuple[str, ...] = ("png",)) -> None:
+    """Row-normalised confusion matrix (rows: true class), annotated with recall and counts (up to
+    25 classes). The one drawing of it: the report calls this too. ``path`` (.png) and each other
+    format of ``formats`` beside it, each written atomically."""
+    from ..plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     counts = np.asarray(matrix, dtype=np.float64)
     fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 1.6 + 0.55 * len(classes)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     im = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
+    ax.grid(False)
+    for i in range(len(classes) if len(classes) <= 25 else 0):
         for j in range(len(classes)):
             if counts[i, j]:
                 ax.text(j, i, f"{fractions[i, j]:.2f}\n{int(counts[i, j])}", ha="center", va="center",
@@ -294,12 +322,14 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Pat
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class (recall on the diagonal)")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    for fmt in formats:
+        target = path.with_suffix(f".{fmt}")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        fig.savefig(tmp, dpi=110, format=fmt)
+        os.replace(tmp, target)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 
@@ -320,6 +350,34 @@ class ProbeSettings:
             raise ValueError("need k >= 1, temperature > 0, 0 < test_fraction < 1, logreg_c > 0 and splits >= 1")
 
 
+def _inputs_sha256(store: str | Path, random_store: str | Path | None, images: str | Path | None) -> dict[str, str]:
+    """The content of each input, as :func:`status` compares it: the store files' sha256 (a master
+    records its parts' checksums) and the shard folder's ``index.json`` sha256."""
+    from .store import open_store
+
+    out = {}
+    for name, path in (("store", store), ("random_store", random_store)):
+        if path is not None:
+            with open_store(str(path), verify=False) as st:
+                out[name] = st.sha256
+    if images is not None:
+        out["images_index"] = _images_index_sha256(images)
+    return out
+
+
+def _images_index_sha256(images: str | Path) -> str:
+    from ..data.format import INDEX
+
+    index = Path(images) / INDEX
+    return file_sha256(index) if index.is_file() else ""
+
+
+def _fingerprint(label: str, name: str, settings: "ProbeSettings", inputs_sha256: dict[str, str]) -> str:
+    blob = json.dumps({"label": label, "name": name, "settings": cfglib.to_dict(settings),
+                       "inputs": inputs_sha256}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", name: str = "pretrained",
                random_store: str | Path | None = None, images: str | Path | None = None,
                settings: ProbeSettings = ProbeSettings(), workers: int = 1,
@@ -327,21 +385,49 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
     """Score every representation on one stratified split and write probe.json, summary.csv, PNGs.
 
     Rows whose label is empty and classes with fewer than ``settings.min_class_count`` samples are
-    left out (listed in the JSON) because a stratified split cannot place them in both halves.
+    left out (listed in the JSON) because a stratified split cannot place them in both halves; rows
+    with a non-finite embedding in any store are skipped and counted. Inputs that are not of the
+    same samples (by key and source image) are refused with a :class:`UserError`.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    keys, labels, features = read_store(store, label)
+    keys, labels, features, sources, store_sha = read_store(store, label, with_sources=True)
     if len(set(keys)) != len(keys):
-        raise ValueError(f"store {store}: duplicate keys; cannot match rows across representations")
+        raise UserError(f"store {store}: duplicate keys; cannot match rows across representations")
+    inputs_sha256 = {"store": store_sha}
+    r_features = None
+    nonfinite = {name: int((~_finite_rows(features)).sum())}
+    keep = _finite_rows(features)
+    if random_store is not None:
+        r_keys, _, r_all, r_sources, inputs_sha256["random_store"] = read_store(random_store, label, with_sources=True)
+        what = f"--random-store {random_store}"
+        why = source_mismatch(what, sources, r_sources)
+        extra_keys = set(r_sources) - set(sources)
+        if why is None and extra_keys:
+            why = (f"{what} holds {len(extra_keys)} samples the store {store} does not (first: "
+                   f"{sorted(extra_keys)[:3]}): it must hold the same samples")
+        if why:
+            raise UserError(why)
+        r_features = _align(r_keys, r_all, keys, f"random store {random_store}")
+        nonfinite["random_init"] = int((~_finite_rows(r_features)).sum())
+        keep &= _finite_rows(r_features)
+    geometric_all = None
+    if images is not None:
+        g_keys, g_features, g_sources = geometric_features_from_shards(images, workers, with_sources=True)
+        why = source_mismatch(f"--images {images}", sources, dict(zip(g_keys.tolist(), g_sources)))
+        if why:
+            raise UserError(why)
+        geometric_all = _align(g_keys, g_features, keys, f"shards {images}")
+        inputs_sha256["images_index"] = _images_index_sha256(images)
+    keys, labels, features = keys[keep], labels[keep], features[keep]
     names, counts = np.unique(labels, return_counts=True)
     too_small = {str(n): int(c) for n, c in zip(names, counts) if c < settings.min_class_count or n == ""}
-    keep = ~np.isin(labels, list(too_small))
-    keys, labels, features = keys[keep], labels[keep], features[keep]
+    keep2 = ~np.isin(labels, list(too_small))
+    keys, labels, features = keys[keep2], labels[keep2], features[keep2]
     classes = sorted(set(labels.tolist()))
     if len(classes) < 2:
-        raise ValueError(f"store {store}: need at least 2 classes in '{label}' with "
-                         f">= {settings.min_class_count} samples, found {classes}")
+        raise UserError(f"store {store}: need at least 2 classes in '{label}' with >= {settings.min_class_count} "
+                        f"samples and finite embeddings, found {classes or 'none'} (left out: {too_small}); "
+                        "lower --min-class-count or choose another --label")
     y = np.searchsorted(np.asarray(classes), labels)
     seeds = [settings.seed + i for i in range(max(1, settings.splits))]
     splits = [stratified_split(y, settings.test_fraction, s) for s in seeds]  # the same for every representation
@@ -349,15 +435,12 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
 
     representations: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {name: (features, ("knn", "logreg"))}
     inputs = {name: str(store)}
-    if random_store is not None:
-        r_keys, _, r_features = read_store(random_store, label)
-        representations["random_init"] = (_align(r_keys, r_features, keys, f"random store {random_store}"),
-                                          ("knn", "logreg"))
+    if r_features is not None:
+        representations["random_init"] = (r_features[keep][keep2], ("knn", "logreg"))
         inputs["random_init"] = str(random_store)
     extra: dict = {}
-    if images is not None:
-        g_keys, g_features = geometric_features_from_shards(images, workers)
-        geometric = _align(g_keys, g_features, keys, f"shards {images}")
+    if geometric_all is not None:
+        geometric = geometric_all[keep][keep2]
         representations["geometric"] = (geometric, ("logreg",))
         # without the size feature (equivalent diameter): what framed, size-normalised crops can know
         representations["geometric_shape"] = (geometric[:, :-1], ("logreg",))
@@ -365,49 +448,74 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
         extra["geometric_empty_images"] = int(np.isnan(geometric).all(axis=1).sum())
         extra["geometric_features"] = list(GEOMETRIC_FEATURES)
 
-    results: dict[str, dict] = {}
-    rows = []
-    for rep, (x, methods) in representations.items():
-        results[rep] = {"dim": int(x.shape[1])}
-        for method in methods:
-            per_split = []
-            for seed, (tr, te) in zip(seeds, splits):
-                if method == "knn":
-                    pred = knn_predict(x[tr], y[tr], x[te], len(classes), settings.k, settings.temperature)
-                else:
-                    pred = logreg_predict(x[tr], y[tr], x[te], seed, settings.logreg_c)
-                per_split.append(score(y[te], pred, classes))
-            metrics = dict(per_split[0])  # per-class recall and confusion matrix: the first split
-            for key in ("accuracy", "balanced_accuracy"):
-                values = np.array([m[key] for m in per_split])
-                metrics[key] = float(values.mean())
-                metrics[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-                metrics[f"{key}_per_split"] = values.tolist()
-            results[rep][method] = metrics
-            plot_confusion(np.asarray(metrics["confusion_matrix"]), classes,
-                           f"{rep} / {method}: acc {metrics['accuracy']:.3f}, "
-                           f"bal. acc {metrics['balanced_accuracy']:.3f}",
-                           out / f"confusion_{rep}_{method}.png")
-            rows.append((rep, method, metrics["accuracy"], metrics["balanced_accuracy"]))
+    out.mkdir(parents=True, exist_ok=True)
+    with lock_dir(out, "probe output folder"):
+        CONTRACT.remove(out)  # the marker first: a crash below leaves no seal over a partial set
+        results: dict[str, dict] = {}
+        rows = []
+        written = []
+        for rep, (x, methods) in representations.items():
+            results[rep] = {"dim": int(x.shape[1])}
+            for method in methods:
+                per_split = []
+                for seed, (tr, te) in zip(seeds, splits):
+                    if method == "knn":
+                        pred = knn_predict(x[tr], y[tr], x[te], len(classes), settings.k, settings.temperature)
+                    else:
+                        pred = logreg_predict(x[tr], y[tr], x[te], seed, settings.logreg_c)
+                    per_split.append(score(y[te], pred, classes))
+                metrics = dict(per_split[0])  # per-class recall and confusion matrix: the first split
+                for key in ("accuracy", "balanced_accuracy"):
+                    values = np.array([m[key] for m in per_split])
+                    metrics[key] = float(values.mean())
+                    metrics[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                    metrics[f"{key}_per_split"] = values.tolist()
+                results[rep][method] = metrics
+                fig = out / f"confusion_{rep}_{method}.png"
+                plot_confusion(np.asarray(metrics["confusion_matrix"]), classes,
+                               f"{rep} / {method}: acc {metrics['accuracy']:.3f}, "
+                               f"bal. acc {metrics['balanced_accuracy']:.3f}", fig)
+                written.append(fig.name)
+                rows.append((rep, method, metrics["accuracy"], metrics["balanced_accuracy"]))
 
-    report = {
-        "label": label, "classes": classes, "inputs": inputs,
-        "split": {"seed": settings.seed, "seeds": seeds, "test_fraction": settings.test_fraction,
-                  "n_train": int(len(train)),
-                  "n_test": int(len(test)), "left_out_classes": too_small},
-        "settings": {"knn_k": settings.k, "knn_temperature": settings.temperature,
-                     "logreg_c": settings.logreg_c},
-        "results": results, **extra, "config": provenance,
-    }
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["representation", "method", "accuracy", "accuracy_sd", "balanced_accuracy",
-                     "balanced_accuracy_sd", "splits"])
-    writer.writerows([(r, m, f"{a:.4f}", f"{results[r][m]['accuracy_sd']:.4f}", f"{b:.4f}",
-                       f"{results[r][m]['balanced_accuracy_sd']:.4f}", len(seeds)) for r, m, a, b in rows])
-    write_atomic(out / "summary.csv", buf.getvalue())
-    write_atomic(out / "probe.json", json.dumps(report, indent=2) + "\n")  # last: marks completion
+        report = {
+            "label": label, "classes": classes, "inputs": inputs, "inputs_sha256": inputs_sha256,
+            "fingerprint": _fingerprint(label, name, settings, inputs_sha256),
+            "rows_nonfinite": nonfinite,
+            "split": {"seed": settings.seed, "seeds": seeds, "test_fraction": settings.test_fraction,
+                      "n_train": int(len(train)),
+                      "n_test": int(len(test)), "left_out_classes": too_small},
+            "settings": {"knn_k": settings.k, "knn_temperature": settings.temperature,
+                         "logreg_c": settings.logreg_c},
+            "results": results, **extra, "config": provenance,
+        }
+        write_atomic(out / "summary.csv", csv_text(
+            ["representation", "method", "accuracy", "accuracy_sd", "balanced_accuracy", "balanced_accuracy_sd",
+             "splits"],
+            [(r, m, f"{a:.4f}", f"{results[r][m]['accuracy_sd']:.4f}", f"{b:.4f}",
+              f"{results[r][m]['balanced_accuracy_sd']:.4f}", len(seeds)) for r, m, a, b in rows]))
+        written.append("summary.csv")
+        report = CONTRACT.seal(out, report, written)  # last: marks completion, lists every file
     return report
+
+
+def status(args: argparse.Namespace) -> Status:
+    """Whether ``icehpc probe`` with ``args`` would find its output complete and current (read-only):
+    the marker verifies (every file as sealed) and its fingerprint, over the settings and the sha256
+    of each input, equals that of the given inputs."""
+    out = Path(args.out)
+    record = CONTRACT.verify(out)
+    if record is None:
+        return Status(False, f"{out / CONTRACT.marker} missing, incomplete or changed")
+    try:
+        settings = cfglib.from_args(ProbeSettings, args)
+        want = _fingerprint(args.label, args.name, settings,
+                            _inputs_sha256(args.store, args.random_store, args.images))
+    except (UserError, OSError, ValueError) as exc:
+        return Status(False, f"inputs unreadable ({exc})")
+    if record.get("fingerprint") != want:
+        return Status(False, f"inputs or settings changed since {out / CONTRACT.marker} was written")
+    return Status(True, f"up to date (fingerprint {want})")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -432,6 +540,10 @@ def run(args: argparse.Namespace) -> int:
                         workers=args.workers, provenance=cfglib.provenance(args, settings))
     print(f"probe on '{report['label']}': {len(report['classes'])} classes, "
           f"{report['split']['n_train']} train / {report['split']['n_test']} test")
+    skipped = {k: v for k, v in report["rows_nonfinite"].items() if v}
+    if skipped:
+        print(f"  skipped rows with a NaN/inf embedding: "
+              f"{', '.join(f'{v:,} in {k}' for k, v in skipped.items())}")
     for rep, res in report["results"].items():
         for method in ("knn", "logreg"):
             if method in res:
