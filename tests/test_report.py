@@ -130,10 +130,12 @@ def full_run(tmp_path_factory, icehpc_cmd_module) -> dict[str, Path]:
     k = len(habits)
     probe = tmp / "probe"
     probe.mkdir()
-    split = lambda acc: {"accuracy": {"mean": acc, "sd": 0.05}, "balanced_accuracy": {"mean": acc - 0.1, "sd": 0.04},
+    split = lambda acc: {"accuracy": acc, "accuracy_sd": 0.05, "accuracy_per_split": [acc] * 5,
+                         "balanced_accuracy": acc - 0.1, "balanced_accuracy_sd": 0.04,
+                         "balanced_accuracy_per_split": [acc - 0.1] * 5,
                          "per_class_recall": {h: 0.5 for h in habits},
-                         "confusion_matrix": (np.eye(k, dtype=int) * 5 + 1).tolist()}
-    (probe / "probe.json").write_text(json.dumps({"label": "habit", "classes": habits, "split": {"n_splits": 5},
+                         "confusion_matrix": (np.eye(k, dtype=int) * 5 + 1).tolist()}  # as `icehpc probe` writes it
+    (probe / "probe.json").write_text(json.dumps({"label": "habit", "classes": habits, "split": {"seeds": [0, 1, 2, 3, 4]},
                                                   "results": {"pretrained": {"dim": 16, "knn": split(0.8)},
                                                               "random_init": {"dim": 16, "knn": split(0.4)}}}))
     pre = tmp / "pretrain"
