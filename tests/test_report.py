@@ -117,7 +117,7 @@ def full_run(tmp_path_factory, icehpc_cmd_module) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(len(habits), 16))
     trained = np.stack([centres[habits.index(m["habit"])] + 0.6 * rng.normal(size=16) for m in metas])
-    meta = {c: np.array([m[c] for m in metas]) for c in ("key", "shard", "habit", "campaign")}
+    meta = {c: np.array([m[c] for m in metas]) for c in ("key", "shard", "habit", "campaign", "source_sha256")}
     for c in ("temperature_c", "particle_width_um"):
         meta[c] = np.array([m[c] for m in metas], dtype=float)
     meta["probe"] = np.array(["CPI"] * len(metas))
@@ -276,3 +276,130 @@ def html_escape(s: str) -> str:
     import html
 
     return html.escape(s)
+
+
+# ------------------------------------------------------------------ joins by content, outputs as a set
+def _report(capsys, *argv: str) -> tuple[int, str]:
+    from icehpc.run.cli import main
+
+    rc = main(["report", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+def _one_line(rc: int, err: str) -> None:
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_report_refuses_shards_of_another_build_in_one_line(full_run, tmp_path, capsys, icehpc_cmd_module):
+    """Same key names, other images (another synth seed): the thumbnails would show other classes."""
+    for cmd in (["synth", "--out", str(tmp_path / "synth"), "--n", "240", "--seed", "99", "--no-progress"],
+                ["shards", "build", str(tmp_path / "synth"), "--out", str(tmp_path / "shards"), "--shard-samples", "80",
+                 "--no-progress", "--workers", "1"]):
+        proc = subprocess.run([*icehpc_cmd_module, *cmd], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+    r = full_run
+    base = [r["kappa_trained"], "--store", r["store_trained"]]
+    rc, err = _report(capsys, *base, "--out", tmp_path / "bad", "--shards", tmp_path / "shards")
+    _one_line(rc, err)
+    assert "--shards" in err and ("source_sha256 differs" in err or "is missing" in err)
+    assert not (tmp_path / "bad" / "index.html").exists()
+    rc, err = _report(capsys, *base, "--out", tmp_path / "ok", "--shards", r["shards"])
+    assert rc == 0, err
+
+
+def test_report_refuses_a_store_probe_or_control_of_other_runs(full_run, tmp_path, capsys):
+    r = full_run
+    # --store: the random-init store is not the one the trained κ run read
+    rc, err = _report(capsys, r["kappa_trained"], "--out", tmp_path / "a", "--store", r["store_random"])
+    _one_line(rc, err)
+    assert "not the store the κ run read" in err
+    # --random: a control over other samples
+    small = tmp_path / "small"
+    emb, gid = cheap_groups(300, 16, 2, seed=1)
+    run_kappa(write_store(small / "store", emb, {"habit": np.where(gid > 0, "a", "b"),
+                                                 "key": np.array([f"k{i}" for i in range(300)])}),
+              small / "kappa", cfgmod.load(KappaConfig, None, ["bootstrap=0", "groupings=[habit]"]))
+    rc, err = _report(capsys, r["kappa_trained"], "--out", tmp_path / "b", "--random", small / "kappa")
+    _one_line(rc, err)
+    assert "--random" in err and "same samples" in err
+    # --probe: probe.json records the sha256 of the store it scored
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    pj = json.loads((r["tmp"] / "probe" / "probe.json").read_text())
+    (probe / "probe.json").write_text(json.dumps({**pj, "inputs_sha256": {"store": "0" * 64}}))
+    rc, err = _report(capsys, r["kappa_trained"], "--out", tmp_path / "c", "--store", r["store_trained"],
+                      "--probe", probe)
+    _one_line(rc, err)
+    assert "--probe" in err and "another store" in err
+    from icehpc.analysis.store import open_store
+
+    with open_store(r["store_trained"]) as s:
+        (probe / "probe.json").write_text(json.dumps({**pj, "inputs_sha256": {"store": s.sha256}}))
+    rc, err = _report(capsys, r["kappa_trained"], "--out", tmp_path / "c", "--store", r["store_trained"],
+                      "--probe", probe)
+    assert rc == 0, err
+
+
+def test_report_planted_that_is_not_json_is_one_line(kappa_dir, tmp_path, capsys):
+    for text in (b"not json {", b"\xff\xfe binary", b"[1, 2]"):
+        bad = tmp_path / "planted.json"
+        bad.write_bytes(text)
+        rc, err = _report(capsys, kappa_dir, "--out", tmp_path / "r", "--planted", bad)
+        _one_line(rc, err)
+        assert "--planted" in err
+
+
+def test_failed_report_leaves_the_old_set_and_user_files(kappa_dir, tmp_path, capsys, monkeypatch):
+    from icehpc.analysis import report
+    from icehpc.analysis.report import sections
+    from icehpc.run.stages import stage_parser
+
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "final_figures.pdf").write_bytes(b"%PDF user")
+    store = kappa_dir.parent / "store" / "store.h5"
+    argv = [str(kappa_dir), "--out", str(out), "--store", str(store)]
+    args = stage_parser("report").parse_args(argv)
+    assert not report.status(args).done
+    rc, err = _report(capsys, *argv)
+    assert rc == 0, err
+    assert report.status(args).done, report.status(args).why
+    record = report.CONTRACT.verify(out)
+    assert {"index.html", "embedding_map.png", "embedding_map.csv", "kappa.csv"} <= set(record["outputs"])
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full while drawing")
+
+    monkeypatch.setattr(sections, "similarity", boom)
+    with pytest.raises(RuntimeError):
+        report.build_report(kappa_dir, out, store=store)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before  # the old complete set, untouched
+    assert report.CONTRACT.verify(out) is not None and not list(out.glob(".report.tmp-*"))
+    monkeypatch.undo()
+    # a report without --store: the old embedding map is the old report's, and goes; the user's file stays
+    rc, err = _report(capsys, kappa_dir, "--out", out)
+    assert rc == 0, err
+    assert not (out / "embedding_map.png").exists() and (out / "final_figures.pdf").read_bytes() == b"%PDF user"
+    assert not report.status(args).done  # --store given now, not when the report was written
+    assert report.status(stage_parser("report").parse_args([str(kappa_dir), "--out", str(out)])).done
+    (out / "kappa.csv").write_text("edited")
+    assert not report.status(stage_parser("report").parse_args([str(kappa_dir), "--out", str(out)])).done
+
+
+def test_math_text_and_formula_labels_cannot_crash_or_inject(tmp_path, capsys):
+    emb, gid = cheap_groups(300, 8, 2, seed=4)
+    habit = np.where(gid > 0, "$\\frac{x$ col", "=1+1")
+    store = write_store(tmp_path / "s", emb, {"habit": habit, "key": np.array([f"k{i:04d}" for i in range(300)])})
+    run_kappa(store, tmp_path / "k", cfgmod.load(KappaConfig, None, ["bootstrap=0", "groupings=[habit]"]))
+    probe = tmp_path / "p"
+    from icehpc.run.cli import main
+
+    assert main(["probe", str(store), "--out", str(probe), "--splits", "1"]) == 0
+    rc, err = _report(capsys, tmp_path / "k", "--out", tmp_path / "r", "--store", store, "--probe", probe)
+    assert rc == 0, err
+    rows = (tmp_path / "r" / "embedding_map.csv").read_text().splitlines()
+    assert rows[0].startswith("key,habit,") and any(",'=1+1," in row for row in rows[1:])
+    assert not any(",=1+1," in row for row in rows)
+    assert (tmp_path / "r" / "confusion_pretrained_knn.svg").stat().st_size > 1000
