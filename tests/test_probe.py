@@ -298,13 +298,16 @@ def test_probe_skips_and_counts_nonfinite_rows_and_refuses_too_few_classes(tmp_p
     assert "need at least 2 classes" in err
 
 
-def test_probe_names_cannot_crash_figures_or_inject_formulas(tmp_path, capsys):
+def test_probe_names_cannot_crash_figures_or_inject_formulas(tmp_path, capsys, monkeypatch):
     keys = np.array([f"k{i:03d}" for i in range(60)])
     labels = np.array(["$\\frac{x$ col", "=1+1"] * 30)
     _two_class_store(tmp_path / "s.h5", keys, labels=labels)
-    rc, out, err = _cli(capsys, str(tmp_path / "s.h5"), "--out", str(tmp_path / "p"), "--name", "=1+1",
-                        "--splits", "1")
+    monkeypatch.chdir(tmp_path)  # a relative --out (the seal lists names relative to it)
+    rc, out, err = _cli(capsys, "s.h5", "--out", "p", "--name", "=1+1", "--splits", "1")
     assert rc == 0, err
+    from icehpc.analysis.probe import CONTRACT
+
+    assert CONTRACT.verify(tmp_path / "p") is not None
     assert (tmp_path / "p" / "confusion_=1+1_knn.png").stat().st_size > 3000
     rows = (tmp_path / "p" / "summary.csv").read_text().splitlines()
     assert rows[1].startswith("'=1+1,knn,")
