@@ -29,9 +29,11 @@ says so.
 
 Per-column policy for manifest values: the label column must be non-empty (else ``missing_label``);
 float columns (temperature_c, pressure_hpa, particle_width_um, particle_height_um, pixel_um) accept
-numbers, and empty/NA/NaN/null mean *unknown* (stored as null); anything else, or ±inf, rejects the
-sample (``bad_metadata``); ``time`` must be ISO 8601 when present; other columns are kept as
-strings, empty → null. ``--probe``/``--pixel-um`` fill ``probe``/``pixel_um`` where unknown.
+ASCII numbers (not ``1_000`` or non-ASCII digits), and empty/NA/NaN/null mean *unknown* (stored as
+null); anything else, or ±inf, rejects the sample (``bad_metadata``); ``time`` must be ISO 8601 when
+present; other columns (the label included) are kept as strings, ``NA`` and ``none`` too; only an
+empty cell is null. A row with more cells than the header, a cell over 128 KiB or a NUL character
+(which HDF5 and netCDF strings cannot hold) is rejected (``bad_metadata``), never a crash later. ``--probe``/``--pixel-um`` fill ``probe``/``pixel_um`` where unknown.
 
 Hostile inputs are rejected with a reason and never stop the build: ``empty``, ``unreadable``,
 ``too_large``, ``no_label``, ``not_image``, ``corrupt`` (truncated, bad CRC/zlib/JPEG data),
@@ -59,6 +61,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -140,6 +143,9 @@ class Item:
     reject: tuple[str, str] | None = None
     sha256: str | None = None                 # from the check pass
     spool: tuple[int, int, int] = (0, 0, 0)   # (chunk, offset, length) of its spooled tar members
+    #: real input roots when the item's folder lies inside them: its last path component, if a link,
+    #: is resolved and confined when it is opened (O_NOFOLLOW), so scanning costs no stat per file
+    confine: tuple[str, ...] | None = None
 
 
 def printable(path: str) -> str:
@@ -230,28 +236,47 @@ def _zip_items(path: Path) -> Iterator[tuple[str, str, int]]:
     yield from rows
 
 
+#: A number in a float column: ASCII decimal or scientific notation only (Python's float() also takes
+#: ``1_000`` and non-ASCII digits such as ``٣``, which no other reader of the metadata would).
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?inf(?:inity)?", re.ASCII | re.IGNORECASE)
+#: Longest manifest cell (path or metadata) accepted: the csv module's own default field limit.
+MAX_CELL = 128 * 1024
+
+
 def _parse_float(column: str, text: str) -> float | None:
     if text.strip().lower() in MISSING_TEXT:
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise Reject("bad_metadata", f"column {column}: {text!r} is not a number") from None
+    if not _NUMBER_RE.fullmatch(text.strip()):
+        raise Reject("bad_metadata", f"column {column}: {text!r} is not a number")
+    value = float(text)
     if not math.isfinite(value):
         raise Reject("bad_metadata", f"column {column}: {text!r} is not finite")
     return value
+
+
+def _check_cell(column: str, text: str) -> None:
+    """Refuse a value that a later stage cannot store (HDF5/netCDF strings hold no NUL) or that is
+    absurdly long: the row is rejected with a reason instead of crashing a later stage."""
+    if len(text) > MAX_CELL:
+        raise Reject("bad_metadata", f"column {column}: {len(text)} characters > {MAX_CELL}")
+    if "\0" in text:
+        raise Reject("bad_metadata", f"column {column}: holds a NUL character, which HDF5 and netCDF strings "
+                                     "cannot store")
 
 
 def _row_meta(row: dict[str, str], label_column: str) -> dict[str, Any]:
     """Typed metadata of one manifest row under the per-column policy (module docstring)."""
     meta: dict[str, Any] = {}
     for column, raw in row.items():
-        if column == "path" or column is None:
+        if column == "path":
             continue
+        if column is None:  # csv.DictReader's bin for cells beyond the header
+            raise Reject("bad_metadata", f"{len(raw)} more cell(s) than the header has columns")
         column, text = printable(column), printable((raw or "").strip())  # CSV bytes that are not UTF-8
+        _check_cell(column, text)
         if column in FLOAT_KEYS:
             meta[column] = _parse_float(column, text)
-        elif text.lower() in MISSING_TEXT:
+        elif not text:  # strings: only an empty cell is missing ("NA", "none" are kept as written)
             meta[column] = None
         elif column == "time":
             try:
@@ -275,11 +300,27 @@ def _inside(path: str, roots: list[str]) -> bool:
     return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-def _confine(item: Item, roots: list[str]) -> None:
-    """Reject a filesystem item whose real path (links resolved) is outside every input root."""
-    if item.reject is None and isinstance(item.where, str) and not _inside(item.where, roots):
-        item.reject = ("outside_root", f"resolves to {printable(os.path.realpath(item.where))}, outside the input "
-                                       "folders; pass --allow-outside to read it")
+def _outside(path: str) -> Reject:
+    return Reject("outside_root", f"resolves to {printable(os.path.realpath(path))}, outside the input "
+                                  "folders; pass --allow-outside to read it")
+
+
+def _confine(item: Item, roots: tuple[str, ...], real_dirs: dict[str, str]) -> None:
+    """Reject a filesystem item whose real path (links resolved) is outside every input root.
+
+    The item's folder is resolved once per folder (``real_dirs``); when it is inside, only the last
+    component can still lead outside, and :func:`read_source` checks that as it opens the file."""
+    if item.reject is not None or not isinstance(item.where, str):
+        return
+    folder = os.path.dirname(item.where)
+    real = real_dirs.get(folder)
+    if real is None:
+        real = real_dirs[folder] = os.path.realpath(folder)
+    if any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        item.confine = roots
+    elif not _inside(item.where, list(roots)):
+        exc = _outside(item.where)
+        item.reject = (exc.reason, exc.detail)
 
 
 def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = (),
@@ -291,8 +332,9 @@ def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = (),
     manifest_set = {str(m) for m in manifests}
     given_all = [*inputs, *manifests]
     # roots: the folder inputs and the manifests' folders (a zip's folder is not an input root)
-    roots = [os.path.realpath(g) if Path(g).is_dir() else os.path.realpath(Path(g).parent)
-             for g in given_all if Path(g).is_dir() or str(g) in manifest_set or Path(g).suffix.lower() == ".csv"]
+    roots = tuple(os.path.realpath(g) if Path(g).is_dir() else os.path.realpath(Path(g).parent)
+                  for g in given_all if Path(g).is_dir() or str(g) in manifest_set or Path(g).suffix.lower() == ".csv")
+    real_dirs: dict[str, str] = {}
     for given in given_all:
         path = Path(given)
         name = printable(path.resolve().name)
@@ -338,7 +380,7 @@ def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = (),
             raise cfg.ConfigError(f"input {given}: not a folder, a .zip or a .csv manifest")
         if not allow_outside:
             for item in items[start:]:
-                _confine(item, roots)
+                _confine(item, roots, real_dirs)
     return items
 
 
@@ -371,15 +413,23 @@ def _scan_manifest(path: Path, name: str, label_column: str, start: int) -> list
             raise cfg.ConfigError(f"manifest {path}: needs a 'path' and a {label_column!r} column "
                                   f"(has {reader.fieldnames})")
         check_column_names(list(reader.fieldnames), str(path))
-        rows = list(reader)
+        limit = csv.field_size_limit()
+        csv.field_size_limit(max(limit, path.stat().st_size + 1))  # long cells are rejected per row below
+        try:
+            rows = list(reader)
+        finally:
+            csv.field_size_limit(limit)
     items, parent = [], str(path.parent)
     for row in rows:
         rel = (row.get("path") or "").strip()
+        if len(rel) > MAX_CELL:
+            rel = rel[:64] + "…"  # the row is rejected below; keep the log line short
         full = os.path.join(parent, rel)
         item = Item(start + len(items), name, f"{name}/{printable(rel)}", full, {})
         try:
             if not rel:
                 raise Reject("unreadable", "empty path cell")
+            _check_cell("path", (row.get("path") or "").strip())
             item.meta = _row_meta(row, label_column)
         except Reject as exc:
             item.reject = (exc.reason, exc.detail)
@@ -425,7 +475,15 @@ def read_source(item: Item, max_bytes: int) -> bytes:
             with z.open(info) as f:
                 data = _read_capped(f, max_bytes)
         else:
-            fd = os.open(item.where, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            try:
+                fd = os.open(item.where, flags | (os.O_NOFOLLOW if item.confine is not None else 0))
+            except OSError as exc:  # ELOOP under O_NOFOLLOW: the name is a link; confine where it leads
+                if exc.errno != errno.ELOOP or item.confine is None:
+                    raise
+                if not _inside(item.where, list(item.confine)):
+                    raise _outside(item.where) from None
+                fd = os.open(item.where, flags)
             with open(fd, "rb", buffering=0) as f:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
@@ -433,7 +491,13 @@ def read_source(item: Item, max_bytes: int) -> bytes:
                     raise Reject("not_regular", f"{kind}, not a regular file; not read")
                 if st.st_size > max_bytes:
                     raise Reject("too_large", f"{st.st_size} bytes > max_file_bytes {max_bytes}")
-                data = _read_capped(f, max_bytes)
+                # one read() of the whole file; a short read is the end of a regular file, and only a
+                # file that grew (or shrank) since the fstat costs more reads
+                data = f.read(st.st_size + 1)
+                if len(data) > max_bytes:
+                    raise Reject("too_large", f"more than max_file_bytes {max_bytes}")
+                if len(data) != st.st_size:
+                    data += _read_capped(f, max_bytes - len(data))
     except (OSError, RuntimeError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise Reject("unreadable", f"{type(exc).__name__}: {exc}") from None
     if len(data) > max_bytes:  # grew while being read
@@ -470,17 +534,49 @@ def _to_gray(im: Image.Image, notes: list[str]) -> Image.Image:
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
-_FALLBACK_CHUNKS = {b"tRNS", b"eXIf", b"acTL"}  # transparency, EXIF orientation, animation
+#: Chunks an 8-bit grayscale PNG may hold and still be stored byte-for-byte: every reader (Pillow
+#: in the loader included) handles them without decompressing anything. Any other chunk (tRNS,
+#: eXIf, acTL, and the compressed zTXt/iTXt/iCCP a decompression bomb hides in) sends the image
+#: through Pillow's full decode under its caps and a re-encode.
+_PLAIN_CHUNKS = {b"IHDR", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME", b"sBIT", b"bKGD", b"tEXt"}
+_MAX_PLAIN_TEXT = 1 << 20  # tEXt bytes a plain PNG may carry (Pillow's per-chunk limit, MAX_TEXT_CHUNK)
+_IEND = b"\0\0\0\0IEND\xaeB`\x82"
 
 
-def check_png(data: bytes, max_pixels: int) -> tuple[int, int, bool] | None:
-    """Structural check of a PNG without decoding it (Pillow is lenient and 3-5× slower).
+@dataclasses.dataclass
+class PngCheck:
+    """What :func:`check_png` proved of a PNG: its size, whether it is stored byte-for-byte
+    (``plain``), and its inflated (filtered) image data and chunk spans, so that nothing inflates it again."""
+    width: int
+    height: int
+    plain: bool
+    raw: bytes
+    idat_spans: list[tuple[int, int]]   # (start, end) of each IDAT chunk in the file
 
-    Returns (width, height, stored_as_is): ``stored_as_is`` for a plain 8-bit grayscale,
-    non-interlaced PNG without transparency/EXIF/animation chunks. Returns None when ``data`` is
-    not a PNG with a valid IHDR (Pillow then decides). Raises :class:`Reject` for a bomb, a bad
-    chunk CRC, truncation, a zlib stream that does not end (Adler-32) or inflates to the wrong
-    length, or an invalid row filter: what passes decodes in any conforming reader.
+    def pixels(self) -> np.ndarray:
+        """uint8 [H, W] of a plain PNG: Pillow's C unfilter over the already inflated rows (wrapped in
+        a stored, uncompressed zlib stream: a copy, not a second inflate)."""
+        im = Image.frombytes("L", (self.width, self.height), zlib.compress(self.raw, 0), "zip", "L")
+        return np.asarray(im)
+
+    def stored_idat(self, data: bytes) -> bytes:
+        """``data`` with its IDAT chunks replaced by one holding the inflated rows uncompressed:
+        the same image to any reader, decoded without inflating the original stream again."""
+        z = zlib.compress(self.raw, 0)
+        chunk = len(z).to_bytes(4, "big") + b"IDAT" + z + zlib.crc32(b"IDAT" + z).to_bytes(4, "big")
+        (first, _), (_, last) = self.idat_spans[0], self.idat_spans[-1]
+        between = b"".join(data[e:s] for (_, e), (s, _) in zip(self.idat_spans, self.idat_spans[1:]))
+        return data[:first] + chunk + between + data[last:]
+
+
+def check_png(data: bytes, max_pixels: int) -> PngCheck | None:
+    """Structural check of a PNG, inflating its image data exactly once (the caller decodes from it).
+
+    Returns a :class:`PngCheck`: ``plain`` for an 8-bit grayscale, non-interlaced PNG holding only
+    :data:`_PLAIN_CHUNKS`. Returns None when ``data`` is not a PNG with a valid IHDR (Pillow then
+    decides). Raises :class:`Reject` for a bomb, a bad chunk CRC, truncation, a zlib stream that does
+    not end (Adler-32) or inflates to the wrong length, or an invalid row filter: what passes decodes
+    in any conforming reader.
     """
     if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 33:
         return None
@@ -491,20 +587,24 @@ def check_png(data: bytes, max_pixels: int) -> tuple[int, int, bool] | None:
     if w * h > max_pixels:
         raise Reject("decompression_bomb", f"declares {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
     pos, n = 8, len(data)
-    idat, plain, seen_iend = [], depth == 8 and colour == 0 and interlace == 0, False
+    idat, spans, plain, seen_iend, text = [], [], depth == 8 and colour == 0 and interlace == 0, False, 0
+    crc32 = zlib.crc32
     while pos + 12 <= n:
         length = int.from_bytes(data[pos:pos + 4], "big")
         tag, end = data[pos + 4:pos + 8], pos + 12 + length
         if end > n:
             raise Reject("corrupt", f"PNG truncated inside chunk {tag!r}")
-        if zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+        if crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
             raise Reject("corrupt", f"PNG chunk {tag!r} fails its CRC")
         if tag == b"IDAT":
             idat.append(data[pos + 8:end - 4])
+            spans.append((pos, end))
         elif tag == b"IEND":
             seen_iend = True
             break
-        plain = plain and tag not in _FALLBACK_CHUNKS
+        elif tag == b"tEXt":
+            text += length
+        plain = plain and tag in _PLAIN_CHUNKS
         pos = end
     if not seen_iend or not idat:
         raise Reject("corrupt", "PNG truncated (no IEND)" if not seen_iend else "PNG without IDAT")
@@ -512,34 +612,45 @@ def check_png(data: bytes, max_pixels: int) -> tuple[int, int, bool] | None:
     expected = h * row if interlace == 0 else None
     inflater = zlib.decompressobj()
     try:  # bounded output: Adam7 passes add at most a few filter bytes per row
-        raw = inflater.decompress(b"".join(idat), (expected or 2 * h * row + 64) + 1)
+        raw = inflater.decompress(idat[0] if len(idat) == 1 else b"".join(idat), (expected or 2 * h * row + 64) + 1)
     except zlib.error as exc:
         raise Reject("corrupt", f"PNG image data: zlib: {exc}") from None
     if not inflater.eof:
         raise Reject("corrupt", "PNG image data: zlib stream does not end")
     if expected is not None and (len(raw) != expected or max(raw[::row]) > 4):
         raise Reject("corrupt", f"PNG image data: {len(raw)} bytes for {expected} expected, or bad row filters")
-    return w, h, plain
+    return PngCheck(w, h, plain and text <= _MAX_PLAIN_TEXT, raw, spans)
 
 
-def dark_border(gray: Image.Image) -> bool:
+def dark_border(gray: Image.Image | np.ndarray) -> bool:
     """True when an 'L' image shows a light particle on a dark field: its border (the field) is
     dark (median < 128) and uniform (≥ 90 % of border pixels within 32 levels of the median), and
     something in it is brighter by ≥ 64 levels. Images too small to have an interior, noise, or a
     featureless frame are left alone (``auto`` then keeps them)."""
-    a = np.asarray(gray).astype(np.int16)
+    a = np.asarray(gray)
     if min(a.shape) < 3:
         return False
     border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
-    level = int(np.median(border))
-    uniform = float(np.mean(np.abs(border - level) <= 32)) >= 0.9
-    return level < 128 and uniform and int(a.max()) - level >= 64
+    if border.min() >= 128:  # a light field (the common case): its median is light too
+        return False
+    # median of uint8 values by counting (same value as np.median, rounded down like int())
+    counts = np.bincount(border, minlength=256)
+    cum = np.cumsum(counts)
+    m = border.size
+    lo = int(np.searchsorted(cum, (m - 1) // 2 + 1))
+    hi = int(np.searchsorted(cum, m // 2 + 1))
+    level = (lo + hi) // 2
+    if level >= 128:
+        return False
+    near = int(cum[min(255, level + 32)]) - (int(cum[level - 33]) if level >= 33 else 0)
+    return near / m >= 0.9 and int(a.max()) - level >= 64  # the same float test as np.mean(...) >= 0.9
 
 
-def apply_polarity(png: bytes, gray: Image.Image | None, polarity: str, notes: list[str]) -> bytes:
+def apply_polarity(png: bytes, gray: Image.Image | np.ndarray | None, polarity: str, notes: list[str]) -> bytes:
     """The stored convention is a dark particle on a light field (synthetic CPI data, the canvas
     padding). ``auto`` inverts an image whose border is dark, ``invert`` every image, ``keep`` none;
-    an inversion re-encodes the PNG and is listed in ``notes`` (the sample's ``conversion``)."""
+    an inversion re-encodes the PNG and is listed in ``notes`` (the sample's ``conversion``).
+    ``gray``: the decoded pixels of ``png`` (decoded here when None)."""
     if polarity == "keep":
         return png
     if gray is None:
@@ -549,28 +660,41 @@ def apply_polarity(png: bytes, gray: Image.Image | None, polarity: str, notes: l
         return png
     notes.append("inverted_auto_dark_border" if polarity == "auto" else "inverted")
     buf = io.BytesIO()
-    ImageOps.invert(gray.convert("L")).save(buf, format="PNG")
+    Image.fromarray(255 - np.asarray(gray.convert("L") if isinstance(gray, Image.Image) else gray), "L").save(
+        buf, format="PNG")
     return buf.getvalue()
 
 
+def _pil_error(exc: Exception) -> Reject:
+    """A Pillow failure as a rejection: its own caps (text chunks, ICC profiles) are bombs."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, Image.DecompressionBombError) or "too large" in str(exc).lower() \
+            or "too much memory" in str(exc).lower():
+        return Reject("decompression_bomb", text)
+    return Reject("corrupt", text)
+
+
 def normalise(data: bytes, max_pixels: int, polarity: str = "keep") -> tuple[bytes, int, int, list[str]]:
-    """Source bytes → (8-bit grayscale PNG bytes, width, height, conversions applied)."""
+    """Source bytes → (8-bit grayscale PNG bytes, width, height, conversions applied).
+
+    Every input is fully decoded under the caps, whatever ``polarity``: a PNG's image data is
+    inflated once (:func:`check_png`) and unfiltered from that; other formats by Pillow."""
     png = check_png(data, max_pixels)
-    if png is not None and png[2]:
+    if png is not None and png.plain:
         notes: list[str] = []  # already what we store: keep the bytes (and their sha256) unless inverted
         try:
-            out = apply_polarity(data, None, polarity, notes)
+            pixels = png.pixels()
+            out = apply_polarity(data, pixels, polarity, notes)
         except Exception as exc:
             raise Reject("corrupt", f"{type(exc).__name__}: {exc}") from None
-        return out, png[0], png[1], notes
+        return out, png.width, png.height, notes
+    source = data if png is None else png.stored_idat(data)
     try:
-        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        im = Image.open(io.BytesIO(source), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise Reject("not_image", f"not a {'/'.join(ALLOWED_FORMATS)} image") from None
-    except Image.DecompressionBombError as exc:
-        raise Reject("decompression_bomb", str(exc)) from None
     except Exception as exc:  # hostile headers raise anything (SyntaxError, struct.error, ...)
-        raise Reject("corrupt", f"{type(exc).__name__}: {exc}") from None
+        raise _pil_error(exc) from None
     w, h = im.size
     fmt = im.format
     if w * h > max_pixels:
@@ -585,8 +709,8 @@ def normalise(data: bytes, max_pixels: int, polarity: str = "keep") -> tuple[byt
             im.load()
             orientation = im.getexif().get(0x0112, 1)
     except Exception as exc:
-        raise Reject("corrupt", f"{type(exc).__name__}: {exc}") from None
-    notes: list[str] = []
+        raise _pil_error(exc) from None
+    notes = []
     frames = getattr(im, "n_frames", 1)
     if frames > 1:
         notes.append(f"first_of_{frames}_frames")
