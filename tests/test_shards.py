@@ -489,3 +489,139 @@ def test_polarity_gives_every_shard_dark_particles_on_a_light_field(tmp_path, po
         assert np.array_equal(a_oap, 255 - oap) and np.array_equal(a_cpi, 255 - cpi)
         assert "inverted" in m_cpi["conversion"]
     assert json.loads((out / "index.json").read_text())["totals"]["written"] == 2
+
+
+def test_each_input_is_opened_read_and_inflated_once_with_no_stat_per_file(tmp_path, monkeypatch):
+    """Issue 23's regression guard: per input one open, one read(), one inflate of the PNG image
+    data and no stat/lstat of the file itself (the folders are resolved once each), with the
+    default polarity, which must still decide every image from its decoded pixels."""
+    tree = tmp_path / "tree"
+    names = []
+    for k in range(6):
+        (tree / f"class{k % 2}").mkdir(parents=True, exist_ok=True)
+        a = np.full((30 + k, 40), 230 if k % 3 else 20, np.uint8)  # every third: dark field (inverted)
+        a[8:20, 10:25] = 20 if k % 3 else 230
+        path = tree / f"class{k % 2}" / f"p{k}.png"
+        Image.fromarray(a).save(path)
+        names.append(str(path))
+    opens, reads, stats, inflates, pil_opens = Counter(), Counter(), Counter(), [0], [0]
+    real_os_open, real_open, real_lstat, real_stat = os.open, open, os.lstat, os.stat
+    real_inflater, real_pil_open = zlib.decompressobj, Image.open
+
+    class CountingFile:
+        def __init__(self, f, name):
+            self.f, self.name = f, name
+
+        def read(self, *a):
+            reads[self.name] += 1
+            return self.f.read(*a)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    fd_names: dict[int, str] = {}
+
+    def os_open(path, *a, **kw):
+        fd = real_os_open(path, *a, **kw)
+        opens[os.fsdecode(path)] += 1
+        fd_names[fd] = os.fsdecode(path)
+        return fd
+
+    def py_open(file, *a, **kw):
+        if isinstance(file, int) and file in fd_names:
+            return CountingFile(real_open(file, *a, **kw), fd_names[file])
+        opens[os.fsdecode(file) if not isinstance(file, int) else file] += 1
+        return real_open(file, *a, **kw)
+
+    def lstat(path, *a, **kw):
+        stats[os.fsdecode(path)] += 1
+        return real_lstat(path, *a, **kw)
+
+    def os_stat(path, *a, **kw):
+        if not isinstance(path, int):
+            stats[os.fsdecode(path)] += 1
+        return real_stat(path, *a, **kw)
+
+    def inflater(*a, **kw):
+        inflates[0] += 1
+        return real_inflater(*a, **kw)
+
+    def pil_open(*a, **kw):
+        pil_opens[0] += 1
+        return real_pil_open(*a, **kw)
+
+    monkeypatch.setattr(shards.os, "open", os_open)
+    monkeypatch.setattr(shards, "open", py_open, raising=False)
+    monkeypatch.setattr(os, "lstat", lstat)
+    monkeypatch.setattr(os, "stat", os_stat)
+    monkeypatch.setattr(zlib, "decompressobj", inflater)
+    monkeypatch.setattr(Image, "open", pil_open)
+    index = shards.build([str(tree)], tmp_path / "out", shards.BuildConfig(), workers=1, progress=False)
+    monkeypatch.undo()
+    assert index["totals"] == {"inputs": 6, "written": 6, "rejected": 0, "rejected_by_reason": {}}
+    assert {n: opens[n] for n in names} == {n: 1 for n in names}
+    assert {n: reads[n] for n in names} == {n: 1 for n in names}
+    assert {n: stats[n] for n in names} == {n: 0 for n in names}
+    assert inflates[0] == len(names) and pil_opens[0] == 0
+    inverted = [m for m, _ in _samples(tmp_path / "out").values() if m["conversion"]]
+    assert len(inverted) == 2 and all(m["conversion"] == ["inverted_auto_dark_border"] for m in inverted)
+
+
+def _ztxt_bomb() -> bytes:
+    """A valid 8x8 grayscale PNG carrying a zTXt chunk that inflates to 64 MiB (Pillow refuses it)."""
+    rows = b"".join(b"\0" + bytes([200] * 8) for _ in range(8))
+    bomb = zlib.compress(b"\0" * (64 << 20), 9)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+            + _chunk(b"zTXt", b"Comment\0\0" + bomb) + _chunk(b"IDAT", zlib.compress(rows))
+            + _chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("polarity", ["auto", "keep", "invert"])
+def test_ztxt_bomb_is_rejected_whatever_the_polarity(tmp_path, polarity):
+    """Issue 20: ``--polarity keep`` stored PNGs undecoded, so a zTXt bomb was written and the
+    embedding died on it later. Every stored sample is decoded under the same caps."""
+    tree = tmp_path / "tree" / "col"
+    tree.mkdir(parents=True)
+    (tree / "bomb.png").write_bytes(_ztxt_bomb())
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tree / "ok.png")
+    out = tmp_path / "out"
+    index = shards.build([str(tmp_path / "tree")], out, shards.BuildConfig(polarity=polarity), workers=1,
+                         progress=False)
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["path"].split("/")[-1], r["reason"]) for r in rejected] == [("bomb.png", "decompression_bomb")]
+    assert index["totals"]["written"] == 1
+
+
+def test_manifest_cells_later_stages_cannot_store_reject_the_row(tmp_path):
+    """Issue 20: a NUL in a metadata cell or in the path, a cell over 128 KiB, extra cells, numbers
+    written as ``1_000`` or ``٣``: each rejects its row with a reason (no crash, no abort); labels
+    ``NA`` and ``none`` are labels, not missing values."""
+    (tmp_path / "img").mkdir()
+    for k in range(9):
+        Image.fromarray(np.full((6, 6), 200 - k, np.uint8)).save(tmp_path / "img" / f"{k}.png")
+    long = "x" * (128 * 1024 + 1)
+    lines = ["path,habit,temperature_c,campaign",
+             "img/0.png,plate,-3,ok",
+             "img/1.png,plate,-3,bad\0cell",
+             "img/2.png\0,plate,-3,ok",
+             f"img/3.png,plate,-3,{long}",
+             "img/4.png,plate,-3,ok,surplus",
+             "img/5.png,plate,1_000,ok",
+             "img/6.png,plate,\u0663,ok",
+             "img/7.png,NA,-3,ok",
+             "img/8.png,none,-3,ok"]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    index = shards.build([str(tmp_path / "m.csv")], out, shards.BuildConfig(), workers=1, progress=False)
+    rejected = {r["path"].split("/")[-1][:9]: r for r in
+                map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    assert {k: r["reason"] for k, r in rejected.items()} == {
+        "1.png": "bad_metadata", "2.png\x00": "bad_metadata", "3.png": "bad_metadata", "4.png": "bad_metadata",
+        "5.png": "bad_metadata", "6.png": "bad_metadata"}
+    assert "NUL" in rejected["1.png"]["detail"] and "131072" in rejected["3.png"]["detail"]
+    assert "more cell" in rejected["4.png"]["detail"]
+    assert index["totals"]["written"] == 3 and index["totals"]["inputs"] == 9
+    assert sorted(index["labels"]["vocabulary"]) == ["NA", "none", "plate"]
