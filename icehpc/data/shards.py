@@ -557,7 +557,32 @@ class PngCheck:
         """uint8 [H, W] of a plain PNG: Pillow's C unfilter over the already inflated rows (wrapped in
         a stored, uncompressed zlib stream: a copy, not a second inflate)."""
         im = Image.frombytes("L", (self.width, self.height), zlib.compress(self.raw, 0), "zip", "L")
-        return np.asarray(im)
+        return np.frombuffer(im.tobytes(), np.uint8).reshape(self.height, self.width)  # read-only view
+
+    def light_field(self) -> bool:
+        """True when row 0 and column 0 of a plain PNG are all light (>= 128), read from the inflated
+        rows without unfiltering the rest. Those are w + h - 1 of the 2w + 2h - 4 border pixels, more
+        than half, so the border median is light and :func:`dark_border` is False: ``auto`` keeps the
+        image without decoding it further. False when it cannot tell (an Avg-filtered row 0 or
+        column 0 step, or a dark pixel there)."""
+        w, h = self.width, self.height
+        if min(w, h) < 3:
+            return False
+        r = np.frombuffer(self.raw, np.uint8).reshape(h, w + 1)
+        f = r[:, 0]
+        if f[0] == 3 or (f[1:] == 3).any():  # Avg: a halving recurrence; let the full decode decide
+            return False
+        # row 0 (no prior row): Sub and Paeth predict from the left pixel, None and Up from nothing
+        row0 = np.cumsum(r[0, 1:], dtype=np.uint8) if f[0] in (1, 4) else r[0, 1:]
+        if row0.min() < 128:
+            return False
+        # column 0 (no left pixel): Up and Paeth predict from the pixel above, None and Sub from nothing
+        reset = f <= 1
+        reset[0] = True
+        c = np.cumsum(r[:, 1].astype(np.int64))
+        last = np.maximum.accumulate(np.where(reset, np.arange(h), 0))
+        col0 = (c - np.where(last > 0, c[last - 1], 0)) & 255
+        return int(col0.min()) >= 128
 
     def stored_idat(self, data: bytes) -> bytes:
         """``data`` with its IDAT chunks replaced by one holding the inflated rows uncompressed:
@@ -682,9 +707,11 @@ def normalise(data: bytes, max_pixels: int, polarity: str = "keep") -> tuple[byt
     png = check_png(data, max_pixels)
     if png is not None and png.plain:
         notes: list[str] = []  # already what we store: keep the bytes (and their sha256) unless inverted
-        try:
-            pixels = png.pixels()
-            out = apply_polarity(data, pixels, polarity, notes)
+        try:  # check_png proved the rows complete and their filters valid: unfiltering cannot fail
+            if polarity == "keep" or (polarity == "auto" and png.light_field()):
+                out = data
+            else:
+                out = apply_polarity(data, png.pixels(), polarity, notes)
         except Exception as exc:
             raise Reject("corrupt", f"{type(exc).__name__}: {exc}") from None
         return out, png.width, png.height, notes
@@ -841,7 +868,8 @@ def _write_shard(out: str, index: int, entries: list[tuple[int, int, int]], labe
     summary = {"name": shard_name(index), "samples": len(entries), "bytes": len(data),
                "sha256": hashlib.sha256(data).hexdigest(), "labels": labels, "fingerprint": fingerprint}
     root = Path(out)
-    write_atomic(work / f"{shard_name(index)}.json", json.dumps(summary).encode())
+    # scratch like the spool (no fsync): a summary cut by a crash reads as absent and the shard is redone
+    write_atomic(work / f"{shard_name(index)}.json", json.dumps(summary).encode(), durable=False)
     write_atomic(root / shard_name(index), data)  # the rename commits the shard
     return summary
 
@@ -855,8 +883,8 @@ def _done_summary(root: Path, index: int, fingerprint: str) -> dict | None:
     side = root / WORK / f"{shard_name(index)}.json"
     if not (root / shard_name(index)).exists() or not side.exists():
         return None
-    summary = json.loads(side.read_text())
-    return summary if summary.get("fingerprint") == fingerprint else None
+    summary = _read_json(side)
+    return summary if summary is not None and summary.get("fingerprint") == fingerprint else None
 
 
 def _canonical_command(inputs: list[str], manifests: list[str], out: str, c: BuildConfig) -> list[str]:
