@@ -625,3 +625,20 @@ def test_manifest_cells_later_stages_cannot_store_reject_the_row(tmp_path):
     assert "more cell" in rejected["4.png"]["detail"]
     assert index["totals"]["written"] == 3 and index["totals"]["inputs"] == 9
     assert sorted(index["labels"]["vocabulary"]) == ["NA", "none", "plate"]
+
+
+@pytest.mark.parametrize("override,says", [("seed=-1", "seed"), ("pixel_um=.nan", "pixel_um"),
+                                           ("pixel_um=-2.3", "pixel_um"), ("max_pixels=-1", "max_pixels"),
+                                           ("max_file_bytes=0", "max_file_bytes")])
+def test_bad_build_values_are_config_errors(override, says):
+    """Issue 20: ``--seed -1`` was a traceback, ``--pixel-um nan`` wrote NaN into JSON, negative
+    pixel sizes and ``max_pixels=-1`` were accepted."""
+    with pytest.raises(config.ConfigError, match=says):
+        config.load(shards.BuildConfig, None, [override])
+
+
+def test_seed_minus_one_on_the_command_line_is_one_line(tmp_path, icehpc_cmd):
+    proc = subprocess.run([*icehpc_cmd, "shards", "build", str(tmp_path), "--out", str(tmp_path / "o"),
+                           "--seed", "-1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "seed" in proc.stderr

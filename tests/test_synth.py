@@ -158,3 +158,12 @@ def test_plant_only_habit_is_drawn_but_never_sampled(run):
         img = synth.render(meta, rng, cutoff_fraction=0.0)
         dark = img < img.max() - 60
         assert dark.sum() > 20 and 0 < meta["particle_height_um"] < meta["particle_width_um"]
+
+
+@pytest.mark.parametrize("override,says", [("seed=-1", "seed"), ("pixel_um=.nan", "pixel_um"),
+                                           ("pixel_um=-1", "pixel_um")])
+def test_bad_synth_values_are_config_errors(override, says):
+    """Issue 20: ``synth --seed -1`` was a traceback (numpy refuses negative seeds)."""
+    from icehpc import config
+    with pytest.raises(config.ConfigError, match=says):
+        config.load(synth.SynthConfig, None, [override])

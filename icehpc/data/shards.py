@@ -130,6 +130,12 @@ class BuildConfig:
             raise ValueError("label_column must be a non-empty key without dots")
         if self.polarity not in ("auto", "keep", "invert"):
             raise ValueError(f"polarity must be auto, keep or invert, got {self.polarity!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy seeds are non-negative), got {self.seed}")
+        if self.pixel_um is not None and not (math.isfinite(self.pixel_um) and self.pixel_um > 0):
+            raise ValueError(f"pixel_um must be a finite number > 0, got {self.pixel_um}")
+        if self.max_pixels < 1 or self.max_file_bytes < 1:
+            raise ValueError("max_pixels and max_file_bytes must be >= 1")
 
 
 @dataclasses.dataclass

@@ -394,6 +394,10 @@ class SynthConfig:
             raise ValueError("need 8 <= min_side <= max_side")
         if not 0 <= self.cutoff_fraction <= 1:
             raise ValueError("cutoff_fraction must be in [0, 1]")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy seeds are non-negative), got {self.seed}")
+        if not (math.isfinite(self.pixel_um) and self.pixel_um > 0):
+            raise ValueError(f"pixel_um must be a finite number > 0, got {self.pixel_um}")
 
 
 def image_path(i: int) -> str:
