@@ -310,9 +310,16 @@ def synth_data(tmp_path_factory) -> Path:
 
 
 def _all_bytes(root: Path) -> dict[str, bytes]:
-    """Every output file's bytes (not the folder lock, which names the last writer's PID)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    """Every output file's bytes (not the folder lock, which names the last writer's PID); the
+    index without the mtimes its seal records (the contract's stat shortcut), which no rerun keeps."""
+    out = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+           if p.is_file() and p.name != ".lock"}
+    if "index.json" in out:
+        index = json.loads(out["index.json"])
+        for fact in index.get("outputs", {}).values():
+            fact.pop("mtime_ns")
+        out["index.json"] = json.dumps(index, sort_keys=True).encode()
+    return out
 
 
 def test_shard_limits_shuffle_and_worker_independence(synth_data, tmp_path):
@@ -320,7 +327,10 @@ def test_shard_limits_shuffle_and_worker_independence(synth_data, tmp_path):
     c = shards.BuildConfig(shard_samples=70, shard_bytes=300_000, shuffle=True, seed=5)
     one = shards.build([manifest], tmp_path / "x", c, workers=1, progress=False)
     two = shards.build([manifest], tmp_path / "y", c, workers=2, progress=False)
-    assert {k: v for k, v in one.items() if k != "command"} == {k: v for k, v in two.items() if k != "command"}
+    assert {k: v for k, v in one.items() if k not in ("command", "outputs")} == \
+        {k: v for k, v in two.items() if k not in ("command", "outputs")}
+    assert {k: (v["bytes"], v["sha256"]) for k, v in one["outputs"].items()} == \
+        {k: (v["bytes"], v["sha256"]) for k, v in two["outputs"].items()}
     assert {k: v for k, v in _all_bytes(tmp_path / "x").items() if k != "index.json"} == \
         {k: v for k, v in _all_bytes(tmp_path / "y").items() if k != "index.json"}
     for s in one["shards"]:
@@ -458,6 +468,8 @@ def test_sbatch_build_matches_local_build(slurm_cluster, synth_data, tmp_path):
     # only how it was invoked differs: the command (--out) and where the config came from (library call vs CLI)
     assert ia.pop("command") != ib.pop("command")
     assert ia.pop("config_source") is None and ib.pop("config_source") == {"file": None, "overrides": []}
+    oa, ob = ia.pop("outputs"), ib.pop("outputs")  # the seal: same files and bytes, other mtimes
+    assert {k: (v["bytes"], v["sha256"]) for k, v in oa.items()} == {k: (v["bytes"], v["sha256"]) for k, v in ob.items()}
     assert ia == ib
 
 

@@ -72,6 +72,7 @@ import shutil
 import stat
 import sys
 import tarfile
+import unicodedata
 import warnings
 import zipfile
 import zlib
@@ -85,16 +86,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import config as cfg
 from ..fileio import file_sha256, lock_dir, write_atomic
-from .format import FLOAT_KEYS, FORMAT, INDEX, METADATA_KEYS, iter_samples, sample_key, shard_name
+from .format import (CONTRACT, FLOAT_KEYS, FORMAT, IDENTITY_KEYS, INDEX, METADATA_KEYS, PROVENANCE_KEYS, REJECTED,
+                     SHARD_GLOB, SHARD_RE, STATS, WORK, iter_samples, sample_key, shard_name)
 
 MISSING_TEXT = frozenset({"", "na", "n/a", "nan", "null", "none"})
 ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "PPM")  # never e.g. EPS (runs Ghostscript)
 TAR_MTIME = 946684800  # 2000-01-01: fixed so builds are byte-identical (0 makes GNU tar warn)
-WORK = ".work"
 #: Names the tool itself writes into every sample's JSON or the embedding store: a manifest column
 #: of that name would silently replace them (``key``/``shard`` are the store's sample identity).
-RESERVED_COLUMNS = frozenset({"key", "shard", "source_path", "source_sha256", "orig_width", "orig_height",
-                              "conversion"})
+RESERVED_COLUMNS = frozenset(IDENTITY_KEYS + PROVENANCE_KEYS)
 _COLUMN_RE = re.compile(r"[^\W][\w \-()]*")  # word characters, space, - and (): safe in HDF5, HTML, files
 _MAX_DEPTH = 64  # folder nesting followed below an input (links included)
 
@@ -173,7 +173,7 @@ def _descend(tops: dict[str, bool], children: Any) -> list[str]:
     return prefix
 
 
-def _walk(base: str) -> list[tuple[str, tuple[str, str] | None]]:
+def _walk(base: str, exclude: str | None = None) -> list[tuple[str, tuple[str, str] | None]]:
     """(full path, rejection or None) for every non-folder entry below ``base``, folder links followed.
 
     A link is followed once per occurrence; one that points at a folder on the current path (a
@@ -196,6 +196,8 @@ def _walk(base: str) -> list[tuple[str, tuple[str, str] | None]]:
                 found.append((e.path, None))
                 continue
             real = os.path.realpath(e.path)
+            if real == exclude:  # the build's own output folder inside an input: not an input
+                continue
             if real in ancestors:
                 found.append((e.path, ("symlink_loop", f"folder link to {printable(real)} points back at a folder "
                                                        "being walked; not followed")))
@@ -208,7 +210,7 @@ def _walk(base: str) -> list[tuple[str, tuple[str, str] | None]]:
     return found
 
 
-def _tree_items(root: Path) -> Iterator[tuple[str, str, str, tuple[str, str] | None]]:
+def _tree_items(root: Path, exclude: str | None = None) -> Iterator[tuple[str, str, str, tuple[str, str] | None]]:
     """(path below the label root, path below ``root``, full path, rejection) per entry, byte-sorted."""
     def children(parts: list[str]) -> dict[str, bool]:
         d = root.joinpath(*parts)
@@ -216,7 +218,7 @@ def _tree_items(root: Path) -> Iterator[tuple[str, str, str, tuple[str, str] | N
 
     prefix = _descend(children([]), children)
     base = root.joinpath(*prefix)
-    found = [(os.path.relpath(full, base), full, rej) for full, rej in _walk(str(base))]
+    found = [(os.path.relpath(full, base), full, rej) for full, rej in _walk(str(base), exclude)]
     found.sort(key=lambda x: os.fsencode(x[0]))
     for rel, full, rej in found:
         yield rel, os.path.relpath(full, root), full, rej
@@ -292,9 +294,17 @@ def _row_meta(row: dict[str, str], label_column: str) -> dict[str, Any]:
             meta[column] = text
         else:
             meta[column] = text
+    if meta.get(label_column):
+        meta[label_column] = _label(meta[label_column])
     if not meta.get(label_column):
         raise Reject("missing_label", f"label column {label_column!r} is empty or absent")
     return meta
+
+
+def _label(text: str) -> str:
+    """A class name in Unicode NFC: the NFC and NFD spellings of one folder name (macOS writes NFD)
+    look identical and must be one class."""
+    return unicodedata.normalize("NFC", text)
 
 
 #: A folder given as INPUT that holds this file is read through it (labels and metadata from the CSV).
@@ -330,10 +340,12 @@ def _confine(item: Item, roots: tuple[str, ...], real_dirs: dict[str, str]) -> N
 
 
 def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = (),
-         allow_outside: bool = False) -> list[Item]:
+         allow_outside: bool = False, exclude: str | os.PathLike | None = None) -> list[Item]:
     """Every input file as an :class:`Item`, in a deterministic order (inputs as given, then sorted).
 
-    Unless ``allow_outside``, files must resolve inside the given folders or the manifests' folders."""
+    Unless ``allow_outside``, files must resolve inside the given folders or the manifests' folders.
+    ``exclude`` (the output folder) is skipped where it lies inside an input folder."""
+    exclude = os.path.realpath(exclude) if exclude is not None else None
     items: list[Item] = []
     manifest_set = {str(m) for m in manifests}
     given_all = [*inputs, *manifests]
@@ -353,7 +365,7 @@ def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = (),
                   f"(same as --manifest {path / MANIFEST_NAME})", file=sys.stderr, flush=True)
             items += _scan_manifest(path / MANIFEST_NAME, MANIFEST_NAME, label_column, len(items))
         elif path.is_dir():
-            for rel, below, full, rej in _tree_items(path):
+            for rel, below, full, rej in _tree_items(path, exclude):
                 parts = Path(rel).parts
                 item = Item(len(items), name, f"{name}/{printable(below)}", full, {})
                 if rej is not None:
@@ -361,7 +373,7 @@ def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = (),
                 elif len(parts) < 2:
                     item.reject = ("no_label", "file is not inside a label folder")
                 else:
-                    item.meta[label_column] = printable(parts[0])
+                    item.meta[label_column] = _label(printable(parts[0]))
                 items.append(item)
         elif path.is_file() and zipfile.is_zipfile(path):
             try:
@@ -375,7 +387,7 @@ def scan(inputs: list[str], label_column: str, manifests: Iterable[str] = (),
                 if len(parts) < 2:
                     item.reject = ("no_label", "file is not inside a label folder")
                 else:
-                    item.meta[label_column] = parts[0]
+                    item.meta[label_column] = _label(parts[0])
                 items.append(item)
         elif path.is_file() and path.suffix.lower() == ".zip":
             raise cfg.ConfigError(f"input {given}: zip archive is truncated or corrupt (no central directory "
@@ -980,7 +992,7 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
         _clean(root)
     for p in [*root.glob(".*.tmp"), *work.glob(".*.tmp")]:  # cut by a kill; always rewritten whole
         p.unlink()
-    items = scan(list(inputs), c.label_column, manifests, allow_outside=allow_outside)
+    items = scan(list(inputs), c.label_column, manifests, allow_outside=allow_outside, exclude=root)
     if keys is not None:  # a curated subset: the inputs keep the keys of the full build
         by_key = {sample_key(i.ordinal): i for i in items}
         unknown = keys - by_key.keys()
@@ -988,7 +1000,7 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
             raise cfg.ConfigError(f"--keys: {len(unknown)} of {len(keys)} keys name no input of this build "
                                   f"(e.g. {min(unknown)}); the keys must come from a build of the same inputs")
         items = [i for k, i in by_key.items() if k in keys]
-    index_path = root / "index.json"
+    index_path = root / INDEX
     old = _read_json(index_path)
     if old is not None and (old.get("config") != cfg.to_dict(c) or old.get("inputs") != _input_summary(items)):
         raise cfg.ConfigError(f"{root} already holds a shard build of other inputs or options; delete it, "
@@ -1032,8 +1044,9 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
               f"{' …' if len(bad) > 3 else ''}); rebuilding them")
         reuse = {k: {**s, "labels": _labels(plan[k], c), "fingerprint": fingerprint}
                  for k, s in enumerate(old["shards"]) if s["name"] not in bad}
-    for p in root.glob("shard-*.tar"):  # shards beyond this plan: left by a killed build of other inputs
-        if int(p.stem.split("-")[1]) >= len(plan):
+    for p in root.glob(SHARD_GLOB):  # shards beyond this plan: left by a killed build of other inputs
+        number = SHARD_RE.fullmatch(p.name)
+        if number is not None and int(number[1]) >= len(plan):  # any other name is not ours: left alone
             p.unlink()
 
     summaries: dict[int, dict] = dict(reuse)
@@ -1052,7 +1065,7 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
             bar.update(len(plan[k]))
 
     rejected = [_rejection(i) for i in items if i.reject is not None]
-    write_atomic(root / "rejected.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected).encode())
+    write_atomic(root / REJECTED, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected).encode())
     label_counts: dict[str, int] = {}
     for sm in summaries.values():
         for label, n in sm["labels"].items():
@@ -1077,7 +1090,8 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
     }
     if len(items) != written + len(rejected):
         raise RuntimeError(f"accounting broken: {len(items)} inputs != {written} written + {len(rejected)} rejected")
-    write_atomic(index_path, (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode())
+    # the marker last, sealing every shard and the rejection log (size, mtime, sha256)
+    index = CONTRACT.seal(root, index, [root / s["name"] for s in shards] + [root / REJECTED])
     shutil.rmtree(work, ignore_errors=True)
     _report(index, root)
     return index
@@ -1098,12 +1112,9 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _clean(root: Path) -> None:
-    """Remove this tool's outputs from ``root`` (shards, index, work and temporary files)."""
-    for p in [*root.glob("shard-*.tar"), *root.glob(".*.tmp")]:
-        p.unlink()
-    for n in ("rejected.jsonl", "index.json", "stats.png"):
-        (root / n).unlink(missing_ok=True)
-    shutil.rmtree(root / WORK, ignore_errors=True)
+    """Remove this tool's outputs from ``root`` (:data:`format.CONTRACT`: shards, index, rejection
+    log, histogram, work and temporary files); a user's own files there stay."""
+    CONTRACT.remove(root)
 
 
 def _report(index: dict, root: Path) -> None:
@@ -1120,9 +1131,9 @@ def verify(shard_dir: str | os.PathLike) -> list[str]:
     from tqdm import tqdm
 
     root = Path(shard_dir)
-    index = _read_json(root / "index.json")
+    index = _read_json(root / INDEX)
     if index is None:
-        return [f"{root}/index.json missing"]
+        return [f"{root}/{INDEX} missing"]
     problems = []
     total = 0
     for s in tqdm(index["shards"], unit="shard", desc="verify", disable=None):  # None: only on a terminal
@@ -1132,7 +1143,7 @@ def verify(shard_dir: str | os.PathLike) -> list[str]:
             continue
         data = path.read_bytes()
         if len(data) != s["bytes"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
-            problems.append(f"{s['name']}: bytes/sha256 differ from index.json")
+            problems.append(f"{s['name']}: bytes/sha256 differ from {INDEX}")
         n = 0
         try:
             dataset = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None,
@@ -1151,16 +1162,16 @@ def verify(shard_dir: str | os.PathLike) -> list[str]:
         except Exception as exc:
             problems.append(f"{s['name']}: unreadable by webdataset: {type(exc).__name__}: {exc}")
         if n != s["samples"]:
-            problems.append(f"{s['name']}: {n} samples, index.json says {s['samples']}")
+            problems.append(f"{s['name']}: {n} samples, {INDEX} says {s['samples']}")
         total += n
     listed = {s["name"] for s in index["shards"]}
-    problems += [f"{p.name}: not listed in index.json"
-                 for p in sorted(root.glob("shard-*.tar")) if p.name not in listed]
+    problems += [f"{p.name}: not listed in {INDEX}"
+                 for p in sorted(root.glob(SHARD_GLOB)) if p.name not in listed]
     t = index["totals"]
-    rej = root / "rejected.jsonl"
+    rej = root / REJECTED
     n_rej = len(rej.read_text().splitlines()) if rej.exists() else -1
     if total != t["written"] or n_rej != t["rejected"] or t["inputs"] != t["written"] + t["rejected"]:
-        problems.append(f"accounting: read {total} samples and {n_rej} rejections; index.json says inputs "
+        problems.append(f"accounting: read {total} samples and {n_rej} rejections; {INDEX} says inputs "
                         f"{t['inputs']} = written {t['written']} + rejected {t['rejected']}")
     return problems
 
@@ -1175,14 +1186,13 @@ def iter_metadata(shard_dir: str | os.PathLike) -> Iterator[dict]:
 
 def stats(shard_dir: str | os.PathLike, png: str | os.PathLike | None = None) -> dict:
     """Label and size summaries of a shard folder; writes a histogram PNG (default DIR/stats.png)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plotting import pyplot
+    plt = pyplot()  # math text off: a class named "$\\frac{x$" is drawn as text, never parsed
 
     root = Path(shard_dir)
-    index = _read_json(root / "index.json")
+    index = _read_json(root / INDEX)
     if index is None:
-        raise cfg.ConfigError(f"{root}/index.json missing: not a shard folder")
+        raise cfg.ConfigError(f"{root}/{INDEX} missing: not a shard folder")
     label_key = index["labels"]["column"]
     metas = list(iter_metadata(root))
     labels: dict[str, int] = {}
@@ -1213,7 +1223,7 @@ def stats(shard_dir: str | os.PathLike, png: str | os.PathLike | None = None) ->
         axes[2].set_xscale("log")
         axes[2].set_xlabel("particle width (µm)")
         axes[2].set_title("particle sizes")
-    out = Path(png) if png else root / "stats.png"
+    out = Path(png) if png else root / STATS
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
@@ -1266,9 +1276,9 @@ def run(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"verify: {p}")
         if not problems:
-            index = _read_json(Path(args.dir) / "index.json")
+            index = _read_json(Path(args.dir) / INDEX)
             t = index["totals"]
-            print(f"verify: OK: {len(index['shards'])} shards, {t['written']} samples match index.json; "
+            print(f"verify: OK: {len(index['shards'])} shards, {t['written']} samples match {INDEX}; "
                   f"{t['inputs']} inputs = {t['written']} written + {t['rejected']} rejected")
         return 1 if problems else 0
     if args.action == "stats":
