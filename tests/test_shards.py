@@ -654,3 +654,60 @@ def test_seed_minus_one_on_the_command_line_is_one_line(tmp_path, icehpc_cmd):
                            "--seed", "-1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "seed" in proc.stderr
+
+
+def _tiny_tree(root: Path, classes: tuple[str, ...] = ("plate", "column")) -> Path:
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        a = np.full((12, 12), 220, np.uint8)
+        a[3:8, 4:9] = 20 + k
+        Image.fromarray(a).save(root / name / f"p{k}.png")
+    return root
+
+
+def test_overwrite_removes_only_the_builds_own_files(tmp_path):
+    """Issue 19: ``--overwrite`` removes the shards, index, log, histogram and scratch; a user's
+    notes and a stray ``shard-abc.tar`` (not a name the build writes) stay, and do not crash it."""
+    tree, out = _tiny_tree(tmp_path / "tree"), tmp_path / "out"
+    shards.build([str(tree)], out, shards.BuildConfig(), workers=1, progress=False)
+    (out / "README.txt").write_text("my notes")
+    (out / "shard-abc.tar").write_bytes(b"mine")
+    (out / "figures").mkdir()
+    (out / "figures" / "final.pdf").write_bytes(b"%PDF")
+    index = shards.build([str(tree)], out, shards.BuildConfig(shard_samples=1), workers=1, progress=False,
+                         overwrite=True)
+    assert index["totals"]["written"] == 2 and len(index["shards"]) == 2
+    assert (out / "README.txt").read_text() == "my notes" and (out / "shard-abc.tar").read_bytes() == b"mine"
+    assert (out / "figures" / "final.pdf").exists()
+    assert shards.CONTRACT.foreign(out) == ["README.txt", "figures/final.pdf", "shard-abc.tar"]
+    assert sorted(index["outputs"]) == ["rejected.jsonl", "shard-000000.tar", "shard-000001.tar"]
+
+
+def test_out_inside_the_input_folder_is_not_ingested(tmp_path):
+    """Issue 20: ``--out`` inside the input tree ingested the build's own ``.lock`` (and would its
+    shards on a rerun): the output folder is excluded from the scan."""
+    tree = _tiny_tree(tmp_path / "tree")
+    out = tree / "shards"
+    first = shards.build([str(tree)], out, shards.BuildConfig(), workers=1, progress=False)
+    assert first["totals"] == {"inputs": 2, "written": 2, "rejected": 0, "rejected_by_reason": {}}
+    again = shards.build([str(tree)], out, shards.BuildConfig(), workers=1, progress=False)
+    assert again["totals"] == first["totals"]
+
+
+def test_nfc_and_nfd_spellings_of_a_folder_are_one_class(tmp_path):
+    """Issue 20: ``é`` composed (NFC) and decomposed (NFD, as macOS writes it) are one class, NFC."""
+    import unicodedata
+    nfc, nfd = unicodedata.normalize("NFC", "rosetté"), unicodedata.normalize("NFD", "rosetté")
+    assert nfc != nfd
+    tree = _tiny_tree(tmp_path / "tree", (nfc, nfd))
+    index = shards.build([str(tree)], tmp_path / "out", shards.BuildConfig(), workers=1, progress=False)
+    assert index["labels"]["vocabulary"] == [nfc] and index["labels"]["counts"] == {nfc: 2}
+
+
+def test_stats_draws_a_class_named_like_math_text(tmp_path):
+    """Issue 20: a class named ``$\\frac{x$ col`` crashed ``shards stats`` (matplotlib math text)."""
+    tree = _tiny_tree(tmp_path / "tree", ("$\\frac{x$ col", "plate"))
+    out = tmp_path / "out"
+    shards.build([str(tree)], out, shards.BuildConfig(), workers=1, progress=False)
+    result = shards.stats(out)
+    assert result["labels"] == {"$\\frac{x$ col": 1, "plate": 1} and (out / "stats.png").stat().st_size > 1000

@@ -28,7 +28,7 @@ FORMAT = "icehpc-shards/1"
 INDEX = "index.json"
 REJECTED = "rejected.jsonl"
 #: Every shard file, ``shard-NNNNNN.tar`` (:func:`shard_name`), as a glob and as an exact pattern.
-SHARD_GLOB = "shard-*.tar"
+SHARD_GLOB = "shard-[0-9][0-9][0-9][0-9][0-9][0-9]*.tar"
 SHARD_RE = re.compile(r"shard-(\d{6,})\.tar")
 #: ``icehpc shards stats``' default histogram.
 STATS = "stats.png"
