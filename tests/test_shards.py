@@ -680,7 +680,7 @@ def test_overwrite_removes_only_the_builds_own_files(tmp_path):
     assert (out / "README.txt").read_text() == "my notes" and (out / "shard-abc.tar").read_bytes() == b"mine"
     assert (out / "figures" / "final.pdf").exists()
     assert shards.CONTRACT.foreign(out) == ["README.txt", "figures/final.pdf", "shard-abc.tar"]
-    assert sorted(index["outputs"]) == ["rejected.jsonl", "shard-000000.tar", "shard-000001.tar"]
+    assert sorted(index["outputs"]) == ["rejected.jsonl", "shard-000000.tar", "shard-000001.tar", "sources.jsonl"]
 
 
 def test_out_inside_the_input_folder_is_not_ingested(tmp_path):
@@ -711,3 +711,67 @@ def test_stats_draws_a_class_named_like_math_text(tmp_path):
     shards.build([str(tree)], out, shards.BuildConfig(), workers=1, progress=False)
     result = shards.stats(out)
     assert result["labels"] == {"$\\frac{x$ col": 1, "plate": 1} and (out / "stats.png").stat().st_size > 1000
+
+
+def _build_args(argv: list[str]):
+    import argparse
+    parser = argparse.ArgumentParser()
+    shards.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_status_is_read_only_stats_first_and_sees_changed_bytes_under_a_manifest(tmp_path):
+    """Issue 19: ``status`` says whether the build in --out is complete and from these inputs and
+    bytes, writing nothing; a touched copy passes (rehash on a stat change), an image whose bytes
+    changed under the manifest (same name) makes it not done."""
+    (tmp_path / "img").mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((8, 8), 100 + k, np.uint8)).save(tmp_path / "img" / f"{k}.png")
+    (tmp_path / "m.csv").write_text("path,habit\n" + "".join(f"img/{k}.png,plate\n" for k in range(3)))
+    out = tmp_path / "out"
+    args = _build_args(["build", str(tmp_path / "m.csv"), "--out", str(out), "--no-progress", "--workers", "1"])
+    assert not shards.status(args).done
+    shards.run(args)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    st = shards.status(args)
+    assert st.done and "3 inputs unchanged (0 rehashed" in st.why
+    os.utime(tmp_path / "img" / "1.png", ns=(1, 1))  # touched, same bytes
+    st = shards.status(args)
+    assert st.done and "(1 rehashed" in st.why
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "img" / "2.png")  # other bytes, same name
+    st = shards.status(args)
+    assert not st.done and "img/2.png changed" in st.why
+    other = _build_args(["build", str(tmp_path / "m.csv"), "--out", str(out), "--shard-samples", "2"])
+    assert not shards.status(other).done
+
+
+def test_keys_from_another_data_set_are_refused_and_unselected_inputs_counted(tmp_path, icehpc_cmd):
+    """Issue 19: ``--keys`` from a build of other inputs wrote samples with disagreeing labels and
+    left inputs in neither the shards nor the rejection log. With the keys' ``source_sha256`` the
+    mismatch is one line (exit 2); unselected inputs are counted: inputs = written + rejected +
+    not_selected."""
+    def tree(root: Path, shade: int) -> Path:
+        for k in range(6):
+            (root / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8), shade + k, np.uint8)).save(root / f"c{k % 2}" / f"{k}.png")
+        return root
+    a, b = tree(tmp_path / "a", 100), tree(tmp_path / "b", 30)
+    full = shards.build([str(a)], tmp_path / "full", shards.BuildConfig(), workers=1, progress=False)
+    assert full["totals"]["written"] == 6
+    metas = sorted(shards.iter_metadata(tmp_path / "full"), key=lambda m: m["source_path"])
+    keys = {shards.sample_key(int(k)): None for k in ("1", "4")}
+    by_path = {m["source_path"]: m["source_sha256"] for m in metas}
+    items = shards.scan([str(a)], "habit")
+    rows = [(shards.sample_key(i.ordinal), by_path[i.source_path]) for i in items if shards.sample_key(i.ordinal) in keys]
+    (tmp_path / "curated.csv").write_text("key,source_sha256\n" + "".join(f"{k},{s}\n" for k, s in rows))
+    proc = subprocess.run([*icehpc_cmd, "shards", "build", str(b), "--keys", str(tmp_path / "curated.csv"),
+                           "--out", str(tmp_path / "wrong"), "--no-progress"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "other inputs" in proc.stderr
+    sub = shards.build([str(a)], tmp_path / "sub", shards.BuildConfig(), workers=1, progress=False,
+                       keys=shards.read_keys(tmp_path / "curated.csv"))
+    t = sub["totals"]
+    assert (t["inputs"], t["written"], t["rejected"], t["not_selected"]) == (6, 2, 0, 4)
+    assert shards.verify(tmp_path / "sub") == []

@@ -30,6 +30,8 @@ REJECTED = "rejected.jsonl"
 #: Every shard file, ``shard-NNNNNN.tar`` (:func:`shard_name`), as a glob and as an exact pattern.
 SHARD_GLOB = "shard-[0-9][0-9][0-9][0-9][0-9][0-9]*.tar"
 SHARD_RE = re.compile(r"shard-(\d{6,})\.tar")
+#: One JSON line per input in scan order: [where, size, mtime_ns, sha256] (what ``status`` checks).
+SOURCES = "sources.jsonl"
 #: ``icehpc shards stats``' default histogram.
 STATS = "stats.png"
 #: The build's resumable scratch folder (spooled samples, chunk and shard records), removed at the end.
@@ -37,7 +39,7 @@ WORK = ".work"
 #: What ``shards build`` owns in its output folder: the marker (:data:`INDEX`, written last, sealing
 #: the shards and the rejection log) and every file it may write, temporaries included. Removal
 #: (``--overwrite``) and "is it done" go through this, never through spelled-out names.
-CONTRACT = Contract(INDEX, (SHARD_GLOB, REJECTED, STATS, f"{WORK}/*", ".*.tmp"))
+CONTRACT = Contract(INDEX, (SHARD_GLOB, REJECTED, SOURCES, STATS, f"{WORK}/*", ".*.tmp"))
 #: The tar members of one sample, by extension.
 MEMBERS = ("png", "json")
 

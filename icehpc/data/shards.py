@@ -59,6 +59,7 @@ naming the holder's host and PID.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -85,9 +86,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import config as cfg
+from ..contract import Status
 from ..fileio import file_sha256, lock_dir, write_atomic
 from .format import (CONTRACT, FLOAT_KEYS, FORMAT, IDENTITY_KEYS, INDEX, METADATA_KEYS, PROVENANCE_KEYS, REJECTED,
-                     SHARD_GLOB, SHARD_RE, STATS, WORK, iter_samples, sample_key, shard_name)
+                     SHARD_GLOB, SHARD_RE, SOURCES, STATS, WORK, iter_samples, sample_key, shard_name)
 
 MISSING_TEXT = frozenset({"", "na", "n/a", "nan", "null", "none"})
 ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "PPM")  # never e.g. EPS (runs Ghostscript)
@@ -477,8 +479,9 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (sta
           (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
 
 
-def read_source(item: Item, max_bytes: int) -> bytes:
+def read_source(item: Item, max_bytes: int, facts: list | None = None) -> bytes:
     """The bytes of one input (raises :class:`Reject`); zips are opened once per process.
+    ``facts``: gets the file's (size, mtime_ns) from the fstat the read does anyway.
 
     Files are opened non-blocking (a FIFO cannot hang the build) and must be regular files."""
     try:
@@ -504,6 +507,8 @@ def read_source(item: Item, max_bytes: int) -> bytes:
                 fd = os.open(item.where, flags)
             with open(fd, "rb", buffering=0) as f:
                 st = os.fstat(fd)
+                if facts is not None:
+                    facts[:] = [st.st_size, st.st_mtime_ns]
                 if not stat.S_ISREG(st.st_mode):
                     kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
                     raise Reject("not_regular", f"{kind}, not a regular file; not read")
@@ -808,7 +813,7 @@ def _sample_json(item: Item, c: BuildConfig, sha: str, w: int, h: int, notes: li
 
 def _chunk_key(items: list[Item], c: BuildConfig) -> str:
     import PIL
-    return hashlib.sha256(json.dumps([FORMAT, PIL.__version__, cfg.to_dict(c),
+    return hashlib.sha256(json.dumps([FORMAT, "check/2", PIL.__version__, cfg.to_dict(c),
                                       [[i.ordinal, i.source_path, str(i.where), i.meta] for i in items]],
                                      sort_keys=True).encode()).hexdigest()
 
@@ -816,8 +821,9 @@ def _chunk_key(items: list[Item], c: BuildConfig) -> str:
 def _check_chunk(out: str, k: int, items: list[Item], c: BuildConfig) -> list[list]:
     """Read, hash and validate a chunk of inputs once; spool each sample's finished tar members.
 
-    Returns per item ``[sha256, rejection, spool offset, spool length]``, also saved (with the
-    spool) in DIR/.work so a resumed build skips finished chunks.
+    Returns per item ``[sha256, rejection, spool offset, spool length, size, mtime_ns]`` (the last
+    two: the file's stat, null for zip members), also saved (with the spool) in DIR/.work so a
+    resumed build skips finished chunks.
     """
     work = Path(out) / WORK
     key = _chunk_key(items, c)
@@ -827,17 +833,18 @@ def _check_chunk(out: str, k: int, items: list[Item], c: BuildConfig) -> list[li
         return done["items"]
     results, blobs, offset = [], [], 0
     for item in items:
+        facts: list = [None, None]
         try:
-            data = read_source(item, c.max_file_bytes)
+            data = read_source(item, c.max_file_bytes, facts)
             sha = hashlib.sha256(data).hexdigest()
             png, w, h, notes = normalise(data, c.max_pixels, c.polarity)
         except Reject as exc:
-            results.append([None, [exc.reason, exc.detail], 0, 0])
+            results.append([None, [exc.reason, exc.detail], 0, 0, *facts])
             continue
         name = sample_key(item.ordinal)
         blob = tar_member(f"{name}.json", _sample_json(item, c, sha, w, h, notes)) + tar_member(f"{name}.png", png)
         blobs.append(blob)
-        results.append([sha, None, offset, len(blob)])
+        results.append([sha, None, offset, len(blob), *facts])
         offset += len(blob)
     # the spool is scratch: no fsync; a resume re-checks its size and redoes the chunk if short
     write_atomic(spool, b"".join(blobs), durable=False)
@@ -932,7 +939,8 @@ CHUNK = 500  # inputs per check task (and per resumable spool file)
 
 def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifests: Iterable[str] = (),
           workers: int = 1, progress: bool = True, overwrite: bool = False, allow_outside: bool = False,
-          provenance: dict[str, Any] | None = None, keys: Iterable[str] | None = None) -> dict:
+          provenance: dict[str, Any] | None = None, keys: Iterable[str] | dict[str, str | None] | None = None,
+          keys_sha256: str | None = None) -> dict:
     """Build (or finish, or confirm) the shards of ``inputs`` in ``out``; returns the index.
 
     ``keys`` (e.g. the ``key`` column of ``icehpc curate``'s ``curated.csv``): keep only the inputs
@@ -945,16 +953,21 @@ def build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifest
     with lock_dir(out, "shard folder"):
         return _build(inputs, out, c, manifests=manifests, workers=workers, progress=progress,
                       overwrite=overwrite, allow_outside=allow_outside, provenance=provenance,
-                      keys=None if keys is None else set(keys))
+                      keys=None if keys is None else (dict(keys) if isinstance(keys, dict) else dict.fromkeys(keys)),
+                      keys_sha256=keys_sha256)
 
 
-def read_keys(path: str | os.PathLike) -> set[str]:
-    """The ``key`` column of a CSV (``icehpc curate``'s ``curated.csv``), for ``build --keys``."""
+def read_keys(path: str | os.PathLike) -> dict[str, str | None]:
+    """key → recorded ``source_sha256`` (None where the CSV has no such column) of a CSV (``icehpc
+    curate``'s ``curated.csv``), for ``build --keys``: with sha256s the build checks that each key
+    still names the input it was built from (provenance), and refuses keys of other inputs."""
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         if "key" not in (reader.fieldnames or []):
             raise cfg.ConfigError(f"--keys {path}: no 'key' column (columns: {reader.fieldnames})")
-        return {row["key"].strip() for row in reader}
+        has_sha = "source_sha256" in (reader.fieldnames or [])
+        return {row["key"].strip(): ((row["source_sha256"] or "").strip() or None) if has_sha else None
+                for row in reader}
 
 
 def _shard_intact(root: Path, s: dict) -> bool:
@@ -973,7 +986,8 @@ def _labels(shard: list[Item], c: BuildConfig) -> dict[str, int]:
 
 def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifests: Iterable[str],
            workers: int, progress: bool, overwrite: bool, allow_outside: bool,
-           provenance: dict[str, Any] | None, keys: set[str] | None = None) -> dict:
+           provenance: dict[str, Any] | None, keys: dict[str, str | None] | None = None,
+           keys_sha256: str | None = None) -> dict:
     """:func:`build` under the folder lock.
 
     Pass 1 (parallel over chunks of the sorted inputs): read each input once, sha256, validate,
@@ -993,12 +1007,14 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
     for p in [*root.glob(".*.tmp"), *work.glob(".*.tmp")]:  # cut by a kill; always rewritten whole
         p.unlink()
     items = scan(list(inputs), c.label_column, manifests, allow_outside=allow_outside, exclude=root)
+    not_selected = 0
     if keys is not None:  # a curated subset: the inputs keep the keys of the full build
         by_key = {sample_key(i.ordinal): i for i in items}
-        unknown = keys - by_key.keys()
+        unknown = keys.keys() - by_key.keys()
         if unknown:
             raise cfg.ConfigError(f"--keys: {len(unknown)} of {len(keys)} keys name no input of this build "
                                   f"(e.g. {min(unknown)}); the keys must come from a build of the same inputs")
+        not_selected = len(items) - len(keys)
         items = [i for k, i in by_key.items() if k in keys]
     index_path = root / INDEX
     old = _read_json(index_path)
@@ -1014,14 +1030,24 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
             checked += part
             bar.update(len(part))
     first_of: dict[str, Item] = {}
-    for n, (item, (sha, rej, offset, length)) in enumerate(zip(todo, checked)):
+    facts: dict[int, tuple] = {}
+    for n, (item, (sha, rej, offset, length, size, mtime_ns)) in enumerate(zip(todo, checked)):
         item.sha256, item.spool = sha, (n // CHUNK, offset, length)
+        facts[item.ordinal] = (size, mtime_ns)
         if rej is not None:
             item.reject = tuple(rej)
         elif sha in first_of and c.duplicates == "reject":
             item.reject = ("duplicate", f"same sha256 as {first_of[sha].source_path}")
         else:
             first_of.setdefault(sha, item)
+    if keys is not None:  # provenance: a key's recorded source must be the input read under it now
+        for item in todo:
+            want = keys.get(sample_key(item.ordinal))
+            if want is not None and item.sha256 is not None and want != item.sha256:
+                shutil.rmtree(work, ignore_errors=True)
+                raise cfg.ConfigError(f"--keys: key {sample_key(item.ordinal)} was built from content sha256 "
+                                      f"{want[:12]}…, but this build's input under that key ({item.source_path}) "
+                                      f"is {item.sha256[:12]}…: the keys come from a build of other inputs")
     candidates = [i for i in items if i.reject is None]
     plan = _plan_shards(candidates, c)
     fingerprint = hashlib.sha256(json.dumps({
@@ -1066,6 +1092,10 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
 
     rejected = [_rejection(i) for i in items if i.reject is not None]
     write_atomic(root / REJECTED, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected).encode())
+    # what status() checks a later run against: every input's stat and content, in scan order
+    write_atomic(root / SOURCES, "".join(json.dumps([_where_key(i), *facts.get(i.ordinal, (None, None)),
+                                                     i.sha256 if i.ordinal in facts else None]) + "\n"
+                                         for i in items).encode())
     label_counts: dict[str, int] = {}
     for sm in summaries.values():
         for label, n in sm["labels"].items():
@@ -1081,20 +1111,43 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
         "shards": shards,
         "labels": {"column": c.label_column, "vocabulary": sorted(label_counts),
                    "counts": dict(sorted(label_counts.items()))},
-        "totals": {"inputs": len(items), "written": written, "rejected": len(rejected),
-                   "rejected_by_reason": dict(sorted(reasons.items()))},
+        "totals": {"inputs": len(items) + not_selected, "written": written, "rejected": len(rejected),
+                   "rejected_by_reason": dict(sorted(reasons.items())),
+                   **({"not_selected": not_selected} if keys is not None else {})},
+        "input_files": _input_files(list(inputs), manifests),
         "inputs": _input_summary(items),
         "command": _canonical_command(list(inputs), manifests, str(out), c),
         "config": cfg.to_dict(c),
         "config_source": provenance,
     }
+    if keys is not None:
+        index["keys_sha256"] = keys_sha256
     if len(items) != written + len(rejected):
         raise RuntimeError(f"accounting broken: {len(items)} inputs != {written} written + {len(rejected)} rejected")
-    # the marker last, sealing every shard and the rejection log (size, mtime, sha256)
-    index = CONTRACT.seal(root, index, [root / s["name"] for s in shards] + [root / REJECTED])
+    # the marker last, sealing every shard, the rejection log and the sources (size, mtime, sha256)
+    index = CONTRACT.seal(root, index, [root / s["name"] for s in shards] + [root / REJECTED, root / SOURCES])
     shutil.rmtree(work, ignore_errors=True)
     _report(index, root)
     return index
+
+
+def _where_key(item: Item) -> str:
+    return item.where if isinstance(item.where, str) else f"{item.where[0]}#{item.where[1]}"
+
+
+def _input_files(inputs: list[str], manifests: list[str]) -> dict[str, list]:
+    """(size, mtime_ns, sha256 or None) of every INPUT that is a file: zips (by stat: their members'
+    content is in the sources list) and CSV manifests (hashed: they hold the metadata)."""
+    out = {}
+    for given in [*inputs, *manifests]:
+        path = Path(given)
+        if path.is_dir() and (path / MANIFEST_NAME).is_file():
+            path = path / MANIFEST_NAME
+        if path.is_file():
+            st = path.stat()
+            is_csv = path.suffix.lower() == ".csv" or given in manifests
+            out[str(path)] = [st.st_size, st.st_mtime_ns, file_sha256(path) if is_csv else None]
+    return out
 
 
 def _input_summary(items: list[Item]) -> list[dict]:
@@ -1120,7 +1173,8 @@ def _clean(root: Path) -> None:
 def _report(index: dict, root: Path) -> None:
     t = index["totals"]
     reasons = ", ".join(f"{k} {v}" for k, v in t["rejected_by_reason"].items()) or "none"
-    print(f"shards: {t['inputs']} inputs = {t['written']} written + {t['rejected']} rejected ({reasons}); "
+    unselected = f" + {t['not_selected']} not selected by --keys" if "not_selected" in t else ""
+    print(f"shards: {t['inputs']} inputs = {t['written']} written + {t['rejected']} rejected ({reasons}){unselected}; "
           f"{len(index['shards'])} shards, {len(index['labels']['vocabulary'])} labels in {root}")
 
 
@@ -1170,7 +1224,8 @@ def verify(shard_dir: str | os.PathLike) -> list[str]:
     t = index["totals"]
     rej = root / REJECTED
     n_rej = len(rej.read_text().splitlines()) if rej.exists() else -1
-    if total != t["written"] or n_rej != t["rejected"] or t["inputs"] != t["written"] + t["rejected"]:
+    if total != t["written"] or n_rej != t["rejected"] or \
+            t["inputs"] != t["written"] + t["rejected"] + t.get("not_selected", 0):
         problems.append(f"accounting: read {total} samples and {n_rej} rejections; {INDEX} says inputs "
                         f"{t['inputs']} = written {t['written']} + rejected {t['rejected']}")
     return problems
@@ -1240,6 +1295,75 @@ def _summary(x: np.ndarray) -> dict[str, float]:
     return {"n": float(x.size), "min": float(x.min()), "p5": q[0], "median": q[1], "p95": q[2], "max": float(x.max())}
 
 
+# ---------------------------------------------------------------- status (read-only)
+def status(args: argparse.Namespace) -> Status:
+    """Is the build in ``args.out`` complete and built from these inputs, bytes and options?
+
+    Writes nothing. The seal (:data:`format.CONTRACT`) must verify; the config, command and
+    ``--keys`` file must match; the inputs are scanned again and must be the same files; each file is
+    stat'ed and rehashed only when its size or mtime changed (a touched copy still passes; changed
+    bytes under a manifest do not); a zip whose stat changed has its members rehashed."""
+    root = Path(args.out)
+    record = CONTRACT.verify(root)
+    if record is None:
+        return Status(False, f"no complete shard build in {root}")
+    c = cfg.from_args(BuildConfig, args)
+    if record.get("config") != cfg.to_dict(c):
+        return Status(False, f"{root} was built with other options")
+    inputs, manifests = list(args.inputs), list(args.manifest)
+    if record.get("command") != _canonical_command(inputs, manifests, str(args.out), c):
+        return Status(False, f"{root} was built from other inputs or by another command")
+    keys = getattr(args, "keys", None)
+    if (file_sha256(keys) if keys else None) != record.get("keys_sha256"):
+        return Status(False, "--keys names another key list than the build's")
+    changed_zips = set()
+    for given, (size, mtime_ns, sha) in (record.get("input_files") or {}).items():
+        try:
+            st = os.stat(given)
+        except OSError:
+            return Status(False, f"input {given} is gone")
+        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+            continue
+        if sha is not None:
+            if file_sha256(given) != sha:
+                return Status(False, f"manifest {given} changed since the build")
+        else:
+            changed_zips.add(given)
+    with contextlib.redirect_stderr(io.StringIO()):  # scan's notes belong to a build, not a status
+        items = scan(inputs, c.label_column, manifests, allow_outside=getattr(args, "allow_outside", False),
+                     exclude=root)
+    if keys:
+        wanted = read_keys(keys)
+        items = [i for i in items if sample_key(i.ordinal) in wanted]
+    try:
+        sources = [json.loads(line) for line in (root / SOURCES).read_text().splitlines()]
+    except (OSError, ValueError):
+        return Status(False, f"{root}/{SOURCES} unreadable")
+    if [_where_key(i) for i in items] != [s[0] for s in sources]:
+        return Status(False, "the input files changed since the build (added, removed or renamed)")
+    rehashed = 0
+    for item, (where, size, mtime_ns, sha) in zip(items, sources):
+        if sha is None:  # rejected before or while reading: its bytes never reached a shard
+            continue
+        if isinstance(item.where, str):
+            try:
+                st = os.stat(item.where)
+            except OSError:
+                return Status(False, f"input {item.source_path} is gone")
+            if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                continue
+        elif item.where[0] not in changed_zips:
+            continue
+        rehashed += 1
+        try:
+            now = hashlib.sha256(read_source(item, c.max_file_bytes)).hexdigest()
+        except Reject as exc:
+            return Status(False, f"input {item.source_path} is now unreadable ({exc.reason})")
+        if now != sha:
+            return Status(False, f"input {item.source_path} changed since the build")
+    return Status(True, f"up to date: {len(items)} inputs unchanged ({rehashed} rehashed after a stat change)")
+
+
 # ---------------------------------------------------------------- command line
 def default_workers() -> int:
     """CPUs this process may use (Slurm's allocation where there is one)."""
@@ -1289,5 +1413,6 @@ def run(args: argparse.Namespace) -> int:
     c = cfg.from_args(BuildConfig, args)
     build(args.inputs, args.out, c, manifests=args.manifest, workers=args.workers,
           progress=not args.no_progress, overwrite=args.overwrite, allow_outside=args.allow_outside,
-          provenance=cfg.provenance(args), keys=read_keys(args.keys) if args.keys else None)
+          provenance=cfg.provenance(args), keys=read_keys(args.keys) if args.keys else None,
+          keys_sha256=file_sha256(args.keys) if args.keys else None)
     return 0
