@@ -167,3 +167,21 @@ def test_bad_synth_values_are_config_errors(override, says):
     from icehpc import config
     with pytest.raises(config.ConfigError, match=says):
         config.load(synth.SynthConfig, None, [override])
+
+
+def test_status_is_read_only_and_follows_planted_json(tmp_path):
+    """Issue 19: synth answers status(args) from its marker (planted.json, written last)."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    synth.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "s"), "--n", "12", "--seed", "4", "--no-progress",
+                              "--workers", "1"])
+    assert not synth.status(args).done
+    synth.run(args)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*")}
+    assert synth.status(args).done
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*")} == before
+    other = parser.parse_args(["--out", str(tmp_path / "s"), "--n", "12", "--seed", "5"])
+    assert not synth.status(other).done
+    next((tmp_path / "s" / "images").rglob("*.png")).unlink()
+    assert not synth.status(args).done

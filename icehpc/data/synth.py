@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy.special import ndtr, ndtri
 
 from .. import config as cfg
+from ..contract import Contract, Status
 from ..fileio import write_atomic
 from .format import METADATA_KEYS
 from .shards import default_workers
@@ -493,6 +494,30 @@ def _planted_json(c: SynthConfig, metas: list[dict]) -> dict:
         "campaigns": [dataclasses.asdict(x) for x in CAMPAIGNS],
         "bins": table,
     }
+
+
+#: synth's output contract: ``planted.json`` is written last (its ``params`` are the run's config).
+CONTRACT = Contract("planted.json", ("images/*", "manifest.csv", ".synth-params.json", ".*.tmp"))
+
+
+def status(args: argparse.Namespace) -> Status:
+    """Read-only: is ``args.out`` a finished synth run of these parameters? ``planted.json`` (the
+    marker, written last) must hold them, and every image the manifest lists must be there."""
+    c = cfg.from_args(SynthConfig, args)
+    root = Path(args.out)
+    planted = CONTRACT.read(root)
+    if planted is None:
+        return Status(False, f"no finished synth run in {root}")
+    if planted.get("params") != cfg.to_dict(c):
+        return Status(False, f"{root} holds a synth run with other parameters")
+    try:
+        with open(root / "manifest.csv", newline="") as f:
+            paths = [row["path"] for row in csv.DictReader(f)]
+    except (OSError, KeyError, csv.Error):
+        return Status(False, f"{root}/manifest.csv missing or unreadable")
+    if len(paths) != c.n or any(not (root / p).is_file() for p in paths):
+        return Status(False, f"{root}: images missing")
+    return Status(True, f"up to date ({c.n} images, seed {c.seed})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
