@@ -775,3 +775,21 @@ def test_keys_from_another_data_set_are_refused_and_unselected_inputs_counted(tm
     t = sub["totals"]
     assert (t["inputs"], t["written"], t["rejected"], t["not_selected"]) == (6, 2, 0, 4)
     assert shards.verify(tmp_path / "sub") == []
+
+
+def test_integer_tiffs_are_scaled_by_the_bit_depth_their_values_use(tmp_path):
+    """Issue 20: an int32 TIFF holding 8-bit values was stored nearly black (0–1) and 12-bit data in
+    16-bit containers as 1–14: scaled by the depth actually used, the conversion recorded."""
+    tree = tmp_path / "tree" / "col"
+    tree.mkdir(parents=True)
+    eight = np.array([[0, 100, 255]] * 3, np.int32)
+    twelve = np.array([[0, 2048, 4095]] * 3, np.uint16)
+    Image.fromarray(eight, "I").save(tree / "int32-8bit.tif")
+    Image.fromarray(twelve).save(tree / "u16-12bit.png")
+    out = tmp_path / "out"
+    shards.build([str(tmp_path / "tree")], out, shards.BuildConfig(polarity="keep"), workers=1, progress=False)
+    got = {k.split("/")[-1]: (m, np.asarray(Image.open(io.BytesIO(png)))) for k, (m, png) in _samples(out).items()}
+    m8, a8 = got["int32-8bit.tif"]
+    m12, a12 = got["u16-12bit.png"]
+    assert a8[0].tolist() == [0, 100, 255] and "I_8bit_values_kept" in m8["conversion"]
+    assert a12[0].tolist() == [0, 128, 255] and any("12bit" in n for n in m12["conversion"])

@@ -41,7 +41,8 @@ Hostile inputs are rejected with a reason and never stop the build: ``empty``, `
 ``unsupported_mode`` (float images or 32-bit integers beyond 16 bits), ``duplicate`` (same sha256
 as an earlier input), ``not_regular``, ``outside_root``, ``symlink_loop``. Every input (file or zip
 member) is read in bounded chunks, never more than ``max_file_bytes + 1`` bytes. Faithful conversions are applied instead and listed in ``conversion``:
-EXIF orientation, 16-bit → 8-bit (v/257), alpha composited over white, palette/RGB/CMYK → luma,
+EXIF orientation, 16-bit → 8-bit (v/257; values that use only 8, 10, 12 or 14 bits of a 16/32-bit container are
+scaled by that depth, e.g. 12-bit data by v·255/4095, 8-bit values kept), alpha composited over white, palette/RGB/CMYK → luma,
 first frame of multi-frame files. An 8-bit grayscale PNG is stored byte-for-byte, unless
 ``--polarity`` (default auto) inverts it: every shard holds dark particles on a light field.
 
@@ -547,8 +548,15 @@ def _to_gray(im: Image.Image, notes: list[str]) -> Image.Image:
         a = np.asarray(im)
         if a.min() < 0 or a.max() > 65535:
             raise Reject("unsupported_mode", f"{mode} values outside 0..65535")
-        notes.append("16bit_to_8bit")
-        return Image.fromarray(((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), "L")
+        # scaled by the bit depth the values actually use (8, 10, 12, 14 or 16 bits), not by the
+        # container: 8-bit values in an int32 TIFF or 12-bit data in 16 bits would come out black
+        bits = next(b for b in (8, 10, 12, 14, 16) if int(a.max()) < 1 << b)
+        if bits == 8:
+            notes.append(f"{mode.replace(';', '')}_8bit_values_kept")
+            return Image.fromarray(a.astype(np.uint8), "L")
+        top = (1 << bits) - 1
+        notes.append("16bit_to_8bit" if bits == 16 else f"{bits}bit_in_{mode.replace(';', '')}_to_8bit")
+        return Image.fromarray(((a.astype(np.uint32) * 255 + top // 2) // top).astype(np.uint8), "L")
     if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
         notes.append(f"{mode}_to_gray")
         return im.convert("RGB").convert("L")
