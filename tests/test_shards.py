@@ -22,7 +22,7 @@ import webdataset as wds
 from PIL import Image
 
 from icehpc import config
-from icehpc.data import shards, synth
+from icehpc.data import inputs, shards, synth
 
 RNG = np.random.default_rng(0)
 
@@ -566,7 +566,7 @@ def test_each_input_is_opened_read_and_inflated_once_with_no_stat_per_file(tmp_p
         return real_pil_open(*a, **kw)
 
     monkeypatch.setattr(shards.os, "open", os_open)
-    monkeypatch.setattr(shards, "open", py_open, raising=False)
+    monkeypatch.setattr(inputs, "open", py_open, raising=False)  # where read_source opens the file
     monkeypatch.setattr(os, "lstat", lstat)
     monkeypatch.setattr(os, "stat", os_stat)
     monkeypatch.setattr(zlib, "decompressobj", inflater)
