@@ -7,8 +7,13 @@ Output of ``build INPUT... --out DIR``:
   Keys are the sample's position in the sorted input listing (``000000042``): no dots, stable
   under ``--shuffle``. Tar members carry fixed mtime/owner/mode, so a build is byte-reproducible.
 - ``DIR/rejected.jsonl``: one ``{"path", "input", "reason", "detail"}`` per rejected input.
+- ``DIR/sources.jsonl``: per input (scan order) its location, size, mtime and sha256: what
+  :func:`status` checks a later run against (stat first, rehash only where the stat changed).
 - ``DIR/index.json``: shards (samples, bytes, sha256), label vocabulary, the command and config,
-  the accounting ``inputs == written + rejected`` (checked; the build fails if it does not hold).
+  the accounting ``inputs == written + rejected (+ not_selected by --keys)`` (checked; the build
+  fails if it does not hold). Written last, it seals the shards, ``rejected.jsonl`` and
+  ``sources.jsonl`` (size, mtime, sha256: :data:`icehpc.data.format.CONTRACT`). ``--overwrite``
+  removes only the files of that contract; a user's own files in DIR stay.
 
 Inputs. A folder tree or ``.zip`` where the first-level folder is the label (stored under
 ``--label-column``, default ``habit``); a tree whose only top-level entry is one folder that itself
@@ -46,8 +51,13 @@ scaled by that depth, e.g. 12-bit data by v·255/4095, 8-bit values kept), alpha
 first frame of multi-frame files. An 8-bit grayscale PNG is stored byte-for-byte, unless
 ``--polarity`` (default auto) inverts it: every shard holds dark particles on a light field.
 
-How: pass 1 reads every input once (parallel over chunks of the sorted inputs), hashes and
-validates it and spools its finished tar members in ``DIR/.work`` (scratch as large as the output,
+``--keys CSV`` keeps the inputs whose key is in the CSV's ``key`` column; when it also has a
+``source_sha256`` column, every selected input must still have that content (keys of another data
+set are one line, exit 2); unselected inputs are counted as ``not_selected``.
+
+How: pass 1 reads every input once (one open, one read(), no stat of the file beyond the read's
+fstat; a PNG's image data inflated once and unfiltered from that; parallel over chunks of the sorted
+inputs), hashes and validates it and spools its finished tar members in ``DIR/.work`` (scratch as large as the output,
 deleted at the end); then duplicates are dropped and the sample→shard plan is fixed from the sorted
 inputs (+ seed); pass 2 concatenates spooled members into shards (parallel over shards). Every
 file is written under a temporary name and renamed; a rerun of the same command skips committed
