@@ -211,3 +211,67 @@ def test_data_config_rejects_bad_framing_and_canvas(override, says):
 
     with pytest.raises(ValueError, match=says):
         cfglib.load(PretrainConfig, cfglib.find_config("pretrain-tiny-cpu.yaml"), [override])
+
+
+def _reference_frame(pixels: np.ndarray, margin: float) -> np.ndarray:
+    """The framing as it was before issue 23 (float median over int16, full contrast image): the
+    faster integer version must give the very same canvases, so trained backbones embed unchanged."""
+    img = pixels.astype(np.int16)
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    contrast = np.abs(img - int(np.median(border)))
+    peak = int(contrast.max())
+    if peak < 16:
+        return pixels
+    mask = contrast > peak // 2
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, left, bottom, right = int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+    side = max(1, round(max(bottom - top, right - left) * (1 + 2 * margin)))
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    y0, x0 = int(round(cy - side / 2)), int(round(cx - side / 2))
+    out = np.full((side, side), int(np.median(border)), dtype=np.uint8)
+    h, w = pixels.shape
+    sy0, sx0, sy1, sx1 = max(0, y0), max(0, x0), min(h, y0 + side), min(w, x0 + side)
+    out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = pixels[sy0:sy1, sx0:sx1]
+    return out
+
+
+def _framing_cases(shared: Path | None):
+    rng = np.random.default_rng(7)
+    for k in range(400):  # noise, flat fields with specks, either polarity, odd and even border sizes
+        h, w = (int(x) for x in rng.integers(3, 60, 2))
+        a = rng.integers(0, 256, (h, w)).astype(np.uint8)
+        if k % 2:
+            a[:] = rng.integers(0, 256)
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            a[y:y + rng.integers(1, h + 1), x:x + rng.integers(1, w + 1)] = rng.integers(0, 256)
+        yield a
+    if shared is not None:
+        import zipfile
+        for name in ("2ds_training.zip", "pip_training.zip", "random_inspections.zip"):
+            with zipfile.ZipFile(shared / name) as z:
+                members = [i for i in z.infolist() if not i.is_dir()]
+                for info in members[::max(1, len(members) // 150)]:
+                    yield np.asarray(Image.open(io.BytesIO(z.read(info))).convert("L"))
+
+
+def test_bbox_framing_is_bit_identical_to_the_reference(shard_dir, request):
+    """Issue 23: the integer box search changes no canvas (random images, the synthetic shards and,
+    when present, ~450 real OAP images of the three archives)."""
+    from tests.conftest import SHARED_DATA
+    shared = SHARED_DATA if SHARED_DATA.is_dir() else None
+    images = list(_framing_cases(shared))
+    for p in fmt.shard_paths(shard_dir):
+        images += [np.asarray(Image.open(io.BytesIO(s["png"]))) for _, s in fmt.iter_samples(p, ("png",))]
+    assert len(images) > 600
+    for a in images:
+        for margin in (0.0, 0.1):
+            assert np.array_equal(data.frame_particle(a, margin), _reference_frame(a, margin))
+    for a in images[::7]:
+        ref = Image.fromarray(_reference_frame(a, 0.1))
+        s = 224 / max(ref.size)
+        ref = np.asarray(ref.resize((max(1, round(ref.width * s)), max(1, round(ref.height * s))),
+                                    Image.Resampling.BILINEAR))
+        got = data.decode_image(_png(a), 224, framing="bbox")[0].numpy()
+        h, w = ref.shape
+        top, left = (224 - h) // 2, (224 - w) // 2
+        assert np.array_equal(got[top:top + h, left:left + w], ref)

@@ -22,7 +22,7 @@ import webdataset as wds
 from PIL import Image
 
 from icehpc import config
-from icehpc.data import shards, synth
+from icehpc.data import inputs, shards, synth
 
 RNG = np.random.default_rng(0)
 
@@ -310,9 +310,16 @@ def synth_data(tmp_path_factory) -> Path:
 
 
 def _all_bytes(root: Path) -> dict[str, bytes]:
-    """Every output file's bytes (not the folder lock, which names the last writer's PID)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    """Every output file's bytes (not the folder lock, which names the last writer's PID); the
+    index without the mtimes its seal records (the contract's stat shortcut), which no rerun keeps."""
+    out = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+           if p.is_file() and p.name != ".lock"}
+    if "index.json" in out:
+        index = json.loads(out["index.json"])
+        for fact in index.get("outputs", {}).values():
+            fact.pop("mtime_ns")
+        out["index.json"] = json.dumps(index, sort_keys=True).encode()
+    return out
 
 
 def test_shard_limits_shuffle_and_worker_independence(synth_data, tmp_path):
@@ -320,7 +327,10 @@ def test_shard_limits_shuffle_and_worker_independence(synth_data, tmp_path):
     c = shards.BuildConfig(shard_samples=70, shard_bytes=300_000, shuffle=True, seed=5)
     one = shards.build([manifest], tmp_path / "x", c, workers=1, progress=False)
     two = shards.build([manifest], tmp_path / "y", c, workers=2, progress=False)
-    assert {k: v for k, v in one.items() if k != "command"} == {k: v for k, v in two.items() if k != "command"}
+    assert {k: v for k, v in one.items() if k not in ("command", "outputs")} == \
+        {k: v for k, v in two.items() if k not in ("command", "outputs")}
+    assert {k: (v["bytes"], v["sha256"]) for k, v in one["outputs"].items()} == \
+        {k: (v["bytes"], v["sha256"]) for k, v in two["outputs"].items()}
     assert {k: v for k, v in _all_bytes(tmp_path / "x").items() if k != "index.json"} == \
         {k: v for k, v in _all_bytes(tmp_path / "y").items() if k != "index.json"}
     for s in one["shards"]:
@@ -458,6 +468,8 @@ def test_sbatch_build_matches_local_build(slurm_cluster, synth_data, tmp_path):
     # only how it was invoked differs: the command (--out) and where the config came from (library call vs CLI)
     assert ia.pop("command") != ib.pop("command")
     assert ia.pop("config_source") is None and ib.pop("config_source") == {"file": None, "overrides": []}
+    oa, ob = ia.pop("outputs"), ib.pop("outputs")  # the seal: same files and bytes, other mtimes
+    assert {k: (v["bytes"], v["sha256"]) for k, v in oa.items()} == {k: (v["bytes"], v["sha256"]) for k, v in ob.items()}
     assert ia == ib
 
 
@@ -489,3 +501,295 @@ def test_polarity_gives_every_shard_dark_particles_on_a_light_field(tmp_path, po
         assert np.array_equal(a_oap, 255 - oap) and np.array_equal(a_cpi, 255 - cpi)
         assert "inverted" in m_cpi["conversion"]
     assert json.loads((out / "index.json").read_text())["totals"]["written"] == 2
+
+
+def test_each_input_is_opened_read_and_inflated_once_with_no_stat_per_file(tmp_path, monkeypatch):
+    """Issue 23's regression guard: per input one open, one read(), one inflate of the PNG image
+    data and no stat/lstat of the file itself (the folders are resolved once each), with the
+    default polarity, which must still decide every image from its decoded pixels."""
+    tree = tmp_path / "tree"
+    names = []
+    for k in range(6):
+        (tree / f"class{k % 2}").mkdir(parents=True, exist_ok=True)
+        a = np.full((30 + k, 40), 230 if k % 3 else 20, np.uint8)  # every third: dark field (inverted)
+        a[8:20, 10:25] = 20 if k % 3 else 230
+        path = tree / f"class{k % 2}" / f"p{k}.png"
+        Image.fromarray(a).save(path)
+        names.append(str(path))
+    opens, reads, stats, inflates, pil_opens = Counter(), Counter(), Counter(), [0], [0]
+    real_os_open, real_open, real_lstat, real_stat = os.open, open, os.lstat, os.stat
+    real_inflater, real_pil_open = zlib.decompressobj, Image.open
+
+    class CountingFile:
+        def __init__(self, f, name):
+            self.f, self.name = f, name
+
+        def read(self, *a):
+            reads[self.name] += 1
+            return self.f.read(*a)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    fd_names: dict[int, str] = {}
+
+    def os_open(path, *a, **kw):
+        fd = real_os_open(path, *a, **kw)
+        opens[os.fsdecode(path)] += 1
+        fd_names[fd] = os.fsdecode(path)
+        return fd
+
+    def py_open(file, *a, **kw):
+        if isinstance(file, int) and file in fd_names:
+            return CountingFile(real_open(file, *a, **kw), fd_names[file])
+        opens[os.fsdecode(file) if not isinstance(file, int) else file] += 1
+        return real_open(file, *a, **kw)
+
+    def lstat(path, *a, **kw):
+        stats[os.fsdecode(path)] += 1
+        return real_lstat(path, *a, **kw)
+
+    def os_stat(path, *a, **kw):
+        if not isinstance(path, int):
+            stats[os.fsdecode(path)] += 1
+        return real_stat(path, *a, **kw)
+
+    def inflater(*a, **kw):
+        inflates[0] += 1
+        return real_inflater(*a, **kw)
+
+    def pil_open(*a, **kw):
+        pil_opens[0] += 1
+        return real_pil_open(*a, **kw)
+
+    monkeypatch.setattr(shards.os, "open", os_open)
+    monkeypatch.setattr(inputs, "open", py_open, raising=False)  # where read_source opens the file
+    monkeypatch.setattr(os, "lstat", lstat)
+    monkeypatch.setattr(os, "stat", os_stat)
+    monkeypatch.setattr(zlib, "decompressobj", inflater)
+    monkeypatch.setattr(Image, "open", pil_open)
+    index = shards.build([str(tree)], tmp_path / "out", shards.BuildConfig(), workers=1, progress=False)
+    monkeypatch.undo()
+    assert index["totals"] == {"inputs": 6, "written": 6, "rejected": 0, "rejected_by_reason": {}}
+    assert {n: opens[n] for n in names} == {n: 1 for n in names}
+    assert {n: reads[n] for n in names} == {n: 1 for n in names}
+    assert {n: stats[n] for n in names} == {n: 0 for n in names}
+    assert inflates[0] == len(names) and pil_opens[0] == 0
+    inverted = [m for m, _ in _samples(tmp_path / "out").values() if m["conversion"]]
+    assert len(inverted) == 2 and all(m["conversion"] == ["inverted_auto_dark_border"] for m in inverted)
+
+
+def _ztxt_bomb() -> bytes:
+    """A valid 8x8 grayscale PNG carrying a zTXt chunk that inflates to 64 MiB (Pillow refuses it)."""
+    rows = b"".join(b"\0" + bytes([200] * 8) for _ in range(8))
+    bomb = zlib.compress(b"\0" * (64 << 20), 9)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+            + _chunk(b"zTXt", b"Comment\0\0" + bomb) + _chunk(b"IDAT", zlib.compress(rows))
+            + _chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("polarity", ["auto", "keep", "invert"])
+def test_ztxt_bomb_is_rejected_whatever_the_polarity(tmp_path, polarity):
+    """Issue 20: ``--polarity keep`` stored PNGs undecoded, so a zTXt bomb was written and the
+    embedding died on it later. Every stored sample is decoded under the same caps."""
+    tree = tmp_path / "tree" / "col"
+    tree.mkdir(parents=True)
+    (tree / "bomb.png").write_bytes(_ztxt_bomb())
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tree / "ok.png")
+    out = tmp_path / "out"
+    index = shards.build([str(tmp_path / "tree")], out, shards.BuildConfig(polarity=polarity), workers=1,
+                         progress=False)
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["path"].split("/")[-1], r["reason"]) for r in rejected] == [("bomb.png", "decompression_bomb")]
+    assert index["totals"]["written"] == 1
+
+
+def test_manifest_cells_later_stages_cannot_store_reject_the_row(tmp_path):
+    """Issue 20: a NUL in a metadata cell or in the path, a cell over 128 KiB, extra cells, numbers
+    written as ``1_000`` or ``٣``: each rejects its row with a reason (no crash, no abort); labels
+    ``NA`` and ``none`` are labels, not missing values."""
+    (tmp_path / "img").mkdir()
+    for k in range(9):
+        Image.fromarray(np.full((6, 6), 200 - k, np.uint8)).save(tmp_path / "img" / f"{k}.png")
+    long = "x" * (128 * 1024 + 1)
+    lines = ["path,habit,temperature_c,campaign",
+             "img/0.png,plate,-3,ok",
+             "img/1.png,plate,-3,bad\0cell",
+             "img/2.png\0,plate,-3,ok",
+             f"img/3.png,plate,-3,{long}",
+             "img/4.png,plate,-3,ok,surplus",
+             "img/5.png,plate,1_000,ok",
+             "img/6.png,plate,\u0663,ok",
+             "img/7.png,NA,-3,ok",
+             "img/8.png,none,-3,ok"]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    index = shards.build([str(tmp_path / "m.csv")], out, shards.BuildConfig(), workers=1, progress=False)
+    rejected = {r["path"].split("/")[-1][:9]: r for r in
+                map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    assert {k: r["reason"] for k, r in rejected.items()} == {
+        "1.png": "bad_metadata", "2.png\x00": "bad_metadata", "3.png": "bad_metadata", "4.png": "bad_metadata",
+        "5.png": "bad_metadata", "6.png": "bad_metadata"}
+    assert "NUL" in rejected["1.png"]["detail"] and "131072" in rejected["3.png"]["detail"]
+    assert "more cell" in rejected["4.png"]["detail"]
+    assert index["totals"]["written"] == 3 and index["totals"]["inputs"] == 9
+    assert sorted(index["labels"]["vocabulary"]) == ["NA", "none", "plate"]
+
+
+@pytest.mark.parametrize("override,says", [("seed=-1", "seed"), ("pixel_um=.nan", "pixel_um"),
+                                           ("pixel_um=-2.3", "pixel_um"), ("max_pixels=-1", "max_pixels"),
+                                           ("max_file_bytes=0", "max_file_bytes")])
+def test_bad_build_values_are_config_errors(override, says):
+    """Issue 20: ``--seed -1`` was a traceback, ``--pixel-um nan`` wrote NaN into JSON, negative
+    pixel sizes and ``max_pixels=-1`` were accepted."""
+    with pytest.raises(config.ConfigError, match=says):
+        config.load(shards.BuildConfig, None, [override])
+
+
+def test_seed_minus_one_on_the_command_line_is_one_line(tmp_path, icehpc_cmd):
+    proc = subprocess.run([*icehpc_cmd, "shards", "build", str(tmp_path), "--out", str(tmp_path / "o"),
+                           "--seed", "-1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "seed" in proc.stderr
+
+
+def _tiny_tree(root: Path, classes: tuple[str, ...] = ("plate", "column")) -> Path:
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        a = np.full((12, 12), 220, np.uint8)
+        a[3:8, 4:9] = 20 + k
+        Image.fromarray(a).save(root / name / f"p{k}.png")
+    return root
+
+
+def test_overwrite_removes_only_the_builds_own_files(tmp_path):
+    """Issue 19: ``--overwrite`` removes the shards, index, log, histogram and scratch; a user's
+    notes and a stray ``shard-abc.tar`` (not a name the build writes) stay, and do not crash it."""
+    tree, out = _tiny_tree(tmp_path / "tree"), tmp_path / "out"
+    shards.build([str(tree)], out, shards.BuildConfig(), workers=1, progress=False)
+    (out / "README.txt").write_text("my notes")
+    (out / "shard-abc.tar").write_bytes(b"mine")
+    (out / "figures").mkdir()
+    (out / "figures" / "final.pdf").write_bytes(b"%PDF")
+    index = shards.build([str(tree)], out, shards.BuildConfig(shard_samples=1), workers=1, progress=False,
+                         overwrite=True)
+    assert index["totals"]["written"] == 2 and len(index["shards"]) == 2
+    assert (out / "README.txt").read_text() == "my notes" and (out / "shard-abc.tar").read_bytes() == b"mine"
+    assert (out / "figures" / "final.pdf").exists()
+    assert shards.CONTRACT.foreign(out) == ["README.txt", "figures/final.pdf", "shard-abc.tar"]
+    assert sorted(index["outputs"]) == ["rejected.jsonl", "shard-000000.tar", "shard-000001.tar", "sources.jsonl"]
+
+
+def test_out_inside_the_input_folder_is_not_ingested(tmp_path):
+    """Issue 20: ``--out`` inside the input tree ingested the build's own ``.lock`` (and would its
+    shards on a rerun): the output folder is excluded from the scan."""
+    tree = _tiny_tree(tmp_path / "tree")
+    out = tree / "shards"
+    first = shards.build([str(tree)], out, shards.BuildConfig(), workers=1, progress=False)
+    assert first["totals"] == {"inputs": 2, "written": 2, "rejected": 0, "rejected_by_reason": {}}
+    again = shards.build([str(tree)], out, shards.BuildConfig(), workers=1, progress=False)
+    assert again["totals"] == first["totals"]
+
+
+def test_nfc_and_nfd_spellings_of_a_folder_are_one_class(tmp_path):
+    """Issue 20: ``é`` composed (NFC) and decomposed (NFD, as macOS writes it) are one class, NFC."""
+    import unicodedata
+    nfc, nfd = unicodedata.normalize("NFC", "rosetté"), unicodedata.normalize("NFD", "rosetté")
+    assert nfc != nfd
+    tree = _tiny_tree(tmp_path / "tree", (nfc, nfd))
+    index = shards.build([str(tree)], tmp_path / "out", shards.BuildConfig(), workers=1, progress=False)
+    assert index["labels"]["vocabulary"] == [nfc] and index["labels"]["counts"] == {nfc: 2}
+
+
+def test_stats_draws_a_class_named_like_math_text(tmp_path):
+    """Issue 20: a class named ``$\\frac{x$ col`` crashed ``shards stats`` (matplotlib math text)."""
+    tree = _tiny_tree(tmp_path / "tree", ("$\\frac{x$ col", "plate"))
+    out = tmp_path / "out"
+    shards.build([str(tree)], out, shards.BuildConfig(), workers=1, progress=False)
+    result = shards.stats(out)
+    assert result["labels"] == {"$\\frac{x$ col": 1, "plate": 1} and (out / "stats.png").stat().st_size > 1000
+
+
+def _build_args(argv: list[str]):
+    import argparse
+    parser = argparse.ArgumentParser()
+    shards.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_status_is_read_only_stats_first_and_sees_changed_bytes_under_a_manifest(tmp_path):
+    """Issue 19: ``status`` says whether the build in --out is complete and from these inputs and
+    bytes, writing nothing; a touched copy passes (rehash on a stat change), an image whose bytes
+    changed under the manifest (same name) makes it not done."""
+    (tmp_path / "img").mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((8, 8), 100 + k, np.uint8)).save(tmp_path / "img" / f"{k}.png")
+    (tmp_path / "m.csv").write_text("path,habit\n" + "".join(f"img/{k}.png,plate\n" for k in range(3)))
+    out = tmp_path / "out"
+    args = _build_args(["build", str(tmp_path / "m.csv"), "--out", str(out), "--no-progress", "--workers", "1"])
+    assert not shards.status(args).done
+    shards.run(args)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    st = shards.status(args)
+    assert st.done and "3 inputs unchanged (0 rehashed" in st.why
+    os.utime(tmp_path / "img" / "1.png", ns=(1, 1))  # touched, same bytes
+    st = shards.status(args)
+    assert st.done and "(1 rehashed" in st.why
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "img" / "2.png")  # other bytes, same name
+    st = shards.status(args)
+    assert not st.done and "img/2.png changed" in st.why
+    other = _build_args(["build", str(tmp_path / "m.csv"), "--out", str(out), "--shard-samples", "2"])
+    assert not shards.status(other).done
+
+
+def test_keys_from_another_data_set_are_refused_and_unselected_inputs_counted(tmp_path, icehpc_cmd):
+    """Issue 19: ``--keys`` from a build of other inputs wrote samples with disagreeing labels and
+    left inputs in neither the shards nor the rejection log. With the keys' ``source_sha256`` the
+    mismatch is one line (exit 2); unselected inputs are counted: inputs = written + rejected +
+    not_selected."""
+    def tree(root: Path, shade: int) -> Path:
+        for k in range(6):
+            (root / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8), shade + k, np.uint8)).save(root / f"c{k % 2}" / f"{k}.png")
+        return root
+    a, b = tree(tmp_path / "a", 100), tree(tmp_path / "b", 30)
+    full = shards.build([str(a)], tmp_path / "full", shards.BuildConfig(), workers=1, progress=False)
+    assert full["totals"]["written"] == 6
+    metas = sorted(shards.iter_metadata(tmp_path / "full"), key=lambda m: m["source_path"])
+    keys = {shards.sample_key(int(k)): None for k in ("1", "4")}
+    by_path = {m["source_path"]: m["source_sha256"] for m in metas}
+    items = shards.scan([str(a)], "habit")
+    rows = [(shards.sample_key(i.ordinal), by_path[i.source_path]) for i in items if shards.sample_key(i.ordinal) in keys]
+    (tmp_path / "curated.csv").write_text("key,source_sha256\n" + "".join(f"{k},{s}\n" for k, s in rows))
+    proc = subprocess.run([*icehpc_cmd, "shards", "build", str(b), "--keys", str(tmp_path / "curated.csv"),
+                           "--out", str(tmp_path / "wrong"), "--no-progress"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "other inputs" in proc.stderr
+    sub = shards.build([str(a)], tmp_path / "sub", shards.BuildConfig(), workers=1, progress=False,
+                       keys=shards.read_keys(tmp_path / "curated.csv"))
+    t = sub["totals"]
+    assert (t["inputs"], t["written"], t["rejected"], t["not_selected"]) == (6, 2, 0, 4)
+    assert shards.verify(tmp_path / "sub") == []
+
+
+def test_integer_tiffs_are_scaled_by_the_bit_depth_their_values_use(tmp_path):
+    """Issue 20: an int32 TIFF holding 8-bit values was stored nearly black (0–1) and 12-bit data in
+    16-bit containers as 1–14: scaled by the depth actually used, the conversion recorded."""
+    tree = tmp_path / "tree" / "col"
+    tree.mkdir(parents=True)
+    eight = np.array([[0, 100, 255]] * 3, np.int32)
+    twelve = np.array([[0, 2048, 4095]] * 3, np.uint16)
+    Image.fromarray(eight, "I").save(tree / "int32-8bit.tif")
+    Image.fromarray(twelve).save(tree / "u16-12bit.png")
+    out = tmp_path / "out"
+    shards.build([str(tmp_path / "tree")], out, shards.BuildConfig(polarity="keep"), workers=1, progress=False)
+    got = {k.split("/")[-1]: (m, np.asarray(Image.open(io.BytesIO(png)))) for k, (m, png) in _samples(out).items()}
+    m8, a8 = got["int32-8bit.tif"]
+    m12, a12 = got["u16-12bit.png"]
+    assert a8[0].tolist() == [0, 100, 255] and "I_8bit_values_kept" in m8["conversion"]
+    assert a12[0].tolist() == [0, 128, 255] and any("12bit" in n for n in m12["conversion"])

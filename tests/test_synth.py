@@ -158,3 +158,30 @@ def test_plant_only_habit_is_drawn_but_never_sampled(run):
         img = synth.render(meta, rng, cutoff_fraction=0.0)
         dark = img < img.max() - 60
         assert dark.sum() > 20 and 0 < meta["particle_height_um"] < meta["particle_width_um"]
+
+
+@pytest.mark.parametrize("override,says", [("seed=-1", "seed"), ("pixel_um=.nan", "pixel_um"),
+                                           ("pixel_um=-1", "pixel_um")])
+def test_bad_synth_values_are_config_errors(override, says):
+    """Issue 20: ``synth --seed -1`` was a traceback (numpy refuses negative seeds)."""
+    from icehpc import config
+    with pytest.raises(config.ConfigError, match=says):
+        config.load(synth.SynthConfig, None, [override])
+
+
+def test_status_is_read_only_and_follows_planted_json(tmp_path):
+    """Issue 19: synth answers status(args) from its marker (planted.json, written last)."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    synth.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "s"), "--n", "12", "--seed", "4", "--no-progress",
+                              "--workers", "1"])
+    assert not synth.status(args).done
+    synth.run(args)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*")}
+    assert synth.status(args).done
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*")} == before
+    other = parser.parse_args(["--out", str(tmp_path / "s"), "--n", "12", "--seed", "5"])
+    assert not synth.status(other).done
+    next((tmp_path / "s" / "images").rglob("*.png")).unlink()
+    assert not synth.status(args).done

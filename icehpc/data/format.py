@@ -17,13 +17,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterator
 
+from ..contract import Contract
+
 FORMAT = "icehpc-shards/1"
 INDEX = "index.json"
 REJECTED = "rejected.jsonl"
+#: Every shard file, ``shard-NNNNNN.tar`` (:func:`shard_name`), as a glob and as an exact pattern.
+SHARD_GLOB = "shard-[0-9][0-9][0-9][0-9][0-9][0-9]*.tar"
+SHARD_RE = re.compile(r"shard-(\d{6,})\.tar")
+#: One JSON line per input in scan order: [where, size, mtime_ns, sha256] (what ``status`` checks).
+SOURCES = "sources.jsonl"
+#: ``icehpc shards stats``' default histogram.
+STATS = "stats.png"
+#: The build's resumable scratch folder (spooled samples, chunk and shard records), removed at the end.
+WORK = ".work"
+#: What ``shards build`` owns in its output folder: the marker (:data:`INDEX`, written last, sealing
+#: the shards and the rejection log) and every file it may write, temporaries included. Removal
+#: (``--overwrite``) and "is it done" go through this, never through spelled-out names.
+CONTRACT = Contract(INDEX, (SHARD_GLOB, REJECTED, SOURCES, STATS, f"{WORK}/*", ".*.tmp"))
 #: The tar members of one sample, by extension.
 MEMBERS = ("png", "json")
 
@@ -34,6 +50,8 @@ METADATA_KEYS: tuple[str, ...] = ("campaign", "time", "temperature_c", "pressure
 FLOAT_KEYS = frozenset({"temperature_c", "pressure_hpa", "particle_width_um", "particle_height_um", "pixel_um"})
 #: What the builder adds to every sample's JSON (where it came from and what was converted).
 PROVENANCE_KEYS: tuple[str, ...] = ("source_path", "source_sha256", "orig_width", "orig_height", "conversion")
+#: Sample identity the loader adds (the key and its shard's file name).
+IDENTITY_KEYS: tuple[str, ...] = ("key", "shard")
 #: Column types of the embedding store's ``meta/`` datasets that the format fixes, so every part
 #: has the same dtype even when a shard holds only missing values of a column. ``key`` and
 #: ``shard`` are added by the loader (the sample key and its shard's file name).

@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy.special import ndtr, ndtri
 
 from .. import config as cfg
+from ..contract import Contract, Status
 from ..fileio import write_atomic
 from .format import METADATA_KEYS
 from .shards import default_workers
@@ -394,6 +395,10 @@ class SynthConfig:
             raise ValueError("need 8 <= min_side <= max_side")
         if not 0 <= self.cutoff_fraction <= 1:
             raise ValueError("cutoff_fraction must be in [0, 1]")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy seeds are non-negative), got {self.seed}")
+        if not (math.isfinite(self.pixel_um) and self.pixel_um > 0):
+            raise ValueError(f"pixel_um must be a finite number > 0, got {self.pixel_um}")
 
 
 def image_path(i: int) -> str:
@@ -489,6 +494,30 @@ def _planted_json(c: SynthConfig, metas: list[dict]) -> dict:
         "campaigns": [dataclasses.asdict(x) for x in CAMPAIGNS],
         "bins": table,
     }
+
+
+#: synth's output contract: ``planted.json`` is written last (its ``params`` are the run's config).
+CONTRACT = Contract("planted.json", ("images/*", "manifest.csv", ".synth-params.json", ".*.tmp"))
+
+
+def status(args: argparse.Namespace) -> Status:
+    """Read-only: is ``args.out`` a finished synth run of these parameters? ``planted.json`` (the
+    marker, written last) must hold them, and every image the manifest lists must be there."""
+    c = cfg.from_args(SynthConfig, args)
+    root = Path(args.out)
+    planted = CONTRACT.read(root)
+    if planted is None:
+        return Status(False, f"no finished synth run in {root}")
+    if planted.get("params") != cfg.to_dict(c):
+        return Status(False, f"{root} holds a synth run with other parameters")
+    try:
+        with open(root / "manifest.csv", newline="") as f:
+            paths = [row["path"] for row in csv.DictReader(f)]
+    except (OSError, KeyError, csv.Error):
+        return Status(False, f"{root}/manifest.csv missing or unreadable")
+    if len(paths) != c.n or any(not (root / p).is_file() for p in paths):
+        return Status(False, f"{root}: images missing")
+    return Status(True, f"up to date ({c.n} images, seed {c.seed})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
