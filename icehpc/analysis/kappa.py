@@ -451,7 +451,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
     n_groups += sum(len(columns[g[0]].levels) for g in groupings if len(g) == 1 and columns[g[0]].kind == "bin")
     gib = n_groups * (b + 1) * d * 8 / 2**30
     if gib > cfg.max_stats_gib:
-        raise KappaError(f"{n_groups} groups × (B+1={b + 1}) × D={d} need {gib:.1f} GiB of sums "
+        raise KappaError(f"{n_groups} groups × (B+1={b + 1}) × D={d} need {gib:.3g} GiB of sums "
                          f"(> max_stats_gib={cfg.max_stats_gib}); group by coarser columns or lower --bootstrap")
     timings["metadata_s"] = time.perf_counter() - t0
 

@@ -210,7 +210,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except pickle.UnpicklingError as exc:  # torch's message is a dozen lines of advice: one line instead
             why = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
                        "not a tensor container")
-            raise RefusedCheckpoint(f"init.path {path}: refused, the file holds Python objects besides tensors "
+            raise RefusedCheckpoint(f"checkpoint {path}: refused, the file holds Python objects besides tensors "
                                     f"({why[:160]}) and loading them could run code; save a plain state_dict of "
                                     "tensors or a .safetensors file") from None
     for wrapper in ("teacher", "state_dict", "model", "module"):
