@@ -258,3 +258,21 @@ def test_utf8_bytes_in_an_ascii_declared_column_are_read_as_text(tmp_path):
     with open_store(tmp_path / "s.h5") as st:
         _, meta = st.read(0, 4, ["campaign"])
     assert meta["campaign"].tolist() == ["agrégat", "ok", "agrégat", "ok"]
+
+
+@pytest.mark.parametrize("damage", ["no_parts", "latin1_parts", "rows_not_numbers", "rows_short"])
+def test_damaged_master_attributes_are_one_store_error(tmp_path, damage):
+    emb, meta = _data(20)
+    path = write_store(tmp_path / "s", emb, meta, n_parts=2)
+    with h5py.File(path, "r+") as f:
+        if damage == "no_parts":
+            del f.attrs["parts"]
+        elif damage == "latin1_parts":
+            f.attrs["parts"] = np.array([b"\xe9.h5", b"b.h5"])
+        elif damage == "rows_not_numbers":
+            f.attrs["part_rows"] = np.array([b"x", b"y"])
+        else:
+            f.attrs["part_rows"] = np.array([20], dtype=np.int64)
+    with pytest.raises(StoreError, match="the master lists 2 parts but 1 row counts" if damage == "rows_short"
+                       else "the master's part list is damaged"):
+        open_store(path).close()

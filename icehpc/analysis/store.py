@@ -339,11 +339,18 @@ def open_store(path: str | os.PathLike, verify: bool = True) -> Store:
         rows: list[int] = []
         sums: list[str] = []
         if f.attrs.get("icehpc_store") == "master":
-            rel = _text(f.attrs["parts"])
-            rows = [int(r) for r in f.attrs["part_rows"]]
+            try:
+                rel = _text(f.attrs["parts"])
+                rows = [int(r) for r in f.attrs["part_rows"]]
+                sums = _text(f.attrs["part_sha256"]) if "part_sha256" in f.attrs else []
+                layouts = _text(f.attrs["part_datasets"]) if "part_datasets" in f.attrs else []
+            except (KeyError, TypeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+                raise StoreError(f"{path}: the master's part list is damaged ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:120]}); rebuild it with `icehpc embed`") from None
+            if len(rows) != len(rel):
+                raise StoreError(f"{path}: the master lists {len(rel)} parts but {len(rows)} row counts; rebuild it "
+                                 "with `icehpc embed`")
             parts = [(path.parent / r) for r in rel]
-            sums = _text(f.attrs["part_sha256"]) if "part_sha256" in f.attrs else []
-            layouts = _text(f.attrs["part_datasets"]) if "part_datasets" in f.attrs else []
             for i, (p, r) in enumerate(zip(parts, rows)):
                 _check_part(path, p, r, d, sums[i] if verify and sums else None, layouts[i] if layouts else None)
             if sum(rows) != n:
