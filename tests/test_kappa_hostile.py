@@ -73,9 +73,17 @@ def test_max_stats_gib_counts_every_declared_bin_not_only_the_filled_ones(store,
     cfg = KappaConfig(groupings=["temperature_c"], bins={"temperature_c": cfglib.load(
         KappaConfig, None, ["bins={temperature_c: {n_bins: 10000}}"]).bins["temperature_c"]},
         bootstrap=50, similarity_by="", max_stats_gib=0.01)
-    with pytest.raises(KappaError, match=r"100\d\d groups × \(B\+1=51\) × D=8 need 0.03\d* GiB .*max_stats_gib=0.01"):
+    with pytest.raises(KappaError, match=r"100\d\d groups × \(B\+1=51\) × D=8 need 0.03\d* GiB of sums and bootstrap weights \(> max_stats_gib=0.01\)"):
         run_kappa(store, tmp_path / "k", cfg)
     assert not (tmp_path / "k" / "kappa.json").exists()
+
+
+def test_max_stats_gib_counts_the_bootstrap_weights_of_a_read(store, tmp_path):
+    # 3 groups × 10 001 × D=8 float64 sums are 2 MB; one RNG block of 4096 × B uint8 weights (twice) and
+    # the 90 rows' float64 copy are 96 MB more
+    cfg = KappaConfig(groupings=["habit"], bootstrap=10_000, similarity_by="", max_stats_gib=0.05)
+    with pytest.raises(KappaError, match=r"need 0.09\d* GiB of sums and bootstrap weights"):
+        run_kappa(store, tmp_path / "k", cfg)
 
 
 @pytest.mark.parametrize("bins", ["temperature_c=a,b", "temperature_c=-40,,0", "temperature_c=1e999,2"])

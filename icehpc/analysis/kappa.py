@@ -57,7 +57,7 @@ DEGENERATE_GAP = 1e-9
 #: Largest bin count of one numeric column (n_bins, or edges − 1) and bootstrap replicate count a
 #: config may ask for: checked when the config is built, before anything is allocated.
 MAX_BINS = 10_000
-MAX_BOOTSTRAP = 100_000
+MAX_BOOTSTRAP = 10_000
 
 
 class KappaError(cfgmod.UserError):
@@ -449,10 +449,14 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
     n_groups = sum(len(p.combos) for p in parts.values())
     # every declared bin of a one-column binned grouping gets a row (empty ones too): count them all
     n_groups += sum(len(columns[g[0]].levels) for g in groupings if len(g) == 1 and columns[g[0]].kind == "bin")
-    gib = n_groups * (b + 1) * d * 8 / 2**30
+    # float64 sums, plus one read's bootstrap weights: uint8 of whole RNG blocks (and their concatenation),
+    # then a reordered float64 copy of the read's rows (global sizes: every rank takes the same decision)
+    read_rows = min(max(store.n_rows, 1), READ_BLOCKS * RNG_BLOCK)
+    weights = -(-read_rows // RNG_BLOCK) * RNG_BLOCK * b * 2 + read_rows * b * 16
+    gib = (n_groups * (b + 1) * d * 8 + weights) / 2**30
     if gib > cfg.max_stats_gib:
-        raise KappaError(f"{n_groups} groups × (B+1={b + 1}) × D={d} need {gib:.3g} GiB of sums "
-                         f"(> max_stats_gib={cfg.max_stats_gib}); group by coarser columns or lower --bootstrap")
+        raise KappaError(f"{n_groups} groups × (B+1={b + 1}) × D={d} need {gib:.3g} GiB of sums and bootstrap "
+                         f"weights (> max_stats_gib={cfg.max_stats_gib}); group by coarser columns or lower --bootstrap")
     timings["metadata_s"] = time.perf_counter() - t0
 
     # pass 2: embeddings
