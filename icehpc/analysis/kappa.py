@@ -76,7 +76,7 @@ class BinSpec:
         if self.edges and not np.all(np.isfinite(self.edges)):
             raise ValueError(f"edges must be finite numbers, got {self.edges}")
         if len(self.edges) > MAX_BINS + 1:
-            raise ValueError(f"{len(self.edges)} bin edges: at most {MAX_BINS + 1} (MAX_BINS bins)")
+            raise ValueError(f"{len(self.edges)} bin edges: at most {MAX_BINS + 1}")
         if self.edges and (len(self.edges) < 2 or np.any(np.diff(self.edges) <= 0)):
             raise ValueError(f"bin edges must be ≥ 2 strictly ascending numbers, got {self.edges}")
         if self.n_bins < 1 or not 1 <= self.merge_last <= self.n_bins:
@@ -104,7 +104,8 @@ class KappaConfig:
     confidence: float = field(0.95, help="confidence level of the percentile interval")
     seed: int = field(0, help="bootstrap seed (with the global row index, fixes every weight)")
     similarity_by: str = field("habit", help="column for the inter-class similarity matrix ('' : none)")
-    max_stats_gib: float = field(4.0, help="refuse groupings whose bootstrap sums would exceed this", ge=0)
+    max_stats_gib: float = field(4.0, help="refuse runs whose bootstrap sums and weights would exceed this many GiB",
+                                ge=0)
     drop_empty_columns: bool = field(False, help="leave out groupings over columns the store lacks or that hold "
                                                  "no known value (data without temperature or campaign) instead "
                                                  "of failing; kappa.json lists what was left out")
