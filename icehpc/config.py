@@ -264,8 +264,26 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         try:
             check()
         except ValueError as exc:
-            raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+            culprits = _culprits(cls, kwargs)
+            where = ""
+            if culprits:  # name the key(s) the user set that the check refuses, whatever its message says
+                where = " (refused: " + ", ".join(f"{prefix + '.' if prefix else ''}{k}={kwargs[k]!r}"
+                                                  for k in culprits) + ")"
+            raise ConfigError(f"{prefix or 'config'}: {exc}{where}") from exc
     return obj
+
+
+def _culprits(cls: type, kwargs: dict[str, Any]) -> list[str]:
+    """The keys set in ``kwargs`` whose value alone makes ``cls.validate`` fail: those for which
+    putting back the default passes it (none when no single key does)."""
+    out = []
+    for name in kwargs:
+        try:
+            cls(**{k: v for k, v in kwargs.items() if k != name}).validate()
+        except Exception:  # noqa: BLE001 - still failing without it: not (only) this key
+            continue
+        out.append(name)
+    return out
 
 
 def _check_range(value: Any, f: dataclasses.Field, key: str) -> None:

@@ -159,3 +159,27 @@ def test_a_field_may_allow_inf_explicitly():
 def test_bounded_counts_name_the_key_and_the_bound(override, match):
     with pytest.raises(ConfigError, match=match):
         config.load(Bounded, None, [override])
+
+
+@dataclass
+class Counts:
+    k: int = config.field(20, help="neighbours")
+    top: int = config.field(12, help="shown")
+    name: str = config.field("x", help="a name")
+
+    def validate(self) -> None:
+        if self.k < 1 or self.top < 0:
+            raise ValueError("need k ≥ 1 and top ≥ 0")
+
+
+@pytest.mark.parametrize("overrides,refused", [(["k=-1"], "k=-1"), (["top=-3", "name=y"], "top=-3"),
+                                               (["k=0", "top=-1"], None), (["optim.lr=-1"], "optim.lr=-1.0")])
+def test_a_lumped_validation_message_names_the_key_that_fails_it(overrides, refused):
+    schema = Schema if overrides[0].startswith("optim") else Counts
+    with pytest.raises(ConfigError) as info:
+        config.load(schema, None, overrides)
+    msg = str(info.value)
+    if refused is None:  # two keys wrong at once: neither alone is the cause, the check's message stands
+        assert msg == "config: need k ≥ 1 and top ≥ 0"
+    else:
+        assert msg.endswith(f" (refused: {refused})"), msg
