@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -59,16 +60,124 @@ def find_config(name: str | Path) -> Path:
     raise ConfigError(f"config file {name} does not exist (shipped configs: {known})")
 
 
+#: Bounds on what a config can make icehpc read or build (a hostile or mistyped config must fail
+#: with one line before it eats memory): the bytes of a config file and of one override value, the
+#: nodes of a YAML document after expanding its aliases, and the nesting depth, nodes and string
+#: length of a free-form value (a ``dict[str, Any]`` such as ``model.arch_kwargs``).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_OVERRIDE_BYTES = 64 << 10
+MAX_YAML_NODES = 100_000
+MAX_FREEFORM_DEPTH = 16
+MAX_FREEFORM_NODES = 10_000
+MAX_FREEFORM_STR = 64 << 10
+
+
+def _expanded_nodes(root: yaml.Node, what: str) -> int:
+    """Nodes of a composed YAML document with every alias expanded (what loading builds); a
+    ConfigError beyond :data:`MAX_YAML_NODES` (an alias bomb) or for a recursive alias."""
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if key in active:
+            raise ConfigError(f"{what}: a YAML alias refers to itself (recursive structure); write the value out")
+        if depth > 100:
+            raise ConfigError(f"{what}: YAML nested deeper than 100 levels")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children: list = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [x for pair in node.value for x in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child, depth + 1)
+            if total > MAX_YAML_NODES:
+                break
+        active.discard(key)
+        memo[key] = total
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"{what}: YAML expands to more than {MAX_YAML_NODES} values (aliases '*name' "
+                              "repeating anchors); write the values out")
+        return total
+
+    return size(root, 0)
+
+
+def safe_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` of a config text, bounded: at most :data:`MAX_CONFIG_BYTES` bytes,
+    :data:`MAX_YAML_NODES` values once aliases are expanded, 100 levels deep. ``what`` names the
+    file or override in the ConfigError."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what}: {size} bytes, more than a config may hold ({MAX_CONFIG_BYTES} bytes)")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            return None
+        _expanded_nodes(node, what)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    except RecursionError:
+        raise ConfigError(f"{what}: YAML nested too deeply") from None
+
+
+def _check_freeform(value: Any, key: str) -> Any:
+    """A free-form (``Any``) config value: numbers, true/false, null, strings, and lists/mappings
+    (string keys) of them, at most :data:`MAX_FREEFORM_DEPTH` deep and :data:`MAX_FREEFORM_NODES`
+    values in all; finite numbers only."""
+    count = 0
+
+    def walk(v: Any, where: str, depth: int) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_FREEFORM_NODES:
+            raise ConfigError(f"{key}: more than {MAX_FREEFORM_NODES} values in a free-form setting")
+        if depth > MAX_FREEFORM_DEPTH:
+            raise ConfigError(f"{where}: nested deeper than {MAX_FREEFORM_DEPTH} levels")
+        if v is None or isinstance(v, (bool, int)):
+            return
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise ConfigError(f"{where}: {v!r} is not a finite number")
+            return
+        if isinstance(v, str):
+            if len(v) > MAX_FREEFORM_STR:
+                raise ConfigError(f"{where}: a string of {len(v)} characters (at most {MAX_FREEFORM_STR})")
+            return
+        if isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{where}[{i}]", depth + 1)
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise ConfigError(f"{where}: key {k!r} is not a string")
+                walk(x, f"{where}.{k}", depth + 1)
+            return
+        raise ConfigError(f"{where}: {type(v).__name__} values are not allowed here "
+                          "(numbers, true/false, null, strings, lists and mappings)")
+
+    walk(value, key, 0)
+    return value
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert one YAML value against a type hint; raise ConfigError naming ``key``."""
+def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
+    """Check/convert one YAML value against a type hint; raise ConfigError naming ``key``.
+    ``finite``: floats must be finite (a field allows NaN/inf with ``field(..., nonfinite=True)``)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return value
+        return _check_freeform(value, key)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -77,7 +186,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, finite)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
@@ -89,13 +198,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, f"{key}[{i}]", finite) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         vt = args[1] if len(args) == 2 else Any
-        return {k: _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+        if vt is Any:
+            _check_freeform(value, key)
+        return {k: _coerce(v, vt, f"{key}.{k}", finite) for k, v in value.items()}
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
@@ -111,14 +222,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        out = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                out = float(value)
+            except OverflowError:
+                raise ConfigError(f"{key}: {value} is too large for a number") from None
+        elif isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                out = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if out is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if finite and not math.isfinite(out):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -137,15 +256,50 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     for f in dataclasses.fields(cls):
         if f.name in data:
             key = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key)
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key, not f.metadata.get("nonfinite", False))
+            _check_range(kwargs[f.name], f, key)
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if callable(check):
         try:
             check()
         except ValueError as exc:
-            raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+            culprits = _culprits(cls, kwargs)
+            where = ""
+            if culprits:  # name the key(s) the user set that the check refuses, whatever its message says
+                where = " (refused: " + ", ".join(f"{prefix + '.' if prefix else ''}{k}={kwargs[k]!r}"
+                                                  for k in culprits) + ")"
+            raise ConfigError(f"{prefix or 'config'}: {exc}{where}") from exc
     return obj
+
+
+def _culprits(cls: type, kwargs: dict[str, Any]) -> list[str]:
+    """The keys set in ``kwargs`` whose value alone makes ``cls.validate`` fail: those for which
+    putting back the default passes it (none when no single key does)."""
+    out = []
+    for name in kwargs:
+        try:
+            cls(**{k: v for k, v in kwargs.items() if k != name}).validate()
+        except Exception:  # noqa: BLE001 - still failing without it: not (only) this key
+            continue
+        out.append(name)
+    return out
+
+
+def _check_range(value: Any, f: dataclasses.Field, key: str) -> None:
+    """The bounds a field declares (``field(..., ge=1, le=10_000)``), on the value or on every item
+    of a list; the message names the key, the bound and the value."""
+    lo, hi = f.metadata.get("ge"), f.metadata.get("le")
+    if lo is None and hi is None:
+        return
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if lo is not None and v < lo:
+            raise ConfigError(f"{key}: must be ≥ {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise ConfigError(f"{key}: must be ≤ {hi}, got {v}")
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -166,10 +320,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{key}': cannot parse {raw!r}: {exc}") from exc
+    if len(raw.encode("utf-8", "surrogatepass")) > MAX_OVERRIDE_BYTES:
+        raise ConfigError(f"override '{key}': value longer than {MAX_OVERRIDE_BYTES} bytes; put it in a --config file")
+    value = safe_yaml(raw, f"override '{key}'") if raw.strip() else ""
     return key, value
 
 
@@ -178,10 +331,14 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] 
     data: dict = {}
     if path is not None:
         p = find_config(path)
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p}: {size} bytes, more than a config may hold ({MAX_CONFIG_BYTES} bytes)")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p}: not valid YAML: {exc}") from exc
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as exc:
+            raise ConfigError(f"config file {p}: cannot read it as UTF-8 text ({exc})") from None
+        loaded = safe_yaml(text, f"config file {p}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping")
         data = loaded
@@ -319,9 +476,20 @@ def provenance(args: argparse.Namespace, cfg: Any = None) -> dict[str, Any]:
     return out
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """``dataclasses.field`` with a help string (mutable defaults go through default_factory)."""
+def field(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None, le: float | None = None,
+          nonfinite: bool = False, **kw: Any) -> Any:
+    """``dataclasses.field`` with a help string (mutable defaults go through default_factory).
+
+    ``ge``/``le``: bounds on the value (every item of a list), checked when the config is built, the
+    message naming the key; ``nonfinite``: a float field that accepts NaN/inf (others refuse them)."""
+    meta: dict[str, Any] = {"help": help}
+    if ge is not None:
+        meta["ge"] = ge
+    if le is not None:
+        meta["le"] = le
+    if nonfinite:
+        meta["nonfinite"] = True
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)

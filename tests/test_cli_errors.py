@@ -2,8 +2,11 @@
 and a folder holding manifest.csv is read through it."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +94,92 @@ def test_folder_with_manifest_uses_it_and_keeps_metadata(tmp_path, icehpc_cmd):
              for _, members in iter_samples(shard)]
     assert sorted(m["habit"] for m in metas) == ["bullet", "column", "column", "plate"]
     assert all(m["temperature_c"] is not None and m["campaign"] == "c1" for m in metas)
+
+
+# ------------------------------------------------------------------ storage failures (issue #20)
+@contextlib.contextmanager
+def _tmpfs(folder: Path, options: str):
+    """A small tmpfs at ``folder`` (root only; skips the test where mounting is not allowed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _cli_line(args: list[str], code: int, *words: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "icehpc", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def test_disk_full_is_one_line_naming_the_folder_in_kappa_and_synth(files, tmp_path):
+    with _tmpfs(tmp_path / "full", "size=64k") as full:
+        with open(full / "filler", "wb") as fh:  # leave one page: the lock fits, the outputs do not
+            fh.write(b"\0" * (60 << 10))
+        line = _cli_line(["kappa", _store(files), "--out", str(full / "k"), "--by", "habit"], 1,
+                         "icehpc kappa: error: no space left on the device", str(full / "k"), "free space")
+        assert "rerun" in line
+        assert not (full / "k" / "kappa.json").exists()
+        (full / "filler").unlink()
+        with open(full / "filler", "wb") as fh:
+            fh.write(b"\0" * (56 << 10))
+        _cli_line(["synth", "--out", str(full / "s"), "--n", "200", "--workers", "1", "--no-progress"], 1,
+                  "icehpc synth: error: no space left on the device", str(full / "s"))
+
+
+def test_read_only_output_folder_is_one_line(files, tmp_path):
+    with _tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
+        _cli_line(["kappa", _store(files), "--out", str(ro / "k"), "--by", "habit"], 1,
+                  "icehpc kappa: error: the file system is read-only while writing", str(ro / "k"))
+
+
+@pytest.mark.parametrize("err,words", [(errno.EDQUOT, "disk quota exceeded while writing /x/y"),
+                                       (errno.EACCES, "permission denied on /x/y; check its permissions")])
+def test_storage_errors_read_as_one_line_and_others_stay_errors(err, words):
+    from icehpc.run.stages import storage_error
+
+    assert words in storage_error(OSError(err, os.strerror(err), "/x/y"))
+    assert "a file under OUT" in storage_error(OSError(err, os.strerror(err)), "OUT")
+    assert storage_error(OSError(errno.EIO, "I/O error")) is None  # not the user's to fix: a traceback
+
+
+class _Payload:
+    def __reduce__(self):  # would run a command when unpickled without weights_only
+        return (os.system, ("touch pwned",))
+
+
+def test_refused_pickle_checkpoint_is_one_line_and_runs_nothing(tmp_path):
+    import io
+
+    import torch
+    from PIL import Image
+
+    from icehpc.data import shards
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (14, 14), dtype=np.uint8), "L").save(buf, "PNG")
+        (tmp_path / "img" / f"{i}.png").write_bytes(buf.getvalue())
+        rows.append(f"img/{i}.png,plate")
+    (tmp_path / "m.csv").write_text("path,habit\n" + "\n".join(rows) + "\n")
+    shards.build([str(tmp_path / "m.csv")], tmp_path / "sh", shards.BuildConfig(shard_samples=4), overwrite=True,
+                 progress=False)
+    torch.save({"state_dict": {}, "evil": _Payload()}, tmp_path / "evil.pth")
+    _cli_line(["embed", str(tmp_path / "sh"), "--checkpoint", str(tmp_path / "evil.pth"), "--model",
+               "vit_tiny_patch16_224", "--img-size", "16", "--out", str(tmp_path / "e.h5")], 2,
+              f"checkpoint {tmp_path / 'evil.pth'}: refused", "GLOBAL posix.system")
+    assert not (ROOT / "pwned").exists() and not (tmp_path / "pwned").exists()

@@ -3,7 +3,10 @@ every way a store can be broken (each must be a clear StoreError, never silent z
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -12,6 +15,8 @@ import pytest
 
 from icehpc.analysis.store import StoreError, open_store, write_master, write_part
 from kappa_helpers import write_store
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _data(n: int, d: int = 8, seed: int = 0):
@@ -171,3 +176,103 @@ def test_mpi_open_verifies_parts_on_rank_0_only(tmp_path, monkeypatch):
         hashed.clear()
         store_mod.open_store_mpi(path, Comm(rank)).close()
         assert sum(n.startswith("part-") for n in hashed) == parts_hashed, (rank, hashed)
+
+
+# ------------------------------------------------------------------ hostile hand-written stores (issue #20)
+def _hand(path: Path, d: int = 8, n: int = 30) -> h5py.File:
+    f = h5py.File(path, "w")
+    f["embeddings"] = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+    f.create_dataset("meta/habit", data=np.array(["a", "b", "c"] * (n // 3), dtype=object),
+                     dtype=h5py.string_dtype("utf-8"))
+    return f
+
+
+def _d1(path: Path) -> None:
+    _hand(path, d=1).close()
+
+
+def _nested(path: Path) -> None:
+    with _hand(path) as f:
+        f["meta/sub/x"] = np.arange(30)
+
+
+def _latin1_in_ascii(path: Path) -> None:  # vlen strings declared ASCII holding non-ASCII, non-UTF-8 bytes
+    with _hand(path) as f:
+        f.create_dataset("meta/campaign", data=np.array([b"\xe9t\xe9", b"ok"] * 15, dtype=object),
+                         dtype=h5py.string_dtype("ascii"))
+
+
+def _latin1_fixed(path: Path) -> None:  # numpy bytes: h5py stores them as fixed-length ASCII
+    with _hand(path) as f:
+        f["meta/campaign"] = np.array([b"\xff\xfe", b"ok"] * 15)
+
+
+def _meta_dataset(path: Path) -> None:
+    f = h5py.File(path, "w")
+    f["embeddings"] = np.ones((30, 4), np.float32)
+    f["meta"] = np.arange(30)
+    f.close()
+
+
+def _emb_group(path: Path) -> None:
+    with h5py.File(path, "w") as f:
+        f["embeddings/x"] = np.ones((30, 4), np.float32)
+
+
+HOSTILE_STORES = {
+    "d1": (_d1, "D=1 feature(s) per row; directions (cosines, κ) need D ≥ 2"),
+    "nested": (_nested, "meta/sub is a group; meta/ holds only columns"),
+    "latin1_in_ascii": (_latin1_in_ascii, "meta/campaign holds bytes that are not UTF-8 text"),
+    "latin1_fixed": (_latin1_fixed, "meta/campaign holds bytes that are not UTF-8 text"),
+    "meta_dataset": (_meta_dataset, "'meta' must be a group of columns"),
+    "emb_group": (_emb_group, "'embeddings' must be a float [N, D] array, got a group"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_STORES))
+def test_hostile_hand_written_stores_are_one_store_error(tmp_path, case):
+    make, message = HOSTILE_STORES[case]
+    make(tmp_path / "s.h5")
+    with pytest.raises(StoreError, match=re.escape(message)):
+        with open_store(tmp_path / "s.h5") as st:
+            st.read(0, st.n_rows)
+
+
+@pytest.mark.parametrize("case", ["d1", "nested", "latin1_in_ascii"])
+def test_kappa_on_a_hostile_store_is_one_line_exit_2(tmp_path, case):
+    make, message = HOSTILE_STORES[case]
+    make(tmp_path / "s.h5")
+    proc = subprocess.run([sys.executable, "-m", "icehpc", "kappa", str(tmp_path / "s.h5"), "--out",
+                           str(tmp_path / "k"), "--by", "habit,campaign", "drop_empty_columns=true"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_utf8_bytes_in_an_ascii_declared_column_are_read_as_text(tmp_path):
+    with _hand(tmp_path / "s.h5") as f:  # what h5py writes for numpy bytes that hold UTF-8
+        f["meta/campaign"] = np.array(["agrégat".encode(), b"ok"] * 15)
+    with open_store(tmp_path / "s.h5") as st:
+        _, meta = st.read(0, 4, ["campaign"])
+    assert meta["campaign"].tolist() == ["agrégat", "ok", "agrégat", "ok"]
+
+
+@pytest.mark.parametrize("damage", ["no_parts", "latin1_parts", "rows_not_numbers", "rows_short"])
+def test_damaged_master_attributes_are_one_store_error(tmp_path, damage):
+    emb, meta = _data(20)
+    path = write_store(tmp_path / "s", emb, meta, n_parts=2)
+    with h5py.File(path, "r+") as f:
+        if damage == "no_parts":
+            del f.attrs["parts"]
+        elif damage == "latin1_parts":
+            f.attrs["parts"] = np.array([b"\xe9.h5", b"b.h5"])
+        elif damage == "rows_not_numbers":
+            f.attrs["part_rows"] = np.array([b"x", b"y"])
+        else:
+            f.attrs["part_rows"] = np.array([20], dtype=np.int64)
+    with pytest.raises(StoreError, match="the master lists 2 parts but 1 row counts" if damage == "rows_short"
+                       else "the master's part list is damaged"):
+        open_store(path).close()

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import sys
@@ -47,7 +45,7 @@ from ..data.synth import TEMPERATURE_EDGES_C
 from ..dist import lock_on_root, mpi_comm, sum_op
 from .store import Store, StoreError, open_store_mpi
 from ..vmf import kappa_closed_form, kappa_mle
-from ..fileio import LockedError, recorded_fingerprint, run_facts, write_atomic
+from ..fileio import LockedError, csv_text, recorded_fingerprint, run_facts, write_atomic
 
 RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
 READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)
@@ -56,6 +54,10 @@ MISSING, BELOW, ABOVE = "missing", "below range", "above range"
 #: 1 − R̄ below this: the group's directions agree to float32 rounding (angular spread ≲ 4e-5 rad);
 #: κ is reported as inf and the group flagged ``degenerate`` (duplicated or constant embeddings).
 DEGENERATE_GAP = 1e-9
+#: Largest bin count of one numeric column (n_bins, or edges − 1) and bootstrap replicate count a
+#: config may ask for: checked when the config is built, before anything is allocated.
+MAX_BINS = 10_000
+MAX_BOOTSTRAP = 10_000
 
 
 class KappaError(cfgmod.UserError):
@@ -67,12 +69,14 @@ class BinSpec:
     """Bins of one numeric column: explicit ``edges`` or ``n_bins`` equal bins over the data range."""
 
     edges: list[float] = field([], help="ascending bin edges; empty → n_bins equal bins over [min, max] of the data")
-    n_bins: int = field(10, help="number of equal-width bins when edges is empty")
-    merge_last: int = field(1, help="merge the last k equal-width bins into one (paper's width bins: 2)")
+    n_bins: int = field(10, help="number of equal-width bins when edges is empty", ge=1, le=MAX_BINS)
+    merge_last: int = field(1, help="merge the last k equal-width bins into one (paper's width bins: 2)", ge=1)
 
     def validate(self) -> None:
         if self.edges and not np.all(np.isfinite(self.edges)):
             raise ValueError(f"edges must be finite numbers, got {self.edges}")
+        if len(self.edges) > MAX_BINS + 1:
+            raise ValueError(f"{len(self.edges)} bin edges: at most {MAX_BINS + 1}")
         if self.edges and (len(self.edges) < 2 or np.any(np.diff(self.edges) <= 0)):
             raise ValueError(f"bin edges must be ≥ 2 strictly ascending numbers, got {self.edges}")
         if self.n_bins < 1 or not 1 <= self.merge_last <= self.n_bins:
@@ -95,12 +99,13 @@ class KappaConfig:
         default_factory=paper_bins,
         metadata={"help": "per numeric column: {edges: [...]} or {n_bins, merge_last}; other numeric "
                           "columns get 10 equal bins"})
-    min_count: int = field(20, help="groups with fewer valid rows are reported and flagged, not estimated")
-    bootstrap: int = field(200, help="Poisson bootstrap replicates B (0: no CI)")
+    min_count: int = field(20, help="groups with fewer valid rows are reported and flagged, not estimated", ge=1)
+    bootstrap: int = field(200, help="Poisson bootstrap replicates B (0: no CI)", ge=0, le=MAX_BOOTSTRAP)
     confidence: float = field(0.95, help="confidence level of the percentile interval")
     seed: int = field(0, help="bootstrap seed (with the global row index, fixes every weight)")
     similarity_by: str = field("habit", help="column for the inter-class similarity matrix ('' : none)")
-    max_stats_gib: float = field(4.0, help="refuse groupings whose bootstrap sums would exceed this")
+    max_stats_gib: float = field(4.0, help="refuse runs whose bootstrap sums and weights would exceed this many GiB",
+                                ge=0)
     drop_empty_columns: bool = field(False, help="leave out groupings over columns the store lacks or that hold "
                                                  "no known value (data without temperature or campaign) instead "
                                                  "of failing; kappa.json lists what was left out")
@@ -443,10 +448,16 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
         parts[g] = _Partition(g, np.stack(np.unravel_index(present, radix), axis=1))
         row_codes[g] = np.searchsorted(present, flat)
     n_groups = sum(len(p.combos) for p in parts.values())
-    gib = n_groups * (b + 1) * d * 8 / 2**30
+    # every declared bin of a one-column binned grouping gets a row (empty ones too): count them all
+    n_groups += sum(len(columns[g[0]].levels) for g in groupings if len(g) == 1 and columns[g[0]].kind == "bin")
+    # float64 sums, plus one read's bootstrap weights: uint8 of whole RNG blocks (and their concatenation),
+    # then a reordered float64 copy of the read's rows (global sizes: every rank takes the same decision)
+    read_rows = min(max(store.n_rows, 1), READ_BLOCKS * RNG_BLOCK)
+    weights = -(-read_rows // RNG_BLOCK) * RNG_BLOCK * b * 2 + read_rows * b * 16
+    gib = (n_groups * (b + 1) * d * 8 + weights) / 2**30
     if gib > cfg.max_stats_gib:
-        raise KappaError(f"{n_groups} groups × (B+1={b + 1}) × D={d} need {gib:.1f} GiB of sums "
-                         f"(> max_stats_gib={cfg.max_stats_gib}); group by coarser columns or lower --bootstrap")
+        raise KappaError(f"{n_groups} groups × (B+1={b + 1}) × D={d} need {gib:.3g} GiB of sums and bootstrap "
+                         f"weights (> max_stats_gib={cfg.max_stats_gib}); group by coarser columns or lower --bootstrap")
     timings["metadata_s"] = time.perf_counter() - t0
 
     # pass 2: embeddings
@@ -561,20 +572,13 @@ def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> None:
     """kappa.csv, similarity.csv, then kappa.json last (its presence marks a complete run)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    wr = csv.writer(buf)
-    wr.writerow(CSV_COLUMNS)
-    for r in result["rows"]:
-        wr.writerow([_num(r[k]) for k in CSV_COLUMNS])
-    write_atomic(out / "kappa.csv", buf.getvalue())
-    buf = io.StringIO()
-    wr = csv.writer(buf)
+    write_atomic(out / "kappa.csv", csv_text(CSV_COLUMNS, ([_num(r[k]) for k in CSV_COLUMNS] for r in result["rows"])))
     sim = result["similarity"]
-    if sim is not None:
-        wr.writerow([f"{sim['column']} of samples \\ centroid of"] + sim["labels"])
-        for lab, vals in zip(sim["labels"], sim["matrix"]):
-            wr.writerow([lab] + [repr(float(v)) for v in vals])
-    write_atomic(out / "similarity.csv", buf.getvalue())
+    text = ""
+    if sim is not None:  # labels are user text: csv_text keeps them from running as spreadsheet formulas
+        text = csv_text([f"{sim['column']} of samples \\ centroid of"] + sim["labels"],
+                        ([lab] + [repr(float(v)) for v in vals] for lab, vals in zip(sim["labels"], sim["matrix"])))
+    write_atomic(out / "similarity.csv", text)
 
     write_atomic(out / "kappa.json", json.dumps(jsonable(result), indent=1, ensure_ascii=False) + "\n")
 
@@ -642,7 +646,11 @@ def config_from_args(args: argparse.Namespace) -> KappaConfig:
         col, _, edges = item.partition("=")
         if not col or not edges:
             raise cfgmod.ConfigError(f"--bins {item!r}: expected COLUMN=E0,E1,...")
-        ov.append(f"bins.{col}=" + json.dumps({"edges": [float(e) for e in edges.split(",")]}))
+        try:
+            values = [float(e) for e in edges.split(",")]
+        except ValueError:
+            raise cfgmod.ConfigError(f"--bins {item!r}: edges must be numbers, e.g. {col}=-40,-20,0") from None
+        ov.append(f"bins.{col}=" + json.dumps({"edges": values}))
     flagged = argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *ov]})
     return cfgmod.from_args(KappaConfig, flagged)
 

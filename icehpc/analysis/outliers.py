@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import csv
 import hashlib
 import html
-import io
 import json
 import os
 import sys
@@ -44,7 +42,7 @@ import numpy as np
 from .. import config as cfglib
 from ..config import field
 from ..dist import lock_on_root, mpi_comm
-from ..fileio import LockedError, recorded_fingerprint, run_facts, write_atomic
+from ..fileio import LockedError, csv_text, recorded_fingerprint, run_facts, write_atomic
 from .curate import block_range, normalise
 from .store import Store, open_store_mpi
 
@@ -211,14 +209,11 @@ def html_page(res: dict[str, Any], cfg: OutliersConfig, thumbs: dict[str, str] |
 
 
 def write_outputs(out: Path, res: dict[str, Any], cfg: OutliersConfig, images: str | None) -> None:
-    buf = io.StringIO()
-    wr = csv.writer(buf)
     has_label = res["label"] is not None
-    wr.writerow(["key", "rarity", "local_ratio", *([cfg.label, "mislabel"] if has_label else [])])
-    for i in range(len(res["key"])):
-        wr.writerow([res["key"][i], _num(res["rarity"][i]), _num(res["local_ratio"][i]),
-                     *([res["label"][i], _num(res["mislabel"][i])] if has_label else [])])
-    write_atomic(out / "outliers.csv", buf.getvalue())
+    write_atomic(out / "outliers.csv", csv_text(
+        ["key", "rarity", "local_ratio", *([cfg.label, "mislabel"] if has_label else [])],
+        ([res["key"][i], _num(res["rarity"][i]), _num(res["local_ratio"][i]),
+          *([res["label"][i], _num(res["mislabel"][i])] if has_label else [])] for i in range(len(res["key"])))))
     thumbs = None
     if images:
         shown: set[str] = set()

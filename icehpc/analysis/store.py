@@ -220,7 +220,7 @@ class Store:
                 raise StoreError(f"{self.path}: no meta column '{c}' (have {self.columns})")
             ds = f[META][c]
             if self.column_kinds[c] == "str":
-                meta[c] = ds.asstr()[start:stop].astype(str)
+                meta[c] = _read_text(ds, start, stop, self.path, c)
             else:
                 meta[c] = ds[start:stop]
         return emb, meta
@@ -240,6 +240,18 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _read_text(ds: h5py.Dataset, start: int | None, stop: int | None, path: Path, name: str) -> np.ndarray:
+    """Rows [start, stop) of a string column as a numpy ``str`` array. Bytes are read as UTF-8,
+    also where the dataset says ASCII (what h5py writes for numpy bytes, whatever they hold); bytes
+    that are not UTF-8 text are a StoreError naming the column, not a traceback."""
+    try:
+        return ds.asstr(encoding="utf-8")[start:stop].astype(str)
+    except UnicodeDecodeError as exc:
+        bad = exc.object[max(0, exc.start - 4): exc.start + 4] if isinstance(exc.object, bytes) else b""
+        raise StoreError(f"{path}: meta/{name} holds bytes that are not UTF-8 text (e.g. {bad!r}); rewrite that "
+                         "column as UTF-8 strings (h5py.string_dtype('utf-8'))") from None
 
 
 def _text(values) -> list[str]:
@@ -301,12 +313,20 @@ def open_store(path: str | os.PathLike, verify: bool = True) -> Store:
         if EMB not in f:
             raise StoreError(f"{path}: no '{EMB}' dataset (schema: embeddings [N, D] + meta/<column>)")
         e = f[EMB]
-        if e.ndim != 2 or e.dtype.kind != "f":
-            raise StoreError(f"{path}: '{EMB}' must be a float [N, D] array, got {e.dtype} {e.shape}")
+        if not isinstance(e, h5py.Dataset) or e.ndim != 2 or e.dtype.kind != "f":
+            got = f"{e.dtype} {e.shape}" if isinstance(e, h5py.Dataset) else "a group"
+            raise StoreError(f"{path}: '{EMB}' must be a float [N, D] array, got {got}")
         n, d = int(e.shape[0]), int(e.shape[1])
+        if d < 2:
+            raise StoreError(f"{path}: '{EMB}' has D={d} feature(s) per row; directions (cosines, κ) need D ≥ 2")
         kinds: dict[str, str] = {}
+        if META in f and not isinstance(f[META], h5py.Group):
+            raise StoreError(f"{path}: '{META}' must be a group of columns meta/<column>, it is a dataset")
         if META in f:
             for k, ds in f[META].items():
+                if not isinstance(ds, h5py.Dataset):
+                    raise StoreError(f"{path}: {META}/{k} is a group; {META}/ holds only columns (length-N "
+                                     f"datasets): move {META}/{k}/* up as {META}/<column>")
                 if ds.shape != (n,):
                     raise StoreError(f"{path}: meta/{k} has shape {ds.shape}, expected ({n},)")
                 if h5py.check_string_dtype(ds.dtype) is not None:
@@ -319,11 +339,18 @@ def open_store(path: str | os.PathLike, verify: bool = True) -> Store:
         rows: list[int] = []
         sums: list[str] = []
         if f.attrs.get("icehpc_store") == "master":
-            rel = _text(f.attrs["parts"])
-            rows = [int(r) for r in f.attrs["part_rows"]]
+            try:
+                rel = _text(f.attrs["parts"])
+                rows = [int(r) for r in f.attrs["part_rows"]]
+                sums = _text(f.attrs["part_sha256"]) if "part_sha256" in f.attrs else []
+                layouts = _text(f.attrs["part_datasets"]) if "part_datasets" in f.attrs else []
+            except (KeyError, TypeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+                raise StoreError(f"{path}: the master's part list is damaged ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:120]}); rebuild it with `icehpc embed`") from None
+            if len(rows) != len(rel):
+                raise StoreError(f"{path}: the master lists {len(rel)} parts but {len(rows)} row counts; rebuild it "
+                                 "with `icehpc embed`")
             parts = [(path.parent / r) for r in rel]
-            sums = _text(f.attrs["part_sha256"]) if "part_sha256" in f.attrs else []
-            layouts = _text(f.attrs["part_datasets"]) if "part_datasets" in f.attrs else []
             for i, (p, r) in enumerate(zip(parts, rows)):
                 _check_part(path, p, r, d, sums[i] if verify and sums else None, layouts[i] if layouts else None)
             if sum(rows) != n:
@@ -331,7 +358,7 @@ def open_store(path: str | os.PathLike, verify: bool = True) -> Store:
         store = Store(path=path, n_rows=n, dim=d, columns=sorted(kinds), column_kinds=kinds,
                       parts=parts, part_rows=rows, part_sha256=sums, sha256=file_sha256(path), _f=f)
         if verify and kinds.get("key") == "str" and n:
-            keys = f[META]["key"].asstr()[:]
+            keys = _read_text(f[META]["key"], None, None, path, "key")
             uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
             if len(uniq) != n:
                 dup = uniq[counts > 1][:3].tolist()

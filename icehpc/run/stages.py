@@ -97,3 +97,32 @@ def run_stage(name: str, argv: Sequence[str]) -> int:
         # a path the user gave that is not there or not a file: one line, not a traceback
         print(f"icehpc {name}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        line = storage_error(exc, getattr(args, "out", None))
+        if line is None:
+            raise
+        print(f"icehpc {name}: error: {line}", file=sys.stderr)  # disk full, quota, read-only: one line
+        return 1
+
+
+def storage_error(exc: OSError, out: object = None) -> str | None:
+    """One line for an OSError the user fixes on the storage side (disk full, quota, read-only
+    file system, no permission): what, where (the file, else the output folder) and what to do;
+    None for any other OSError."""
+    import errno
+
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted"}.get(exc.errno or 0)
+    if what is None:
+        return None
+    where = exc.filename or (f"a file under {out}" if out else "an output file")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        where = f"while writing {where}"
+    else:
+        where = f"on {where}"
+    fix = ("free space (or raise the quota) there or choose another output folder, then rerun: finished "
+           "outputs are kept and a rerun redoes only what is missing"
+           if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "check its permissions or choose an output folder you can write to, then rerun")
+    return f"{what} {where}; {fix}"

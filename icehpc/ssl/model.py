@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from ..config import UserError
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -184,6 +186,10 @@ def build_model(cfg: ModelConfig, img_size: int, drop_path: float | None = None)
     return IBOTVMF(backbone, head, None if cfg.shared_head else make_head())
 
 
+class RefusedCheckpoint(UserError, pickle.UnpicklingError):
+    """A torch checkpoint holding pickled objects that are not tensors: refused (one line for the CLI)."""
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a local checkpoint file, unwrapped to the backbone's key layout.
 
@@ -199,7 +205,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         state: Any = load_file(path, device="cpu")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # torch's message is a dozen lines of advice: one line instead
+            why = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
+                       "not a tensor container")
+            raise RefusedCheckpoint(f"checkpoint {path}: refused, the file holds Python objects besides tensors "
+                                    f"({why[:160]}) and loading them could run code; save a plain state_dict of "
+                                    "tensors or a .safetensors file") from None
     for wrapper in ("teacher", "state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

@@ -1,0 +1,104 @@
+"""Hostile configs and labels against `icehpc kappa` (issue #20): sizes a config can set are bounded
+before anything is allocated, bad --bins are one line, and the CSVs cannot run as spreadsheet formulas."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from icehpc import config as cfglib
+from icehpc.analysis.kappa import MAX_BINS, KappaConfig, KappaError, run_kappa
+from icehpc.config import ConfigError
+from kappa_helpers import write_store
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "icehpc", *args], capture_output=True, text=True, env=ENV,
+                          timeout=120, cwd=ROOT)
+
+
+def _one_line(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    n = 90
+    meta = {"habit": np.array(["plate", "=1+1", "@SUM(A1)"] * 30),
+            "campaign": np.array(["=cmd|' /C calc'!A0", "HALO"] * 45),
+            "temperature_c": rng.uniform(-40, 0, n)}
+    return write_store(tmp_path_factory.mktemp("k") / "s", rng.normal(size=(n, 8)).astype(np.float32), meta)
+
+
+def test_n_bins_of_a_hundred_million_is_refused_before_allocating(store, tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"bins.temperature_c.n_bins: must be ≤ {MAX_BINS}, got 100000000"):
+        cfglib.load(KappaConfig, None, ["bins={temperature_c: {n_bins: 100000000}}"])
+    proc = _cli("kappa", str(store), "--out", str(tmp_path / "k"), "--by", "temperature_c",
+                "bins={temperature_c: {n_bins: 100000000}}")
+    _one_line(proc, 2, "n_bins", str(MAX_BINS))
+    assert time.perf_counter() - t0 < 30
+    with pytest.raises(ConfigError, match="edges: at most"):
+        cfglib.load(KappaConfig, None, [f"bins.temperature_c.edges={list(range(MAX_BINS + 2))}"])
+
+
+@pytest.mark.parametrize("override,key", [("bootstrap=1000000000", "bootstrap: must be ≤"),
+                                          ("bootstrap=-1", "bootstrap: must be ≥ 0"),
+                                          ("min_count=-5", "min_count: must be ≥ 1"),
+                                          ("max_stats_gib=nan", "max_stats_gib: expected a finite number"),
+                                          ("max_stats_gib=-1", "max_stats_gib: must be ≥ 0")])
+def test_counts_and_limits_are_checked_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        cfglib.load(KappaConfig, None, [override])
+
+
+def test_max_stats_gib_counts_every_declared_bin_not_only_the_filled_ones(store, tmp_path):
+    # 90 rows fill at most 90 of the 10 000 bins, but every declared bin gets a row of B×D sums
+    cfg = KappaConfig(groupings=["temperature_c"], bins={"temperature_c": cfglib.load(
+        KappaConfig, None, ["bins={temperature_c: {n_bins: 10000}}"]).bins["temperature_c"]},
+        bootstrap=50, similarity_by="", max_stats_gib=0.01)
+    with pytest.raises(KappaError, match=r"100\d\d groups × \(B\+1=51\) × D=8 need 0.03\d* GiB of sums and bootstrap weights \(> max_stats_gib=0.01\)"):
+        run_kappa(store, tmp_path / "k", cfg)
+    assert not (tmp_path / "k" / "kappa.json").exists()
+
+
+def test_max_stats_gib_counts_the_bootstrap_weights_of_a_read(store, tmp_path):
+    # 3 groups × 10 001 × D=8 float64 sums are 2 MB; one RNG block of 4096 × B uint8 weights (twice) and
+    # the 90 rows' float64 copy are 96 MB more
+    cfg = KappaConfig(groupings=["habit"], bootstrap=10_000, similarity_by="", max_stats_gib=0.05)
+    with pytest.raises(KappaError, match=r"need 0.09\d* GiB of sums and bootstrap weights"):
+        run_kappa(store, tmp_path / "k", cfg)
+
+
+@pytest.mark.parametrize("bins", ["temperature_c=a,b", "temperature_c=-40,,0", "temperature_c=1e999,2"])
+def test_bins_that_are_not_numbers_are_one_line(store, tmp_path, bins):
+    proc = _cli("kappa", str(store), "--out", str(tmp_path / "k"), "--by", "temperature_c", "--bins", bins)
+    _one_line(proc, 2, "temperature_c")
+
+
+def test_labels_that_look_like_formulas_are_escaped_in_kappa_and_similarity_csv(store, tmp_path):
+    run_kappa(store, tmp_path / "k", KappaConfig(groupings=["habit", "campaign"], bootstrap=0, min_count=1))
+    rows = list(csv.DictReader((tmp_path / "k" / "kappa.csv").open()))
+    groups = {r["group"] for r in rows}
+    assert {"'=1+1", "'@SUM(A1)", "plate", "'=cmd|' /C calc'!A0", "HALO"} <= groups
+    assert all(float(r["rbar"]) > 0 for r in rows)  # numbers stay numbers
+    sim = list(csv.reader((tmp_path / "k" / "similarity.csv").open()))
+    assert sim[0][1:] == ["'=1+1", "'@SUM(A1)", "plate"]
+    assert [r[0] for r in sim[1:]] == ["'=1+1", "'@SUM(A1)", "plate"]
+    assert not any(cell.startswith(("=", "@", "+")) for r in sim for cell in r)
