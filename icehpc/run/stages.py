@@ -71,12 +71,10 @@ def stage_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(name: str, argv: Sequence[str]) -> int:
-    """``icehpc NAME ARGV`` in this process; returns the exit code (config errors: one line, 2)."""
-    import sys
-
-    from ..config import ConfigError, UserError, split_overrides
-    from ..fileio import LockedError
+def parse_stage_args(name: str, argv: Sequence[str]) -> argparse.Namespace:
+    """``icehpc NAME ARGV``'s parsed arguments, dotted ``key=value`` overrides included (what the
+    stage's ``run(args)`` and ``status(args)`` take). A bad argument exits 2 with argparse's line."""
+    from ..config import split_overrides
 
     parser = stage_parser(name)
     rest, overrides = split_overrides(parser, argv)
@@ -85,6 +83,17 @@ def run_stage(name: str, argv: Sequence[str]) -> int:
         if getattr(args, "_config_schema", None) is None:
             parser.error(f"takes no key=value config overrides (got {' '.join(overrides)})")
         args.overrides = overrides
+    return args
+
+
+def run_stage(name: str, argv: Sequence[str]) -> int:
+    """``icehpc NAME ARGV`` in this process; returns the exit code (config errors: one line, 2)."""
+    import sys
+
+    from ..config import ConfigError, UserError
+    from ..fileio import LockedError
+
+    args = parse_stage_args(name, argv)
     try:
         return int(args._run(args) or 0)
     except ConfigError as exc:
