@@ -24,9 +24,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import config as cfglib
+from ..config import UserError
 from ..contract import Contract, Status
 from ..dist import lock_on_root, mpi_comm, run_on_root
 from .store import Store, StoreError, open_store, open_store_mpi
+
+
+class OutputError(UserError):
+    """The stage's output could not be written (a full disk, a quota): one line, nothing sealed."""
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,14 @@ def run(stage: StoreStage, store_path: str | os.PathLike, out_dir: str | os.Path
             if result is None:
                 return None
             # the old marker goes first: a crash while the new files are written leaves no seal at all
-            stage.contract.marker_path(out).unlink(missing_ok=True)
-            record, files, returned = write(out, result, fp, started, store)
-            stage.contract.seal(out, record, files)
+            try:
+                stage.contract.marker_path(out).unlink(missing_ok=True)
+                record, files, returned = write(out, result, fp, started, store)
+                stage.contract.seal(out, record, files)
+            except OSError as exc:  # ENOSPC, EDQUOT, EROFS: the writers left no temporaries, no seal
+                why = exc.strerror or str(exc)
+                raise OutputError(f"cannot write the {stage.name} output in {out}: {why}; nothing of this run is "
+                                  "trusted (no marker); free space or choose another --out, then rerun") from None
             return returned
 
 

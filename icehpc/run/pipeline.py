@@ -34,52 +34,18 @@ dependencies) and ``jobs/pipeline.sh`` (sbatch, afterok) submit, so all three le
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from .. import config as cfglib
+from .. import config as cfglib  # noqa: F401
 from ..analysis.science import kappa_vs_planted, planted_entropy, print_science, probe_summary  # noqa: F401
-from ..config import UserError
-from .plan import (KAPPA_GROUPINGS, DataStep, EmbedStep, KappaStep, PipelineConfig, PretrainStep,  # noqa: F401
+from ..config import UserError  # noqa: F401
+from .plan import (KAPPA_GROUPINGS, add_arguments, config_from_args, DataStep, EmbedStep, KappaStep, PipelineConfig, PretrainStep,  # noqa: F401
                    ProbeStep, RealArchive, RealStep, ShardStep, SynthStep, plan, pretrain_canvas)
 from .runner import finish, prepare_step, print_plan, run_pipeline, submit_pipeline  # noqa: F401
 from .steps import Step, describe_change, evaluate, fingerprint_steps  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="run folder (every stage writes below it)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--finish-only", action="store_true",
-                      help="only check every step's output and write science.json (last job of a submission)")
-    mode.add_argument("--plan", action="store_true",
-                      help="print the pending steps (name, ranks, dependencies, command) and why each would "
-                           "run; changes nothing on disk")
-    mode.add_argument("--prepare-step", metavar="STEP",
-                      help="remove the stale files of STEP's stage (a run with other inputs) and record its "
-                           "inputs; what each job of jobs/pipeline.sh does before its stage starts")
-    parser.add_argument("--plan-format", choices=("text", "nul"), default="text",
-                        help="--plan output: text (tab-separated, for reading) or nul (NUL-separated fields, "
-                             "for jobs/pipeline.sh)")
-    parser.add_argument("--min-count", type=int, default=20,
-                        help="κ groups with fewer samples are left out of the science check (default 20)")
-    parser.add_argument("--data", nargs="+", metavar="INPUT",
-                        help="run on these images instead of the synthetic demo: folder trees (label = first "
-                             "folder), .zip files, or CSV manifests with metadata (= config key data.inputs)")
-    cfglib.add_config_arguments(parser, PipelineConfig)
-
-
-def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    """``--data`` (absolute paths: steps may run elsewhere) goes in as data.inputs, after the overrides."""
-    if getattr(args, "data", None):
-        for given in args.data:
-            if not Path(given).exists():
-                raise UserError(f"--data {given} does not exist (a folder tree, a .zip or a .csv manifest)")
-        inputs = [str(Path(d).resolve()) for d in args.data]
-        args = argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, f"data.inputs={json.dumps(inputs)}"]})
-    return cfglib.from_args(PipelineConfig, args)
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = Path(args.out).resolve()

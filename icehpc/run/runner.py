@@ -109,7 +109,7 @@ def submit_pipeline(stage_args: Sequence[str], executor: str = "slurm", *, folde
 
     from .. import config as cfglib
     from . import launch
-    from .pipeline import add_arguments, config_from_args
+    from .plan import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="icehpc pipeline")
     add_arguments(parser)
