@@ -335,3 +335,27 @@ def test_a_full_disk_is_one_line_no_temporaries_and_no_seal(skewed_store, tmp_pa
     assert cur.CONTRACT.read(out) is None and old is not None  # the old seal went first: nothing trusted
     monkeypatch.setattr(h5py, "File", real_file)
     assert run_stage("curate", [*argv, "--seed", "7"]) == 0 and cur.CONTRACT.verify(out) is not None
+
+
+def test_curate_and_outliers_answer_status_without_writing(skewed_store, tmp_path):
+    """status(args): done after a run with the same arguments; another config or a changed output
+    file is not done; asking writes nothing."""
+    from icehpc.run.stages import parse_stage_args, run_stage
+
+    store = str(skewed_store[0])
+    for name, module, argv, other in (
+            ("curate", cur, ["--levels", "12,3", "--target", "100"], ["--seed", "5"]),
+            ("outliers", outl, ["--k", "5"], ["--k", "6"])):
+        out = tmp_path / name
+        args = [store, "--out", str(out), *argv]
+        st = module.status(parse_stage_args(name, args))
+        assert not st.done and "no output yet" in st.why and not out.exists()
+        assert run_stage(name, args) == 0
+        assert module.status(parse_stage_args(name, args)).done
+        assert not module.status(parse_stage_args(name, [*args, *other])).done
+        csv_name = next(p for p in module.CONTRACT.patterns if p.endswith(".csv"))
+        (out / csv_name).write_text("key\nswapped\n")
+        stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        st = module.status(parse_stage_args(name, args))
+        assert not st.done and "changed" in st.why
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
