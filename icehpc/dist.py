@@ -192,3 +192,39 @@ def lock_on_root(comm: Any, held: Any, folder: Any, what: str) -> None:
         held.enter_context(lock_dir(folder, what))
 
     run_on_root(comm, take)
+
+
+# ------------------------------------------------------------------- collectives of the MPI store stages
+def block_range(n_rows: int, rank: int, size: int, block: int) -> tuple[int, int]:
+    """Rows [lo, hi) of ``rank``: a contiguous run of whole ``block``-row blocks (the last may be
+    short), so a result that depends on blocks (seeded per block) is the same on any rank count."""
+    nblocks = -(-n_rows // block)
+    b0, b1 = nblocks * rank // size, nblocks * (rank + 1) // size
+    return min(b0 * block, n_rows), min(b1 * block, n_rows)
+
+
+def allreduce_sum(comm: Any, arrays: list[Any], dtype: Any = None) -> None:
+    """Sum numpy arrays over ranks in place, in one collective (``dtype``: of the message; default
+    the arrays' common type). Nothing to do on one rank."""
+    import numpy as np
+
+    if comm.Get_size() == 1:
+        return
+    flat = np.concatenate([a.ravel() if dtype is None else a.ravel().astype(dtype) for a in arrays])
+    out = np.empty_like(flat)
+    comm.Allreduce(flat, out, op=sum_op(comm))
+    off = 0
+    for a in arrays:
+        a[...] = out[off:off + a.size].reshape(a.shape)
+        off += a.size
+
+
+def agree_on_errors(comm: Any, err: BaseException | None, error: type[Exception] = RuntimeError) -> None:
+    """Collective: if any rank failed, raise on every rank (no rank left waiting in the next
+    collective): on one rank the error itself, else ``error`` naming the first failing ranks."""
+    msgs = comm.allgather(None if err is None else f"{type(err).__name__}: {err}")
+    bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if bad:
+        if err is not None and comm.Get_size() == 1:
+            raise err
+        raise error("; ".join(f"rank {r}: {m}" for r, m in bad[:3]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import platform
 import socket
@@ -45,12 +44,16 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, durable: bool = Tru
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk (ENOSPC), a kill by signal handler: leave no temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _holder(path: Path) -> str:
@@ -88,20 +91,6 @@ def lock_dir(folder: str | os.PathLike, what: str = "output folder") -> Iterator
         yield folder
     finally:
         os.close(fd)  # releases the flock
-
-
-def recorded_fingerprint(done: str | os.PathLike, required: Iterable[str | os.PathLike] = (),
-                         section: str | None = None) -> str | None:
-    """The fingerprint a finished stage recorded in its JSON ``done`` (under ``section`` if given);
-    None when ``done`` or any ``required`` output is missing or the JSON is unreadable."""
-    paths = [Path(done), *map(Path, required)]
-    if not all(p.exists() for p in paths):
-        return None
-    try:
-        record = json.loads(paths[0].read_text())
-        return (record[section] if section else record).get("fingerprint")
-    except (ValueError, KeyError, AttributeError, OSError):
-        return None
 
 
 #: First characters that make a spreadsheet read a cell as a formula (CSV/formula injection).

@@ -305,3 +305,57 @@ def test_curate_and_outliers_job_scripts_on_the_real_slurm(slurm_cluster, skewed
     assert (a["key"] == b["key"]).all()
     for k in ("rarity", "local_ratio", "mislabel"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-9, atol=1e-12)
+
+
+def test_a_full_disk_is_one_line_no_temporaries_and_no_seal(skewed_store, tmp_path, monkeypatch, capsys):
+    """ENOSPC while curate writes (CSV or HDF5): one line, exit 2; nothing left that a rerun trusts."""
+    import errno
+
+    import h5py
+
+    from icehpc.run.stages import run_stage
+
+    out = tmp_path / "c"
+    argv = [str(skewed_store[0]), "--out", str(out), "--levels", "12,3", "--target", "100"]
+    assert run_stage("curate", argv) == 0
+    old = cur.CONTRACT.read(out)
+    real_file = h5py.File
+
+    def full(path, mode="r", *a, **k):
+        if mode == "w":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_file(path, mode, *a, **k)
+
+    monkeypatch.setattr(h5py, "File", full)
+    capsys.readouterr()
+    assert run_stage("curate", [*argv, "--seed", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert cur.CONTRACT.read(out) is None and old is not None  # the old seal went first: nothing trusted
+    monkeypatch.setattr(h5py, "File", real_file)
+    assert run_stage("curate", [*argv, "--seed", "7"]) == 0 and cur.CONTRACT.verify(out) is not None
+
+
+def test_curate_and_outliers_answer_status_without_writing(skewed_store, tmp_path):
+    """status(args): done after a run with the same arguments; another config or a changed output
+    file is not done; asking writes nothing."""
+    from icehpc.run.stages import parse_stage_args, run_stage
+
+    store = str(skewed_store[0])
+    for name, module, argv, other in (
+            ("curate", cur, ["--levels", "12,3", "--target", "100"], ["--seed", "5"]),
+            ("outliers", outl, ["--k", "5"], ["--k", "6"])):
+        out = tmp_path / name
+        args = [store, "--out", str(out), *argv]
+        st = module.status(parse_stage_args(name, args))
+        assert not st.done and "no output yet" in st.why and not out.exists()
+        assert run_stage(name, args) == 0
+        assert module.status(parse_stage_args(name, args)).done
+        assert not module.status(parse_stage_args(name, [*args, *other])).done
+        csv_name = next(p for p in module.CONTRACT.patterns if p.endswith(".csv"))
+        (out / csv_name).write_text("key\nswapped\n")
+        stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        st = module.status(parse_stage_args(name, args))
+        assert not st.done and "changed" in st.why
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp

@@ -303,6 +303,20 @@ def test_embed_frames_particles_as_pretraining_did_from_the_export_header(shards
     keys = [k.decode() if isinstance(k, bytes) else str(k) for k in meta_cols["key"]]
     np.testing.assert_allclose(emb, np.stack([ref[k] for k in keys]), atol=2e-5, rtol=0)
     assert json.loads(Path(f"{store}.json").read_text())["backbone"]["framing"] == "bbox"
+    # the store's contract: the framing and the shard build are part of its fingerprint
+    from icehpc.analysis import embed
+    from icehpc.run.stages import parse_stage_args
+
+    argv = [str(shards), "--checkpoint", str(path), "--out", str(store)]
+    assert embed.status(parse_stage_args("embed", argv)).done
+    unframed = parse_stage_args("embed", [*argv, "--framing", "none"])
+    assert not embed.status(unframed).done
+    proc = _run([*icehpc_cmd, "embed", *argv, "--framing", "none"])
+    assert "0 reused" in proc.stdout  # every part recomputed: a bbox part is not a framing=none part
+    ref_none = _reference_cls(shards, path, canvas=64, framing="none")
+    emb2, _ = _read(store)
+    np.testing.assert_allclose(emb2, np.stack([ref_none[k] for k in keys]), atol=2e-5, rtol=0)
+    assert embed.status(unframed).done and not embed.status(parse_stage_args("embed", argv)).done
 
 
 def test_eval_size_is_the_embedding_side_of_trained_and_random_init(shards, tmp_path, icehpc_cmd):

@@ -316,3 +316,44 @@ def test_icehpc_submit_kappa_through_submitit(slurm_cluster, tmp_path, paper_sto
     res = json.loads((out / "kappa.json").read_text())
     assert res["run"]["ranks"] == 2
     _assert_same(run_kappa(paper_store[0], tmp_path / "serial", cfg("bootstrap=20")), res)
+
+
+def test_a_csv_swapped_after_the_run_is_recomputed_not_trusted(paper_store, tmp_path):
+    """kappa.json is sealed last over the CSVs: a crash after a new kappa.csv (or another run's
+    CSV copied in) leaves a marker that does not verify, so the rerun recomputes."""
+    from icehpc.analysis import kappa
+    from icehpc.run.stages import parse_stage_args
+
+    out = tmp_path / "o"
+    c = cfg("bootstrap=10", "groupings=[habit]")
+    first = run_kappa(paper_store[0], out, c)
+    good = (out / "kappa.csv").read_bytes()
+    assert set(json.loads((out / "kappa.json").read_text())["outputs"]) == {"kappa.csv", "similarity.csv"}
+    args = parse_stage_args("kappa", [str(paper_store[0]), "--out", str(out), "bootstrap=10", "groupings=[habit]"])
+    assert kappa.status(args).done
+    assert run_kappa(paper_store[0], out, c) is None  # up to date
+    (out / "kappa.csv").write_bytes(good.replace(b"habit", b"HABIT"))  # another run's bytes
+    st = kappa.status(args)
+    assert not st.done and "changed" in st.why
+    again = run_kappa(paper_store[0], out, c)
+    assert again is not None and again["rows"] == first["rows"]
+    assert (out / "kappa.csv").read_bytes() == good
+
+
+def test_enospc_leaves_no_temporary_file(monkeypatch, tmp_path):
+    """A full disk mid-write: the error propagates, the target is untouched, no .NAME.PID.tmp stays."""
+    import errno
+
+    from icehpc import fileio
+
+    target = tmp_path / "kappa.csv"
+    target.write_text("old\n")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        fileio.write_atomic(target, "new\n")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kappa.csv"]

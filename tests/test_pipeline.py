@@ -92,7 +92,7 @@ def test_pipeline_local_outputs_and_resume(local_run, real_dir, icehpc_cmd):
         assert real["split"]["n_train"] + real["split"]["n_test"] == len(MINI_CLASSES) * MINI_PER_CLASS
         assert "real-mini-probe" in science["probes"]
 
-    # A rerun skips every step; a lost output is recomputed alone.
+    # A rerun skips every step; a lost output is recomputed, with the steps that read it (the report).
     overrides = tiny_overrides(real_dir)
     stamps = {m: m.stat().st_mtime_ns for m in _markers(out)}
     (out / "probe" / "probe.json").unlink()
@@ -100,8 +100,9 @@ def test_pipeline_local_outputs_and_resume(local_run, real_dir, icehpc_cmd):
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ran = [line for line in res.stdout.splitlines() if re.match(r"\[pipeline\] [\w-]+: /", line)]
-    assert len(ran) == 1 and ran[0].startswith("[pipeline] probe:"), ran
-    assert all(m.stat().st_mtime_ns == t for m, t in stamps.items() if m != out / "probe" / "probe.json")
+    assert [r.split(":")[0] for r in ran] == ["[pipeline] probe", "[pipeline] report"], ran
+    assert all(m.stat().st_mtime_ns == t for m, t in stamps.items()
+               if m not in (out / "probe" / "probe.json", out / "report" / "index.html"))
     again = json.loads((out / "probe" / "probe.json").read_text())
     assert again["results"] == probe["results"]
 

@@ -36,9 +36,7 @@ exchanged for resampling and sampling are at most ranks · K · r and ranks · N
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import hashlib
 import io
 import json
 import os
@@ -52,9 +50,12 @@ import numpy as np
 
 from .. import config as cfglib
 from ..config import field
-from ..dist import SerialComm, lock_on_root, mpi_comm, sum_op
-from ..fileio import LockedError, recorded_fingerprint, run_facts, write_atomic
-from .store import Store, StoreError, _atomic_h5, open_store_mpi
+from .. import dist
+from ..contract import Contract, Status
+from ..dist import SerialComm, mpi_comm
+from ..fileio import LockedError, run_facts, write_atomic
+from . import storestage
+from .store import Store, StoreError, _atomic_h5
 
 BLOCK = 512  # rows per ownership / priority block: part of the result's definition, not a tuning knob
 _CHUNK = 8192  # rows per similarity product (bounds the [rows, K] scratch)
@@ -92,9 +93,7 @@ class CurateConfig:
 
 def block_range(n_rows: int, rank: int, size: int) -> tuple[int, int]:
     """Rows [lo, hi) of ``rank``: a contiguous run of whole blocks (the last may be short)."""
-    nblocks = -(-n_rows // BLOCK)
-    b0, b1 = nblocks * rank // size, nblocks * (rank + 1) // size
-    return min(b0 * BLOCK, n_rows), min(b1 * BLOCK, n_rows)
+    return dist.block_range(n_rows, rank, size, BLOCK)
 
 
 def normalise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,16 +107,8 @@ def normalise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _allreduce(comm: Any, arrays: list[np.ndarray]) -> None:
-    """Sum float64 arrays over ranks in place, in one collective."""
-    if comm.Get_size() == 1:
-        return
-    flat = np.concatenate([a.ravel().astype(np.float64) for a in arrays])
-    out = np.empty_like(flat)
-    comm.Allreduce(flat, out, op=sum_op(comm))
-    off = 0
-    for a in arrays:
-        a[...] = out[off:off + a.size].reshape(a.shape)
-        off += a.size
+    """Sum arrays over ranks in place, in one float64 collective."""
+    dist.allreduce_sum(comm, arrays, np.float64)
 
 
 def _assign(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -327,17 +318,6 @@ def _distribution(sizes: np.ndarray) -> dict[str, Any]:
             "entropy_bits": entropy({str(i): v for i, v in enumerate(s)}), "sizes": s.astype(int).tolist()}
 
 
-def _agree_on_errors(comm: Any, err: BaseException | None) -> None:
-    msgs = comm.allgather(None if err is None else f"{type(err).__name__}: {err}")
-    bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
-    if bad:
-        if err is not None and comm.Get_size() == 1:
-            raise err
-        raise CurateError("; ".join(f"rank {r}: {m}" for r, m in bad[:3]))
-
-
-# -------------------------------------------------------------------------------- compute
-
 def read_rows(store: Store, lo: int, hi: int, columns: list[str]) -> tuple[Points, dict[str, np.ndarray]]:
     xs, metas = [], {c: [] for c in columns}
     for s in range(lo, hi, 32 * BLOCK):
@@ -365,7 +345,7 @@ def compute(store: Store, cfg: CurateConfig, comm: Any) -> dict[str, Any] | None
         pts, meta = read_rows(store, lo, hi, cols)
     except (StoreError, OSError, ValueError) as exc:
         err, pts, meta = exc, None, {}
-    _agree_on_errors(comm, err)
+    dist.agree_on_errors(comm, err, CurateError)
     n_valid = int(comm.allreduce(int(pts.valid.sum())))
     if n_valid < cfg.levels[0]:
         raise CurateError(f"{store.path}: {n_valid} usable rows, fewer than the {cfg.levels[0]} level-1 clusters")
@@ -461,7 +441,15 @@ def compute(store: Store, cfg: CurateConfig, comm: Any) -> dict[str, Any] | None
 
 # --------------------------------------------------------------------------------- output
 
-def write_outputs(out: Path, res: dict[str, Any], label: str | None) -> None:
+#: curate.json, sealed last over curated.csv and clusters.h5: the curate run's output contract.
+CONTRACT = Contract("curate.json", ("curated.csv", "clusters.h5"))
+STAGE = storestage.StoreStage("curate", CONTRACT)
+FINGERPRINT_EXTRA = {"block": BLOCK}
+
+
+def write_outputs(out: Path, res: dict[str, Any], label: str | None) -> list[Path]:
+    """curated.csv and clusters.h5 (the marker curate.json is sealed after them); returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
     rows, paths = res["rows"], res["paths"]
     buf = io.StringIO()
     wr = csv.writer(buf)
@@ -482,37 +470,34 @@ def write_outputs(out: Path, res: dict[str, Any], label: str | None) -> None:
         f.attrs["levels"] = len(res["centroids"])
 
     _atomic_h5(out / "clusters.h5", fill)
-    write_atomic(out / "curate.json", json.dumps(res["summary"], indent=1, ensure_ascii=False) + "\n")
+    return [out / "curated.csv", out / "clusters.h5"]
 
 
 def fingerprint(store: Store, cfg: CurateConfig) -> str:
-    facts = {"file": store.sha256, "parts": list(store.part_sha256), "rows": list(store.part_rows)}
-    blob = json.dumps({"cfg": cfglib.to_dict(cfg), "store": facts, "block": BLOCK}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return storestage.fingerprint(store, cfg, FINGERPRINT_EXTRA)
 
 
 def run_curate(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: CurateConfig, force: bool = False,
                comm: Any = None, provenance: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Library entry: skip if ``out_dir`` holds this exact run, else compute; rank 0 holds the
-    folder lock throughout and writes. Returns the summary on rank 0 (None when up to date)."""
-    comm = comm if comm is not None else mpi_comm()
-    out = Path(out_dir)
-    with contextlib.ExitStack() as held:
-        lock_on_root(comm, held, out, "curate output folder")
-        with open_store_mpi(store_path, comm) as store:
-            fp = fingerprint(store, cfg)
-            if not force and recorded_fingerprint(out / "curate.json", [out / "curated.csv", out / "clusters.h5"]) == fp:
-                if comm.Get_rank() == 0:
-                    print(f"icehpc curate: {out} is up to date (fingerprint {fp}); --force to redo")
-                return None
-            t = time.time()
-            res = compute(store, cfg, comm)
-        if res is None:
-            return None
-        res["summary"].update(store=str(store.path), fingerprint=fp, config=cfglib.to_dict(cfg),
-                              config_source=provenance, **run_facts(t))
-        write_outputs(out, res, res["summary"]["label_column"])
-        return res["summary"]
+    """Library entry: skip if ``out_dir`` holds this exact run (its marker verifies every file), else
+    compute; rank 0 holds the folder lock throughout and writes. Returns the summary on rank 0 (None
+    when up to date)."""
+
+    def write(out: Path, res: dict[str, Any], fp: str, started: float, store: Store):
+        res["summary"].update(store=str(store.path), store_sha256=store.sha256, fingerprint=fp,
+                              config=cfglib.to_dict(cfg), config_source=provenance, **run_facts(started))
+        files = write_outputs(out, res, res["summary"]["label_column"])
+        return res["summary"], files, res["summary"]
+
+    return storestage.run(STAGE, store_path, out_dir, cfg, extra=FINGERPRINT_EXTRA, compute=compute, write=write,
+                          force=force, comm=comm)
+
+
+def status(args: argparse.Namespace) -> Status:
+    """Would ``icehpc curate ARGS`` skip? (read-only)."""
+    if getattr(args, "force", False):
+        return Status(False, "--force")
+    return storestage.status(STAGE, args.store, args.out, config_from_args(args), FINGERPRINT_EXTRA)
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -34,7 +34,8 @@ import numpy as np
 from .. import config as cfglib
 from ..config import field
 from ..data.format import NUMERIC_COLUMNS, STRING_COLUMNS
-from ..fileio import LockedError, write_atomic
+from ..contract import Contract, Status
+from ..fileio import LockedError, file_sha256, write_atomic
 from ..ssl.export import DEFAULT_ARCH, BackboneSpec, backbone_spec, build_backbone
 
 
@@ -134,11 +135,31 @@ def part_path(store: str | os.PathLike, shard: str) -> Path:
     return parts_dir(store) / (Path(shard).name.split(".")[0] + ".h5")
 
 
-MODEL_KEYS = ("backbone", "seed", "canvas")  # what makes two embeddings of one image comparable
+#: What makes two embeddings of one image comparable: a part records the digest of these
+#: (:func:`model_digest`) and is recomputed when any differs (another framing included).
+MODEL_KEYS = ("backbone", "seed", "canvas", "framing")
+#: Of those, what a store's parts folder is pinned to: another backbone, seed or canvas into the
+#: same ``--out`` is refused (a different model's store); another framing recomputes every part.
+PIN_KEYS = ("backbone", "seed", "canvas")
 
 
 def model_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({k: manifest[k] for k in MODEL_KEYS}, sort_keys=True).encode()).hexdigest()
+
+
+def contract(store: str | os.PathLike) -> Contract:
+    """The output contract of one store ``STORE`` (in its folder): the marker ``STORE.json``
+    (written last: the run's summary, its fingerprint and every file's sha256), the master and
+    every file under ``STORE.parts/``."""
+    name = Path(store).name
+    return Contract(f"{name}.json", (name, f"{name}.parts/*"))
+
+
+def store_fingerprint(manifest: dict[str, Any], index_sha256: str) -> str:
+    """What the whole store depends on: the model (:data:`MODEL_KEYS`, the framing included) and
+    the shard build it embedded (the sha256 of its index.json, which lists every shard's sha256)."""
+    blob = json.dumps({"model": {k: manifest[k] for k in MODEL_KEYS}, "index_sha256": index_sha256}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _pin_run(store: Path, manifest: dict[str, Any]) -> None:
@@ -149,7 +170,7 @@ def _pin_run(store: Path, manifest: dict[str, Any]) -> None:
     path = parts_dir(store) / "embed.json"
     if path.exists():
         old = json.loads(path.read_text())
-        diff = sorted(k for k in MODEL_KEYS if old.get(k) != manifest[k])
+        diff = sorted(k for k in PIN_KEYS if old.get(k) != manifest[k])
         if diff:
             raise ValueError(f"{parts_dir(store)} holds parts of a different run (differs in {diff}); "
                              "use another --out or delete that folder")
@@ -252,6 +273,51 @@ def finalize_store(store: Path, shard_names: list[str], expected_rows: int) -> t
         return opened.n_rows, opened.dim
 
 
+def resolve(shard_dir: str, *, checkpoint: str | None, arch: str | None, img_size: int | None,
+            canvas: int | None, seed: int, like: str | None, framing: str | None) -> tuple[dict, BackboneSpec, dict]:
+    """(index.json, backbone spec, run manifest) of an embedding run: canvas and framing default
+    to the export header's (as pretraining decoded). Reads headers only (no torch)."""
+    from ..data.format import read_index
+
+    index = read_index(shard_dir)
+    counts = {Path(s["name"]).name: int(s["samples"]) for s in index["shards"] if s["samples"] > 0}
+    spec = backbone_spec(checkpoint, arch, img_size, seed, like=like)
+    canvas = canvas or spec.canvas or spec.img_size
+    framing = framing or spec.framing
+    manifest = {"backbone": asdict(spec), "seed": seed, "canvas": canvas, "framing": framing,
+                "shards": str(Path(shard_dir).resolve()), "shard_counts": counts}
+    return index, spec, manifest
+
+
+def _index_sha256(shard_dir: str) -> str:
+    from ..data.format import INDEX
+
+    return file_sha256(Path(shard_dir) / INDEX)
+
+
+def status(args: argparse.Namespace) -> Status:
+    """Would ``icehpc embed ARGS`` find its store complete and current? Read-only: the store's
+    marker must record this model (framing included) and this shard build, and every file it
+    lists (master, parts) must still match."""
+    cfg = cfglib.from_args(EmbedConfig, args)
+    store = Path(args.out)
+    con = contract(store)
+    if con.read(store.parent) is None:
+        return Status(False, f"no output yet ({con.marker_path(store.parent)})")
+    try:
+        _, _, manifest = resolve(args.shards, checkpoint=args.checkpoint, arch=cfg.arch, img_size=cfg.img_size,
+                                 canvas=cfg.canvas, seed=cfg.seed, like=args.like, framing=cfg.framing)
+        fp = store_fingerprint(manifest, _index_sha256(args.shards))
+    except (OSError, ValueError, KeyError) as exc:
+        return Status(False, f"its inputs cannot be read yet ({exc})")
+    if con.verify(store.parent, fp) is not None:
+        return Status(True, f"up to date (fingerprint {fp})")
+    old = (con.read(store.parent) or {}).get("fingerprint")
+    if old != fp:
+        return Status(False, f"backbone, framing or shards changed (fingerprint {old} → {fp})")
+    return Status(False, "a file of the store changed or is missing since its marker was sealed")
+
+
 def _torch_threads(local_world: int) -> None:
     """One rank per core share when the launcher left OMP_NUM_THREADS unset (mpiexec does)."""
     import torch
@@ -278,7 +344,7 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
     import torch
 
     from .. import dist
-    from ..data.format import read_index, shard_paths
+    from ..data.format import shard_paths
     from ..data.loader import assign_shards
 
     if bool(checkpoint) == bool(random_init):
@@ -292,15 +358,13 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
     env = dist.from_env()
     store_path = Path(store)
     try:
-        index = read_index(shard_dir)
+        index, spec, manifest = resolve(shard_dir, checkpoint=checkpoint, arch=arch, img_size=img_size,
+                                        canvas=canvas, seed=seed, like=like, framing=framing)
+        index_sha256 = _index_sha256(shard_dir)
         paths = shard_paths(shard_dir)
-        counts = {Path(s["name"]).name: int(s["samples"]) for s in index["shards"] if s["samples"] > 0}
+        counts = manifest["shard_counts"]
         shas = {Path(s["name"]).name: str(s.get("sha256", "")) for s in index["shards"]}
-        spec = backbone_spec(checkpoint, arch, img_size, seed, like=like)
-        canvas = canvas or spec.canvas or spec.img_size  # default: decode as pretraining did (header)
-        framing = framing or spec.framing
-        manifest = {"backbone": asdict(spec), "seed": seed, "canvas": canvas, "framing": framing,
-                    "shards": str(Path(shard_dir).resolve()), "shard_counts": counts}
+        canvas, framing = manifest["canvas"], manifest["framing"]
         # one job per store: rank 0 holds the lock of STORE.parts until the end
         dist.lock_on_root(comm, held, parts_dir(store_path), "embedding store")
         dist.run_on_root(comm, lambda: _pin_run(store_path, manifest))
@@ -326,6 +390,9 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
     comm.Barrier()
     summary = None
     if rank == 0:
+        con = contract(store_path)
+        folder = store_path.resolve().parent
+        con.marker_path(folder).unlink(missing_ok=True)  # no seal while the master is rewritten
         rows, dim = finalize_store(store_path, list(counts), int(index["totals"]["written"]))
         computed = sum(s["images"] for s in all_stats)
         wall = max(s["seconds"] for s in all_stats)
@@ -334,8 +401,13 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
                    "shards": len(counts), "shards_reused": sum(s["shards_done"] for s in all_stats),
                    "images_computed": computed, "seconds": wall,
                    "images_per_s": computed / wall if wall > 0 else math.nan, "backbone": asdict(spec),
+                   "framing": framing, "canvas": canvas,
+                   "fingerprint": store_fingerprint(manifest, index_sha256),
+                   "shards_index_sha256": index_sha256, "shards_fingerprint": index.get("fingerprint"),
                    "config": provenance}
-        write_atomic(f"{store}.json", json.dumps(summary, indent=2) + "\n")
+        files = [store_path, parts_dir(store_path) / "embed.json", *(part_path(store_path, n) for n in counts)]
+        sealed = con.seal(folder, summary, [f.resolve() for f in files])
+        summary = {k: v for k, v in sealed.items() if k != "outputs"}
     comm.Barrier()
     return summary
 

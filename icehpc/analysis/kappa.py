@@ -26,9 +26,7 @@ a subset of another's is summed from it on rank 0 instead of accumulated again.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -42,10 +40,13 @@ import numpy as np
 from .. import config as cfgmod
 from ..config import field
 from ..data.synth import TEMPERATURE_EDGES_C
-from ..dist import lock_on_root, mpi_comm, sum_op
-from .store import Store, StoreError, open_store_mpi
+from .. import dist
+from ..contract import Contract, Status
+from ..dist import mpi_comm
+from . import storestage
+from .store import Store, StoreError
 from ..vmf import kappa_closed_form, kappa_mle
-from ..fileio import LockedError, csv_text, recorded_fingerprint, run_facts, write_atomic
+from ..fileio import LockedError, csv_text, run_facts, write_atomic
 
 RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
 READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)
@@ -187,9 +188,7 @@ def parse_groupings(items: Sequence[str]) -> list[tuple[str, ...]]:
 
 def block_range(n_rows: int, rank: int, size: int) -> tuple[int, int]:
     """Rows [lo, hi) of ``rank``: a contiguous run of whole RNG blocks (the last may be short)."""
-    nblocks = -(-n_rows // RNG_BLOCK)
-    b0, b1 = nblocks * rank // size, nblocks * (rank + 1) // size
-    return min(b0 * RNG_BLOCK, n_rows), min(b1 * RNG_BLOCK, n_rows)
+    return dist.block_range(n_rows, rank, size, RNG_BLOCK)
 
 
 _POISSON_LUT: np.ndarray | None = None
@@ -271,27 +270,6 @@ class Sums:
         for a, b in zip(self.arrays(), out.arrays()):
             np.add.at(b, mapping, a)
         return out
-
-
-def _allreduce(comm: Any, arrays: list[np.ndarray]) -> None:
-    """Sum every array over ranks in place, in one collective."""
-    flat = np.concatenate([a.ravel() for a in arrays])
-    out = np.empty_like(flat)
-    comm.Allreduce(flat, out, op=sum_op(comm))
-    off = 0
-    for a in arrays:
-        a[...] = out[off:off + a.size].reshape(a.shape)
-        off += a.size
-
-
-def _agree_on_errors(comm: Any, err: BaseException | None) -> None:
-    """Collective: if any rank failed, raise the first failure on every rank (no hung ranks)."""
-    msgs = comm.allgather(None if err is None else f"{type(err).__name__}: {err}")
-    bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
-    if bad:
-        if err is not None and comm.Get_size() == 1:
-            raise err
-        raise KappaError("; ".join(f"rank {r}: {m}" for r, m in bad[:3]))
 
 
 # ------------------------------------------------------------------------------------ result
@@ -409,7 +387,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
                 local[c] = (float(fv.min()), float(fv.max())) if fv.size else (np.inf, -np.inf)
     except (StoreError, OSError, ValueError) as exc:
         err = exc
-    _agree_on_errors(comm, err)
+    dist.agree_on_errors(comm, err, KappaError)
     gathered = comm.allgather(local)
     if cfg.drop_empty_columns:  # every rank sees the same gathered levels: the same groupings survive
         empty = [c for c in needed if (set().union(*(set(g[c]) for g in gathered)) <= {""}
@@ -491,12 +469,12 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
     except (StoreError, OSError, ValueError) as exc:
         err = exc
     bar.close()
-    _agree_on_errors(comm, err)
+    dist.agree_on_errors(comm, err, KappaError)
     timings["embeddings_s"] = time.perf_counter() - t1
 
     rank_cpu = comm.gather(time.process_time() - cpu0, root=0)  # work per rank, load-independent
     t2 = time.perf_counter()
-    _allreduce(comm, [a for g in bases for a in acc[g].arrays()] + [bad_rows])
+    dist.allreduce_sum(comm, [a for g in bases for a in acc[g].arrays()] + [bad_rows])
     timings["allreduce_s"] = time.perf_counter() - t2
     if rank != 0:
         return None
@@ -568,8 +546,13 @@ def jsonable(o: Any) -> Any:
     return o
 
 
-def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> None:
-    """kappa.csv, similarity.csv, then kappa.json last (its presence marks a complete run)."""
+#: kappa.json, sealed last over the CSVs (see :mod:`icehpc.contract`): the κ run's output contract.
+CONTRACT = Contract("kappa.json", ("kappa.csv", "similarity.csv"))
+STAGE = storestage.StoreStage("kappa", CONTRACT, section="run")
+
+
+def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> list[Path]:
+    """kappa.csv and similarity.csv (the marker kappa.json is sealed after them); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "kappa.csv", csv_text(CSV_COLUMNS, ([_num(r[k]) for k in CSV_COLUMNS] for r in result["rows"])))
@@ -579,48 +562,43 @@ def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> None:
         text = csv_text([f"{sim['column']} of samples \\ centroid of"] + sim["labels"],
                         ([lab] + [repr(float(v)) for v in vals] for lab, vals in zip(sim["labels"], sim["matrix"])))
     write_atomic(out / "similarity.csv", text)
+    return [out / "kappa.csv", out / "similarity.csv"]
 
-    write_atomic(out / "kappa.json", json.dumps(jsonable(result), indent=1, ensure_ascii=False) + "\n")
+
+#: What shapes κ beyond the config and the store: the RNG block of the bootstrap weights.
+FINGERPRINT_EXTRA = {"block": RNG_BLOCK}
 
 
 def fingerprint(store: Store, cfg: KappaConfig) -> str:
     """Hash of the config and the store's content: the sha256 of the file opened and the parts'
     checksums its master records (which :func:`open_store` verified against the parts). Sizes
     and mtimes are not content: a part edited in place with both kept must not be "up to date"."""
-    facts = {"file": store.sha256, "parts": list(store.part_sha256), "rows": list(store.part_rows)}
-    blob = json.dumps({"cfg": cfgmod.to_dict(cfg), "store": facts, "block": RNG_BLOCK}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return storestage.fingerprint(store, cfg, FINGERPRINT_EXTRA)
 
 
 def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: KappaConfig,
               force: bool = False, comm: Any = None, provenance: dict[str, Any] | None = None
               ) -> dict[str, Any] | None:
-    """Library entry point: skip if ``out_dir`` already holds this exact run (requeue-safe),
-    else compute and write on rank 0. Returns what kappa.json holds on rank 0 (NaN as None).
+    """Library entry point: skip if ``out_dir`` already holds this exact run (requeue-safe: its
+    marker verifies every file), else compute and write on rank 0. Returns what kappa.json holds on
+    rank 0 (NaN as None). Rank 0 holds the lock of ``out_dir`` throughout (:mod:`.storestage`)."""
 
-    Rank 0 holds the lock of ``out_dir`` throughout: a second job writing there stops at once."""
-    comm = comm if comm is not None else mpi_comm()
-    with contextlib.ExitStack() as held:
-        lock_on_root(comm, held, out_dir, "kappa output folder")
-        return _run_kappa(store_path, out_dir, cfg, force, comm, provenance)
+    def write(out: Path, result: dict[str, Any], fp: str, started: float, store: Store):
+        result["run"].update(fingerprint=fp, config=cfgmod.to_dict(cfg), config_source=provenance,
+                             store_sha256=store.sha256, **run_facts(started))
+        files = write_outputs(out, result)
+        record = jsonable(result)
+        return record, files, record
+
+    return storestage.run(STAGE, store_path, out_dir, cfg, extra=FINGERPRINT_EXTRA, compute=compute, write=write,
+                          force=force, comm=comm)
 
 
-def _run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: KappaConfig,
-               force: bool, comm: Any, provenance: dict[str, Any] | None) -> dict[str, Any] | None:
-    out = Path(out_dir)
-    with open_store_mpi(store_path, comm) as store:
-        fp = fingerprint(store, cfg)
-        if not force and recorded_fingerprint(out / "kappa.json", [out / "kappa.csv"], section="run") == fp:
-            if comm.Get_rank() == 0:
-                print(f"icehpc kappa: {out} is up to date (fingerprint {fp}); --force to redo")
-            return None
-        t = time.time()
-        result = compute(store, cfg, comm)
-    if result is None:
-        return None
-    result["run"].update(fingerprint=fp, config=cfgmod.to_dict(cfg), config_source=provenance, **run_facts(t))
-    write_outputs(out, result)
-    return jsonable(result)
+def status(args: argparse.Namespace) -> Status:
+    """Would ``icehpc kappa ARGS`` skip? (read-only; see :func:`storestage.status`)."""
+    if getattr(args, "force", False):
+        return Status(False, "--force")
+    return storestage.status(STAGE, args.store, args.out, config_from_args(args), FINGERPRINT_EXTRA)
 
 
 # --------------------------------------------------------------------------------------- CLI

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
-import hashlib
 import html
-import json
 import os
 import sys
 import time
@@ -41,10 +38,12 @@ import numpy as np
 
 from .. import config as cfglib
 from ..config import field
-from ..dist import lock_on_root, mpi_comm
-from ..fileio import LockedError, csv_text, recorded_fingerprint, run_facts, write_atomic
+from ..contract import Contract, Status
+from ..dist import mpi_comm
+from ..fileio import LockedError, csv_text, run_facts, write_atomic
 from .curate import block_range, normalise
-from .store import Store, open_store_mpi
+from . import storestage
+from .store import Store
 
 
 class OutliersError(cfglib.UserError):
@@ -208,7 +207,14 @@ def html_page(res: dict[str, Any], cfg: OutliersConfig, thumbs: dict[str, str] |
     return "".join(parts)
 
 
-def write_outputs(out: Path, res: dict[str, Any], cfg: OutliersConfig, images: str | None) -> None:
+#: outliers.json, sealed last over the table and the page: the outliers run's output contract.
+CONTRACT = Contract("outliers.json", ("outliers.csv", "outliers.html"))
+STAGE = storestage.StoreStage("outliers", CONTRACT)
+
+
+def write_outputs(out: Path, res: dict[str, Any], cfg: OutliersConfig, images: str | None) -> list[Path]:
+    """outliers.csv and outliers.html (the marker is sealed after them); returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
     has_label = res["label"] is not None
     write_atomic(out / "outliers.csv", csv_text(
         ["key", "rarity", "local_ratio", *([cfg.label, "mislabel"] if has_label else [])],
@@ -227,43 +233,49 @@ def write_outputs(out: Path, res: dict[str, Any], cfg: OutliersConfig, images: s
                 shown.update(str(res["key"][r]) for r in rows[np.argsort(-v[rows], kind="stable")][: cfg.top])
         thumbs = thumbnails(images, shown)
     write_atomic(out / "outliers.html", html_page(res, cfg, thumbs))
-    write_atomic(out / "outliers.json", json.dumps(res["summary"], indent=1, ensure_ascii=False) + "\n")
+    return [out / "outliers.csv", out / "outliers.html"]
 
 
-def fingerprint(store: Store, cfg: OutliersConfig, images: str | None) -> str:
-    facts = {"file": store.sha256, "parts": list(store.part_sha256), "rows": list(store.part_rows)}
+def fingerprint_extra(images: str | None) -> dict[str, Any]:
+    """What shapes the result beyond config and store: the shard build shown on the page (its index
+    fingerprint)."""
     img = None
     if images:
         from ..data.format import read_index
 
         img = read_index(images).get("fingerprint")
-    blob = json.dumps({"cfg": cfglib.to_dict(cfg), "store": facts, "images": img}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return {"images": img}
+
+
+def fingerprint(store: Store, cfg: OutliersConfig, images: str | None) -> str:
+    return storestage.fingerprint(store, cfg, fingerprint_extra(images))
 
 
 def run_outliers(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: OutliersConfig, *,
                  images: str | None = None, force: bool = False, comm: Any = None,
                  provenance: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Library entry: up to date → None; else compute, rank 0 writes under the folder lock and
-    returns the summary."""
-    comm = comm if comm is not None else mpi_comm()
-    out = Path(out_dir)
-    with contextlib.ExitStack() as held:
-        lock_on_root(comm, held, out, "outliers output folder")
-        with open_store_mpi(store_path, comm) as store:
-            fp = fingerprint(store, cfg, images)
-            if not force and recorded_fingerprint(out / "outliers.json", [out / "outliers.csv"]) == fp:
-                if comm.Get_rank() == 0:
-                    print(f"icehpc outliers: {out} is up to date (fingerprint {fp}); --force to redo")
-                return None
-            t = time.time()
-            res = compute(store, cfg, comm)
-        if res is None:
-            return None
-        res["summary"].update(store=str(store.path), images=images, fingerprint=fp, config=cfglib.to_dict(cfg),
-                              config_source=provenance, **run_facts(t))
-        write_outputs(out, res, cfg, images)
-        return res["summary"]
+    """Library entry: up to date (the marker verifies every file) → None; else compute, rank 0
+    writes under the folder lock and returns the summary."""
+
+    def write(out: Path, res: dict[str, Any], fp: str, started: float, store: Store):
+        res["summary"].update(store=str(store.path), store_sha256=store.sha256, images=images, fingerprint=fp,
+                              config=cfglib.to_dict(cfg), config_source=provenance, **run_facts(started))
+        files = write_outputs(out, res, cfg, images)
+        return res["summary"], files, res["summary"]
+
+    return storestage.run(STAGE, store_path, out_dir, cfg, extra=lambda store: fingerprint_extra(images),
+                          compute=compute, write=write, force=force, comm=comm)
+
+
+def status(args: argparse.Namespace) -> Status:
+    """Would ``icehpc outliers ARGS`` skip? (read-only)."""
+    if getattr(args, "force", False):
+        return Status(False, "--force")
+    try:
+        extra = fingerprint_extra(args.images)
+    except (OSError, ValueError) as exc:
+        return Status(False, f"--images cannot be read yet ({exc})")
+    return storestage.status(STAGE, args.store, args.out, cfglib.from_args(OutliersConfig, args), extra)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+from ..contract import Contract
+
 Launcher = Literal["plain", "mpi", "torch"]
 
 
@@ -29,24 +31,42 @@ class Stage:
     launcher: Launcher = "plain"
     gpu: bool = False
     submittable: bool = True  # a job of its own (pipeline and submit submit others instead)
+    #: where the stage's output contract is declared ("module:NAME"), beside its writer
+    contract: str = ""
+    #: the stage's files by known names, used while its owner declares no contract at ``contract``
+    outputs: Contract | None = None
 
 
 #: name → stage, in the pipeline's order.
 STAGES: dict[str, Stage] = {
-    "synth": Stage("icehpc.data.synth", "make synthetic CPI-like particle images with planted habit physics"),
-    "shards": Stage("icehpc.data.shards", "build / verify / stats of WebDataset tar shards"),
+    "synth": Stage("icehpc.data.synth", "make synthetic CPI-like particle images with planted habit physics",
+                   contract="icehpc.data.synth:CONTRACT",
+                   outputs=Contract("planted.json", ("manifest.csv", ".synth-params.json", "images/*"))),
+    "shards": Stage("icehpc.data.shards", "build / verify / stats of WebDataset tar shards",
+                    contract="icehpc.data.format:CONTRACT",
+                    outputs=Contract("index.json", ("shard-*.tar", "rejected.jsonl", "stats.png", ".work/*"))),
     "pretrain": Stage("icehpc.ssl.pretrain", "iBOT-vMF pretraining on DeepSpeed (CPU or GPU, 1..N nodes)",
-                      "torch", gpu=True),
+                      "torch", gpu=True, contract="icehpc.ssl.pretrain:CONTRACT",
+                      outputs=Contract("backbone.safetensors", ("checkpoints/*", "config.yaml", "metrics.jsonl"))),
     "export": Stage("icehpc.ssl.export", "export the teacher backbone of a checkpoint as .safetensors"),
     "embed": Stage("icehpc.analysis.embed", "MPI-parallel [CLS] embedding of shards into an HDF5 store",
-                   "mpi", gpu=True),
-    "kappa": Stage("icehpc.analysis.kappa", "MPI-parallel vMF concentration (kappa) per group, with CIs", "mpi"),
+                   "mpi", gpu=True),  # one contract per store: icehpc.analysis.embed.contract(STORE)
+    "kappa": Stage("icehpc.analysis.kappa", "MPI-parallel vMF concentration (kappa) per group, with CIs", "mpi",
+                   contract="icehpc.analysis.kappa:CONTRACT"),
     "curate": Stage("icehpc.analysis.curate", "MPI hierarchical k-means and balanced sampling of a store "
-                    "(a curated pretraining set)", "mpi"),
+                    "(a curated pretraining set)", "mpi", contract="icehpc.analysis.curate:CONTRACT"),
     "outliers": Stage("icehpc.analysis.outliers", "MPI kNN rarity and mislabel scores of a store, with an HTML "
-                      "page of the top samples", "mpi"),
-    "report": Stage("icehpc.analysis.report", "offline HTML/PNG/CSV report of a kappa run"),
-    "probe": Stage("icehpc.analysis.probe", "kNN / logistic-regression habit probes and baselines"),
+                      "page of the top samples", "mpi", contract="icehpc.analysis.outliers:CONTRACT"),
+    "report": Stage("icehpc.analysis.report", "offline HTML/PNG/CSV report of a kappa run",
+                    contract="icehpc.analysis.report:CONTRACT",
+                    outputs=Contract("index.html", (
+                        "kappa_*.png", "kappa_*.svg", "kappa_*.pdf", "embedding_map.*", "examples.csv",
+                        "confusion_*.png", "confusion_*.svg", "confusion_*.pdf", "pretrain_curves.*", "similarity.*",
+                        "probe_summary.csv", "metrics.jsonl", "kappa.csv", "kappa.json", "kappa.nc",
+                        "kappa_random_init.csv"))),
+    "probe": Stage("icehpc.analysis.probe", "kNN / logistic-regression habit probes and baselines",
+                   contract="icehpc.analysis.probe:CONTRACT",
+                   outputs=Contract("probe.json", ("summary.csv", "confusion_*.png", "*.tmp.png"))),
     "pipeline": Stage("icehpc.run.pipeline", "run every stage in order on one machine (or chained on Slurm)",
                       submittable=False),
     "submit": Stage("icehpc.run.submit", "submit a stage (or the pipeline) to Slurm/local via submitit",
@@ -61,6 +81,20 @@ def stage(name: str) -> Stage:
         raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})") from None
 
 
+def contract(name: str) -> Contract:
+    """The output contract of a stage that writes one folder: the one its module declares (at
+    ``Stage.contract``), else the table's ``outputs`` (known names, until the owner declares one)."""
+    st = stage(name)
+    if st.contract:
+        module, _, attr = st.contract.partition(":")
+        declared = getattr(importlib.import_module(module), attr, None)
+        if isinstance(declared, Contract):
+            return declared
+    if st.outputs is None:
+        raise ValueError(f"stage {name} declares no output contract")
+    return st.outputs
+
+
 def stage_parser(name: str) -> argparse.ArgumentParser:
     """The argument parser of one stage (imports that stage's module); ``_run`` holds its entry."""
     st = stage(name)
@@ -71,12 +105,10 @@ def stage_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(name: str, argv: Sequence[str]) -> int:
-    """``icehpc NAME ARGV`` in this process; returns the exit code (config errors: one line, 2)."""
-    import sys
-
-    from ..config import ConfigError, UserError, split_overrides
-    from ..fileio import LockedError
+def parse_stage_args(name: str, argv: Sequence[str]) -> argparse.Namespace:
+    """``icehpc NAME ARGV``'s parsed arguments, dotted ``key=value`` overrides included (what the
+    stage's ``run(args)`` and ``status(args)`` take). A bad argument exits 2 with argparse's line."""
+    from ..config import split_overrides
 
     parser = stage_parser(name)
     rest, overrides = split_overrides(parser, argv)
@@ -85,6 +117,17 @@ def run_stage(name: str, argv: Sequence[str]) -> int:
         if getattr(args, "_config_schema", None) is None:
             parser.error(f"takes no key=value config overrides (got {' '.join(overrides)})")
         args.overrides = overrides
+    return args
+
+
+def run_stage(name: str, argv: Sequence[str]) -> int:
+    """``icehpc NAME ARGV`` in this process; returns the exit code (config errors: one line, 2)."""
+    import sys
+
+    from ..config import ConfigError, UserError
+    from ..fileio import LockedError
+
+    args = parse_stage_args(name, argv)
     try:
         return int(args._run(args) or 0)
     except ConfigError as exc:
