@@ -28,7 +28,7 @@ import numpy as np
 
 from icehpc.analysis import kappa
 from icehpc.analysis.store import open_store, write_master, write_part
-from icehpc.run.pipeline import kappa_vs_planted
+from icehpc.analysis.science import kappa_vs_planted
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 
 from icehpc import config as cfglib
 from icehpc.contract import Status
-from icehpc.run import pipeline, steps as steplib
+from icehpc.run import plan as planlib, steps as steplib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,12 +26,12 @@ def markers_stand_for_outputs(monkeypatch, request):
                             lambda self: Status(self.done.exists(), "marker" if self.done.exists() else "no output"))
 
 
-def _plan(out: Path, *overrides: str) -> list[pipeline.Step]:
-    cfg = cfglib.load(pipeline.PipelineConfig, "demo.yaml", ["real.archives=[]", *overrides])
-    return pipeline.plan(cfg, out)
+def _plan(out: Path, *overrides: str) -> list[steplib.Step]:
+    cfg = cfglib.load(planlib.PipelineConfig, "demo.yaml", ["real.archives=[]", *overrides])
+    return planlib.plan(cfg, out)
 
 
-def _pretend_ran(steps: list[pipeline.Step]) -> None:
+def _pretend_ran(steps: list[steplib.Step]) -> None:
     for step in steps:
         step.prepare()
         step.done.parent.mkdir(parents=True, exist_ok=True)

@@ -63,9 +63,9 @@ def local_run(tmp_path_factory, real_dir) -> Path:
 
 def _markers(out: Path) -> list[Path]:
     """The completion marker of every step, read from the plan itself."""
-    res = subprocess.run([sys.executable, "-c", "import sys; from icehpc.run import pipeline; from icehpc import config as c; "
-                          "cfg = c.load(pipeline.PipelineConfig, 'configs/demo.yaml', sys.argv[2:]); "
-                          "print('\\n'.join(str(s.done) for s in pipeline.plan(cfg, sys.argv[1])))",
+    res = subprocess.run([sys.executable, "-c", "import sys; from icehpc.run import plan as planlib; from icehpc import config as c; "
+                          "cfg = c.load(planlib.PipelineConfig, 'configs/demo.yaml', sys.argv[2:]); "
+                          "print('\\n'.join(str(s.done) for s in planlib.plan(cfg, sys.argv[1])))",
                           str(out), *tiny_overrides(None)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     return [Path(p) for p in res.stdout.split()]
@@ -253,15 +253,15 @@ def test_plan_pretrains_on_the_real_archives_when_asked(tmp_path):
     """pretrain.data=both: one shuffled shard set of the real archives found + the synthetic manifest
     feeds pretraining; embed steps take canvas and framing from the export header (no --canvas)."""
     from icehpc import config as cfglib
-    from icehpc.run import pipeline
+    from icehpc.run import plan as planlib
 
     (tmp_path / "a.zip").write_bytes(b"")
     (tmp_path / "b.zip").write_bytes(b"")
     overrides = [f"real.data_dir={tmp_path}", "pretrain.data=both",
                  "real.archives=[{name: a, file: a.zip, probe: 2D-S, pixel_um: 10.0}, "
                  "{name: b, file: b.zip, probe: PIP, pixel_um: 100.0}, {name: c, file: missing.zip}]"]
-    cfg = cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"), overrides)
-    steps = {s.name: s for s in pipeline.plan(cfg, tmp_path / "out")}
+    cfg = cfglib.load(planlib.PipelineConfig, cfglib.find_config("demo.yaml"), overrides)
+    steps = {s.name: s for s in planlib.plan(cfg, tmp_path / "out")}
     build = steps["pretrain-shards"]
     assert build.argv[1:3] == [str(tmp_path / "a.zip"), str(tmp_path / "b.zip")]
     assert "--manifest" in build.argv and "--shuffle" in build.argv and "--probe" not in build.argv
@@ -269,12 +269,12 @@ def test_plan_pretrains_on_the_real_archives_when_asked(tmp_path):
     assert "pretrain-shards" in steps["pretrain"].after
     assert all("--canvas" not in s.argv for s in steps.values() if s.stage == "embed")
     assert all("--splits" in s.argv for s in steps.values() if s.stage == "probe")
-    synth_only = pipeline.plan(cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"), []), tmp_path / "o2")
+    synth_only = planlib.plan(cfglib.load(planlib.PipelineConfig, cfglib.find_config("demo.yaml"), []), tmp_path / "o2")
     assert "pretrain-shards" not in {s.name for s in synth_only}
-    cfg_real = cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"),
+    cfg_real = cfglib.load(planlib.PipelineConfig, cfglib.find_config("demo.yaml"),
                            [f"real.data_dir={tmp_path / 'nothing'}", "pretrain.data=real"])
     with pytest.raises(ValueError, match="no real archive"):
-        pipeline.plan(cfg_real, tmp_path / "o3")
+        planlib.plan(cfg_real, tmp_path / "o3")
 
 
 @pytest.mark.parametrize("data", ["synth", "both"])
@@ -282,15 +282,15 @@ def test_plan_pretrains_on_a_curated_subset(tmp_path, data):
     """pretrain.keys: the pretraining shard set is rebuilt from the same inputs with --keys (the keys
     file is fingerprinted, so a new curation reruns pretraining); a missing file is one clear error."""
     from icehpc import config as cfglib
-    from icehpc.run import pipeline
+    from icehpc.run import plan as planlib
 
     (tmp_path / "a.zip").write_bytes(b"")
     keys = tmp_path / "curated.csv"
     keys.write_text("key\n000000000001\n")
     base = [f"real.data_dir={tmp_path}", f"pretrain.data={data}",
             "real.archives=[{name: a, file: a.zip, probe: 2D-S, pixel_um: 10.0}]"]
-    cfg = cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"), [*base, f"pretrain.keys={keys}"])
-    steps = {s.name: s for s in pipeline.plan(cfg, tmp_path / "out")}
+    cfg = cfglib.load(planlib.PipelineConfig, cfglib.find_config("demo.yaml"), [*base, f"pretrain.keys={keys}"])
+    steps = {s.name: s for s in planlib.plan(cfg, tmp_path / "out")}
     build = steps["pretrain-shards"]
     assert build.argv[build.argv.index("--keys") + 1] == str(keys)
     assert ("--manifest" in build.argv) and ((str(tmp_path / "a.zip") in build.argv) == (data == "both"))
@@ -298,17 +298,17 @@ def test_plan_pretrains_on_a_curated_subset(tmp_path, data):
     assert str(keys) in build.parts["files"]
     before = steps["pretrain"].fingerprint
     keys.write_text("key\n000000000002\n")
-    again = {s.name: s for s in pipeline.plan(cfg, tmp_path / "out")}
+    again = {s.name: s for s in planlib.plan(cfg, tmp_path / "out")}
     assert again["pretrain"].fingerprint != before
-    user = cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"),
+    user = cfglib.load(planlib.PipelineConfig, cfglib.find_config("demo.yaml"),
                        [*base, f"pretrain.keys={keys}", f"data.inputs=[{tmp_path / 'a.zip'}]"])
-    user_steps = {s.name: s for s in pipeline.plan(user, tmp_path / "o4")}  # --data: a subset of the same build
+    user_steps = {s.name: s for s in planlib.plan(user, tmp_path / "o4")}  # --data: a subset of the same build
     assert user_steps["pretrain-shards"].argv[1] == str(tmp_path / "a.zip") and "--keys" in user_steps["pretrain-shards"].argv
     assert "--keys" not in user_steps["shards"].argv and "pretrain-shards" in user_steps["pretrain"].after
-    plain = {s.name: s for s in pipeline.plan(cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"),
+    plain = {s.name: s for s in planlib.plan(cfglib.load(planlib.PipelineConfig, cfglib.find_config("demo.yaml"),
                                                           base), tmp_path / "o2")}
     assert all("--keys" not in s.argv for s in plain.values())
-    missing = cfglib.load(pipeline.PipelineConfig, cfglib.find_config("demo.yaml"),
+    missing = cfglib.load(planlib.PipelineConfig, cfglib.find_config("demo.yaml"),
                           [*base, f"pretrain.keys={tmp_path / 'nope.csv'}"])
-    with pytest.raises(pipeline.UserError, match="pretrain.keys=.*does not exist"):
-        pipeline.plan(missing, tmp_path / "o3")
+    with pytest.raises(planlib.UserError, match="pretrain.keys=.*does not exist"):
+        planlib.plan(missing, tmp_path / "o3")

@@ -14,14 +14,14 @@ import pytest
 
 from icehpc import config as cfglib
 from icehpc.contract import Status
-from icehpc.run import pipeline, steps as steplib
+from icehpc.run import plan as planlib, steps as steplib
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["real.archives=[]", "synth.n=40"]
 
 
-def _plan(out: Path, *overrides: str) -> list[pipeline.Step]:
-    return pipeline.plan(cfglib.load(pipeline.PipelineConfig, "demo.yaml", [*TINY, *overrides]), out)
+def _plan(out: Path, *overrides: str) -> list[steplib.Step]:
+    return planlib.plan(cfglib.load(planlib.PipelineConfig, "demo.yaml", [*TINY, *overrides]), out)
 
 
 def _env() -> dict[str, str]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..config import UserError
 from . import launch
-from .pipeline import submit_pipeline
+from .runner import submit_pipeline
 
 
 def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
