@@ -7,8 +7,9 @@ sha256, so "up to date" is a check of the whole set (:meth:`Contract.verify`): a
 writes leaves the old marker over files that no longer match it, which is *not* up to date.
 
 Nothing outside the contract is ever deleted: :meth:`Contract.remove` removes only the marker, the
-files it lists and files matching the stage's own patterns (including its ``.NAME.PID.tmp`` temps);
-a user's notes or figures in the same folder stay. :meth:`Contract.foreign` names files that are
+files it lists and files matching the stage's own patterns, with the temporaries of those names
+(``.NAME.PID.tmp``, from :func:`icehpc.fileio.write_atomic`; never another stage's temporaries in a
+shared folder); a user's notes or figures in the same folder stay. :meth:`Contract.foreign` names files that are
 not the stage's, for stages that prefer to refuse a folder holding them.
 
 Every stage module also answers, without writing anything, whether running it with given arguments
@@ -27,8 +28,8 @@ from typing import Any, Iterable
 
 from .fileio import file_sha256, write_atomic
 
-#: Names icehpc itself keeps in any output folder (its lock, temporaries of atomic writes).
-HOUSEKEEPING = (".lock", ".*.tmp")
+#: The lock every writer keeps in its output folder (:func:`icehpc.fileio.lock_dir`).
+LOCK = ".lock"
 
 
 def file_fact(path: Path) -> dict[str, Any]:
@@ -77,11 +78,16 @@ class Contract:
         return Path(folder) / self.marker
 
     def owns(self, rel: str) -> bool:
-        """Whether a path relative to the folder is this stage's (its marker, outputs or temps)."""
-        name = rel.rsplit("/", 1)[-1]
-        if rel == self.marker or any(fnmatch.fnmatch(name, p) for p in HOUSEKEEPING):
+        """Whether a path relative to the folder is this stage's: its lock, marker or outputs, or the
+        temporary ``.NAME.X.tmp`` of one of those (``X``: the writer's PID)."""
+        names = (self.marker, *self.patterns)
+        if rel.rsplit("/", 1)[-1] == LOCK or any(fnmatch.fnmatch(rel, p) for p in names):
             return True
-        return any(fnmatch.fnmatch(rel, p) for p in self.patterns)
+        folder, _, base = rel.rpartition("/")
+        if base.startswith(".") and base.endswith(".tmp") and base.count(".") >= 3:
+            inner = base[1:-4].rsplit(".", 1)[0]
+            return any(fnmatch.fnmatch(f"{folder}/{inner}" if folder else inner, p) for p in names)
+        return False
 
     def read(self, folder: str | os.PathLike) -> dict[str, Any] | None:
         """The marker's JSON, or None when it is missing or unreadable."""
@@ -139,7 +145,7 @@ class Contract:
             for n in names:
                 p = Path(dirpath) / n
                 rel = p.relative_to(root).as_posix()
-                if rel != self.marker and n != ".lock" and self.owns(rel) and not p.is_symlink():
+                if rel != self.marker and n != LOCK and self.owns(rel) and not p.is_symlink():
                     found.add(p)
         return sorted(found)
 
@@ -158,26 +164,20 @@ class Contract:
 
     def remove(self, folder: str | os.PathLike) -> list[Path]:
         """Remove this stage's files from ``folder``: the marker first (so a crash midway leaves no
-        seal), then every file :meth:`listed`, then the folders that became empty. Files the stage
-        does not own are never touched. Returns what was removed."""
+        seal), then every file :meth:`listed`, then the sub-folders that this left empty. Files and
+        folders the stage does not own are never touched. Returns what was removed."""
         root = Path(folder)
-        gone = []
         files = self.listed(root)
         marker = self.marker_path(root)
-        if marker.is_file():
-            marker.unlink()
-            gone.append(marker)
-        for p in files:
-            try:
-                p.unlink()
-                gone.append(p)
-            except FileNotFoundError:
-                pass
-        for dirpath, dirs, names in sorted(os.walk(root), key=lambda t: -len(t[0])):
-            d = Path(dirpath)
-            if d != root:
+        gone = [marker] if marker.is_file() else []
+        for p in [*gone, *files]:
+            p.unlink(missing_ok=True)
+        gone += files
+        for d in sorted({p.parent for p in files}, key=lambda d: -len(d.parts)):
+            while d != root and root in d.parents:
                 try:
                     d.rmdir()  # only when empty
                 except OSError:
-                    pass
+                    break
+                d = d.parent
         return gone

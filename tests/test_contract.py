@@ -66,3 +66,17 @@ def test_seal_refuses_a_file_outside_the_contract(tmp_path):
     _write(tmp_path, "notes.txt")
     with pytest.raises(ValueError):
         C.seal(tmp_path, {}, ["notes.txt"])
+
+
+def test_a_shared_folder_keeps_the_other_stages_temporaries_and_the_users_empty_folders(tmp_path):
+    """embed and embed-random write beside each other in OUT/embed: removing one's files must not
+    take the other's in-flight temporaries (``.random.h5.123.tmp``) or a user's empty folder."""
+    trained = Contract("trained.h5.json", ("trained.h5", "trained.h5.parts/*"))
+    _write(tmp_path, "trained.h5")
+    _write(tmp_path, ".trained.h5.77.tmp")
+    _write(tmp_path, "trained.h5.parts/part-0.h5")
+    _write(tmp_path, ".random.h5.123.tmp")
+    (tmp_path / "my-empty-folder").mkdir()
+    trained.remove(tmp_path)
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert left == [".random.h5.123.tmp", "my-empty-folder"]

@@ -184,7 +184,7 @@ def test_full_report_has_every_section(full_report, full_run):
 
 
 def test_similarity_heatmap_is_clustered_and_scaled_to_the_data():
-    from icehpc.analysis.report import cluster_order
+    from icehpc.analysis.report.kappa_figures import cluster_order
 
     # classes 0 and 2 are alike, 1 and 3 are alike: the clustering puts each pair side by side
     m = np.array([[1.0, .2, .9, .1], [.2, 1.0, .1, .9], [.9, .1, 1.0, .2], [.1, .9, .2, 1.0]])

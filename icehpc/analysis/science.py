@@ -13,29 +13,24 @@ from ..fileio import write_atomic
 from .kappa import CONTRACT as KAPPA_CONTRACT
 
 
-def _entropy(probabilities: dict[str, float]) -> float:
+def planted_entropy(planted: dict, by: str | None = None) -> dict[tuple[str, float], float]:
+    """(level of the column ``by``, or ``"all"``; temperature-bin low edge) → Shannon entropy (nats)
+    of the planted habit mix, pooled over the other bins with the observed sample counts as weights."""
     import numpy as np
 
-    p = np.array([v for v in probabilities.values() if v > 0])
-    return float(-(p * np.log(p)).sum())
-
-
-def planted_entropy(planted: dict, by_campaign: bool) -> dict[tuple, float]:
-    """Shannon entropy (nats) of the planted habit mix per temperature bin (low edge), pooled over
-    width bins (and campaigns unless ``by_campaign``) with the observed sample counts as weights."""
-    mixes: dict[tuple, dict[str, float]] = {}
-    for row in planted["bins"]:
-        if not row["count"]:
+    mixes: dict[tuple[str, float], dict[str, float]] = {}
+    for row in planted.get("bins", []):
+        if not row.get("count"):
             continue
-        key = (row["campaign"], float(row["temperature_bin_c"][0])) if by_campaign else (
-            float(row["temperature_bin_c"][0]),)
-        mix = mixes.setdefault(key, {h: 0.0 for h in planted["habits"]})
+        key = (str(row.get(by, "all")) if by else "all", float(row["temperature_bin_c"][0]))
+        mix = mixes.setdefault(key, {})
         for habit, p in row["probabilities"].items():
-            mix[habit] += row["count"] * p
+            mix[habit] = mix.get(habit, 0.0) + row["count"] * p
     out = {}
     for key, mix in mixes.items():
-        total = sum(mix.values())
-        out[key] = _entropy({h: v / total for h, v in mix.items()})
+        p = np.array([v for v in mix.values() if v > 0])
+        p = p / p.sum()
+        out[key] = float(-(p * np.log(p)).sum())
     return out
 
 
@@ -66,7 +61,8 @@ def kappa_vs_planted(planted_json: Path, kappa_dirs: dict[str, Path], min_count:
     planted = json.loads(planted_json.read_text())
     out: dict[str, Any] = {}
     for by_campaign, label in ((False, "temperature_bins"), (True, "campaign_x_temperature_bins")):
-        entropy = planted_entropy(planted, by_campaign)
+        entropy = {(k if by_campaign else k[1:]): h
+                   for k, h in planted_entropy(planted, "campaign" if by_campaign else None).items()}
         section: dict[str, Any] = {}
         for name, kdir in kappa_dirs.items():
             kappas = kappa_by_temperature(KAPPA_CONTRACT.marker_path(kdir), by_campaign, min_count)

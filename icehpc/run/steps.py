@@ -16,7 +16,6 @@ temporaries), never a whole folder, so a user's notes or figures under ``--out``
 from __future__ import annotations
 
 import csv
-import fnmatch
 import hashlib
 import json
 import os
@@ -131,7 +130,7 @@ class Step:
         """The stage's files that :meth:`prepare` would remove now (none when the record matches)."""
         if self.record_matches():
             return []
-        return [p for out in self.owns for p in owned_files(out.folder, out.contract)]
+        return [p for out in self.owns for p in out.contract.listed(out.folder)]
 
     def prepare(self) -> list[Path]:
         """Before running: remove the stage's own files of a run with another record, then record
@@ -143,7 +142,7 @@ class Step:
         gone = []
         if not self.record_matches():
             for out in self.owns:
-                gone += remove_owned(out.folder, out.contract)
+                gone += out.contract.remove(out.folder)
         self.record.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.record, json.dumps({"step": self.name, "fingerprint": self.fingerprint,
                                               "parts": self.parts}, indent=1) + "\n")
@@ -161,52 +160,6 @@ def evaluate(steps: list[Step]) -> list[Step]:
         step.pending, step.why = bool(said), "; ".join(said)
         pending[step.name] = step.pending
     return [s for s in steps if s.pending]
-
-
-# ------------------------------------------------------------------------------ the stage's files
-def _mine(rel: str, names: tuple[str, ...]) -> bool:
-    """``rel`` matches the marker or a pattern, or is the temporary (``.NAME.X.tmp``) of one."""
-    if any(fnmatch.fnmatch(rel, p) for p in names):
-        return True
-    folder, _, base = rel.rpartition("/")
-    if base.startswith(".") and base.endswith(".tmp") and base.count(".") >= 3:
-        inner = base[1:-4].rsplit(".", 1)[0]
-        return any(fnmatch.fnmatch(f"{folder}/{inner}" if folder else inner, p) for p in names)
-    return False
-
-
-def owned_files(folder: Path, contract: Contract) -> list[Path]:
-    """Files in ``folder`` that are the stage's: its marker, its patterns and their temporaries.
-    Unlike :meth:`Contract.listed`, never another stage's temporaries in a shared folder."""
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    names = (contract.marker, *contract.patterns)
-    found = []
-    for dirpath, dirs, files in os.walk(root):
-        for n in files:
-            p = Path(dirpath) / n
-            if _mine(p.relative_to(root).as_posix(), names):
-                found.append(p)
-    return sorted(found)
-
-
-def remove_owned(folder: Path, contract: Contract) -> list[Path]:
-    """Remove the stage's files (marker first), then the sub-folders this emptied; nothing else."""
-    root = Path(folder)
-    files = owned_files(root, contract)
-    marker = contract.marker_path(root)
-    files.sort(key=lambda p: p != marker)
-    for p in files:
-        p.unlink(missing_ok=True)
-    for d in sorted({p.parent for p in files}, key=lambda d: -len(d.parts)):
-        while d != root and root in d.parents:
-            try:
-                d.rmdir()  # only when empty
-            except OSError:
-                break
-            d = d.parent
-    return files
 
 
 # ------------------------------------------------------------------------------------ fingerprints

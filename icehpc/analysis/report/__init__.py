@@ -38,10 +38,8 @@ import sys
 
 from .build import CONTRACT, build_report, status
 from .common import ReportError
-from .kappa_figures import cluster_order, off_diagonal_mean, planted_entropy
 
-__all__ = ["CONTRACT", "ReportError", "add_arguments", "build_report", "cluster_order", "off_diagonal_mean",
-           "planted_entropy", "run", "status"]
+__all__ = ["CONTRACT", "ReportError", "add_arguments", "build_report", "run", "status"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

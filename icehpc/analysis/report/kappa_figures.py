@@ -202,25 +202,3 @@ def fig_similarity(plt, sim: dict, path: Path) -> None:
     ax.set_title(f"mean cosine of samples to class centroids (scale {lo:.3g} … {hi:.3g})")
     fig.colorbar(im, ax=ax, shrink=0.8, label="mean cos(x̂, centroid)")
     _save(plt, fig, path)
-
-
-def planted_entropy(planted: dict, by: str | None) -> dict[tuple, float]:
-    """(level of ``by`` or "all", temperature-bin low edge) → Shannon entropy (nats) of the planted
-    habit mix, pooled over the other bins with the observed counts as weights."""
-    mixes: dict[tuple, dict[str, float]] = {}
-    for row in planted.get("bins", []):
-        if not row.get("count"):
-            continue
-        level = row.get(by, "all") if by else "all"
-        key = (str(level), float(row["temperature_bin_c"][0]))
-        mix = mixes.setdefault(key, {})
-        for habit, p in row["probabilities"].items():
-            mix[habit] = mix.get(habit, 0.0) + row["count"] * p
-    out = {}
-    for key, mix in mixes.items():
-        p = np.array([v for v in mix.values() if v > 0])
-        p = p / p.sum()
-        out[key] = float(-(p * np.log(p)).sum())
-    return out
-
-

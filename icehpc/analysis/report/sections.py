@@ -17,7 +17,8 @@ from ...fileio import csv_text, file_sha256, write_atomic
 from ..joins import SOURCE, source_mismatch
 from .common import (COLLAPSE_COS, FORMATS, ReportError, Section, _axis, _b64, _finite, _group_name, _table,
                      figure_html)
-from .kappa_figures import fig_binned, fig_categorical, fig_similarity, off_diagonal_mean, planted_entropy
+from ..science import planted_entropy
+from .kappa_figures import fig_binned, fig_categorical, fig_similarity, off_diagonal_mean
 
 STORE_META = ["temperature_c", "campaign", "key", "shard", "probe", "polarity", SOURCE]
 
