@@ -308,7 +308,7 @@ def test_curate_and_outliers_job_scripts_on_the_real_slurm(slurm_cluster, skewed
 
 
 def test_a_full_disk_is_one_line_no_temporaries_and_no_seal(skewed_store, tmp_path, monkeypatch, capsys):
-    """ENOSPC while curate writes (CSV or HDF5): one line, exit 2; nothing left that a rerun trusts."""
+    """ENOSPC while curate writes (CSV or HDF5): one line, exit 1; nothing left that a rerun trusts."""
     import errno
 
     import h5py
@@ -328,9 +328,9 @@ def test_a_full_disk_is_one_line_no_temporaries_and_no_seal(skewed_store, tmp_pa
 
     monkeypatch.setattr(h5py, "File", full)
     capsys.readouterr()
-    assert run_stage("curate", [*argv, "--seed", "7"]) == 2
+    assert run_stage("curate", [*argv, "--seed", "7"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert len(err) == 1 and "no space left on the device" in err[0], err
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert cur.CONTRACT.read(out) is None and old is not None  # the old seal went first: nothing trusted
     monkeypatch.setattr(h5py, "File", real_file)

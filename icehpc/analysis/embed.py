@@ -68,11 +68,11 @@ def check_backbone_file(flag: str, path: str | None) -> None:
         return
     p = Path(path)
     if p.is_dir():
-        from ..ssl.checkpoint import latest_tag
+        from ..ssl.checkpoint import checkpoint_root
 
         hint = (f"; it is a pretraining run folder: use {p / 'backbone.safetensors'}"
                 if (p / "backbone.safetensors").is_file() else
-                f"; export one with `icehpc export {p} --out BACKBONE.safetensors`" if latest_tag(p) is not None
+                f"; export one with `icehpc export {p} --out BACKBONE.safetensors`" if checkpoint_root(p).is_dir()
                 else "")
         raise cfglib.UserError(f"{flag} {path} is a folder, not a backbone file{hint}")
     if not p.is_file():

@@ -24,14 +24,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import config as cfglib
-from ..config import UserError
 from ..contract import Contract, Status
 from ..dist import lock_on_root, mpi_comm, run_on_root
 from .store import Store, StoreError, open_store, open_store_mpi
-
-
-class OutputError(UserError):
-    """The stage's output could not be written (a full disk, a quota): one line, nothing sealed."""
 
 
 @dataclass(frozen=True)
@@ -88,15 +83,11 @@ def run(stage: StoreStage, store_path: str | os.PathLike, out_dir: str | os.Path
             result = compute(store, cfg, comm)
             if result is None:
                 return None
-            # the old marker goes first: a crash while the new files are written leaves no seal at all
-            try:
-                stage.contract.marker_path(out).unlink(missing_ok=True)
-                record, files, returned = write(out, result, fp, started, store)
-                stage.contract.seal(out, record, files)
-            except OSError as exc:  # ENOSPC, EDQUOT, EROFS: the writers left no temporaries, no seal
-                why = exc.strerror or str(exc)
-                raise OutputError(f"cannot write the {stage.name} output in {out}: {why}; nothing of this run is "
-                                  "trusted (no marker); free space or choose another --out, then rerun") from None
+            # the old marker goes first: a crash (or a full disk: one line from run_stage) while the new
+            # files are written leaves no seal at all, and the writers leave no temporaries
+            stage.contract.marker_path(out).unlink(missing_ok=True)
+            record, files, returned = write(out, result, fp, started, store)
+            stage.contract.seal(out, record, files)
             return returned
 
 
