@@ -43,3 +43,37 @@ def test_block_masks_equal_the_cummax_reference(grid, min_patches, candidates):
         ref = _block_masks_cummax(torch.Generator().manual_seed(seed), *args)
         assert new.dtype == torch.bool and new.shape == ref.shape
         assert torch.equal(new, ref), seed
+
+
+# ------------------------------------------------------------------ item 2: the kernel bench's gradient check
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_bench_gradient_check_passes_a_correct_kernel_and_flags_a_wrong_one():
+    """bench/vmf_kernel.py compares against the fp64 reference of the same bf16 inputs: a kernel
+    computing in fp32 (the torch backend on upcast inputs stands in) prints ok, a gradient 10 % off
+    prints WRONG, and plain bf16 PyTorch — the old reference — is itself far off that reference."""
+    vk = _bench("vmf_kernel")
+    case = vk.make_case(vk.SMALL["patch N=203 K=301"], "cpu", torch.bfloat16)
+    ref = vk.reference_grads(case, False, vk.reference_dtype(case))
+    assert all(r.dtype == torch.float64 for r in ref)
+    ok = vk.grad_error(case, vk.fp32_stand_in, False, ref)
+    assert vk.grad_verdict(ok) == "ok" and ok < 1e-2
+
+    def wrong(*args):
+        loss, stats = vk.fp32_stand_in(*args)
+        return 1.1 * loss, stats
+
+    bad = vk.grad_error(case, wrong, False, ref)
+    assert vk.grad_verdict(bad) == "WRONG"
+    from icehpc.ssl.kernels import vmf_xent_torch
+
+    assert vk.grad_error(case, vmf_xent_torch, False, ref) > 5 * ok
