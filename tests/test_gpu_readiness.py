@@ -77,3 +77,32 @@ def test_kernel_bench_gradient_check_passes_a_correct_kernel_and_flags_a_wrong_o
     from icehpc.ssl.kernels import vmf_xent_torch
 
     assert vk.grad_error(case, vmf_xent_torch, False, ref) > 5 * ok
+
+
+# ------------------------------------------------------------------ item 8: backend "chunked" selectable
+def test_loss_backend_chunked_is_selectable_and_auto_stays_the_default():
+    from icehpc.ssl.config import LOSS_BACKENDS, LossConfig
+    from icehpc.ssl.kernels import BACKENDS
+
+    assert LOSS_BACKENDS == BACKENDS  # the config accepts exactly what the loss can run
+    LossConfig(backend="chunked").validate()
+    assert LossConfig().backend == "auto"
+    with pytest.raises(ValueError, match="chunked"):
+        LossConfig(backend="4gemm").validate()
+
+
+def test_loss_backend_chunked_trains_like_torch_on_the_cpu():
+    """The chunked backend chosen from the config gives the torch backend's loss and gradients."""
+    from icehpc.ssl.kernels import crop_pairs, vmf_xent
+
+    g = torch.Generator().manual_seed(0)
+    zs = torch.nn.functional.normalize(torch.randn(24, 16, generator=g), dim=1).requires_grad_()
+    ws = torch.randn(40, 16, generator=g).requires_grad_()
+    zt = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    wt, center = torch.randn(40, 16, generator=g), 0.1 * torch.randn(40, generator=g)
+    out = {}
+    for backend in ("torch", "chunked"):
+        loss, _ = vmf_xent(zs, ws, zt, wt, center, 0.1, 0.04, crop_pairs(6, 2, 4), None, True, backend=backend)
+        out[backend] = (loss, *torch.autograd.grad(loss, (zs, ws)))
+    for a, b in zip(out["torch"], out["chunked"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

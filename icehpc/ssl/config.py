@@ -125,6 +125,10 @@ class DataConfig:
             raise ValueError(f"batches_per_epoch must be >= 1 or null, got {self.batches_per_epoch}")
 
 
+LOSS_BACKENDS = ("auto", "torch", "triton", "chunked")  # = kernels.BACKENDS (a test keeps them equal;
+# not imported from there so that reading a config imports no torch)
+
+
 @dataclass
 class LossConfig:
     lambda_cls: float = field(1.0, help="weight of the DINO [CLS] loss")
@@ -139,7 +143,9 @@ class LossConfig:
     centering: str = field("auto", help="teacher centring: auto (probability with vmf, else logit) | logit (DINO) | "
                                         "probability (DINO-vMF: keeps the vMF κ term, which logit centring cancels)")
     vmf: bool = field(True, help="add log C_p(‖w_k‖/τ) to the logits (iBOT-vMF); false = plain iBOT")
-    backend: str = field("auto", help="vmf_xent backend: auto | torch | triton")
+    backend: str = field("auto", help="vmf_xent backend: auto | torch | triton | chunked (rows in chunks, "
+                                      "logits by GEMM: no N×K tensor, any D). auto = triton on CUDA when D <= 256, "
+                                      "else torch (today's default, kept until a GPU measures chunked against it)")
     usage_threshold: float = field(0.1, help="a prototype is 'used' when its mean teacher probability ≥ this / K")
 
     def validate(self) -> None:
@@ -150,8 +156,8 @@ class LossConfig:
             raise ValueError("center_momentum must be in [0, 1)")
         if min(self.lambda_cls, self.lambda_patch, self.lambda_koleo) < 0:
             raise ValueError("loss weights (lambda_*) must be >= 0")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
+        if self.backend not in LOSS_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(LOSS_BACKENDS)}, got {self.backend!r}")
         if self.centering not in ("auto", "logit", "probability"):
             raise ValueError(f"centering must be auto, logit or probability, got {self.centering!r}")
 
