@@ -106,3 +106,77 @@ def test_loss_backend_chunked_trains_like_torch_on_the_cpu():
         out[backend] = (loss, *torch.autograd.grad(loss, (zs, ws)))
     for a, b in zip(out["torch"], out["chunked"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ item 3: no DeepSpeed sync from step 2 on
+def _trainer_steps(tmp_path, n_steps: int, *overrides: str, between=None):
+    """A tiny CPU trainer (tests/test_pretrain.py's), one metrics step, then ``n_steps`` steps
+    without reads, ``between`` wrapping them (a context manager factory)."""
+    import contextlib
+
+    from test_pretrain import _cpu_trainer
+
+    from icehpc.ssl.schedule import schedule_at
+
+    cfg, trainer = _cpu_trainer(tmp_path, *overrides)
+    device = trainer.device
+    images = torch.randint(0, 256, (cfg.data.batch_size, 1, cfg.data.canvas, cfg.data.canvas), dtype=torch.uint8)
+    if device.type == "cuda":
+        images = images.pin_memory()
+    sched = schedule_at(0, cfg, trainer.steps_per_epoch, trainer.world)
+    trainer.train_step(images, sched, False, read=True)  # autotune, compile
+    trainer.step += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with (between or contextlib.nullcontext)():
+        for _ in range(n_steps):
+            trainer.train_step(images, sched, False, read=False)
+            trainer.step += 1
+    return trainer
+
+
+def test_deepspeed_throughput_timer_off_no_synchronize_on_steps_2_to_4(tmp_path, monkeypatch):
+    """DeepSpeed's throughput timer synchronises the device at every forward and step from its
+    global step 2 on (the old no-sync test stopped at step 1); the engine is configured with it
+    off, and steps 2..4 call the accelerator's synchronize not once."""
+    from deepspeed.accelerator import get_accelerator
+
+    calls: list[str] = []
+    acc = get_accelerator()
+    try:
+        trainer = _trainer_steps(tmp_path, 0)
+        assert trainer.engine.tput_timer.config.enabled is False
+        assert trainer.engine.wall_clock_breakdown() is False
+        monkeypatch.setattr(acc, "synchronize", lambda *a, **k: calls.append("synchronize"))
+        images = torch.randint(0, 256, (trainer.cfg.data.batch_size, 1, trainer.cfg.data.canvas,
+                                        trainer.cfg.data.canvas), dtype=torch.uint8)
+        from icehpc.ssl.schedule import schedule_at
+
+        sched = schedule_at(0, trainer.cfg, trainer.steps_per_epoch, trainer.world)
+        for _ in range(3):
+            trainer.train_step(images, sched, False, read=False)
+            trainer.step += 1
+        assert trainer.engine.global_steps >= 4
+        assert calls == []
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_gpu_train_steps_2_to_4_have_no_sync(tmp_path):
+    """Steps 2..4 (not only step 1: DeepSpeed's timers start at its step 2) on CUDA under
+    set_sync_debug_mode("error")."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def strict():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    try:
+        _trainer_steps(tmp_path, 3, "engine.device=cuda", between=strict)
+    finally:
+        torch.distributed.destroy_process_group()
