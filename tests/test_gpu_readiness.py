@@ -180,3 +180,34 @@ def test_gpu_train_steps_2_to_4_have_no_sync(tmp_path):
         _trainer_steps(tmp_path, 3, "engine.device=cuda", between=strict)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_training_loader_pins_memory_when_asked(monkeypatch):
+    """The trainer asks for pinned batches on CUDA (so the step's non_blocking copy is async) and
+    the training loader hands that to its DataLoader; off by default (CPU)."""
+    import icehpc.data.loader as loader_mod
+    import icehpc.ssl.trainer as trainer_mod
+    from icehpc.ssl.config import PretrainConfig
+
+    seen: list[dict] = []
+
+    class FakeLoader:
+        def __init__(self, dataset, **kwargs):
+            seen.append(kwargs)
+
+        def with_epoch(self, n):
+            return self
+
+        def __iter__(self):
+            return iter(())
+
+    monkeypatch.setattr(loader_mod.wds, "WebLoader", FakeLoader)
+    monkeypatch.setattr(loader_mod, "read_index", lambda d: {"totals": {"written": 1000}})
+    monkeypatch.setattr(loader_mod, "shard_paths", lambda d: ["/nowhere/shard-000000.tar"])
+    cfg = PretrainConfig()
+    trainer_mod._batches(cfg, 0, 0, 1, 3, 0, pin_memory=True)
+    trainer_mod._batches(cfg, 0, 0, 1, 3, 0)
+    assert [s.get("pin_memory") for s in seen] == [True, False]
+    import inspect
+
+    assert 'pin_memory=self.device.type == "cuda"' in inspect.getsource(trainer_mod.Trainer)

@@ -197,7 +197,10 @@ class OptimConfig:
 class EngineConfig:
     device: str = field("auto", help="auto (cuda when available) | cpu | cuda")
     precision: str = field("auto", help="auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32; bf16 = autocast, fp32 master weights")
-    zero_stage: int = field(1, help="DeepSpeed ZeRO stage (0, 1 or 2)")
+    zero_stage: int = field(1, help="DeepSpeed ZeRO stage (0, 1 or 2). 0 = no optimizer sharding (one node: "
+                                     "ViT-S needs none, and ZeRO-1's 5e8-element buckets reserve ~4 GB); the "
+                                     "default stays 1 until a GPU measures 0 faster (bench/pretrain.py "
+                                     "engine.zero_stage=0)")
     threads: int | None = field(None, help="torch CPU threads per rank (default: OMP_NUM_THREADS / torch default)")
 
     def validate(self) -> None:
