@@ -211,3 +211,39 @@ def test_training_loader_pins_memory_when_asked(monkeypatch):
     import inspect
 
     assert 'pin_memory=self.device.type == "cuda"' in inspect.getsource(trainer_mod.Trainer)
+
+
+# ------------------------------------------------------------------ the shipped production config
+@pytest.mark.slow  # ~35 s on one core
+def test_production_config_trains_two_steps_on_the_cpu(tmp_path):
+    """configs/pretrain-vits16.yaml as shipped (ViT-S/16, 2x224 + 10x96 crops, K = 8192) builds and
+    trains two steps at batch 2 on the CPU, so a config or shape error never first shows on a GPU."""
+    import math
+    from pathlib import Path
+
+    from icehpc import config as cfglib
+    from icehpc.ssl.config import PretrainConfig
+    from icehpc.ssl.schedule import schedule_at
+    from icehpc.ssl.trainer import Trainer
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "pretrain-vits16.yaml"
+    cfg = cfglib.load(PretrainConfig, path, [f"out={tmp_path}", "data.batch_size=2", "data.batches_per_epoch=1",
+                                             "engine.device=cpu", "train.progress=false"])
+    assert (cfg.model.arch, cfg.model.n_prototypes) == ("vit_small_patch16_224", 8192)
+    assert (cfg.augment.global_size, cfg.augment.local_size, cfg.augment.n_local) == (224, 96, 10)
+    trainer = Trainer(cfg)
+    try:
+        images = torch.randint(0, 256, (2, 1, cfg.data.canvas, cfg.data.canvas), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(0))
+        before = [p.detach().clone() for p in trainer.engine.module.parameters()]
+        losses = []
+        for _ in range(2):
+            sched = schedule_at(trainer.step, cfg, trainer.steps_per_epoch, trainer.world)
+            record = trainer.train_step(images, sched, False, read=True)
+            trainer.step += 1
+            losses.append(float(record["loss"]))
+        assert all(math.isfinite(v) for v in losses)
+        moved = sum(not torch.equal(a, b) for a, b in zip(before, trainer.engine.module.parameters()))
+        assert moved > 0
+    finally:
+        torch.distributed.destroy_process_group()
