@@ -4,6 +4,7 @@
 #   bash bench/prepare_wheels.sh               # once, on the CPU machine: .whl/ (git-ignored)
 #   bash bench/gpu_check.sh                    # on the GPU machine, from the repo root (carry .whl)
 #   bash bench/gpu_check.sh --dry-run          # on a CPU: every step's entry point on tiny shapes
+#   GPU_CHECK_STEPS="augment embed" bash bench/gpu_check.sh --dry-run   # only those steps
 #
 # Order for a cold machine: (1) kernel benchmark (3 shapes; torch.compile baseline for the 25k and
 # [CLS] shapes; gradient check vs eager after the autotuning call; chosen configs), (2) the full
@@ -85,6 +86,7 @@ left() { local l=$((DEADLINE - SECONDS)); [ "$l" -gt "$1" ] && echo "$1" || echo
 : >"$PRIV/exits.txt"
 step() {  # step NAME CAP "MODULES" CMD...: run if MODULES import, capped, output to $OUT/NAME.txt
     local name=$1 cap mods=$3 miss; cap=$(left "$2"); shift 3
+    case " ${GPU_CHECK_STEPS:-$name} " in *" $name "*) ;; *) return ;; esac  # a subset (tests)
     miss=$(missing $mods)
     if [ -n "$miss" ]; then
         echo "SKIPPED: cannot import $miss (see setup.txt)" | tee "$OUT/$name.txt"

@@ -247,3 +247,32 @@ def test_production_config_trains_two_steps_on_the_cpu(tmp_path):
         assert moved > 0
     finally:
         torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------ item 4: gpu_check.sh survives a failed import
+def test_gpu_check_dry_run_without_deepspeed_runs_the_other_steps(tmp_path):
+    """With ``import deepspeed`` failing (a PYTHONPATH shim), the dry run still runs the steps that
+    need no DeepSpeed, skips the pretrain step with the reason, and writes at most 8 files to OUT
+    (only 8 come back from the GPU machine). The fast part: the pretrain and augment steps."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shim = tmp_path / "shim" / "deepspeed"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('deepspeed made unimportable by the test')\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "PYTHONPATH": str(tmp_path / "shim"),
+           "GPU_CHECK_STEPS": "pretrain augment", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--dry-run"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=240)
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and files == ["augment.txt", "pretrain.txt", "setup.txt", "summary.txt"], files
+    summary = (out / "summary.txt").read_text()
+    assert "step pretrain: skipped, cannot import deepspeed" in summary, summary
+    assert "step augment: exit 0" in summary, summary + proc.stderr
+    assert "deepspeed FAILED ImportError" in (out / "setup.txt").read_text()
+    assert "host side of one batch-4 step" in (out / "augment.txt").read_text()
+    assert proc.returncode == 1  # 0 only when every step ran and passed
