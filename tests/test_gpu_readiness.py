@@ -280,16 +280,16 @@ def test_gpu_check_dry_run_without_deepspeed_runs_the_other_steps(tmp_path):
 
 # ------------------------------------------------------------------ item 6: single-config variants fall back
 def test_single_config_variant_falls_back_when_its_launch_runs_out_of_resources(monkeypatch):
-    """Triton 3.6 (the device's) allocates differently from 3.8: the teacher row variant's only
-    config may not fit. A launch raising OutOfResources retries once with the small safe config,
-    which the variant keeps; a second failure is raised."""
+    """Triton 3.6 (the device's) allocates differently from 3.8: a variant's only config (the
+    identity column pass's) may not fit. A launch raising OutOfResources retries once with the
+    small safe config, which the variant keeps; a second failure is raised."""
     from triton.runtime.errors import OutOfResources
 
     from icehpc.ssl.kernels import vmf_xent_triton as m
 
     monkeypatch.setattr(m, "_FALLBACK", set())
-    flags = dict(SAME_W=False, NEED_O=True, NEED_V=True)  # teacher row pass: a single config
-    assert len(m.variant_configs("row", flags)) == 1
+    flags = dict(DO_S=True, DO_T=True, NEED_DW=True)  # identity column pass: a single config
+    assert len(m.variant_configs("col", flags)) == 1
     launched: list[list] = []
 
     class Kernel:  # the autotuned kernel, launching whatever the prune hook picks
@@ -300,21 +300,23 @@ def test_single_config_variant_falls_back_when_its_launch_runs_out_of_resources(
 
         def __getitem__(self, grid):
             def run(*args, **kwargs):
-                picked = m._prune(m.variant_configs("row", flags), {}, **kwargs)
+                picked = m._prune(m.variant_configs("col", flags), {}, **kwargs)
                 launched.append(picked)
                 if not self.fits(picked[0]):
                     raise OutOfResources(300_000, 232_448, "shared memory")
             return run
 
     with pytest.warns(RuntimeWarning, match="falling back"):
-        m._launch(Kernel(), "row", (1,), "x", **flags)
+        m._launch(Kernel(), "col", (1,), "x", **flags)
     assert launched[-1] == [m._SAFE_CONFIG] and len(launched) == 2 and Kernel.cache == {}
-    m._launch(Kernel(), "row", (1,), "x", **flags)  # kept for the process: no second failure
+    m._launch(Kernel(), "col", (1,), "x", **flags)  # kept for the process: no second failure
     assert launched[-1] == [m._SAFE_CONFIG] and len(launched) == 3
-    other = dict(SAME_W=True, NEED_O=True, NEED_V=False)  # other variants keep their configs
-    assert m._prune(m.variant_configs("row", other), {}, **other) != [m._SAFE_CONFIG]
+    other = dict(DO_S=False, DO_T=True, NEED_DW=False)  # other variants keep their configs
+    assert m._prune(m.variant_configs("col", other), {}, **other) != [m._SAFE_CONFIG]
+    row = dict(SAME_W=False, NEED_O=True, NEED_V=True)
+    assert m._prune(m.variant_configs("row", row), {}, **row) != [m._SAFE_CONFIG]
     with pytest.raises(OutOfResources):
-        m._launch(Kernel(fits=lambda cfg: False), "row", (1,), "x", **flags)
+        m._launch(Kernel(fits=lambda cfg: False), "col", (1,), "x", **flags)
 
 
 # ------------------------------------------------------------------ item 7: log C_p in ~30 ops on the GPU
