@@ -109,6 +109,18 @@ def test_loss_backend_chunked_trains_like_torch_on_the_cpu():
 
 
 # ------------------------------------------------------------------ item 3: no DeepSpeed sync from step 2 on
+def _fresh_deepspeed_groups() -> None:
+    """DeepSpeed caches its process groups in module globals; after a test destroyed the default
+    group (tests here and in test_pretrain.py build one CPU Trainer each, in one pytest process),
+    a new Trainer would reuse the dead ones ("Group ... is not registered")."""
+    from deepspeed.utils import groups
+
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
+                 "_TENSOR_MODEL_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mpu"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+
+
 def _trainer_steps(tmp_path, n_steps: int, *overrides: str, between=None):
     """A tiny CPU trainer (tests/test_pretrain.py's), one metrics step, then ``n_steps`` steps
     without reads, ``between`` wrapping them (a context manager factory)."""
@@ -118,6 +130,7 @@ def _trainer_steps(tmp_path, n_steps: int, *overrides: str, between=None):
 
     from icehpc.ssl.schedule import schedule_at
 
+    _fresh_deepspeed_groups()
     cfg, trainer = _cpu_trainer(tmp_path, *overrides)
     device = trainer.device
     images = torch.randint(0, 256, (cfg.data.batch_size, 1, cfg.data.canvas, cfg.data.canvas), dtype=torch.uint8)
@@ -160,6 +173,7 @@ def test_deepspeed_throughput_timer_off_no_synchronize_on_steps_2_to_4(tmp_path,
         assert calls == []
     finally:
         torch.distributed.destroy_process_group()
+        _fresh_deepspeed_groups()
 
 
 @pytest.mark.gpu
@@ -180,6 +194,7 @@ def test_gpu_train_steps_2_to_4_have_no_sync(tmp_path):
         _trainer_steps(tmp_path, 3, "engine.device=cuda", between=strict)
     finally:
         torch.distributed.destroy_process_group()
+        _fresh_deepspeed_groups()
 
 
 def test_training_loader_pins_memory_when_asked(monkeypatch):
@@ -231,6 +246,7 @@ def test_production_config_trains_two_steps_on_the_cpu(tmp_path):
                                              "engine.device=cpu", "train.progress=false"])
     assert (cfg.model.arch, cfg.model.n_prototypes) == ("vit_small_patch16_224", 8192)
     assert (cfg.augment.global_size, cfg.augment.local_size, cfg.augment.n_local) == (224, 96, 10)
+    _fresh_deepspeed_groups()
     trainer = Trainer(cfg)
     try:
         images = torch.randint(0, 256, (2, 1, cfg.data.canvas, cfg.data.canvas), dtype=torch.uint8,
@@ -247,6 +263,7 @@ def test_production_config_trains_two_steps_on_the_cpu(tmp_path):
         assert moved > 0
     finally:
         torch.distributed.destroy_process_group()
+        _fresh_deepspeed_groups()
 
 
 # ------------------------------------------------------------------ item 4: gpu_check.sh survives a failed import
