@@ -173,11 +173,12 @@ def _measure(name: str, vname: str, case: dict, fn, vmf: bool, ref, fused_ms: fl
     except Exception as exc:  # a failing variant must not hide the others' figures
         print(f"{name:<24}{vname:<10} failed: {type(exc).__name__}: {exc}"[:300], flush=True)
         return None
-    verdict = grad_verdict(err)
-    _row(name, vname, ms, gb, fused_ms, f"{err:.1e}" + ("" if verdict == "ok" else " WRONG"))
+    checked = vname in ("fused", "chunked")  # eager / compile compute in bf16: context, not checked
+    verdict = grad_verdict(err) if checked else "bf16 reference, context"
+    _row(name, vname, ms, gb, fused_ms, f"{err:.1e}" + (" WRONG" if verdict == "WRONG" else ""))
     print(f"{name:<24}{vname} first call {first_s:.2f} s; grad rel err vs exact {err:.2e} "
           f"({verdict})", flush=True)
-    if vname in ("fused", "chunked"):
+    if checked:
         print(f"SUMMARY|{name} {vname} grad rel err vs exact|{err:.2e}|< {GRAD_TOL:g}|"
               f"{'ok' if verdict == 'ok' else 'FAIL'}", flush=True)
     return ms, gb
