@@ -107,7 +107,7 @@ if [ "$DRY" = 1 ]; then
     step pretrain 120 "torch timm triton yaml deepspeed hjson pydantic icehpc.ssl.trainer" \
         "$PY" bench/pretrain.py --cpu-smoke
     step augment 60 "torch yaml icehpc.ssl.augment" "$PY" bench/augment.py --dry-run
-    step embed 90 "torch timm h5py yaml icehpc.analysis.embed" "$PY" bench/embed.py --gpu-only --dry-run
+    step embed 90 "torch timm h5py yaml webdataset icehpc.analysis.embed" "$PY" bench/embed.py --gpu-only --dry-run
     step pytest_gpu 60 "torch triton pytest" "$PY" -m pytest -q -p no:cacheprovider -m gpu \
         -o addopts="-ra --strict-markers" tests/test_kernels.py tests/test_vmf.py
 else
@@ -115,7 +115,7 @@ else
     step pretrain 80 "torch timm triton yaml deepspeed hjson pydantic icehpc.ssl.trainer" \
         "$PY" bench/pretrain.py --batch 256 --steps 8 --warmup 2
     step augment 20 "torch yaml icehpc.ssl.augment" "$PY" bench/augment.py --batch 256 --canvas 256
-    step embed 55 "torch timm h5py yaml icehpc.analysis.embed" "$PY" bench/embed.py --gpu-only --n 20480 --workers 12
+    step embed 55 "torch timm h5py yaml webdataset icehpc.analysis.embed" "$PY" bench/embed.py --gpu-only --n 20480 --workers 12
     TO=""; "$PY" -c "import pytest_timeout" 2>/dev/null && TO="--timeout=45"
     TESTS="tests/test_kernels.py tests/test_vmf.py tests/test_gpu_readiness.py"
     grep -q "^deepspeed ok" "$PRIV/imports.txt" && TESTS="$TESTS tests/test_pretrain.py::test_gpu_train_step_has_no_sync"
