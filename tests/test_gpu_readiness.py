@@ -109,6 +109,18 @@ def test_loss_backend_chunked_trains_like_torch_on_the_cpu():
 
 
 # ------------------------------------------------------------------ item 3: no DeepSpeed sync from step 2 on
+@pytest.fixture
+def own_environ():
+    """An in-process Trainer exports MASTER_ADDR/PORT, RANK, ... into os.environ; restore it, or
+    later tests' subprocesses (icehpc pretrain) inherit a dead rendezvous."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _fresh_deepspeed_groups() -> None:
     """DeepSpeed caches its process groups in module globals; after a test destroyed the default
     group (tests here and in test_pretrain.py build one CPU Trainer each, in one pytest process),
@@ -148,7 +160,7 @@ def _trainer_steps(tmp_path, n_steps: int, *overrides: str, between=None):
     return trainer
 
 
-def test_deepspeed_throughput_timer_off_no_synchronize_on_steps_2_to_4(tmp_path, monkeypatch):
+def test_deepspeed_throughput_timer_off_no_synchronize_on_steps_2_to_4(tmp_path, monkeypatch, own_environ):
     """DeepSpeed's throughput timer synchronises the device at every forward and step from its
     global step 2 on (the old no-sync test stopped at step 1); the engine is configured with it
     off, and steps 2..4 call the accelerator's synchronize not once."""
@@ -177,7 +189,7 @@ def test_deepspeed_throughput_timer_off_no_synchronize_on_steps_2_to_4(tmp_path,
 
 
 @pytest.mark.gpu
-def test_gpu_train_steps_2_to_4_have_no_sync(tmp_path):
+def test_gpu_train_steps_2_to_4_have_no_sync(tmp_path, own_environ):
     """Steps 2..4 (not only step 1: DeepSpeed's timers start at its step 2) on CUDA under
     set_sync_debug_mode("error")."""
     import contextlib
@@ -230,7 +242,7 @@ def test_training_loader_pins_memory_when_asked(monkeypatch):
 
 # ------------------------------------------------------------------ the shipped production config
 @pytest.mark.slow  # ~35 s on one core
-def test_production_config_trains_two_steps_on_the_cpu(tmp_path):
+def test_production_config_trains_two_steps_on_the_cpu(tmp_path, own_environ):
     """configs/pretrain-vits16.yaml as shipped (ViT-S/16, 2x224 + 10x96 crops, K = 8192) builds and
     trains two steps at batch 2 on the CPU, so a config or shape error never first shows on a GPU."""
     import math
