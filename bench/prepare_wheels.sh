@@ -8,6 +8,8 @@
 # DeepSpeed is an sdist on PyPI: it is built here into a wheel (pip wheel --no-deps
 # --no-build-isolation, ops left to JIT). Binary wheels are fetched for CPython 3.12 manylinux
 # x86_64 (the image's interpreter; GPU_PY=311 etc. to change). Versions = the CPU venv's.
+# typing-extensions is carried too: pydantic 2.x needs a recent one (>= 4.16 here) and the image's
+# version is unknown; installed with --target first on PYTHONPATH, it shadows the image's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}
@@ -27,7 +29,8 @@ ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 # pure Python (DeepSpeed's own imports first, then the data/launch packages)
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$DEST" --python-version "$GPU_PY" \
     "hjson==$(ver hjson)" "pydantic==$(ver pydantic)" "annotated-types==$(ver annotated-types)" \
-    "typing-inspection==$(ver typing-inspection)" "py-cpuinfo==$(ver py-cpuinfo)" \
+    "typing-inspection==$(ver typing-inspection)" "typing-extensions==$(ver typing-extensions)" \
+    "py-cpuinfo==$(ver py-cpuinfo)" \
     "einops==$(ver einops)" "webdataset==$(ver webdataset)" "braceexpand==$(ver braceexpand)" \
     "submitit==$(ver submitit)" "pytest-timeout==$(ver pytest-timeout)"
 # DeepSpeed: sdist → wheel, built against the venv's torch, no CUDA ops compiled (JIT on use)

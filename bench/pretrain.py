@@ -6,7 +6,9 @@ through DeepSpeed (bf16 autocast), both vmf_xent losses, optimizer step, EMA and
 per-step metrics. The CPU decoding loader is left out on purpose: it runs in parallel workers.
 Baseline, same process, same card: ``timm.create_model(arch)`` at ``global_size`` with bf16
 autocast, forward + backward + AdamW on one crop per image. Both are reported in images/s
-(source images per second); the ratio is full / plain.
+(source images per second); the figure is the full step against its goal (>= 2,000 img/s/GPU),
+the plain step is context: the full step is ~126 GFLOP/image against ~27 for the plain one, so
+full / plain is bounded near 0.2 and is not a score.
 
     python bench/pretrain.py [--config configs/pretrain-vits16.yaml] [--batch 256] [--steps 20]
     python bench/pretrain.py --cpu-smoke   # tiny config on the CPU: checks the code path only
@@ -124,6 +126,9 @@ def plain_timm_rate(cfg, batch: int, steps: int, warmup: int, device: torch.devi
     return batch * steps / (time.perf_counter() - t0)
 
 
+GOAL_IMG_S = 2000  # source images per second per GPU, the full step's goal
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "pretrain-vits16.yaml"))
@@ -149,17 +154,23 @@ def main() -> int:
     cfg = cfglib.load(PretrainConfig, args.config, overrides)
     full, card = full_step_rate(cfg, args.batch, args.steps, args.warmup)
     device = torch.device("cuda") if card != "cpu" else torch.device("cpu")
-    plain = plain_timm_rate(cfg, args.batch, args.steps, args.warmup, device, bf16=device.type == "cuda")
     crops = f"2x{cfg.augment.global_size} + {cfg.augment.n_local}x{cfg.augment.local_size}"
+    # the figure that matters first, printed before the baseline runs (a timeout keeps it)
     print(f"device: {card}; model {cfg.model.arch} {cfg.model.arch_kwargs or ''}; batch {args.batch}; "
-          f"{args.steps} timed steps")
-    print(f"full iBOT-vMF step ({crops} crops, K={cfg.model.n_prototypes}): {full:,.0f} img/s")
-    print(f"plain timm step (1x{cfg.augment.global_size}, "
-          f"{'bf16' if device.type == 'cuda' else 'fp32'}):{plain:>12,.0f} img/s")
-    print(f"ratio full / plain: {full / plain:.2f}")
+          f"{args.steps} timed steps; ZeRO stage {cfg.engine.zero_stage}", flush=True)
+    print(f"full iBOT-vMF step ({crops} crops, K={cfg.model.n_prototypes}): {full:,.0f} img/s"
+          f"{'' if device.type != 'cuda' else f' (goal >= {GOAL_IMG_S:,} img/s/GPU: ' + ('met' if full >= GOAL_IMG_S else 'NOT met') + ')'}",
+          flush=True)
     if device.type == "cuda":
-        print(f"SUMMARY|full step img/s/GPU|{full:.0f}|>= 2000|{'ok' if full >= 2000 else 'NOT met'}")
-        print(f"SUMMARY|plain timm bf16 step img/s|{plain:.0f}|reference (1129 quoted)|-")
+        print(f"SUMMARY|full step img/s/GPU|{full:.0f}|>= {GOAL_IMG_S}|{'ok' if full >= GOAL_IMG_S else 'NOT met'}",
+              flush=True)
+    plain = plain_timm_rate(cfg, args.batch, args.steps, args.warmup, device, bf16=device.type == "cuda")
+    print(f"plain timm step (1x{cfg.augment.global_size}, "
+          f"{'bf16' if device.type == 'cuda' else 'fp32'}):{plain:>12,.0f} img/s  (context, not a goal)")
+    print(f"full / plain: {full / plain:.2f}  (context only: the full step does ~126 GFLOP/image against ~27 "
+          f"for the plain one-crop step, so this ratio is bounded near 0.2; the goal is img/s)", flush=True)
+    if device.type == "cuda":
+        print(f"SUMMARY|plain timm bf16 step img/s|{plain:.0f}|context (1129 quoted)|-")
     return 0
 
 

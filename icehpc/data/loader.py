@@ -162,7 +162,7 @@ class _SeededShuffle:
 def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, num_workers: int,
                  seed: int, rank: int, world_size: int, epoch: int = 0,
                  batches_per_epoch: int | None = None, shuffle_buffer: int = 2000, framing: str = "none",
-                 margin: float = 0.1) -> Iterable[Batch]:
+                 margin: float = 0.1, pin_memory: bool = False) -> Iterable[Batch]:
     """Training batches from an infinite resampled stream, exactly ``batches_per_epoch`` of them.
 
     Build one loader per epoch and iterate it once: ``epoch`` (with ``seed``) decides the draw.
@@ -192,7 +192,7 @@ def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, 
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
-                           prefetch_factor=4 if num_workers else None)
+                           prefetch_factor=4 if num_workers else None, pin_memory=pin_memory)  # GPU: pinned
     return loader.with_epoch(batches_per_epoch)
 
 

@@ -135,11 +135,14 @@ def block_masks(gen: torch.Generator, n: int, grid: tuple[int, int], ratio: list
     """BEiT-style block masks [n, gh, gw] bool, vectorised over images and blocks.
 
     BEiT adds random rectangles one at a time until the target patch count is reached (a Python
-    loop per image). Here every image draws ``candidates`` rectangles at once; the running union
-    over rectangles is a ``cummax`` and each image keeps the prefix whose masked count is closest to
-    its target ratio drawn from ``ratio``. Rectangles have areas up to half the target, so the
-    result lands within ~1/4 of the target count and masks stay blocky. The [n, T] parameters are
-    drawn from ``gen`` on the CPU; the [n, T, gh, gw] geometry is built on ``device``.
+    loop per image). Here every image draws ``candidates`` rectangles at once; the union of the
+    first t rectangles covers a patch iff the FIRST rectangle covering it has index <= t, so that
+    index per patch (T where none) gives every prefix union at once: its per-image histogram, cumulated, is the masked count of each prefix. Each image keeps
+    the prefix whose count is closest to its target ratio drawn from ``ratio`` (ties: the shortest
+    prefix). Rectangles have areas up to half the target, so the result lands within ~1/4 of the
+    target count and masks stay blocky. The [n, T] parameters are drawn from ``gen`` on the CPU;
+    the geometry is built on ``device``, as bit sets (:func:`_first_cover`), never as an
+    [n, T, gh, gw] tensor (a ``cummax`` over that gave the same masks at ~20x the host time).
     """
     gh, gw = grid
     total = gh * gw
@@ -153,14 +156,46 @@ def block_masks(gen: torch.Generator, n: int, grid: tuple[int, int], ratio: list
     top = torch.floor(torch.rand(n, candidates, generator=gen) * (gh - bh + 1))
     left = torch.floor(torch.rand(n, candidates, generator=gen) * (gw - bw + 1))
     target, top, left, bh, bw = (to_device(t, device) for t in (target, top, left, bh, bw))
-    rows = torch.arange(gh, dtype=torch.float32, device=device)[None, None, :, None]
-    cols = torch.arange(gw, dtype=torch.float32, device=device)[None, None, None, :]
-    inside = ((rows >= top[..., None, None]) & (rows < (top + bh)[..., None, None])
-              & (cols >= left[..., None, None]) & (cols < (left + bw)[..., None, None]))
-    union = torch.cummax(inside.to(torch.uint8), dim=1).values  # [n, T, gh, gw]
-    counts = union.flatten(2).sum(-1).float()  # [n, T]
+    first = _first_cover(top.long(), bh.long(), left.long(), bw.long(), gh, gw)  # [n, gh*gw]
+    hist = torch.zeros(n, candidates + 1, device=device).scatter_add_(
+        1, first, torch.ones(n, total, device=device))
+    counts = hist.cumsum(1)[:, :candidates]  # [n, T]: masked patches of each prefix union
     best = torch.argmin((counts - target[:, None]).abs(), dim=1)
-    return union[torch.arange(n, device=device), best].bool()
+    return (first <= best[:, None]).reshape(n, gh, gw)
+
+
+_WORD = 62  # candidates per int64 bit set (distinct powers of two below 2^62 sum without overflow)
+
+
+def _first_cover(top: torch.Tensor, bh: torch.Tensor, left: torch.Tensor, bw: torch.Tensor,
+                 gh: int, gw: int) -> torch.Tensor:
+    """Index of the first rectangle covering each patch, T where none: [n, gh*gw] long.
+
+    Rectangles [n, T] (long: top row, height, left column, width). Rectangle t covers patch
+    (r, c) iff it spans row r and column c, so with candidates as the bits of an integer the set
+    covering (r, c) is ``rowbits[r] & colbits[c]``. ``rowbits`` is the running sum of a difference
+    array (+2^t at row top, -2^t at row top + height: one scatter_add over [n, 2T], then a cumsum
+    over gh rows), so nothing of size [n, T, gh, gw] or even [n, T, gh] is ever built; the first
+    covering rectangle is the lowest set bit (``x & -x`` is a power of two; its float64 exponent
+    is the bit index, exactly).
+    """
+    n, t_all = top.shape
+    device = top.device
+    first = torch.full((n, gh * gw), t_all, dtype=torch.long, device=device)
+    for w0 in range(t_all - 1 - (t_all - 1) % _WORD, -1, -_WORD):  # last word first: lower words win
+        w1 = min(t_all, w0 + _WORD)
+        bit = torch.ones((), dtype=torch.long, device=device) << torch.arange(w1 - w0, device=device)
+        bit = bit.expand(n, -1)
+
+        def spans(start: torch.Tensor, size: torch.Tensor, length: int) -> torch.Tensor:
+            diff = torch.zeros(n, length + 1, dtype=torch.long, device=device)
+            diff.scatter_add_(1, start[:, w0:w1], bit).scatter_add_(1, (start + size)[:, w0:w1], -bit)
+            return diff[:, :length].cumsum(1)  # [n, length]: bit t set where rectangle t spans
+
+        x = (spans(top, bh, gh)[:, :, None] & spans(left, bw, gw)[:, None, :]).reshape(n, gh * gw)
+        low = ((x & -x).double().view(torch.long) >> 52) - 1023 + w0  # exponent of the lowest bit
+        first = torch.where(x != 0, low, first)
+    return first
 
 
 class MultiCrop:
@@ -185,6 +220,26 @@ class MultiCrop:
         solar = _bernoulli(gen, b, solarize_p)
         return [theta, bright, contr, sigma, blur, solar]
 
+    def host_params(self, b: int, gen: torch.Generator) -> tuple[list, list[list[torch.Tensor]],
+                                                                  torch.Tensor, torch.Tensor]:
+        """The host-side part of a step, on the CPU: (view specs, per-view parameters, masks
+        [2b, Hp*Wp] bool, flat masked-patch index). ``bench/augment.py`` times it (+ packing)."""
+        cfg = self.cfg
+        # every random parameter of the step is drawn on the CPU first (same draw order as one view
+        # at a time), then ALL go to the device in one pinned copy (pack_to_device)
+        specs = [(cfg.global_size, cfg.global_scale, cfg.blur_p[i], cfg.solarize_p[i]) for i in range(2)]
+        specs += [(cfg.local_size, cfg.local_scale, cfg.blur_p[2], cfg.solarize_p[2])] * cfg.n_local
+        host = [self._draw(gen, b, scale, bp, sp) for _, scale, bp, sp in specs]
+        grid = (cfg.global_size // self.patch_size,) * 2
+        # masks are built on the host (their parameters are drawn there anyway): the masked-patch
+        # count and positions are then known without reading the device (GPU boolean indexing syncs)
+        masks = block_masks(gen, 2 * b, grid, cfg.mask_ratio, scaled_min_block(cfg.mask_min_patches, grid),
+                            cfg.mask_aspect, cfg.mask_candidates, device="cpu")
+        masked_view = _bernoulli(gen, 2 * b, cfg.mask_prob)  # iBOT: half the views unmasked
+        masks = (masks & masked_view[:, None, None]).flatten(1)
+        index = masks.flatten().nonzero().squeeze(1)
+        return specs, host, masks, index
+
     def _view(self, x: torch.Tensor, size: int, host: list[torch.Tensor],
               dev: list[torch.Tensor]) -> torch.Tensor:
         """One view from its parameters (``host`` on the CPU, ``dev`` the same on x's device)."""
@@ -208,19 +263,7 @@ class MultiCrop:
             raise ValueError(f"expected uint8 [B, 1, C, C] images, got {images.dtype} {list(images.shape)}")
         x = images.to(dtype) / 255.0
         b = x.shape[0]
-        # every random parameter of the step is drawn on the CPU first (same draw order as one view
-        # at a time), then ALL go to the device in one pinned copy (pack_to_device)
-        specs = [(cfg.global_size, cfg.global_scale, cfg.blur_p[i], cfg.solarize_p[i]) for i in range(2)]
-        specs += [(cfg.local_size, cfg.local_scale, cfg.blur_p[2], cfg.solarize_p[2])] * cfg.n_local
-        host = [self._draw(gen, b, scale, bp, sp) for _, scale, bp, sp in specs]
-        grid = (cfg.global_size // self.patch_size,) * 2
-        # masks are built on the host (their parameters are drawn there anyway): the masked-patch
-        # count and positions are then known without reading the device (GPU boolean indexing syncs)
-        masks = block_masks(gen, 2 * b, grid, cfg.mask_ratio, scaled_min_block(cfg.mask_min_patches, grid),
-                            cfg.mask_aspect, cfg.mask_candidates, device="cpu")
-        masked_view = _bernoulli(gen, 2 * b, cfg.mask_prob)  # iBOT: half the views unmasked
-        masks = (masks & masked_view[:, None, None]).flatten(1)
-        index = masks.flatten().nonzero().squeeze(1)
+        specs, host, masks, index = self.host_params(b, gen)
         flat = pack_to_device([t for view in host for t in view] + [masks, index], images.device)
         dev = [flat[6 * i:6 * i + 6] for i in range(len(specs))]
         views = [self._view(x, size, h, d) for (size, *_), h, d in zip(specs, host, dev)]

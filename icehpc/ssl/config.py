@@ -125,6 +125,10 @@ class DataConfig:
             raise ValueError(f"batches_per_epoch must be >= 1 or null, got {self.batches_per_epoch}")
 
 
+LOSS_BACKENDS = ("auto", "torch", "triton", "chunked")  # = kernels.BACKENDS (a test keeps them equal;
+# not imported from there so that reading a config imports no torch)
+
+
 @dataclass
 class LossConfig:
     lambda_cls: float = field(1.0, help="weight of the DINO [CLS] loss")
@@ -139,7 +143,9 @@ class LossConfig:
     centering: str = field("auto", help="teacher centring: auto (probability with vmf, else logit) | logit (DINO) | "
                                         "probability (DINO-vMF: keeps the vMF κ term, which logit centring cancels)")
     vmf: bool = field(True, help="add log C_p(‖w_k‖/τ) to the logits (iBOT-vMF); false = plain iBOT")
-    backend: str = field("auto", help="vmf_xent backend: auto | torch | triton")
+    backend: str = field("auto", help="vmf_xent backend: auto | torch | triton | chunked (rows in chunks, "
+                                      "logits by GEMM: no N×K tensor, any D). auto = triton on CUDA when D <= 256, "
+                                      "else torch (today's default, kept until a GPU measures chunked against it)")
     usage_threshold: float = field(0.1, help="a prototype is 'used' when its mean teacher probability ≥ this / K")
 
     def validate(self) -> None:
@@ -150,8 +156,8 @@ class LossConfig:
             raise ValueError("center_momentum must be in [0, 1)")
         if min(self.lambda_cls, self.lambda_patch, self.lambda_koleo) < 0:
             raise ValueError("loss weights (lambda_*) must be >= 0")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
+        if self.backend not in LOSS_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(LOSS_BACKENDS)}, got {self.backend!r}")
         if self.centering not in ("auto", "logit", "probability"):
             raise ValueError(f"centering must be auto, logit or probability, got {self.centering!r}")
 
@@ -191,7 +197,10 @@ class OptimConfig:
 class EngineConfig:
     device: str = field("auto", help="auto (cuda when available) | cpu | cuda")
     precision: str = field("auto", help="auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32; bf16 = autocast, fp32 master weights")
-    zero_stage: int = field(1, help="DeepSpeed ZeRO stage (0, 1 or 2)")
+    zero_stage: int = field(1, help="DeepSpeed ZeRO stage (0, 1 or 2). 0 = no optimizer sharding (one node: "
+                                     "ViT-S needs none, and ZeRO-1's 5e8-element buckets reserve ~4 GB); the "
+                                     "default stays 1 until a GPU measures 0 faster (bench/pretrain.py "
+                                     "engine.zero_stage=0)")
     threads: int | None = field(None, help="torch CPU threads per rank (default: OMP_NUM_THREADS / torch default)")
 
     def validate(self) -> None:

@@ -51,7 +51,10 @@ def ds_config(cfg: PretrainConfig, bf16: bool) -> dict[str, Any]:
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         "steps_per_print": 10**12,
+        # no timer may synchronise the device: wall_clock_breakdown off, and the throughput timer
+        # (on by default; it calls synchronize() at every forward and step from step 2 on) off
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if bf16:
         out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}

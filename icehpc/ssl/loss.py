@@ -128,9 +128,9 @@ def teacher_logits(zt: torch.Tensor, wt: torch.Tensor, tau_t: float, vmf: bool,
     if vmf and bias is not None:
         logits = logits + bias.float()
     elif vmf:
-        from ..vmf import log_cp_torch
+        from ..vmf import log_cp_step
 
-        logits = logits + log_cp_torch(wt.float().norm(dim=1) / tau_t, wt.shape[1])
+        logits = logits + log_cp_step(wt.float().norm(dim=1) / tau_t, wt.shape[1])
     return logits
 
 

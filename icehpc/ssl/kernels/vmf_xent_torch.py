@@ -24,10 +24,10 @@ def vmf_bias(w: Tensor, tau: float, vmf: bool, given: Tensor | None = None) -> T
         return given
     if not vmf:
         return None
-    from ...vmf import log_cp_torch  # exact gradient −A_p(κ)
+    from ...vmf import log_cp_step  # gradient −A_p(κ); tabulated on CUDA (~110 ops, not ~870)
 
     acc = torch.promote_types(w.dtype, torch.float32)
-    return log_cp_torch(w.to(acc).norm(dim=1) / tau, w.shape[1])
+    return log_cp_step(w.to(acc).norm(dim=1) / tau, w.shape[1])
 
 
 def crop_pairs(n_crops: int, n_global: int, batch: int, device: torch.device | str = "cpu") -> Tensor:
