@@ -2,7 +2,6 @@
 verifies it before anyone outside the trainer reads it; `icehpc export` refuses what resume rejects."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +40,6 @@ def _tree(root: Path, classes: dict[str, int], seed: int = 0) -> Path:
         for i in range(n):
             (root / label / f"{i}.png").write_bytes(_png(seed * 1000 + k * 100 + i))
     return root
-
-
-def _rejected(out: Path) -> dict[str, dict]:
-    return {r["path"]: r for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -18,12 +18,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..fileio import file_sha256
 from .config import AugmentConfig
 
 _TEACHER_PREFIX = "backbone.vit."
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _metadata(model_cfg: dict[str, Any], augment_cfg: dict[str, Any], step: int,
