@@ -100,10 +100,13 @@ class Contract:
     def seal(self, folder: str | os.PathLike, record: dict[str, Any], files: Iterable[str | os.PathLike]) -> dict:
         """Write the marker last: ``record`` plus ``outputs`` = {relative name: size, mtime, sha256}
         of every file in ``files`` (paths inside ``folder``, already written). Returns the record."""
-        root = Path(folder)
+        root = Path(folder).resolve()
         outputs = {}
         for f in files:
-            p = Path(f) if Path(f).is_absolute() else root / f
+            p = Path(f)
+            # a relative path is the writer's own spelling (``out / "kappa.csv"`` with a relative
+            # ``--out``: from the working folder) when it lies in ``folder``, else relative to it
+            p = p.resolve() if p.is_absolute() or p.resolve().is_relative_to(root) else (root / p).resolve()
             rel = p.relative_to(root).as_posix()
             if not self.owns(rel):
                 raise ValueError(f"{rel} is not among this stage's outputs {self.patterns}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,13 @@ def test_a_shared_folder_keeps_the_other_stages_temporaries_and_the_users_empty_
     trained.remove(tmp_path)
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
     assert left == [".random.h5.123.tmp", "my-empty-folder"]
+
+
+def test_seal_takes_the_writers_paths_under_a_relative_folder(tmp_path, monkeypatch):
+    """``icehpc kappa STORE --out k`` writes ``k/kappa.csv``: sealing ``k`` must accept that spelling."""
+    monkeypatch.chdir(tmp_path)
+    rel = Path("k")
+    _write(tmp_path, "k/result.csv")
+    C.seal(rel, {"fingerprint": "f"}, [rel / "result.csv"])
+    assert list(C.read(rel)["outputs"]) == ["result.csv"]
+    assert C.verify(rel, "f") is not None

@@ -223,6 +223,28 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
     pending: dict[str, tuple[list[np.ndarray], list[dict]]] = {}
     start = time.perf_counter()
     total = sum(shard_counts[Path(p).name] for p in todo)
+    def route(cls: Any, metas: list[dict], event: Any = None) -> None:
+        if event is not None:  # the non-blocking copy of this batch has landed in host memory
+            event.synchronize()
+            cls = cls.numpy()
+        # Batches from several loader workers interleave shards: route rows by their shard.
+        for row, meta in zip(cls, metas):
+            name = meta["__shard__"]
+            embeddings, rows = pending.setdefault(name, ([], []))
+            embeddings.append(row)
+            rows.append(meta)
+            if len(rows) == shard_counts[name]:
+                write_part(part_path(store, name), np.stack(embeddings).astype(np.float32), meta_columns(rows),
+                           attrs={"shard_sha256": sha.get(name, ""), "model": model_id})
+                del pending[name]
+                stats["shards_computed"] += 1
+        stats["images"] += len(metas)
+        bar.update(len(metas))
+
+    # On a GPU the [CLS] rows of batch i are copied to pinned host memory without blocking and read
+    # (after their event) while batch i+1 runs, so the device never waits for the host; on a CPU the
+    # same loop runs with no copy and no event.
+    in_flight = None
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu), \
             Progress(total, progress or "embed", "images", enabled=progress is not None) as bar:
         for images, metas in ordered_loader(todo, batch_size=batch_size, canvas=canvas, num_workers=num_workers,
@@ -230,20 +252,23 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
                                             pin_memory=on_gpu):
             x = eval_transform(images.to(device, non_blocking=True), spec.img_size, spec.mean, spec.std,
                                torch.float32)
-            cls = model.forward_features(x)[:, 0].float().cpu().numpy()
-            # Batches from several loader workers interleave shards: route rows by their shard.
-            for row, meta in zip(cls, metas):
-                name = meta["__shard__"]
-                embeddings, rows = pending.setdefault(name, ([], []))
-                embeddings.append(row)
-                rows.append(meta)
-                if len(rows) == shard_counts[name]:
-                    write_part(part_path(store, name), np.stack(embeddings).astype(np.float32), meta_columns(rows),
-                               attrs={"shard_sha256": sha.get(name, ""), "model": model_id})
-                    del pending[name]
-                    stats["shards_computed"] += 1
-            stats["images"] += len(metas)
-            bar.update(len(metas))
+            cls = model.forward_features(x)[:, 0].float()
+            event = None
+            if on_gpu:
+                host = torch.empty(cls.shape, dtype=cls.dtype, pin_memory=True)
+                host.copy_(cls, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                cls = host
+            if in_flight is not None:
+                route(*in_flight)
+            if event is not None:
+                in_flight = (cls, metas, event)
+                continue
+            in_flight = None
+            route(cls.numpy(), metas)
+        if in_flight is not None:
+            route(*in_flight)
     stats["seconds"] = time.perf_counter() - start
     if pending:
         raise RuntimeError(f"shards ended early: {({k: len(v[1]) for k, v in pending.items()})} samples read "

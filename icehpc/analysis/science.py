@@ -23,13 +23,13 @@ def planted_entropy(planted: dict, by: str | None = None) -> dict[tuple[str, flo
         if not row.get("count"):
             continue
         key = (str(row.get(by, "all")) if by else "all", float(row["temperature_bin_c"][0]))
-        mix = mixes.setdefault(key, {})
+        mix = mixes.setdefault(key, {h: 0.0 for h in planted.get("habits", [])})
         for habit, p in row["probabilities"].items():
             mix[habit] = mix.get(habit, 0.0) + row["count"] * p
     out = {}
     for key, mix in mixes.items():
-        p = np.array([v for v in mix.values() if v > 0])
-        p = p / p.sum()
+        total = sum(mix.values())
+        p = np.array([v / total for v in mix.values() if v / total > 0])
         out[key] = float(-(p * np.log(p)).sum())
     return out
 

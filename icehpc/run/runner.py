@@ -76,8 +76,10 @@ def finish(out: Path, steps: list[Step], min_count: int, seconds: float | None =
                             {s.name: s.done for s in steps if s.stage == "probe"}, min_count)
     print("[pipeline] science checks (also in science.json):")
     print_science(science)
+    from ..analysis.report.build import PAGE
+
     took = f" in {seconds:.0f} s" if seconds is not None else ""
-    print(f"[pipeline] finished{took}. Report: {by_name['report'].done}  "
+    print(f"[pipeline] finished{took}. Report: {by_name['report'].done.parent / PAGE}  "
           f"(probes: {by_name['probe'].done}, science: {out / 'science.json'})", flush=True)
     return science
 

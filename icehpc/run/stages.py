@@ -33,21 +33,16 @@ class Stage:
     submittable: bool = True  # a job of its own (pipeline and submit submit others instead)
     #: where the stage's output contract is declared ("module:NAME"), beside its writer
     contract: str = ""
-    #: the stage's files by known names, used while its owner declares no contract at ``contract``
-    outputs: Contract | None = None
 
 
 #: name → stage, in the pipeline's order.
 STAGES: dict[str, Stage] = {
     "synth": Stage("icehpc.data.synth", "make synthetic CPI-like particle images with planted habit physics",
-                   contract="icehpc.data.synth:CONTRACT",
-                   outputs=Contract("planted.json", ("manifest.csv", ".synth-params.json", "images/*"))),
+                   contract="icehpc.data.synth:CONTRACT"),
     "shards": Stage("icehpc.data.shards", "build / verify / stats of WebDataset tar shards",
-                    contract="icehpc.data.format:CONTRACT",
-                    outputs=Contract("index.json", ("shard-*.tar", "rejected.jsonl", "stats.png", ".work/*"))),
+                    contract="icehpc.data.format:CONTRACT"),
     "pretrain": Stage("icehpc.ssl.pretrain", "iBOT-vMF pretraining on DeepSpeed (CPU or GPU, 1..N nodes)",
-                      "torch", gpu=True, contract="icehpc.ssl.pretrain:CONTRACT",
-                      outputs=Contract("backbone.safetensors", ("checkpoints/*", "config.yaml", "metrics.jsonl"))),
+                      "torch", gpu=True, contract="icehpc.ssl.pretrain:CONTRACT"),
     "export": Stage("icehpc.ssl.export", "export the teacher backbone of a checkpoint as .safetensors"),
     "embed": Stage("icehpc.analysis.embed", "MPI-parallel [CLS] embedding of shards into an HDF5 store",
                    "mpi", gpu=True),  # one contract per store: icehpc.analysis.embed.contract(STORE)
@@ -58,15 +53,9 @@ STAGES: dict[str, Stage] = {
     "outliers": Stage("icehpc.analysis.outliers", "MPI kNN rarity and mislabel scores of a store, with an HTML "
                       "page of the top samples", "mpi", contract="icehpc.analysis.outliers:CONTRACT"),
     "report": Stage("icehpc.analysis.report", "offline HTML/PNG/CSV report of a kappa run",
-                    contract="icehpc.analysis.report:CONTRACT",
-                    outputs=Contract("index.html", (
-                        "kappa_*.png", "kappa_*.svg", "kappa_*.pdf", "embedding_map.*", "examples.csv",
-                        "confusion_*.png", "confusion_*.svg", "confusion_*.pdf", "pretrain_curves.*", "similarity.*",
-                        "probe_summary.csv", "metrics.jsonl", "kappa.csv", "kappa.json", "kappa.nc",
-                        "kappa_random_init.csv"))),
+                    contract="icehpc.analysis.report:CONTRACT"),
     "probe": Stage("icehpc.analysis.probe", "kNN / logistic-regression habit probes and baselines",
-                   contract="icehpc.analysis.probe:CONTRACT",
-                   outputs=Contract("probe.json", ("summary.csv", "confusion_*.png", "*.tmp.png"))),
+                   contract="icehpc.analysis.probe:CONTRACT"),
     "pipeline": Stage("icehpc.run.pipeline", "run every stage in order on one machine (or chained on Slurm)",
                       submittable=False),
     "submit": Stage("icehpc.run.submit", "submit a stage (or the pipeline) to Slurm/local via submitit",
@@ -83,16 +72,15 @@ def stage(name: str) -> Stage:
 
 def contract(name: str) -> Contract:
     """The output contract of a stage that writes one folder: the one its module declares (at
-    ``Stage.contract``), else the table's ``outputs`` (known names, until the owner declares one)."""
+    ``Stage.contract``)."""
     st = stage(name)
+    declared = None
     if st.contract:
         module, _, attr = st.contract.partition(":")
         declared = getattr(importlib.import_module(module), attr, None)
-        if isinstance(declared, Contract):
-            return declared
-    if st.outputs is None:
+    if not isinstance(declared, Contract):
         raise ValueError(f"stage {name} declares no output contract")
-    return st.outputs
+    return declared
 
 
 def stage_parser(name: str) -> argparse.ArgumentParser:

@@ -7,7 +7,12 @@ from __future__ import annotations
 import argparse
 
 from .. import config as cfglib
+from ..contract import Contract
 from .config import PretrainConfig
+
+#: The run folder: the exported teacher backbone is its marker (written last by the trainer); the
+#: checkpoints carry their own sha256 manifest (:mod:`icehpc.ssl.checkpoint`, the layout's owner).
+CONTRACT = Contract("backbone.safetensors", ("checkpoints/*", "config.yaml", "metrics.jsonl"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

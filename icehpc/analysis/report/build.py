@@ -25,9 +25,11 @@ from ..joins import kappa_store_mismatch
 from . import sections
 from .common import CSS, MAP_SAMPLE, Page, ReportError
 
+#: The page a user opens.
+PAGE = "index.html"
 #: report.json (written last) seals every file of the report; patterns: every name the report writes.
 CONTRACT = Contract("report.json", (
-    "index.html", "kappa_*.png", "kappa_*.svg", "kappa_*.pdf", "similarity.png", "similarity.svg", "similarity.pdf",
+    PAGE, "kappa_*.png", "kappa_*.svg", "kappa_*.pdf", "similarity.png", "similarity.svg", "similarity.pdf",
     "embedding_map.png", "embedding_map.svg", "embedding_map.pdf", "embedding_map.csv", "examples.csv",
     "confusion_*.png", "confusion_*.svg", "confusion_*.pdf", "pretrain_curves.png", "pretrain_curves.svg",
     "pretrain_curves.pdf", "kappa.csv", "similarity.csv", "kappa.json", "kappa_random_init.csv", "kappa.nc",
@@ -222,12 +224,12 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
             parts = _sections(tmp, res, ctl_res, src=src, random=random_p, planted_data=planted_data,
                               store=store_p, shards=shards_p, pj=pj, probe=probe_p, pretrain=pretrain_p,
                               backbone=backbone_p, map_sample=map_sample, examples=examples)
-            write_atomic(tmp / "index.html", assemble(tmp, res, ctl_res is not None, parts), durable=False)
+            write_atomic(tmp / PAGE, assemble(tmp, res, ctl_res is not None, parts), durable=False)
             _commit(out, tmp, {"report": {"fingerprint": fingerprint(inputs, options), "inputs_sha256": inputs,
                                           "options": options, "kappa_dir": str(src)}})
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return out / "index.html"
+    return out / PAGE
 
 
 def _commit(out: Path, tmp: Path, record: dict) -> None:
