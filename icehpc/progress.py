@@ -33,27 +33,34 @@ class Progress:
     """``with Progress(total, "embed", "images") as p: p.update(n)``."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", *, enabled: bool = True,
-                 every_s: float | None = None, stream: Any = None) -> None:
+                 every_s: float | None = None, stream: Any = None, initial: int = 0) -> None:
         self.total, self.desc, self.unit = total, desc, unit
+        self.initial, self.extra = initial, ""
         self.stream = sys.stderr if stream is None else stream
         self.enabled = enabled and os.environ.get("ICEHPC_PROGRESS") != "0"
         self.every_s = float(os.environ.get("ICEHPC_LOG_EVERY", "60")) if every_s is None else every_s
-        self.n = 0
+        self.n = initial
         self.start = self.last = time.perf_counter()
         self.bar = None
         if self.enabled and use_bar(self.stream):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=self.stream,
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=True, file=self.stream,
                             dynamic_ncols=True, leave=False)
 
     def line(self) -> str:
         dt = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.n / dt
+        rate = (self.n - self.initial) / dt  # this run's rate (a resumed loop starts at ``initial``)
         done = f"{self.n:,}" + (f"/{self.total:,} {self.unit} ({100 * self.n / max(self.total, 1):.1f}%)"
                                 if self.total else f" {self.unit}")
         eta = f", ETA {_eta((self.total - self.n) / rate)}" if self.total and rate > 0 else ""
-        return f"[{self.desc}] {done}, {rate:.1f} {self.unit}/s{eta}"
+        return f"[{self.desc}] {done}, {rate:.1f} {self.unit}/s{eta}{self.extra}"
+
+    def set_postfix(self, **values: Any) -> None:
+        """Values shown after the counts (the bar's postfix, or the end of the next log line)."""
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
+        self.extra = "".join(f", {k} {v}" for k, v in values.items())
 
     def update(self, n: int = 1) -> None:
         self.n += n

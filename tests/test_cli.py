@@ -54,7 +54,6 @@ def test_overrides_anywhere_flags_and_provenance(tmp_path):
     import json
 
     import numpy as np
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from kappa_helpers import write_store
 
     rng = np.random.default_rng(0)

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from kappa_helpers import write_store  # noqa: E402
+from kappa_helpers import write_store
 
 ROOT = Path(__file__).resolve().parent.parent
 

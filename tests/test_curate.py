@@ -13,8 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from kappa_helpers import write_store  # noqa: E402
+from kappa_helpers import write_store
 from slurm_helpers import final_state  # noqa: E402
 
 from icehpc.analysis import curate as cur  # noqa: E402

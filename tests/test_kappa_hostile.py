@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from icehpc import config as cfglib
-from icehpc.analysis.kappa import MAX_BINS, KappaConfig, KappaError, run_kappa
+from icehpc.analysis.kappa import KappaConfig, KappaError, run_kappa
+from icehpc.analysis.kappa_groups import MAX_BINS
 from icehpc.config import ConfigError
 from kappa_helpers import write_store
 

@@ -150,3 +150,24 @@ def test_checkpoints_are_loaded_weights_only(tmp_path):
     torch.save({"state_dict": _rgb_vit(32).state_dict(), "evil": _Payload()}, tmp_path / "unsafe.pth")
     with pytest.raises(pickle.UnpicklingError):
         read_checkpoint(tmp_path / "unsafe.pth")
+
+
+def test_a_model_too_big_for_any_machine_is_refused_before_anything_is_allocated():
+    """model.arch_kwargs is free-form: `{embed_dim: 100000000}` must be one config error, counted on
+    the meta device (no memory), and timm's own refusals are one line naming the keys too."""
+    import resource
+
+    from icehpc.config import ConfigError
+    from icehpc.ssl.config import ModelConfig
+    from icehpc.ssl.model import check_model_size
+
+    tiny = ModelConfig(arch_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8},
+                       head_hidden=32, head_bottleneck=16, n_prototypes=32)
+    assert 0 < check_model_size(tiny, 32) < 10**6
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    huge = ModelConfig(arch_kwargs={"embed_dim": 100_000_000, "depth": 2, "num_heads": 2})
+    with pytest.raises(ConfigError, match="exceed the limit"):
+        check_model_size(huge, 224)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: nothing near 10¹⁷ floats
+    with pytest.raises(ConfigError, match="timm cannot build"):
+        check_model_size(ModelConfig(arch_kwargs={"embed_dim": 30, "num_heads": 7}), 224)

@@ -130,7 +130,6 @@ def test_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     assert (target / "icehpc" / "configs" / "demo.yaml").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
-    sys.path.insert(0, str(ROOT / "tests"))
     from kappa_helpers import write_store
 
     store = write_store(tmp_path / "store", np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32),

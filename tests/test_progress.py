@@ -12,8 +12,7 @@ import numpy as np
 
 from icehpc.progress import Progress
 
-sys.path.insert(0, str(Path(__file__).parent))
-from kappa_helpers import write_store  # noqa: E402
+from kappa_helpers import write_store
 
 
 class _Tty(io.StringIO):
@@ -64,3 +63,37 @@ def test_pretrain_last_line_says_where_checkpoint_and_backbone_are(tmp_path):
     assert f"`icehpc export {tmp_path}`" in line
     (tmp_path / "backbone.safetensors").write_bytes(b"x")
     assert f"backbone: {tmp_path / 'backbone.safetensors'};" in where_line(tmp_path, 10, 10)
+
+
+def test_resumed_loops_count_from_initial_and_show_their_postfix_in_log_lines():
+    log = io.StringIO()
+    with Progress(100, "pretrain", "steps", every_s=0, stream=log, initial=60) as p:
+        p.set_postfix(loss="1.2345")
+        p.update(10)
+    line = log.getvalue().splitlines()[-1]
+    assert line.startswith("[pretrain] 70/100 steps (70.0%)") and line.endswith("loss 1.2345"), line
+
+
+def test_every_long_loop_goes_through_progress_not_its_own_bar():
+    """One owner of progress output: a tqdm bar elsewhere writes carriage returns into Slurm logs."""
+    root = Path(__file__).resolve().parent.parent / "icehpc"
+    users = [str(p.relative_to(root)) for p in root.rglob("*.py")
+             if "tqdm" in p.read_text().replace("tqdm progress", "") and p.name != "progress.py"]
+    assert users == []
+
+
+def test_a_shard_build_logged_to_a_file_has_no_carriage_returns(tmp_path):
+    from PIL import Image
+
+    tree = tmp_path / "in" / "plate"
+    tree.mkdir(parents=True)
+    for i in range(6):
+        Image.new("L", (20, 20), 200 + i).save(tree / f"{i}.png")
+    env = {**os.environ, "ICEHPC_LOG_EVERY": "0"}
+    env.pop("ICEHPC_PROGRESS", None)
+    with open(tmp_path / "log", "w") as log:
+        res = subprocess.run([sys.executable, "-m", "icehpc", "shards", "build", str(tmp_path / "in"), "--out",
+                              str(tmp_path / "out"), "--workers", "1"], stdout=log, stderr=log, env=env, timeout=120)
+    text = (tmp_path / "log").read_text()
+    assert res.returncode == 0, text
+    assert "\r" not in text and "[shards]" in text, text

@@ -256,8 +256,9 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
     fixed. Pass 2 (parallel over shards): concatenate spooled members into shards. Both passes
     skip work already committed by an earlier, killed run; nothing depends on ``workers``.
     """
-    from tqdm import tqdm
     import PIL
+
+    from ..progress import Progress
 
     manifests = list(manifests)
     root = Path(out)
@@ -286,7 +287,7 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
     todo = [i for i in items if i.reject is None]
     chunks = [todo[s:s + CHUNK] for s in range(0, len(todo), CHUNK)]
     checked: list[list] = []
-    with tqdm(total=len(todo), unit="file", desc="check", disable=not progress) as bar:
+    with Progress(len(todo), "check", "files", enabled=progress) as bar:
         for part in _pool_map(_check_chunk, [(str(root), k, ch, c) for k, ch in enumerate(chunks)], workers):
             checked += part
             bar.update(len(part))
@@ -345,8 +346,8 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
     tasks = []
     for k in pending:
         tasks.append((str(root), k, [i.spool for i in plan[k]], _labels(plan[k], c), fingerprint))
-    with tqdm(total=len(candidates), unit="img", desc="shards", disable=not progress,
-              initial=sum(len(plan[k]) for k in summaries)) as bar:
+    with Progress(len(candidates), "shards", "images", enabled=progress,
+                  initial=sum(len(plan[k]) for k in summaries)) as bar:
         for k, summary in zip(pending, _pool_map(_write_shard, tasks, workers)):
             summaries[k] = summary
             bar.update(len(plan[k]))

@@ -22,7 +22,7 @@ from .build import _read_json
 def verify(shard_dir: str | os.PathLike) -> list[str]:
     """Problems found re-reading every shard with stock webdataset (empty list: all good)."""
     import webdataset as wds
-    from tqdm import tqdm
+    from ..progress import Progress
 
     root = Path(shard_dir)
     index = _read_json(root / INDEX)
@@ -30,7 +30,9 @@ def verify(shard_dir: str | os.PathLike) -> list[str]:
         return [f"{root}/{INDEX} missing"]
     problems = []
     total = 0
-    for s in tqdm(index["shards"], unit="shard", desc="verify", disable=None):  # None: only on a terminal
+    bar = Progress(len(index["shards"]), "verify", "shards")
+    for s in index["shards"]:
+        bar.update(1)
         path = root / s["name"]
         if not path.exists():
             problems.append(f"{s['name']}: missing")
@@ -61,6 +63,7 @@ def verify(shard_dir: str | os.PathLike) -> list[str]:
     listed = {s["name"] for s in index["shards"]}
     problems += [f"{p.name}: not listed in {INDEX}"
                  for p in sorted(root.glob(SHARD_GLOB)) if p.name not in listed]
+    bar.close()
     t = index["totals"]
     rej = root / REJECTED
     n_rej = len(rej.read_text().splitlines()) if rej.exists() else -1

@@ -432,7 +432,7 @@ def _make_range(c: SynthConfig, out: str, start: int, stop: int) -> list[dict]:
 def synthesize(out: str | os.PathLike, c: SynthConfig, workers: int = 1, progress: bool = True,
                provenance: dict[str, Any] | None = None) -> dict:
     """Write ``out/images/…png``, ``out/manifest.csv`` and ``out/planted.json``; return the latter."""
-    from tqdm import tqdm
+    from ..progress import Progress
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -450,7 +450,7 @@ def synthesize(out: str | os.PathLike, c: SynthConfig, workers: int = 1, progres
     chunk = 250
     ranges = [(s, min(s + chunk, c.n)) for s in range(0, c.n, chunk)]
     metas: list[dict] = []
-    with tqdm(total=c.n, unit="img", desc="synth", disable=not progress) as bar:
+    with Progress(c.n, "synth", "images", enabled=progress) as bar:
         if workers <= 1:
             for s, e in ranges:
                 metas += _make_range(c, str(root), s, e)

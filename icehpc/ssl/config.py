@@ -219,7 +219,7 @@ class TrainConfig:
     checkpoint_every: int = field(500, help="save a checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = field(2, help="how many step checkpoints to keep")
     stop_at_step: int | None = field(None, help="save and stop once this global step is done (time-boxed allocations)")
-    progress: bool = field(True, help="tqdm progress bar on rank 0")
+    progress: bool = field(True, help="progress on rank 0: a bar on a terminal, plain log lines otherwise")
     metrics_every: int = field(0, help="read and log metrics every N steps (a read waits for the GPU); "
                                        "0 = auto: 1 on CPU, 20 on CUDA")
     export: bool = field(True, help="write backbone.safetensors (teacher) when the run completes")

@@ -92,7 +92,7 @@ def kappa_stats(prototypes: torch.Tensor, tau: float, prefix: str) -> dict[str, 
 def _progress(enabled: bool, start: int, total: int) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
+    from ..progress import Progress
 
-    return tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=1.0)
+    return Progress(total, "pretrain", "steps", initial=start)
 

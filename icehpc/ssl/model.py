@@ -186,6 +186,29 @@ def build_model(cfg: ModelConfig, img_size: int, drop_path: float | None = None)
     return IBOTVMF(backbone, head, None if cfg.shared_head else make_head())
 
 
+#: Largest network (student parameters) a config may ask for: 2·10⁹ fp32 parameters are 8 GB before
+#: the teacher, the optimizer state and the activations. Checked on the meta device, nothing allocated.
+MAX_MODEL_PARAMS = 2_000_000_000
+
+
+def check_model_size(cfg: ModelConfig, img_size: int, limit: int = MAX_MODEL_PARAMS) -> int:
+    """The student's parameter count, counted without allocating (torch's meta device); a
+    ConfigError naming the keys when timm cannot build it or it exceeds ``limit``."""
+    from ..config import ConfigError
+
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build_model(cfg, img_size).parameters())
+    except Exception as exc:  # noqa: BLE001 - timm's own checks (e.g. embed_dim % num_heads): one line
+        raise ConfigError(f"model.arch={cfg.arch} with model.arch_kwargs={cfg.arch_kwargs}: timm cannot build "
+                          f"it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if n > limit:
+        raise ConfigError(f"model: {n:,} parameters (model.arch={cfg.arch}, model.arch_kwargs={cfg.arch_kwargs}, "
+                          f"head {cfg.head_hidden}/{cfg.head_bottleneck}/{cfg.n_prototypes}) exceed the limit of "
+                          f"{limit:,}; choose a smaller model")
+    return n
+
+
 class RefusedCheckpoint(UserError, pickle.UnpicklingError):
     """A torch checkpoint holding pickled objects that are not tensors: refused (one line for the CLI)."""
 

@@ -36,7 +36,7 @@ from .config import PretrainConfig
 from .engine import apply_schedule, ds_config, ema_update, init_distributed, param_groups
 from .loss import Centres, LossOut, ibot_vmf_loss, resolve_centering
 from .metrics import CollapseGuard, MetricsLog, _as_float, _progress, kappa_stats, prototype_stats
-from .model import build_model, load_backbone_weights
+from .model import build_model, check_model_size, load_backbone_weights
 from .schedule import Schedule, schedule_at, step_seed
 
 log = logging.getLogger("icehpc.ssl.trainer")
@@ -117,6 +117,7 @@ class Trainer:
         self.steps_per_epoch = cfg.data.batches_per_epoch or _steps_per_epoch(cfg, self.world)
         self.total_steps = max(1, round(cfg.train.epochs * self.steps_per_epoch))
 
+        check_model_size(cfg.model, cfg.augment.global_size)  # before any allocation: a config can ask for 10⁹ dims
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         student = build_model(cfg.model, cfg.augment.global_size)
         if cfg.init.path and latest_tag(self.out) is None:
