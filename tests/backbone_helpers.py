@@ -1,6 +1,7 @@
-"""Shared by the test modules: a tiny exported backbone."""
+"""Shared by the test modules: a tiny exported backbone, and seeded grey PNGs to feed it."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,3 +25,13 @@ def tiny_backbone(path: Path, *, seed: int = 7, size: int = 32, dim: int = 32, d
                           **({"data": data} if data is not None else {}))
     return export_teacher(build_model(model_cfg, size), cfg, path, step)
 
+
+def png(seed: int, w: int = 12, h: int = 10) -> bytes:
+    """A seeded random greyscale PNG of w x h pixels."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a, "L").save(buf, format="PNG")
+    return buf.getvalue()

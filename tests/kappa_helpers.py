@@ -52,3 +52,9 @@ def write_store(folder: Path, emb: np.ndarray, meta: dict[str, np.ndarray], n_pa
         parts.append(path)
     write_master(folder / "store.h5", parts)
     return folder / "store.h5"
+
+
+def small_store(folder: Path, n: int = 60, parts: int = 3) -> Path:
+    """A ``parts``-part store of ``n`` clustered rows in 3 groups with paper metadata (seed 1)."""
+    x, gid = cheap_groups(n, 8, 3, seed=1)
+    return write_store(folder, x, paper_meta(n, gid, seed=1), n_parts=parts)

@@ -13,14 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backbone_helpers import tiny_backbone
+from backbone_helpers import png, tiny_backbone
+from icehpc import fileio
+from icehpc.data import shards as shards_lib  # `shards` is the fixture below
 from icehpc.data.format import read_index, shard_paths
 from icehpc.data.loader import decode_image
 from icehpc.analysis.embed import meta_columns, part_path
 from icehpc.analysis.store import open_store
+from kappa_helpers import small_store
 
 ROOT = Path(__file__).resolve().parent.parent
 CANVAS = 48  # decode canvas; the tiny backbone's input side is 32: the job must resize
+BUILD = dict(progress=False)
 
 
 def _run(cmd: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -343,3 +347,57 @@ def test_eval_size_is_the_embedding_side_of_trained_and_random_init(shards, tmp_
     _run([*icehpc_cmd, "embed", str(shards), "--random-init", "--like", str(path), "--out", str(rand),
           "--canvas", str(CANVAS)])
     assert json.loads(Path(f"{rand}.json").read_text())["backbone"]["img_size"] == 48
+
+
+# ------------------------------------------------------------------ hostile: stale embedding parts, locks
+@pytest.fixture(scope="module")
+def small_backbone(tmp_path_factory) -> Path:
+    return tiny_backbone(tmp_path_factory.mktemp("bb") / "b.safetensors", size=16, dim=16, depth=1, step=1)
+
+
+def _manifest_shards(folder: Path, out: Path, offset: float) -> None:
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(12):
+        (folder / "img" / f"{i}.png").write_bytes(png(i, 14, 14))
+        rows.append(f"img/{i}.png,{'plate' if i % 2 else 'column'},{-20.0 + offset + i}")
+    (folder / "m.csv").write_text("path,habit,temperature_c\n" + "\n".join(rows) + "\n")
+    shards_lib.build([str(folder / "m.csv")], out, shards_lib.BuildConfig(shard_samples=5), overwrite=True, **BUILD)
+
+
+def test_2_parts_of_a_rebuilt_shard_folder_are_recomputed(tmp_path, small_backbone):
+    from icehpc.analysis.embed import run_embed
+    from icehpc.analysis.store import open_store
+
+    kw = dict(checkpoint=str(small_backbone), random_init=False, arch=None, img_size=None, canvas=16,
+              batch_size=8, num_workers=0)
+    src, sh, store = tmp_path / "src", tmp_path / "shards", tmp_path / "emb" / "store.h5"
+    _manifest_shards(src, sh, 0.0)
+    run_embed(str(sh), str(store), **kw)
+    _manifest_shards(src, sh, 100.0)  # same images, keys and counts; temperatures 100 °C warmer
+    summary = run_embed(str(sh), str(store), **kw)
+    assert summary["shards_reused"] == 0
+    with open_store(store) as st:
+        _, meta = st.read(0, st.n_rows, columns=["key", "temperature_c"])
+    order = np.argsort(meta["key"])
+    np.testing.assert_allclose(meta["temperature_c"][order], 80.0 + np.arange(12))
+    again = run_embed(str(sh), str(store), **kw)  # nothing changed: everything reused
+    assert again["shards_reused"] == again["shards"] == 3
+
+
+def test_1_embed_and_kappa_lock_their_output_folders(tmp_path, small_backbone):
+    from icehpc.analysis.embed import parts_dir, run_embed
+    from icehpc.analysis.kappa import KappaConfig, run_kappa
+
+    src, sh, store = tmp_path / "src", tmp_path / "shards", tmp_path / "emb" / "store.h5"
+    _manifest_shards(src, sh, 0.0)
+    with fileio.lock_dir(parts_dir(store)):
+        with pytest.raises(fileio.LockedError, match=f"PID {os.getpid()}"):
+            run_embed(str(sh), str(store), checkpoint=str(small_backbone), random_init=False, arch=None,
+                      img_size=None, canvas=16, batch_size=8, num_workers=0)
+    assert not list(parts_dir(store).glob("*.h5"))
+    master = small_store(tmp_path / "s")
+    with fileio.lock_dir(tmp_path / "k"):
+        with pytest.raises(fileio.LockedError):
+            run_kappa(master, tmp_path / "k", KappaConfig(groupings=["habit"], bootstrap=0, similarity_by=""))
+    assert not (tmp_path / "k" / "kappa.json").exists()

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from icehpc.ssl.augment import block_masks
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _block_masks_cummax(gen, n, grid, ratio, min_patches, aspect, candidates):
@@ -400,3 +403,11 @@ def test_step_uses_the_table_on_cuda_only(monkeypatch):
 
     vmf_bias(torch.ones(4, 8), 0.1, True)
     assert used[-1] == "exact"
+
+
+# ------------------------------------------------------------------ no predictable temp paths in bench/
+def test_gpu_check_and_benchmarks_use_private_temp_folders():
+    gpu = (ROOT / "bench" / "gpu_check.sh").read_text()
+    assert "/tmp/site" not in gpu and "mktemp -d" in gpu
+    for py in (ROOT / "bench").glob("*.py"):
+        assert 'default="/tmp' not in py.read_text(), py.name

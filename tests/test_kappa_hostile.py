@@ -16,7 +16,7 @@ from icehpc import config as cfglib
 from icehpc.analysis.kappa import KappaConfig, KappaError, run_kappa
 from icehpc.analysis.kappa_groups import MAX_BINS
 from icehpc.config import ConfigError
-from kappa_helpers import write_store
+from kappa_helpers import small_store, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -103,3 +103,77 @@ def test_labels_that_look_like_formulas_are_escaped_in_kappa_and_similarity_csv(
     assert sim[0][1:] == ["'=1+1", "'@SUM(A1)", "plate"]
     assert [r[0] for r in sim[1:]] == ["'=1+1", "'@SUM(A1)", "plate"]
     assert not any(cell.startswith(("=", "@", "+")) for r in sim for cell in r)
+
+
+# ------------------------------------------------------------------ stale fingerprints and κ edge cases
+def test_kappa_fingerprint_follows_content_not_size_and_mtime(tmp_path):
+    import h5py
+
+    from icehpc.analysis.kappa import KappaConfig, run_kappa
+    from icehpc.analysis.store import StoreError, write_part
+
+    from kappa_helpers import cheap_groups, paper_meta
+
+    x, gid = cheap_groups(200, 8, 2, seed=3)
+    one = tmp_path / "one.h5"
+    write_part(one, x, paper_meta(200, gid, seed=3))
+    cfg = KappaConfig(groupings=["habit"], bootstrap=0, min_count=5, similarity_by="")
+    first = run_kappa(one, tmp_path / "k", cfg)
+
+    def edit_in_place(path: Path) -> None:
+        st = os.stat(path)
+        with h5py.File(path, "r+") as f:
+            f["embeddings"][0] = -f["embeddings"][0]  # same dtype and shape: same file size
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert os.stat(path).st_size == st.st_size
+
+    edit_in_place(one)
+    again = run_kappa(one, tmp_path / "k", cfg)
+    assert again is not None, "an edited store was reported up to date"
+    assert again["run"]["fingerprint"] != first["run"]["fingerprint"]
+    master = small_store(tmp_path / "s")
+    run_kappa(master, tmp_path / "k2", cfg)
+    edit_in_place(tmp_path / "s" / "part-00001.h5")
+    with pytest.raises(StoreError, match="part-00001"):
+        run_kappa(master, tmp_path / "k2", cfg)
+
+
+def test_kappa_min_count_1_with_a_single_row_group(tmp_path):
+    from icehpc.analysis.kappa import KappaConfig, run_kappa
+    from icehpc.analysis.store import write_part
+
+    x = np.random.default_rng(1).normal(size=(31, 5)).astype(np.float32)
+    write_part(tmp_path / "s.h5", x, {"habit": np.array(["lone"] + ["many"] * 30)})
+    res = run_kappa(tmp_path / "s.h5", tmp_path / "k", KappaConfig(groupings=["habit"], min_count=1,
+                                                                    bootstrap=20, similarity_by=""))
+    rows = {r["group"]: r for r in res["rows"]}
+    assert rows["lone"]["n"] == 1 and "degenerate" in rows["lone"]["flag"]  # one vector: no spread
+    assert rows["many"]["kappa"] is not None and np.isfinite(rows["many"]["kappa"])
+
+
+def test_kappa_identical_vectors_are_degenerate_with_kappa_inf(tmp_path):
+    from icehpc.analysis.kappa import KappaConfig, run_kappa
+    from icehpc.analysis.store import write_part
+
+    rng = np.random.default_rng(2)
+    x = np.concatenate([np.repeat(rng.normal(size=(1, 16)), 500, axis=0), rng.normal(size=(100, 16))])
+    write_part(tmp_path / "s.h5", x.astype(np.float32), {"habit": np.array(["same"] * 500 + ["spread"] * 100)})
+    res = run_kappa(tmp_path / "s.h5", tmp_path / "k", KappaConfig(groupings=["habit"], bootstrap=50,
+                                                                    similarity_by=""))
+    rows = {r["group"]: r for r in res["rows"]}
+    assert rows["same"]["flag"] == "degenerate" and "mle_outside_ci" not in rows["same"]["flag"]
+    assert rows["spread"]["flag"] == ""
+    csv_rows = (tmp_path / "k" / "kappa.csv").read_text().splitlines()
+    same = next(r for r in csv_rows if ",same," in r).split(",")
+    header = csv_rows[0].split(",")
+    assert same[header.index("kappa")] == "inf" and same[header.index("ci_low")] == "inf"
+
+
+@pytest.mark.parametrize("bins", ["temperature_c=-40,nan,0", "temperature_c=-40,inf", "temperature_c=0,-10"])
+def test_kappa_bad_bin_edges_are_a_config_error(tmp_path, bins, one_clear_line):
+    from icehpc.analysis.store import write_part
+
+    write_part(tmp_path / "s.h5", np.ones((3, 2), np.float32), {"temperature_c": np.array([-5.0, -6.0, -7.0])})
+    proc = _cli("kappa", str(tmp_path / "s.h5"), "--out", str(tmp_path / "k"), "--by", "temperature_c",
+                "--bins", bins)
+    one_clear_line(proc, "bins.temperature_c", "edges")

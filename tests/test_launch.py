@@ -1,6 +1,8 @@
-"""submitit launches run exactly the CLI command, on the real local Slurm and on the local executor."""
+"""submitit launches run exactly the CLI command, on the real local Slurm and on the local executor;
+the local cluster script keeps its state in a private folder."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,6 +12,8 @@ import pytest
 import submitit
 
 from icehpc.run import launch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def synth_args(out: Path) -> list[str]:
@@ -115,3 +119,25 @@ def test_submit_options_before_or_after_stage(argv, tasks, wait, executor, stage
     args = parser.parse_args(argv)
     assert submit.split_stage_args(args) == stage_args
     assert (args.tasks_per_node, args.wait, args.executor) == (tasks, wait, executor)
+
+
+# ------------------------------------------------------------------ jobs/local-cluster.sh: a private state folder
+def _own_state(state: Path) -> subprocess.CompletedProcess:
+    script = ("set -euo pipefail; log() { echo \"$*\" >&2; }; "
+              "eval \"$(sed -n '/^own_state()/,/^}/p' jobs/local-cluster.sh)\"; own_state; stat -c %a \"$STATE\"")
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=30,
+                          env={**os.environ, "STATE": str(state)})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the cluster script runs as root")
+def test_local_cluster_state_folder_is_private_and_never_someone_elses(tmp_path):
+    assert "/var/tmp" not in (ROOT / "jobs" / "local-cluster.sh").read_text().split("STATE=")[1].split("\n")[0]
+    fresh = _own_state(tmp_path / "state")
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "700", fresh.stderr
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, 65534, 65534)
+    (tmp_path / "link").symlink_to(tmp_path / "state")
+    for bad in (theirs, tmp_path / "link"):
+        proc = _own_state(bad)
+        assert proc.returncode == 1 and "refusing state folder" in proc.stderr

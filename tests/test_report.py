@@ -403,3 +403,22 @@ def test_math_text_and_formula_labels_cannot_crash_or_inject(tmp_path, capsys):
     assert rows[0].startswith("key,habit,") and any(",'=1+1," in row for row in rows[1:])
     assert not any(",=1+1," in row for row in rows)
     assert (tmp_path / "r" / "confusion_pretrained_knn.svg").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ hostile: strings from the data
+def test_7_report_escapes_every_string_from_data(tmp_path):
+    from icehpc.analysis.kappa import KappaConfig, run_kappa
+    from icehpc.analysis.report import build_report
+    from icehpc.analysis.store import write_part
+
+    evil = "<svg onload=alert(1)>"
+    x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    write_part(tmp_path / "s.h5", x, {evil: np.array([evil, "<b>x</b>"] * 20),
+                                      "key": np.array([f"k{i}" for i in range(40)])})
+    run_kappa(tmp_path / "s.h5", tmp_path / "k", KappaConfig(groupings=[evil], bootstrap=0, min_count=5,
+                                                              similarity_by=evil))
+    index = build_report(tmp_path / "k", tmp_path / "r")
+    text = index.read_text()
+    assert "<svg" not in text and "<b>x" not in text
+    assert "&lt;svg onload=alert(1)&gt;" in text
+    assert all(p.parent == tmp_path / "r" for p in (tmp_path / "r").rglob("*"))  # no file outside the report

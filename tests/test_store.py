@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from icehpc.analysis.store import StoreError, open_store, write_master, write_part
-from kappa_helpers import write_store
+from kappa_helpers import small_store, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -276,3 +276,70 @@ def test_damaged_master_attributes_are_one_store_error(tmp_path, damage):
     with pytest.raises(StoreError, match="the master lists 2 parts but 1 row counts" if damage == "rows_short"
                        else "the master's part list is damaged"):
         open_store(path).close()
+
+
+# ------------------------------------------------------------------ hostile: store parts, keys, umask, names
+def _h5_edit(path: Path, fn) -> None:
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        fn(f)
+
+
+def test_3_part_missing_a_meta_dataset_is_an_error_not_fill_values(tmp_path):
+    from icehpc.analysis.store import StoreError, open_store
+
+    master = small_store(tmp_path / "s")
+    _h5_edit(tmp_path / "s" / "part-00001.h5", lambda f: f["meta"].__delitem__("temperature_c"))
+    with pytest.raises(StoreError, match="part-00001"):
+        with open_store(master) as st:
+            st.read(0, st.n_rows)
+
+
+def test_3_part_rewritten_with_the_same_rows_or_copied_is_an_error(tmp_path):
+    from kappa_helpers import cheap_groups, paper_meta
+
+    from icehpc.analysis.store import StoreError, open_store, write_part
+
+    master = small_store(tmp_path / "s")
+    part = tmp_path / "s" / "part-00002.h5"
+    x, gid = cheap_groups(20, 8, 3, seed=9)  # same row count and columns, other numbers
+    write_part(part, x, paper_meta(20, gid, seed=9))
+    with pytest.raises(StoreError, match="part-00002.*sha256"):
+        open_store(master)
+    master = small_store(tmp_path / "t")
+    (tmp_path / "t" / "part-00002.h5").write_bytes((tmp_path / "t" / "part-00000.h5").read_bytes())
+    with pytest.raises(StoreError, match="part-00002"):
+        open_store(master)
+
+
+def test_3_duplicate_keys_are_refused_also_in_a_single_file(tmp_path):
+    from kappa_helpers import cheap_groups, paper_meta
+
+    from icehpc.analysis.store import StoreError, open_store, write_part
+
+    x, gid = cheap_groups(10, 8, 2, seed=2)
+    meta = paper_meta(10, gid, seed=2)
+    meta["key"][5:] = meta["key"][:5]
+    write_part(tmp_path / "one.h5", x, meta)
+    with pytest.raises(StoreError, match="more than once"):
+        open_store(tmp_path / "one.h5")
+
+
+def test_store_files_respect_the_umask(tmp_path):
+    from icehpc.analysis.store import write_part
+
+    old = os.umask(0o077)
+    try:
+        write_part(tmp_path / "p.h5", np.zeros((2, 3), np.float32), {"key": ["a", "b"]})
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "p.h5").st_mode & 0o777) == 0o600
+
+
+def test_7_store_refuses_column_names_hdf5_cannot_hold(tmp_path):
+    from icehpc.analysis.store import StoreError, write_part
+
+    for bad in ("a/b", ".", "x.y", ""):
+        with pytest.raises(StoreError, match="column name"):
+            write_part(tmp_path / "p.h5", np.zeros((1, 2), np.float32), {bad: ["v"]})
