@@ -56,12 +56,18 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, durable: bool = Tru
         raise
 
 
-def _holder(path: Path) -> str:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        text = ""
-    return text or "an unknown process"
+def _holder(path: Path, wait_s: float = 1.0) -> str:
+    """Who holds the lock, as written in the lock file. The holder writes it just after taking the
+    lock, so a file still empty is read again for up to ``wait_s`` before giving up."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            text = ""
+        if text or time.monotonic() >= deadline:
+            return text or "an unknown process"
+        time.sleep(0.02)
 
 
 @contextlib.contextmanager

@@ -38,3 +38,26 @@ def test_1_atomic_temp_names_are_per_process(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda a, b: (seen.append(Path(a).name), real(a, b)))
     fileio.write_atomic(tmp_path / "x.json", "{}")
     assert seen == [f".x.json.{os.getpid()}.tmp"]
+
+
+def test_a_lock_taken_a_moment_ago_is_named_by_its_holder_not_unknown(tmp_path):
+    """The holder writes 'host … PID …' just after flock: a second writer that reads the file in
+    between must wait for the name instead of reporting 'an unknown process' (a CI flake)."""
+    import fcntl
+    import threading
+
+    from icehpc.fileio import LockedError, lock_dir
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, name not yet written
+    timer = threading.Timer(0.2, lambda: os.pwrite(fd, b"host somewhere PID 4242\n", 0))
+    timer.start()
+    try:
+        with pytest.raises(LockedError, match="in use by host somewhere PID 4242"):
+            with lock_dir(folder):
+                pass
+    finally:
+        timer.join()
+        os.close(fd)
