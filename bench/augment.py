@@ -22,21 +22,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def block_masks_cummax(gen, n, grid, ratio, min_patches, aspect, candidates, device="cpu"):
-    """The previous mask builder (running union as a ``cummax`` over [n, T, gh, gw]), same draws and
-    same masks as ``augment.block_masks``: the baseline of the host-side figure."""
-    import math
+    """The previous mask builder (running union as a ``cummax`` over [n, T, gh, gw]), same draws
+    (:func:`augment.draw_blocks`) and same masks as ``augment.block_masks``: the baseline of the
+    host-side figure, and the reference of the test that the masks did not change."""
+    from icehpc.ssl.augment import draw_blocks
 
     gh, gw = grid
-    total = gh * gw
-    target = torch.round((ratio[0] + (ratio[1] - ratio[0]) * torch.rand(n, generator=gen)) * total).clamp(min=1)
-    max_area = torch.maximum(target / 2, torch.full_like(target, float(min_patches)))
-    area = min_patches + (max_area[:, None] - min_patches) * torch.rand(n, candidates, generator=gen)
-    log_ar = math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * torch.rand(
-        n, candidates, generator=gen)
-    bh = torch.round(torch.sqrt(area * torch.exp(log_ar))).clamp(1, gh)
-    bw = torch.round(torch.sqrt(area / torch.exp(log_ar))).clamp(1, gw)
-    top = torch.floor(torch.rand(n, candidates, generator=gen) * (gh - bh + 1))
-    left = torch.floor(torch.rand(n, candidates, generator=gen) * (gw - bw + 1))
+    target, top, left, bh, bw = draw_blocks(gen, n, grid, ratio, min_patches, aspect, candidates)
     rows = torch.arange(gh, dtype=torch.float32)[None, None, :, None]
     cols = torch.arange(gw, dtype=torch.float32)[None, None, None, :]
     inside = ((rows >= top[..., None, None]) & (rows < (top + bh)[..., None, None])

@@ -86,16 +86,3 @@ def mpiexec() -> list[str]:
 def icehpc_cmd() -> list[str]:
     """Run the CLI in a subprocess exactly as a user would."""
     return [sys.executable, "-m", "icehpc"]
-
-
-@pytest.fixture
-def one_clear_line():
-    """Check that a CLI run failed with exactly one stderr line, no traceback, holding every given word."""
-    def check(proc: subprocess.CompletedProcess, *words: str) -> None:
-        assert proc.returncode != 0, proc.stdout + proc.stderr
-        assert "Traceback" not in proc.stderr, proc.stderr
-        lines = [l for l in proc.stderr.splitlines() if l.strip()]
-        assert len(lines) == 1, proc.stderr
-        for w in words:
-            assert w in lines[0], (w, lines[0])
-    return check

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kappa_helpers import write_store
+from cli_helpers import one_clear_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,13 +115,7 @@ def _tmpfs(folder: Path, options: str):
 def _cli_line(args: list[str], code: int, *words: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "icehpc", *args], capture_output=True, text=True, timeout=300,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == code, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
+    return one_clear_line(proc, *words, code=code)
 
 
 def test_disk_full_is_one_line_naming_the_folder_in_kappa_and_synth(files, tmp_path):

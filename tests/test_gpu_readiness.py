@@ -1,7 +1,6 @@
 """Issue 22: what the first GPU run would have mis-measured or stalled on, checked on the CPU."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -12,27 +11,14 @@ from icehpc.ssl.augment import block_masks
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _block_masks_cummax(gen, n, grid, ratio, min_patches, aspect, candidates):
-    """The previous implementation (running union as a cummax over [n, T, gh, gw]): the reference."""
-    gh, gw = grid
-    total = gh * gw
-    target = torch.round((ratio[0] + (ratio[1] - ratio[0]) * torch.rand(n, generator=gen)) * total).clamp(min=1)
-    max_area = torch.maximum(target / 2, torch.full_like(target, float(min_patches)))
-    area = min_patches + (max_area[:, None] - min_patches) * torch.rand(n, candidates, generator=gen)
-    log_ar = math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * torch.rand(
-        n, candidates, generator=gen)
-    bh = torch.round(torch.sqrt(area * torch.exp(log_ar))).clamp(1, gh)
-    bw = torch.round(torch.sqrt(area / torch.exp(log_ar))).clamp(1, gw)
-    top = torch.floor(torch.rand(n, candidates, generator=gen) * (gh - bh + 1))
-    left = torch.floor(torch.rand(n, candidates, generator=gen) * (gw - bw + 1))
-    rows = torch.arange(gh, dtype=torch.float32)[None, None, :, None]
-    cols = torch.arange(gw, dtype=torch.float32)[None, None, None, :]
-    inside = ((rows >= top[..., None, None]) & (rows < (top + bh)[..., None, None])
-              & (cols >= left[..., None, None]) & (cols < (left + bw)[..., None, None]))
-    union = torch.cummax(inside.to(torch.uint8), dim=1).values
-    counts = union.flatten(2).sum(-1).float()
-    best = torch.argmin((counts - target[:, None]).abs(), dim=1)
-    return union[torch.arange(n), best].bool()
+def _block_masks_cummax(*args):
+    """The previous implementation (bench/augment.py's baseline: a cummax over [n, T, gh, gw])."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_augment", ROOT / "bench" / "augment.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.block_masks_cummax(*args)
 
 
 @pytest.mark.parametrize("grid, min_patches, candidates", [

@@ -17,6 +17,7 @@ from icehpc.analysis.kappa import KappaConfig, KappaError, run_kappa
 from icehpc.analysis.kappa_groups import MAX_BINS
 from icehpc.config import ConfigError
 from kappa_helpers import small_store, write_store
+from cli_helpers import one_clear_line
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -25,16 +26,6 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "icehpc", *args], capture_output=True, text=True, env=ENV,
                           timeout=120, cwd=ROOT)
-
-
-def _one_line(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    assert proc.returncode == code, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +44,7 @@ def test_n_bins_of_a_hundred_million_is_refused_before_allocating(store, tmp_pat
         cfglib.load(KappaConfig, None, ["bins={temperature_c: {n_bins: 100000000}}"])
     proc = _cli("kappa", str(store), "--out", str(tmp_path / "k"), "--by", "temperature_c",
                 "bins={temperature_c: {n_bins: 100000000}}")
-    _one_line(proc, 2, "n_bins", str(MAX_BINS))
+    one_clear_line(proc, "n_bins", str(MAX_BINS), code=2)
     assert time.perf_counter() - t0 < 30
     with pytest.raises(ConfigError, match="edges: at most"):
         cfglib.load(KappaConfig, None, [f"bins.temperature_c.edges={list(range(MAX_BINS + 2))}"])
@@ -90,7 +81,7 @@ def test_max_stats_gib_counts_the_bootstrap_weights_of_a_read(store, tmp_path):
 @pytest.mark.parametrize("bins", ["temperature_c=a,b", "temperature_c=-40,,0", "temperature_c=1e999,2"])
 def test_bins_that_are_not_numbers_are_one_line(store, tmp_path, bins):
     proc = _cli("kappa", str(store), "--out", str(tmp_path / "k"), "--by", "temperature_c", "--bins", bins)
-    _one_line(proc, 2, "temperature_c")
+    one_clear_line(proc, "temperature_c", code=2)
 
 
 def test_labels_that_look_like_formulas_are_escaped_in_kappa_and_similarity_csv(store, tmp_path):
@@ -170,7 +161,7 @@ def test_kappa_identical_vectors_are_degenerate_with_kappa_inf(tmp_path):
 
 
 @pytest.mark.parametrize("bins", ["temperature_c=-40,nan,0", "temperature_c=-40,inf", "temperature_c=0,-10"])
-def test_kappa_bad_bin_edges_are_a_config_error(tmp_path, bins, one_clear_line):
+def test_kappa_bad_bin_edges_are_a_config_error(tmp_path, bins):
     from icehpc.analysis.store import write_part
 
     write_part(tmp_path / "s.h5", np.ones((3, 2), np.float32), {"temperature_c": np.array([-5.0, -6.0, -7.0])})

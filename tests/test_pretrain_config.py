@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from icehpc.config import ConfigError
+from cli_helpers import one_clear_line
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -33,7 +34,7 @@ def test_bad_pretraining_values_are_config_errors_naming_the_key(override, key):
         cfglib.load(PretrainConfig, "pretrain-tiny-cpu.yaml", [override])
 
 
-def test_bad_pretraining_value_via_cli_is_one_line_before_any_work(tmp_path, one_clear_line):
+def test_bad_pretraining_value_via_cli_is_one_line_before_any_work(tmp_path):
     proc = _cli("pretrain", "--config", "pretrain-tiny-cpu.yaml", f"out={tmp_path / 'run'}", "data.batch_size=0")
     one_clear_line(proc, "batch_size")
     assert not (tmp_path / "run").exists()

@@ -19,6 +19,7 @@ from PIL import Image
 from icehpc import fileio
 from icehpc.config import ConfigError
 from icehpc.data import shards
+from cli_helpers import one_clear_line
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -49,21 +50,12 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=ROOT)
 
 
-def _one_clear_line(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, proc.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-
-
 def test_1_second_build_into_a_locked_folder_stops_naming_the_holder(tmp_path):
     tree = _tree(tmp_path / "tree", {"plate": 3, "column": 2})
     out = tmp_path / "out"
     with fileio.lock_dir(out):  # stands in for a first build (e.g. the old job of a Slurm requeue)
         proc = _cli("shards", "build", str(tree), "--out", str(out), "--no-progress", "--workers", "1")
-        _one_clear_line(proc, str(out), f"PID {os.getpid()}", "host")
+        one_clear_line(proc, str(out), f"PID {os.getpid()}", "host")
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
     proc = _cli("shards", "build", str(tree), "--out", str(out), "--no-progress", "--workers", "1")
     assert proc.returncode == 0, proc.stderr
@@ -190,7 +182,7 @@ def test_truncated_zip_names_the_archive_and_what_to_do(tmp_path):
             z.writestr(f"plate/{i}.png", _png(i))
     zpath.write_bytes(zpath.read_bytes()[:-40])
     proc = _cli("shards", "build", str(zpath), "--out", str(tmp_path / "out"), "--no-progress")
-    _one_clear_line(proc, "cut.zip", "truncated or corrupt", "re-download")
+    one_clear_line(proc, "cut.zip", "truncated or corrupt", "re-download")
 
 
 def test_finished_build_rerun_rebuilds_a_deleted_or_altered_shard(tmp_path):

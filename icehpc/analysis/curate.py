@@ -495,9 +495,8 @@ def run_curate(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: C
 
 def status(args: argparse.Namespace) -> Status:
     """Would ``icehpc curate ARGS`` skip? (read-only)."""
-    if getattr(args, "force", False):
-        return Status(False, "--force")
-    return storestage.status(STAGE, args.store, args.out, config_from_args(args), FINGERPRINT_EXTRA)
+    return storestage.status(STAGE, args.store, args.out, config_from_args(args), FINGERPRINT_EXTRA,
+                             force=getattr(args, "force", False))
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -466,9 +466,8 @@ def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: Ka
 
 def status(args: argparse.Namespace) -> Status:
     """Would ``icehpc kappa ARGS`` skip? (read-only; see :func:`storestage.status`)."""
-    if getattr(args, "force", False):
-        return Status(False, "--force")
-    return storestage.status(STAGE, args.store, args.out, config_from_args(args), FINGERPRINT_EXTRA)
+    return storestage.status(STAGE, args.store, args.out, config_from_args(args), FINGERPRINT_EXTRA,
+                             force=getattr(args, "force", False))
 
 
 # --------------------------------------------------------------------------------------- CLI

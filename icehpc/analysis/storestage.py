@@ -92,8 +92,10 @@ def run(stage: StoreStage, store_path: str | os.PathLike, out_dir: str | os.Path
 
 
 def status(stage: StoreStage, store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: Any,
-           extra: Callable[[Store], dict[str, Any]] | dict[str, Any]) -> Status:
+           extra: Callable[[Store], dict[str, Any]] | dict[str, Any], force: bool = False) -> Status:
     """Whether :func:`run` with these arguments would skip (read-only: opens the store, hashes)."""
+    if force:
+        return Status(False, "--force")
     out = Path(out_dir)
     record = stage.contract.read(out)
     if record is None:

@@ -129,6 +129,23 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor,
     return y.reshape(b, c, hgt, wid)
 
 
+def draw_blocks(gen: torch.Generator, n: int, grid: tuple[int, int], ratio: list[float], min_patches: int,
+                aspect: list[float], candidates: int) -> tuple[torch.Tensor, ...]:
+    """The random draws of :func:`block_masks`, on the CPU from ``gen``: per image the target patch
+    count [n], and per candidate rectangle its top, left, height and width [n, candidates]."""
+    gh, gw = grid
+    target = torch.round(_uniform(gen, n, ratio[0], ratio[1]) * gh * gw).clamp(min=1)
+    max_area = torch.maximum(target / 2, torch.full_like(target, float(min_patches)))
+    area = min_patches + (max_area[:, None] - min_patches) * torch.rand(n, candidates, generator=gen)
+    log_ar = math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * torch.rand(
+        n, candidates, generator=gen)
+    bh = torch.round(torch.sqrt(area * torch.exp(log_ar))).clamp(1, gh)
+    bw = torch.round(torch.sqrt(area / torch.exp(log_ar))).clamp(1, gw)
+    top = torch.floor(torch.rand(n, candidates, generator=gen) * (gh - bh + 1))
+    left = torch.floor(torch.rand(n, candidates, generator=gen) * (gw - bw + 1))
+    return target, top, left, bh, bw
+
+
 def block_masks(gen: torch.Generator, n: int, grid: tuple[int, int], ratio: list[float],
                 min_patches: int, aspect: list[float], candidates: int,
                 device: torch.device | str = "cpu") -> torch.Tensor:
@@ -146,15 +163,7 @@ def block_masks(gen: torch.Generator, n: int, grid: tuple[int, int], ratio: list
     """
     gh, gw = grid
     total = gh * gw
-    target = torch.round(_uniform(gen, n, ratio[0], ratio[1]) * total).clamp(min=1)
-    max_area = torch.maximum(target / 2, torch.full_like(target, float(min_patches)))
-    area = min_patches + (max_area[:, None] - min_patches) * torch.rand(n, candidates, generator=gen)
-    log_ar = math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * torch.rand(
-        n, candidates, generator=gen)
-    bh = torch.round(torch.sqrt(area * torch.exp(log_ar))).clamp(1, gh)
-    bw = torch.round(torch.sqrt(area / torch.exp(log_ar))).clamp(1, gw)
-    top = torch.floor(torch.rand(n, candidates, generator=gen) * (gh - bh + 1))
-    left = torch.floor(torch.rand(n, candidates, generator=gen) * (gw - bw + 1))
+    target, top, left, bh, bw = draw_blocks(gen, n, grid, ratio, min_patches, aspect, candidates)
     target, top, left, bh, bw = (to_device(t, device) for t in (target, top, left, bh, bw))
     first = _first_cover(top.long(), bh.long(), left.long(), bw.long(), gh, gw)  # [n, gh*gw]
     hist = torch.zeros(n, candidates + 1, device=device).scatter_add_(
