@@ -22,3 +22,16 @@ def pyplot() -> Any:
 
     plt.rcParams.update(STYLE)
     return plt
+
+
+def log_axis(ax: Any, which: str = "y") -> None:
+    """Put ``ax``'s x or y axis on a log scale with plain tick labels (``1``, ``10``, ``100``, ``0.1``).
+
+    matplotlib writes log tick labels as math text (``$\\mathdefault{10^{2}}$``), which :data:`STYLE`
+    turns off for the sake of user strings; these labels need none."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())

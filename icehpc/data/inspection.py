@@ -14,6 +14,7 @@ from PIL import Image
 
 from .. import config as cfg
 from ..fileio import write_atomic
+from ..plotting import log_axis
 from .format import INDEX, REJECTED, SHARD_GLOB, STATS, iter_samples
 from .build import _read_json
 
@@ -118,7 +119,7 @@ def stats(shard_dir: str | os.PathLike, png: str | os.PathLike | None = None) ->
     axes[1].set_title("crop sizes")
     if width_um.size:
         axes[2].hist(width_um, bins=np.geomspace(max(width_um.min(), 1e-3), width_um.max() * 1.001, 40))
-        axes[2].set_xscale("log")
+        log_axis(axes[2], "x")
         axes[2].set_xlabel("particle width (µm)")
         axes[2].set_title("particle sizes")
     out = Path(png) if png else root / STATS

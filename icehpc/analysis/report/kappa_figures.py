@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...plotting import log_axis
 from .common import ESTIMATE, _axis, _finite, _group_name, _save
 
 def _yerr(rows: list[dict]) -> np.ndarray:
@@ -17,7 +18,7 @@ def _yerr(rows: list[dict]) -> np.ndarray:
 def _log_if_wide(ax, values: list[float]) -> None:
     v = [x for x in values if _finite(x) and x > 0]
     if v and max(v) / min(v) > 3:
-        ax.set_yscale("log")
+        log_axis(ax, "y")
 
 
 def _estimable(rows: list[dict]) -> list[dict]:
@@ -48,7 +49,7 @@ def fig_categorical(plt, grouping: str, rows: list[dict], path: Path,
     ax.invert_yaxis()
     ax.set_xlabel("vMF concentration κ  (higher = less diverse)")
     if values and max(values) / max(min(values), 1e-300) > 3:
-        ax.set_xscale("log")
+        log_axis(ax, "x")
     ax.margins(x=0.15, y=0.5 / max(len(est), 1))
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0 + 0.6 / (1.9 + 0.4 * max(len(est), 1))),
               ncol=3, fontsize=8, frameon=False)
@@ -126,7 +127,7 @@ def fig_binned(plt, cat: str | None, col: str, rows: list[dict], pooled: list[di
         axn.axhline(min_count, color="0.5", ls=":", lw=1)
         axn.annotate(f"min n = {min_count}", (1.0, min_count), xycoords=("axes fraction", "data"),
                      ha="right", va="bottom", fontsize=7, color="0.4")
-    axn.set_yscale("log")
+    log_axis(axn, "y")
     axn.set_ylabel("n")
     axn.set_xlabel(_axis(col))
     ax.set_title(f"κ versus {_axis(col)}" + (f" per {_axis(cat)}" if cat else ""))
