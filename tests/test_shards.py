@@ -22,7 +22,8 @@ import webdataset as wds
 from PIL import Image
 
 from icehpc import config
-from icehpc.data import inputs, shards, synth
+from icehpc.data import build, inputs, inspection, shards, synth, tarwriter
+from icehpc.data import format as data_format
 
 RNG = np.random.default_rng(0)
 
@@ -161,7 +162,7 @@ def test_every_stored_image_is_8bit_gray_and_conversions_are_faithful(hostile):
     for meta, png in samples.values():
         with Image.open(io.BytesIO(png)) as im:
             assert im.format == "PNG" and im.mode == "L" and im.size == (meta["orig_width"], meta["orig_height"])
-        assert set(shards.METADATA_KEYS) <= set(meta) and meta["probe"] == "CPI" and meta["pixel_um"] == 2.3
+        assert set(data_format.METADATA_KEYS) <= set(meta) and meta["probe"] == "CPI" and meta["pixel_um"] == 2.3
     def pixels(rel):
         meta, png = samples[f"{tree.name}/{rel}"]
         return np.asarray(Image.open(io.BytesIO(png))), meta
@@ -193,7 +194,7 @@ def test_odd_file_names_survive(hostile):
             for m in tf:
                 key, ext = m.name.split(".")  # exactly one dot: keys have none
                 assert key.isdigit() and ext in ("png", "json")
-                assert (m.mtime, m.uid, m.gid, m.mode) == (shards.TAR_MTIME, 0, 0, 0o444)
+                assert (m.mtime, m.uid, m.gid, m.mode) == (tarwriter.TAR_MTIME, 0, 0, 0o444)
 
 
 def test_tampering_is_found_by_verify(hostile, tmp_path):
@@ -357,9 +358,9 @@ def test_sigkill_then_rerun_is_byte_identical(synth_data, tmp_path, icehpc_cmd, 
 
     def ready() -> bool:
         if kill_when == "starting":
-            return (out / shards.WORK).is_dir()
+            return (out / data_format.WORK).is_dir()
         if kill_when == "checking":  # a chunk of the check pass committed: the rerun reuses it
-            return any((out / shards.WORK).glob("check-*.json"))
+            return any((out / data_format.WORK).glob("check-*.json"))
         return len(list(out.glob("shard-*.tar"))) >= 8
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -374,7 +375,7 @@ def test_sigkill_then_rerun_is_byte_identical(synth_data, tmp_path, icehpc_cmd, 
         assert len(partial) >= 8
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     assert _all_bytes(out) == reference
-    assert not (out / shards.WORK).exists() and not list(out.glob(".*.tmp"))
+    assert not (out / data_format.WORK).exists() and not list(out.glob(".*.tmp"))
 
 
 def test_tar_members_match_the_stdlib_tarfile_bytes():
@@ -383,13 +384,13 @@ def test_tar_members_match_the_stdlib_tarfile_bytes():
     with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         for name, payload in members:
             info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uname, info.gname = len(payload), shards.TAR_MTIME, 0o444, \
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(payload), tarwriter.TAR_MTIME, 0o444, \
                 "icehpc", "icehpc"
             tf.addfile(info, io.BytesIO(payload))
-    body = b"".join(shards.tar_member(n, d) for n, d in members)
-    assert body + shards.tar_end(len(body)) == ref.getvalue()
+    body = b"".join(tarwriter.tar_member(n, d) for n, d in members)
+    assert body + tarwriter.tar_end(len(body)) == ref.getvalue()
     with pytest.raises(ValueError):
-        shards.tar_member("k" * 101, b"")
+        tarwriter.tar_member("k" * 101, b"")
 
 
 def test_cli_verify_and_stats(synth_data, tmp_path, icehpc_cmd):
@@ -679,7 +680,7 @@ def test_overwrite_removes_only_the_builds_own_files(tmp_path):
     assert index["totals"]["written"] == 2 and len(index["shards"]) == 2
     assert (out / "README.txt").read_text() == "my notes" and (out / "shard-abc.tar").read_bytes() == b"mine"
     assert (out / "figures" / "final.pdf").exists()
-    assert shards.CONTRACT.foreign(out) == ["README.txt", "figures/final.pdf", "shard-abc.tar"]
+    assert data_format.CONTRACT.foreign(out) == ["README.txt", "figures/final.pdf", "shard-abc.tar"]
     assert sorted(index["outputs"]) == ["rejected.jsonl", "shard-000000.tar", "shard-000001.tar", "sources.jsonl"]
 
 
@@ -759,11 +760,11 @@ def test_keys_from_another_data_set_are_refused_and_unselected_inputs_counted(tm
     a, b = tree(tmp_path / "a", 100), tree(tmp_path / "b", 30)
     full = shards.build([str(a)], tmp_path / "full", shards.BuildConfig(), workers=1, progress=False)
     assert full["totals"]["written"] == 6
-    metas = sorted(shards.iter_metadata(tmp_path / "full"), key=lambda m: m["source_path"])
-    keys = {shards.sample_key(int(k)): None for k in ("1", "4")}
+    metas = sorted(inspection.iter_metadata(tmp_path / "full"), key=lambda m: m["source_path"])
+    keys = {data_format.sample_key(int(k)): None for k in ("1", "4")}
     by_path = {m["source_path"]: m["source_sha256"] for m in metas}
-    items = shards.scan([str(a)], "habit")
-    rows = [(shards.sample_key(i.ordinal), by_path[i.source_path]) for i in items if shards.sample_key(i.ordinal) in keys]
+    items = inputs.scan([str(a)], "habit")
+    rows = [(data_format.sample_key(i.ordinal), by_path[i.source_path]) for i in items if data_format.sample_key(i.ordinal) in keys]
     (tmp_path / "curated.csv").write_text("key,source_sha256\n" + "".join(f"{k},{s}\n" for k, s in rows))
     proc = subprocess.run([*icehpc_cmd, "shards", "build", str(b), "--keys", str(tmp_path / "curated.csv"),
                            "--out", str(tmp_path / "wrong"), "--no-progress"], capture_output=True, text=True,
@@ -771,7 +772,7 @@ def test_keys_from_another_data_set_are_refused_and_unselected_inputs_counted(tm
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "other inputs" in proc.stderr
     sub = shards.build([str(a)], tmp_path / "sub", shards.BuildConfig(), workers=1, progress=False,
-                       keys=shards.read_keys(tmp_path / "curated.csv"))
+                       keys=build.read_keys(tmp_path / "curated.csv"))
     t = sub["totals"]
     assert (t["inputs"], t["written"], t["rejected"], t["not_selected"]) == (6, 2, 0, 4)
     assert shards.verify(tmp_path / "sub") == []

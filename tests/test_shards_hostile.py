@@ -19,6 +19,7 @@ from PIL import Image
 from icehpc import fileio
 from icehpc.config import ConfigError
 from icehpc.data import shards
+from icehpc.data import inputs
 from cli_helpers import one_clear_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,14 +128,14 @@ def test_5_reads_are_capped_even_when_a_zip_member_lies_about_its_size(tmp_path,
     real_read = zipfile.ZipExtFile.read
     monkeypatch.setattr(zipfile.ZipExtFile, "read", lambda self, n=-1: (asked.append(n), real_read(self, n))[1])
     cap = 4096
-    item = shards.Item(0, "lie.zip", "lie.zip/plate/big.png", (str(zpath), 0), {})
-    with pytest.raises(shards.Reject) as exc:
-        shards.read_source(item, cap)
+    item = inputs.Item(0, "lie.zip", "lie.zip/plate/big.png", (str(zpath), 0), {})
+    with pytest.raises(inputs.Reject) as exc:
+        inputs.read_source(item, cap)
     assert exc.value.reason in ("unreadable", "too_large")  # CRC of the first 1,000 bytes fails
     assert asked and all(0 < n <= cap + 1 for n in asked), asked  # never "read everything"
     # and a file that grows past the cap while read (here: a stream longer than claimed) stops at cap + 1
-    with pytest.raises(shards.Reject, match="too_large"):
-        shards._read_capped(io.BytesIO(big), cap)
+    with pytest.raises(inputs.Reject, match="too_large"):
+        inputs._read_capped(io.BytesIO(big), cap)
 
 
 def test_8_manifest_paths_are_confined_to_the_manifest_folder(tmp_path):

@@ -13,7 +13,8 @@ from PIL import Image
 from scipy.stats import chisquare
 
 from icehpc import config
-from icehpc.data import shards, synth
+from icehpc.data import synth
+from icehpc.data import format as data_format
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_rerun_resumes_and_refuses_other_parameters(run, tmp_path):
 def test_manifest_and_images_are_sane(run):
     rows = list(csv.DictReader(open(run / "manifest.csv")))
     assert len(rows) == 300
-    assert list(rows[0]) == ["path", *shards.METADATA_KEYS]
+    assert list(rows[0]) == ["path", *data_format.METADATA_KEYS]
     assert {r["habit"] for r in rows} <= set(synth.HABITS) and len({r["habit"] for r in rows}) >= 7
     assert {r["campaign"] for r in rows} == {c.name for c in synth.CAMPAIGNS}
     coarse = 0

@@ -77,21 +77,14 @@ from pathlib import Path
 
 from .. import config as cfg
 from ..fileio import file_sha256
-from .build import BuildConfig, _read_json, build, read_keys, status
-from .format import CONTRACT, INDEX, METADATA_KEYS, WORK, sample_key
-from .images import check_png, dark_border, normalise
-from .inputs import Item, Reject, _read_capped, check_column_names, read_source, scan
-from .inspection import iter_metadata, stats, verify
-from .tarwriter import TAR_MTIME, tar_end, tar_member
+from .build import BuildConfig, _read_json, build, read_keys, status  # noqa: F401  (status: the stage's answer)
+from .format import INDEX
+from .inspection import stats, verify
 
 #: The parts of the build, by concern: :mod:`.inputs` (scanning trees, zips and manifests; reading),
 #: :mod:`.images` (checks and conversions), :mod:`.tarwriter`, :mod:`.build` (resumable build and
-#: ``status``), :mod:`.inspection` (verify, stats); this module is the command line. The names
-#: above stay importable from here for callers of ``shards.build``, ``shards.Reject`` …
-__all__ = ["BuildConfig", "CONTRACT", "INDEX", "Item", "METADATA_KEYS", "Reject", "TAR_MTIME", "WORK", "_read_capped",
-           "add_arguments", "build", "check_column_names", "check_png", "dark_border", "default_workers",
-           "iter_metadata", "normalise", "read_keys", "read_source", "run", "sample_key", "scan", "stats", "status",
-           "tar_end", "tar_member", "verify"]
+#: ``status``), :mod:`.inspection` (verify, stats), :mod:`.format` (the format and its contract);
+#: this module is the command line over :func:`build`, :func:`verify` and :func:`stats`.
 
 
 # ---------------------------------------------------------------- command line
