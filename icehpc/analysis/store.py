@@ -15,7 +15,7 @@ them all, plus that no ``key`` occurs twice: a lost, truncated, rewritten, copie
 a :class:`StoreError` naming it, never rows of fill values or silently different numbers.
 :meth:`Store.read` still checks the marker. Files are created with the umask's permissions.
 
-Both also name their dimensions for netCDF readers (``xarray.open_dataset(STORE)``, engine h5netcdf
+Parts and master also name their dimensions for netCDF readers (``xarray.open_dataset(STORE)``, engine h5netcdf
 or netCDF4): HDF5 dimension scales ``sample`` [N] and ``feature`` [D] (no data stored: netCDF's mark of
 a dimension without a variable) attached to every dataset, and every meta column also linked at the
 root (an HDF5 hard link: the same dataset under a second name, no copy), so the store reads as one
