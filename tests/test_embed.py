@@ -113,6 +113,13 @@ def test_embed_exact_cls_all_columns_and_resume(shards, backbone, tmp_path, iceh
     index = read_index(shards)
     assert emb.shape == (index["totals"]["written"], 32)
     assert len(set(meta["key"])) == len(meta["key"])
+    import xarray as xr  # the store in xarray: embeddings and every column along one `sample` dimension
+    with xr.open_dataset(store) as ds:
+        assert ds["embeddings"].dims == ("sample", "feature") and sorted(ds.variables) == sorted(["embeddings", *meta])
+        np.testing.assert_array_equal(ds["embeddings"].values, emb)
+        for column, values in meta.items():
+            assert ds[column].dims == ("sample",)
+            np.testing.assert_array_equal(ds[column].values, values, err_msg=column)
 
     # values: the [CLS] token after the final norm of the exported backbone, key by key
     reference = _reference_cls(shards, backbone)

@@ -2,6 +2,7 @@
 every way a store can be broken (each must be a clear StoreError, never silent zeros)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -343,3 +344,128 @@ def test_7_store_refuses_column_names_hdf5_cannot_hold(tmp_path):
     for bad in ("a/b", ".", "x.y", ""):
         with pytest.raises(StoreError, match="column name"):
             write_part(tmp_path / "p.h5", np.zeros((1, 2), np.float32), {bad: ["v"]})
+
+
+# ------------------------------------------------------------------ the store in xarray (netCDF dimensions, issue #21)
+def _keyed(n: int, seed: int = 0):
+    emb, meta = _data(n, seed=seed)
+    return emb, {**meta, "key": np.array([f"s{seed}-{i:04d}" for i in range(n)])}
+
+
+def _xr_matches_h5py(path: Path, engine: str | None) -> None:
+    """xarray (engine as given, None = its default) reads the store as one Dataset along `sample`,
+    with the values h5py and open_store read, and no phony dimensions (no warning)."""
+    import warnings
+
+    import xarray as xr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unnamed dimension is a warning in xarray's h5netcdf backend
+        ds = xr.open_dataset(path, engine=engine)
+    with ds, h5py.File(path, "r") as f, open_store(path) as st:
+        _, meta = st.read(0, st.n_rows)
+        assert dict(ds.sizes) == {"sample": st.n_rows, "feature": st.dim}
+        assert ds["embeddings"].dims == ("sample", "feature")
+        assert f["sample"].id.get_storage_size() == 0  # a dimension's scale holds no data
+        np.testing.assert_array_equal(ds["embeddings"].values, f["embeddings"][:])
+        assert sorted(ds.variables) == sorted(["embeddings", *meta])
+        for column, values in meta.items():
+            assert ds[column].dims == ("sample",), column
+            assert f[column] == f[f"meta/{column}"], column  # one dataset under two names, not a copy
+            got = ds[column].values
+            if st.column_kinds[column] == "str":
+                assert all(isinstance(v, str) for v in got), column  # decoded text, not bytes
+            np.testing.assert_array_equal(got, values, err_msg=column)
+        assert list(ds.coords) == ["key"]
+        row = st.n_rows // 2  # `key` selects rows once it is the index
+        np.testing.assert_array_equal(ds.set_index(sample="key").sel(sample=meta["key"][row])["embeddings"],
+                                      f["embeddings"][row])
+
+
+@pytest.mark.parametrize("engine", [None, "h5netcdf"])
+def test_xarray_reads_a_master_store_as_one_dataset_along_sample(tmp_path, engine):
+    emb, meta = _keyed(103)
+    path = write_store(tmp_path / "s", emb, meta, n_parts=4)
+    _xr_matches_h5py(path, engine)
+    with open_store(path) as st:  # h5py readers unchanged: same rows, same columns, parts verified
+        x, m = st.read(0, 103)
+        assert st.columns == sorted(meta) and np.array_equal(x, emb) and list(m["habit"]) == list(meta["habit"])
+
+
+@pytest.mark.parametrize("engine", [None, "h5netcdf"])
+def test_xarray_reads_a_single_part_and_an_empty_one(tmp_path, engine):
+    emb, meta = _keyed(10)
+    write_part(tmp_path / "one.h5", emb, meta)
+    _xr_matches_h5py(tmp_path / "one.h5", engine)
+    write_part(tmp_path / "empty.h5", np.zeros((0, 8), np.float32), {k: v[:0] for k, v in meta.items()})
+    write_master(tmp_path / "m.h5", [tmp_path / "empty.h5", tmp_path / "one.h5"])
+    _xr_matches_h5py(tmp_path / "m.h5", engine)
+
+
+def test_xarray_a_column_named_like_a_root_dataset_stays_under_meta(tmp_path):
+    import xarray as xr
+
+    emb, meta = _data(12)
+    meta = {**meta, "sample": np.arange(12.0) * 2, "embeddings": np.array(["x"] * 12)}
+    path = write_store(tmp_path / "s", emb, meta, n_parts=2)
+    with xr.open_dataset(path) as ds:  # no key column: no coordinate
+        assert ds["embeddings"].dims == ("sample", "feature") and not ds.coords
+        assert sorted(ds.data_vars) == ["count", "embeddings", "habit", "temperature_c"]
+    with xr.open_dataset(path, group="meta") as ds:  # every column, on the root's `sample` dimension
+        np.testing.assert_array_equal(ds["sample"].values, meta["sample"])
+        assert ds["embeddings"].dims == ("sample",) and list(ds["embeddings"].values) == ["x"] * 12
+    with open_store(path) as st:
+        assert st.columns == sorted(meta)
+        np.testing.assert_array_equal(st.read(0, 12, columns=["sample"])[1]["sample"], meta["sample"])
+
+
+def test_part_losing_a_meta_dataset_still_linked_at_the_root_is_caught_without_checksums(tmp_path):
+    """The master maps meta/<column>; deleting it from a part leaves the root link to the same data, so
+    the recorded layout lists every name (not every object once), also where sha256 is not checked."""
+    emb, meta = _keyed(30)
+    path = write_store(tmp_path / "s", emb, meta, n_parts=2)
+    with h5py.File(tmp_path / "s" / "part-00001.h5", "r+") as f:
+        del f["meta/habit"]
+    with pytest.raises(StoreError, match=r"part-00001.h5 datasets differ .*meta/habit"):
+        open_store(path, verify=False)
+
+
+def test_stores_written_without_dimension_scales_still_open(tmp_path):
+    """A store from before the dimension scales: parts and master without `sample`/`feature` and root
+    links. open_store verifies and reads it as before (the previous writer recorded each part's
+    datasets once by name, which is what is recorded for such a part now); xarray sees embeddings on
+    phony dimensions and no metadata at the root."""
+    import xarray as xr
+
+    emb, meta = _keyed(20)
+    parts = []
+    for i, s in enumerate((slice(0, 8), slice(8, 20))):  # the previous write_part's layout
+        parts.append(tmp_path / "s" / f"part-{i:05d}.h5")
+        parts[-1].parent.mkdir(exist_ok=True)
+        with h5py.File(parts[-1], "w") as f:
+            f["embeddings"] = emb[s]
+            for k, v in meta.items():
+                f.create_dataset(f"meta/{k}", data=v[s].astype(object) if v.dtype.kind == "U" else v[s],
+                                 dtype=h5py.string_dtype("utf-8") if v.dtype.kind == "U" else v.dtype)
+            f["icehpc/present"] = np.ones(s.stop - s.start, np.uint8)
+            f.attrs["icehpc_store"] = "part"
+    master = tmp_path / "s" / "store.h5"
+    write_master(master, parts)
+    with h5py.File(master, "r+") as f:  # back to the previous master's layout
+        for name in f["meta"]:
+            del f[name]
+        for ds in (f["embeddings"], f["icehpc/present"], *f["meta"].values()):
+            for dim, scale in zip(ds.dims, ("sample", "feature")):
+                dim.detach_scale(f[scale])
+        del f["sample"], f["feature"], f["embeddings"].attrs["coordinates"]
+        for i, part in enumerate(parts):
+            with h5py.File(part, "r") as pf:
+                old: dict[str, list] = {}
+                pf.visititems(lambda n, o: old.__setitem__(n, [list(o.shape), str(o.dtype)])
+                              if isinstance(o, h5py.Dataset) else None)
+            assert json.loads(f.attrs["part_datasets"][i]) == old
+    with open_store(master) as st:
+        x, m = st.read(0, 20)
+        assert np.array_equal(x, emb) and list(m["key"]) == list(meta["key"])
+    with pytest.warns(UserWarning, match="phony_dims"), xr.open_dataset(master) as ds:
+        assert list(ds.data_vars) == ["embeddings"] and ds["embeddings"].dims[0].startswith("phony_dim_")

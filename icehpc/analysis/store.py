@@ -14,6 +14,16 @@ with their shapes and dtypes (``part_sha256``, ``part_datasets``), and :func:`op
 them all, plus that no ``key`` occurs twice: a lost, truncated, rewritten, copied or edited part is
 a :class:`StoreError` naming it, never rows of fill values or silently different numbers.
 :meth:`Store.read` still checks the marker. Files are created with the umask's permissions.
+
+Parts and master also name their dimensions for netCDF readers (``xarray.open_dataset(STORE)``, engine h5netcdf
+or netCDF4): HDF5 dimension scales ``sample`` [N] and ``feature`` [D] (no data stored: netCDF's mark of
+a dimension without a variable) attached to every dataset, and every meta column also linked at the
+root (an HDF5 hard link: the same dataset under a second name, no copy), so the store reads as one
+Dataset ``embeddings(sample, feature)`` + one variable per column along ``sample``, with ``key`` as
+a coordinate. A column whose name the root already uses (``sample``, ``feature``, ``embeddings``,
+``meta``, ``icehpc``) stays under ``meta/`` only (``xarray.open_dataset(STORE, group="meta")``).
+Stores written before this have no scales: h5py and :func:`open_store` read them as before, xarray
+sees ``embeddings`` on ``phony_dim_*`` dimensions and no metadata at the root.
 """
 from __future__ import annotations
 
@@ -34,7 +44,10 @@ EMB = "embeddings"
 META = "meta"
 PRESENT = "icehpc/present"
 MASTER_NAME = "store.h5"  # what open_store looks for when given a directory
+SAMPLE, FEATURE = "sample", "feature"  # dimension names netCDF readers (xarray) see
 _STR = h5py.string_dtype("utf-8")
+#: the NAME netCDF gives a dimension scale that is not also a variable (no coordinate values)
+_DIM_ONLY = "This is a netCDF dimension but not a netCDF variable."
 
 
 class StoreError(UserError):
@@ -48,11 +61,34 @@ def _umask() -> int:
 
 
 def _datasets(f: h5py.File) -> dict[str, list]:
-    """name → [shape, dtype] of every dataset of a part (what the master maps onto it)."""
+    """path → [shape, dtype] of every dataset of a part (what the master maps onto it), under each
+    of its names: a dataset that is also linked at the root is listed as ``meta/<column>`` too."""
     out: dict[str, list] = {}
-    f.visititems(lambda name, obj: out.__setitem__(name, [list(obj.shape), str(obj.dtype)])
-                 if isinstance(obj, h5py.Dataset) else None)
+
+    def visit(name: str, link) -> None:
+        if isinstance(link, h5py.HardLink) and isinstance(obj := f[name], h5py.Dataset):
+            out[name] = [list(obj.shape), str(obj.dtype)]
+
+    f.visititems_links(visit)
     return dict(sorted(out.items()))
+
+
+def _name_dimensions(f: h5py.File, n: int, d: int) -> None:
+    """Dimension scales ``sample`` [n] and ``feature`` [d] attached to every dataset, each meta
+    column hard-linked at the root where its name is free, ``key`` as the coordinate (module doc)."""
+    for name, size in ((SAMPLE, n), (FEATURE, d)):
+        f.create_dataset(name, shape=(size,), dtype="f4").make_scale(f"{_DIM_ONLY}{size:10d}")  # never written
+    sample = f[SAMPLE]
+    f[EMB].dims[0].attach_scale(sample)
+    f[EMB].dims[1].attach_scale(f[FEATURE])
+    f[PRESENT].dims[0].attach_scale(sample)
+    columns = dict(f[META].items()) if META in f else {}
+    for name, ds in columns.items():
+        ds.dims[0].attach_scale(sample)
+        if name not in f:
+            f[name] = ds
+    if "key" in columns:
+        f[EMB].attrs["coordinates"] = "key"
 
 
 def _atomic_h5(path: str | os.PathLike, fill) -> None:
@@ -105,6 +141,7 @@ def write_part(path: str | os.PathLike, embeddings, meta: Mapping[str, Sequence]
         for k, arr in cols.items():
             g.create_dataset(k, data=arr, dtype=_STR if arr.dtype == object else arr.dtype)
         f.create_dataset(PRESENT, data=np.ones(n, dtype=np.uint8))
+        _name_dimensions(f, n, emb.shape[1])
         f.attrs["icehpc_store"] = "part"
         for k, v in (attrs or {}).items():
             f.attrs[k] = str(v)
@@ -171,6 +208,7 @@ def write_master(path: str | os.PathLike, part_paths: Sequence[str | os.PathLike
             is_str = h5py.check_string_dtype(dt) is not None
             vds(f, f"{META}/{k}", _STR if is_str else dt, (), None if is_str else 0)
         vds(f, PRESENT, np.uint8, (), 0)
+        _name_dimensions(f, total, d)
         f.attrs["icehpc_store"] = "master"
         f.attrs["parts"] = np.array(rel, dtype=_STR)
         f.attrs["part_rows"] = np.array(rows, dtype=np.int64)
