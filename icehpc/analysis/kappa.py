@@ -338,7 +338,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
             bar.update(stop - start)
     except (StoreError, OSError, ValueError) as exc:
         err = exc
-    bar.close()
+    bar.close(final=err is None)
     dist.agree_on_errors(comm, err, KappaError)
     timings["embeddings_s"] = time.perf_counter() - t1
 

@@ -353,7 +353,7 @@ class Trainer:
         finally:
             metrics.close()
             if bar is not None:
-                bar.close()
+                bar.close(final=self.step >= stop)  # no "done" line after a preemption or an error
         if self.step >= self.total_steps and cfg.train.export and self.rank == 0:
             from .export import export_teacher
 
