@@ -237,7 +237,8 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
             raise KappaError(f"{store.path}: none of the groupings' columns are in the store (have {store.columns})")
     if missing:
         raise KappaError(f"{store.path}: no metadata column(s) {missing} (have {store.columns}); "
-                         "choose groupings with --by, or --similarity-by ''")
+                         "choose groupings with --by, or --similarity-by '', or leave out the groupings over "
+                         "absent or empty columns with drop_empty_columns=true")
     d, b = store.dim, cfg.bootstrap
     lo, hi = block_range(store.n_rows, rank, size)
 
