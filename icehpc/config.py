@@ -404,6 +404,21 @@ def show(value: Any) -> str:
     return text.removesuffix("\n...").strip()
 
 
+def at_least(lo: int) -> Any:
+    """An argparse ``type`` for a count flag (``--workers``, ``--nodes``): an integer ≥ ``lo``; a
+    smaller one is argparse's error naming the flag (``argument --workers: must be ≥ 1, got -3``)."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be ≥ {lo}, got {value}")
+        return value
+
+    return count
+
+
 def help_text(doc: str) -> str:
     """A module docstring as --help text: reST markup (````code````, ``:func:`name```, ``*stress*``)
     becomes plain text."""
@@ -427,14 +442,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, flags: dict
                         "(default: built-in defaults, see the keys below)")
     parser.set_defaults(overrides=[], _config_schema=cls, _config_flags=dict(flags or {}))
     hints = _flat_hints(cls)
+    helps = {k: h for k, _, _, h in describe(cls)}
     for flag, key in (flags or {}).items():
         tp = hints[key]
         kind = tp if tp in (int, float, str) else None
         if kind is None and typing.get_origin(tp) in (typing.Union, types.UnionType):
             kind = next((a for a in typing.get_args(tp) if a in (int, float, str)), None)
-        choices = f" ({type_name(tp)})" if typing.get_origin(tp) is typing.Literal else ""
+        choices = f"; {type_name(tp)}" if typing.get_origin(tp) is typing.Literal else ""
         opts: dict[str, Any] = {"dest": "_flag_" + key.replace(".", "__"), "default": None,
-                                "help": f"= config key {key}{choices}"}
+                                "help": f"{helps[key]} (= config key {key}{choices})"}
         if tp is bool:
             opts.update(action=argparse.BooleanOptionalAction)
         else:

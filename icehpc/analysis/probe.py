@@ -526,7 +526,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="pretrained", help="name of STORE's representation in the output")
     parser.add_argument("--random-store", help="store of the same samples from a random-init backbone")
     parser.add_argument("--images", help="shard folder of the same samples: adds the geometric baseline")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--workers", type=cfglib.at_least(1), default=len(os.sched_getaffinity(0)),
                         help="processes for the geometric features (default: CPUs available)")
     cfglib.add_config_arguments(parser, ProbeSettings, {
         "--k": "k", "--temperature": "temperature", "--test-fraction": "test_fraction", "--seed": "seed",

@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--manifest", action="append", default=[], metavar="CSV", help="CSV manifest input (repeatable)")
     cfg.add_config_arguments(b, BuildConfig, {"--" + f.name.replace("_", "-"): f.name
                                               for f in dataclasses.fields(BuildConfig)})
-    b.add_argument("--workers", type=int, default=default_workers(), help="processes (output does not depend on it)")
+    b.add_argument("--workers", type=cfg.at_least(1), default=default_workers(), help="processes (output does not depend on it)")
     b.add_argument("--overwrite", action="store_true", help="delete an earlier build in --out first")
     b.add_argument("--allow-outside", action="store_true",
                    help="read files (manifest paths, links) that resolve outside the given input and manifest "
