@@ -369,9 +369,62 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = None
-        tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-        rows.append((key, tname, default, f.metadata.get("help", "")))
+        rows.append((key, type_name(tp), default, f.metadata.get("help", "")))
     return rows
+
+
+def type_name(tp: Any) -> str:
+    """A type hint as --help shows it: ``int``, ``str | None``, ``one of: auto, keep, invert``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of: " + ", ".join(show(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _plain(value: Any) -> Any:
+    """A config value as YAML data: dataclasses become mappings, tuples lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def show(value: Any) -> str:
+    """A config value on one line as a user writes it in a YAML config or a ``key=value`` override
+    (``[a, b]``, ``{temperature_c: {edges: [-70.0, 0.0]}}``, ``null``, ``''``), for --help."""
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, sort_keys=False, width=1 << 30,
+                          allow_unicode=True).strip()
+    return text.removesuffix("\n...").strip()
+
+
+def at_least(lo: int) -> Any:
+    """An argparse ``type`` for a count flag (``--workers``, ``--nodes``): an integer ≥ ``lo``; a
+    smaller one is argparse's error naming the flag (``argument --workers: must be ≥ 1, got -3``)."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be ≥ {lo}, got {value}")
+        return value
+
+    return count
+
+
+def help_text(doc: str) -> str:
+    """A module docstring as --help text: reST markup (````code````, ``:func:`name```, ``*stress*``)
+    becomes plain text."""
+    doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc)
+    doc = re.sub(r"``(.+?)``", r"\1", doc, flags=re.S)
+    return re.sub(r"(?<![\w*])\*(\w[^*]*?)\*(?![\w*])", r"\1", doc)
 
 
 #: A command-line token that is a dotted config override (``a.b=value``), wherever it stands.
@@ -389,19 +442,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, flags: dict
                         "(default: built-in defaults, see the keys below)")
     parser.set_defaults(overrides=[], _config_schema=cls, _config_flags=dict(flags or {}))
     hints = _flat_hints(cls)
+    helps = {k: h for k, _, _, h in describe(cls)}
     for flag, key in (flags or {}).items():
         tp = hints[key]
         kind = tp if tp in (int, float, str) else None
         if kind is None and typing.get_origin(tp) in (typing.Union, types.UnionType):
             kind = next((a for a in typing.get_args(tp) if a in (int, float, str)), None)
+        choices = f"; {type_name(tp)}" if typing.get_origin(tp) is typing.Literal else ""
         opts: dict[str, Any] = {"dest": "_flag_" + key.replace(".", "__"), "default": None,
-                                "help": f"= config key {key}"}
+                                "help": f"{helps[key]} (= config key {key}{choices})"}
         if tp is bool:
             opts.update(action=argparse.BooleanOptionalAction)
         else:
             opts.update(type=kind or str, metavar=key.split(".")[-1].upper())
         parser.add_argument(flag, **opts)
-    lines = [f"  {k} ({t}, default {d!r}): {h}" for k, t, d, h in describe(cls)]
+    lines = [f"  {k} ({t}; default {show(d)}): {h}" for k, t, d, h in describe(cls)]
     parser.epilog = ("config keys (set as key=value anywhere, or in a --config YAML):\n" + "\n".join(lines)
                      + ("\n\n" + parser.epilog if parser.epilog else ""))
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

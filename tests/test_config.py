@@ -183,3 +183,20 @@ def test_a_lumped_validation_message_names_the_key_that_fails_it(overrides, refu
         assert msg == "config: need k ≥ 1 and top ≥ 0"
     else:
         assert msg.endswith(f" (refused: {refused})"), msg
+
+
+def test_help_shows_values_as_yaml_and_docstrings_as_plain_text():
+    from typing import Literal, Optional
+
+    @dataclass
+    class Spec:
+        edges: list = config.field([-1.0, 0.0], help="edges")
+        n: int = config.field(3, help="n")
+
+    assert config.show({"t": Spec()}) == "{t: {edges: [-1.0, 0.0], n: 3}}"
+    assert [config.show(v) for v in (None, "", "habit", True, ("a", "b:c"))] == [
+        "null", "''", "habit", "true", "[a, 'b:c']"]
+    assert config.type_name(Literal["auto", "keep"]) == "one of: auto, keep"
+    assert config.type_name(Optional[int]) == "int | None"
+    assert config.help_text("``DIR/x.tar`` per :func:`status`, *unknown* (a × b * c)") == \
+        "DIR/x.tar per status, unknown (a × b * c)"

@@ -158,6 +158,7 @@ def test_missing_column_is_a_clear_cli_error(tmp_path, icehpc_cmd):
     assert proc.returncode == 2
     assert "no metadata column(s) ['campaign', 'particle_width_um', 'temperature_c']" in proc.stderr
     assert "have ['habit']" in proc.stderr and "Traceback" not in proc.stderr
+    assert "drop_empty_columns=true" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "kappa.json").exists()
 
 

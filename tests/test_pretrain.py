@@ -78,6 +78,7 @@ def full_run(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain-full") / "run"
     proc = _run(_pretrain_cmd(shards, out, "train.epochs=2", "train.checkpoint_every=7", "train.keep_checkpoints=3"))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (out.parent / "console.txt").write_text(proc.stdout + proc.stderr)
     return out
 
 
@@ -310,6 +311,37 @@ def test_two_rank_run_learns_logs_and_exports(full_run):
         assert torch.equal(tensor, state["teacher"]["backbone.vit." + name]), name
     vit = load_backbone(full_run / "backbone.safetensors")
     assert vit(torch.zeros(2, 1, 32, 32)).shape == (2, 64)
+
+
+def test_a_run_prints_no_deepspeed_or_torch_notes_a_user_cannot_act_on(full_run):
+    """Two ranks on CPU: no "Setting accelerator to CPU" per rank, no FutureWarning of the torch
+    collective DeepSpeed calls; only icehpc's own last line."""
+    console = (full_run.parent / "console.txt").read_text()
+    assert "Setting accelerator" not in console and "Warning" not in console, console
+    assert console.strip().splitlines()[-1].startswith("icehpc pretrain: step 20/20"), console
+
+
+def test_deepspeed_keeps_its_other_warnings_and_errors():
+    import logging
+    import warnings
+
+    from icehpc.ssl.engine import import_deepspeed
+
+    import_deepspeed()
+    logger = logging.getLogger("DeepSpeed")
+
+    def record(level: int, msg: str) -> logging.LogRecord:
+        return logger.makeRecord("DeepSpeed", level, __file__, 1, msg, (), None)
+
+    assert not logger.filter(record(logging.WARNING, "Setting accelerator to CPU. If you have GPU ..."))
+    assert logger.filter(record(logging.WARNING, "Setting accelerator to CUDA failed"))
+    assert logger.filter(record(logging.ERROR, "NCCL error"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        import_deepspeed()  # filters in front of "default": only its own message is dropped
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("`torch.load` with weights_only=False is deprecated", FutureWarning)
+    assert [str(w.message)[:11] for w in seen] == ["`torch.load"]
 
 
 @pytest.mark.slow

@@ -27,8 +27,8 @@ def test_plain_lines_off_a_terminal_and_a_bar_on_one(monkeypatch):
         for _ in range(4):
             p.update(250)
     lines = log.getvalue().splitlines()
-    assert lines[-1].startswith("[embed] 1,000/1,000 images (100.0%)") and "images/s" in lines[-1]
-    assert "\r" not in log.getvalue() and len(lines) == 4
+    assert lines[-2].startswith("[embed] 1,000/1,000 images (100.0%)") and "images/s" in lines[-2]
+    assert "\r" not in log.getvalue() and len(lines) == 5 and ", done in " in lines[-1]
     tty = _Tty()
     with Progress(1000, "embed", "images", every_s=0, stream=tty) as p:
         p.update(500)
@@ -37,6 +37,60 @@ def test_plain_lines_off_a_terminal_and_a_bar_on_one(monkeypatch):
     with Progress(10, "x", enabled=False, every_s=0, stream=quiet) as p:
         p.update(10)
     assert quiet.getvalue() == ""
+
+
+class _Clock:
+    """A fake ``time`` module for progress.py: ``now`` moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _timed_lines(monkeypatch, total: int, steps: list[tuple[float, int]], **kw) -> list[str]:
+    """The log lines of a loop whose updates come at the given (seconds since start, items) steps."""
+    from icehpc import progress
+
+    clock = _Clock()
+    monkeypatch.setattr(progress, "time", clock)
+    monkeypatch.delenv("ICEHPC_LOG_EVERY", raising=False)
+    monkeypatch.delenv("ICEHPC_PROGRESS", raising=False)
+    log = io.StringIO()
+    start = clock.now
+    with Progress(total, "embed", "images", stream=log, **kw) as p:
+        for t, n in steps:
+            clock.now = start + t
+            p.update(n)
+    return log.getvalue().splitlines()
+
+
+def test_a_log_gets_a_first_line_within_seconds_then_every_interval_or_tenth_and_a_last_line(monkeypatch):
+    # a 14 s run, one batch of 64 every 0.5 s out of 1,792: a line after 2 s, at each 10 % (>= 2 s apart), a last
+    lines = _timed_lines(monkeypatch, 1792, [(0.5 * (i + 1), 64) for i in range(28)])
+    assert lines[0].startswith("[embed] 256/1,792 images (14.3%), 128.0 images/s, ETA 0m12s"), lines
+    assert lines[-1] == "[embed] 1,792/1,792 images (100.0%), 128.0 images/s, done in 0m14s", lines
+    assert 5 <= len(lines) <= 10, lines  # not silent, not a line per batch
+    # a long loop of tiny steps: a line every 30 s (the default) before any 10 % is reached
+    lines = _timed_lines(monkeypatch, 10**6, [(float(t), 10) for t in range(1, 95)])
+    assert [ln.split(" images")[0] for ln in lines] == ["[embed] 20/1,000,000", "[embed] 320/1,000,000",
+                                                       "[embed] 620/1,000,000", "[embed] 920/1,000,000",
+                                                       "[embed] 940/1,000,000"], lines
+    # a slow first batch: its line comes with it; a loop that stops on an error gets no "done" line
+    from icehpc import progress
+
+    lines = _timed_lines(monkeypatch, 100, [(9.0, 10)])
+    assert len(lines) == 2 and lines[0].startswith("[embed] 10/100 images (10.0%), 1.1 images/s, ETA 1m21s")
+    log = io.StringIO()
+    try:
+        with Progress(100, "embed", "images", stream=log) as p:
+            progress.time.now += 5
+            p.update(10)
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert len(log.getvalue().splitlines()) == 1 and "done" not in log.getvalue()
 
 
 def test_kappa_logs_progress_and_a_summary_in_a_slurm_log(tmp_path):

@@ -794,3 +794,28 @@ def test_integer_tiffs_are_scaled_by_the_bit_depth_their_values_use(tmp_path):
     m12, a12 = got["u16-12bit.png"]
     assert a8[0].tolist() == [0, 100, 255] and "I_8bit_values_kept" in m8["conversion"]
     assert a12[0].tolist() == [0, 128, 255] and any("12bit" in n for n in m12["conversion"])
+
+
+def test_stats_writes_its_histogram_to_out_like_every_other_command(tmp_path, icehpc_cmd):
+    tree, out = _tiny_tree(tmp_path / "tree"), tmp_path / "out"
+    shards.build([str(tree)], out, shards.BuildConfig(), workers=1, progress=False)
+    for flag, png in (("--out", tmp_path / "hist.png"), ("--png", tmp_path / "old-name.png")):  # --png: old name
+        r = subprocess.run([*icehpc_cmd, "shards", "stats", str(out), flag, str(png)], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        with Image.open(png) as im:
+            assert im.format == "PNG"
+    assert not (out / data_format.STATS).exists()
+
+
+def test_a_manifest_without_the_label_column_says_how_to_name_it(tmp_path, icehpc_cmd):
+    from cli_helpers import one_clear_line
+
+    tree = _tiny_tree(tmp_path / "tree")
+    (tmp_path / "m.csv").write_text("path,class\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n"
+                                                             for p in sorted(tree.rglob("*.png"))))
+    cmd = [*icehpc_cmd, "shards", "build", str(tmp_path / "m.csv"), "--out", str(tmp_path / "out"), "--workers", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    one_clear_line(r, "'habit' column", "--label-column", code=2)
+    r = subprocess.run([*cmd, "--label-column", "class"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "2 written" in r.stdout, r.stdout + r.stderr

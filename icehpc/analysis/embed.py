@@ -43,22 +43,18 @@ from ..ssl.export import DEFAULT_ARCH, BackboneSpec, backbone_spec, build_backbo
 @dataclass
 class EmbedConfig:
     arch: str | None = field(None, help=f"timm architecture (default: from the exported file, else {DEFAULT_ARCH})")
-    img_size: int | None = field(None, help="model input side (default: from the exported file, else 224)")
+    img_size: int | None = field(None, help="model input side (default: from the exported file, else 224)", ge=1)
     canvas: int | None = field(None, help="decode canvas side (default: the export header's pretraining canvas, "
-                                          "else the input side)")
+                                          "else the input side)", ge=1)
     framing: str | None = field(None, help="particle framing none | bbox (default: the export header's, as in "
                                            "pretraining; else none)")
-    batch_size: int = field(64, help="images per forward pass")
-    workers: int | None = field(None, help="decode workers per rank (default: 0 on CPU, 6 on GPU)")
-    seed: int = field(0, help="seed of the random-init backbone")
+    batch_size: int = field(64, help="images per forward pass", ge=1)
+    workers: int | None = field(None, help="decode workers per rank (default: 0 on CPU, 6 on GPU)", ge=0)
+    seed: int = field(0, help="seed of the random-init backbone", ge=0)
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.framing not in (None, "none", "bbox"):
             raise ValueError(f"framing must be none or bbox, got {self.framing!r}")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
 
 
 

@@ -237,7 +237,8 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
             raise KappaError(f"{store.path}: none of the groupings' columns are in the store (have {store.columns})")
     if missing:
         raise KappaError(f"{store.path}: no metadata column(s) {missing} (have {store.columns}); "
-                         "choose groupings with --by, or --similarity-by ''")
+                         "choose groupings with --by, or --similarity-by '', or leave out the groupings over "
+                         "absent or empty columns with drop_empty_columns=true")
     d, b = store.dim, cfg.bootstrap
     lo, hi = block_range(store.n_rows, rank, size)
 
@@ -338,7 +339,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
             bar.update(stop - start)
     except (StoreError, OSError, ValueError) as exc:
         err = exc
-    bar.close()
+    bar.close(final=err is None)
     dist.agree_on_errors(comm, err, KappaError)
     timings["embeddings_s"] = time.perf_counter() - t1
 

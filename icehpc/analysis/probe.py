@@ -338,9 +338,9 @@ class ProbeSettings:
     k: int = field(20, help="kNN neighbours")
     temperature: float = field(0.07, help="kNN vote temperature")
     test_fraction: float = field(0.2, help="stratified test share")
-    seed: int = field(0, help="split and solver seed")
+    seed: int = field(0, help="split and solver seed", ge=0)
     logreg_c: float = field(1.0, help="inverse L2 strength of the logistic regression")
-    min_class_count: int = field(5, help="classes with fewer samples are left out and listed")
+    min_class_count: int = field(5, help="classes with fewer samples are left out and listed", ge=0)
     splits: int = field(5, help="stratified splits, seeds seed … seed+splits−1, the same for every representation; "
                                "metrics are their mean ± sd")
 
@@ -526,7 +526,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="pretrained", help="name of STORE's representation in the output")
     parser.add_argument("--random-store", help="store of the same samples from a random-init backbone")
     parser.add_argument("--images", help="shard folder of the same samples: adds the geometric baseline")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--workers", type=cfglib.at_least(1), default=len(os.sched_getaffinity(0)),
                         help="processes for the geometric features (default: CPUs available)")
     cfglib.add_config_arguments(parser, ProbeSettings, {
         "--k": "k", "--temperature": "temperature", "--test-fraction": "test_fraction", "--seed": "seed",

@@ -329,8 +329,11 @@ def _scan_manifest(path: Path, name: str, label_column: str, start: int) -> list
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "path" not in reader.fieldnames or label_column not in reader.fieldnames:
+            hint = ("" if not reader.fieldnames or label_column in reader.fieldnames else
+                    "; if the class is in another column, name it with --label-column COLUMN "
+                    "(pipeline: data.label_column=COLUMN)")
             raise cfg.ConfigError(f"manifest {path}: needs a 'path' and a {label_column!r} column "
-                                  f"(has {reader.fieldnames})")
+                                  f"(has {reader.fieldnames}){hint}")
         check_column_names(list(reader.fieldnames), str(path))
         limit = csv.field_size_limit()
         csv.field_size_limit(max(limit, path.stat().st_size + 1))  # long cells are rejected per row below

@@ -78,7 +78,7 @@ from pathlib import Path
 from .. import config as cfg
 from ..fileio import file_sha256
 from .build import BuildConfig, _read_json, build, read_keys, status  # noqa: F401  (status: the stage's answer)
-from .format import INDEX
+from .format import INDEX, STATS
 from .inspection import stats, verify
 
 #: The parts of the build, by concern: :mod:`.inputs` (scanning trees, zips and manifests; reading),
@@ -96,13 +96,13 @@ def default_workers() -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     b = sub.add_parser("build", help="folder trees / zips / CSV manifests → WebDataset shards",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=cfg.help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("inputs", nargs="*", metavar="INPUT", help="folder tree, .zip, or .csv manifest")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--manifest", action="append", default=[], metavar="CSV", help="CSV manifest input (repeatable)")
     cfg.add_config_arguments(b, BuildConfig, {"--" + f.name.replace("_", "-"): f.name
                                               for f in dataclasses.fields(BuildConfig)})
-    b.add_argument("--workers", type=int, default=default_workers(), help="processes (output does not depend on it)")
+    b.add_argument("--workers", type=cfg.at_least(1), default=default_workers(), help="processes (output does not depend on it)")
     b.add_argument("--overwrite", action="store_true", help="delete an earlier build in --out first")
     b.add_argument("--allow-outside", action="store_true",
                    help="read files (manifest paths, links) that resolve outside the given input and manifest "
@@ -111,10 +111,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--keys", metavar="CSV", help="keep only the inputs whose key (in a build of the same inputs) "
                                                  "is in this CSV's 'key' column, e.g. icehpc curate's curated.csv")
     v = sub.add_parser("verify", help="re-read every shard with stock webdataset; check counts and hashes")
-    v.add_argument("dir")
+    v.add_argument("dir", help=f"shard folder (with {INDEX}) from `icehpc shards build`")
     s = sub.add_parser("stats", help="label and size summaries, and a histogram PNG")
-    s.add_argument("dir")
-    s.add_argument("--png", help="histogram path (default DIR/stats.png)")
+    s.add_argument("dir", help=f"shard folder (with {INDEX}) from `icehpc shards build`")
+    s.add_argument("--out", metavar="PNG", help=f"histogram PNG to write (default DIR/{STATS})")
+    s.add_argument("--png", dest="out", help=argparse.SUPPRESS)  # its former name, still accepted
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{t['inputs']} inputs = {t['written']} written + {t['rejected']} rejected")
         return 1 if problems else 0
     if args.action == "stats":
-        stats(args.dir, args.png)
+        stats(args.dir, args.out)
         return 0
     if not args.inputs and not args.manifest:
         raise cfg.ConfigError("shards build needs at least one INPUT or --manifest")

@@ -522,7 +522,7 @@ def status(args: argparse.Namespace) -> Status:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (images/, manifest.csv, planted.json)")
-    parser.add_argument("--workers", type=int, default=default_workers(),
+    parser.add_argument("--workers", type=cfg.at_least(1), default=default_workers(),
                         help="processes (default: CPUs available; output does not depend on it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cfg.add_config_arguments(parser, SynthConfig, {"--n": "n", "--seed": "seed"})

@@ -41,20 +41,20 @@ class DataStep:
 
 @dataclass
 class SynthStep:
-    n: int = field(2000, help="synthetic particle images")
-    seed: int = field(0, help="seed of the synthetic data")
+    n: int = field(2000, help="synthetic particle images", ge=1)
+    seed: int = field(0, help="seed of the synthetic data", ge=0)
 
 
 @dataclass
 class ShardStep:
-    shard_samples: int = field(250, help="samples per shard (several shards per rank keep ranks busy)")
-    workers: int = field(2, help="shard-building processes")
+    shard_samples: int = field(250, help="samples per shard (several shards per rank keep ranks busy)", ge=1)
+    workers: int = field(2, help="shard-building processes", ge=1)
 
 
 @dataclass
 class PretrainStep:
     config: str = field("pretrain-tiny-cpu.yaml", help="pretraining YAML (configs/ is searched)")
-    nproc: int = field(2, help="DeepSpeed processes (torch.distributed.run --nproc-per-node)")
+    nproc: int = field(2, help="DeepSpeed processes (torch.distributed.run --nproc-per-node)", ge=1)
     overrides: list[str] = field([], help="dotted overrides for the pretraining config")
     data: str = field("synth", help="what pretraining sees: synth (the synthetic shards) | real (the unlabeled real "
                                     "archives found, one shuffled shard set) | both (real + synthetic)")
@@ -65,13 +65,13 @@ class PretrainStep:
 
 @dataclass
 class EmbedStep:
-    ranks: int = field(2, help="MPI ranks of each embedding job")
-    batch_size: int = field(64, help="images per forward pass")
+    ranks: int = field(2, help="MPI ranks of each embedding job", ge=1)
+    batch_size: int = field(64, help="images per forward pass", ge=1)
 
 
 @dataclass
 class KappaStep:
-    ranks: int = field(2, help="MPI ranks of each κ job")
+    ranks: int = field(2, help="MPI ranks of each κ job", ge=1)
     config: str = field("", help="κ YAML (a path or a shipped config name; '': built-in defaults)")
     overrides: list[str] = field([], help="dotted overrides for the κ config")
 
@@ -79,8 +79,8 @@ class KappaStep:
 @dataclass
 class ProbeStep:
     label: str = field("habit", help="meta column holding the class")
-    seed: int = field(0, help="seed of the first stratified split")
-    splits: int = field(5, help="stratified 80/20 splits (seeds seed … seed+splits−1); mean ± sd reported")
+    seed: int = field(0, help="seed of the first stratified split", ge=0)
+    splits: int = field(5, help="stratified 80/20 splits (seeds seed … seed+splits−1); mean ± sd reported", ge=1)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import UserError
+from ..config import UserError, at_least
 from . import launch
 from .runner import submit_pipeline
 
@@ -15,13 +15,15 @@ def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--executor", choices=["slurm", "local", "debug"], default="slurm",
                    help="slurm: sbatch via submitit; local: processes on this machine; debug: in-process")
     g.add_argument("--folder", default="runs/submitit", help="submitit log/pickle folder")
-    g.add_argument("--nodes", type=int, default=1)
-    g.add_argument("--tasks-per-node", type=int, default=1)
-    g.add_argument("--gpus-per-node", type=int, default=0)
-    g.add_argument("--cpus-per-task", type=int, default=1)
-    g.add_argument("--time-min", type=int, default=60, help="wall-clock limit in minutes")
-    g.add_argument("--partition", default=None)
-    g.add_argument("--mem-gb", type=float, default=None)
+    g.add_argument("--nodes", type=at_least(1), default=1, help="nodes of the job (default 1)")
+    g.add_argument("--tasks-per-node", type=at_least(1), default=1,
+                   help="tasks (ranks) per node (default 1)")
+    g.add_argument("--gpus-per-node", type=at_least(0), default=0, help="GPUs per node (default 0)")
+    g.add_argument("--cpus-per-task", type=at_least(1), default=1, help="CPU cores per task (default 1)")
+    g.add_argument("--time-min", type=at_least(1), default=60, help="wall-clock limit in minutes (default 60)")
+    g.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
+    g.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: the cluster's "
+                                                               "default)")
 
 
 def resources(args: argparse.Namespace) -> dict[str, Any]:

@@ -77,9 +77,9 @@ class AugmentConfig:
     mask_prob: float = field(0.5, help="probability that a student global view is masked at all (iBOT: 0.5)")
     mask_ratio: list[float] = field([0.1, 0.5], help="masked patch fraction range of a masked view (iBOT: 0.1-0.5)")
     mask_min_patches: int = field(16, help="smallest masking block in patches on a 14×14 grid (iBOT: 16); "
-                                           "scaled by grid area / 196 for other grids (at least 1)")
+                                           "scaled by grid area / 196 for other grids (at least 1)", ge=1)
     mask_aspect: list[float] = field([0.3, 3.3333], help="masking block aspect ratio range (log-uniform)")
-    mask_candidates: int = field(32, help="candidate blocks drawn per image (vectorised BEiT masking)")
+    mask_candidates: int = field(32, help="candidate blocks drawn per image (vectorised BEiT masking)", ge=1)
 
     def validate(self) -> None:
         _check_finite(self)
@@ -201,7 +201,8 @@ class EngineConfig:
                                      "ViT-S needs none, and ZeRO-1's 5e8-element buckets reserve ~4 GB); the "
                                      "default stays 1 until a GPU measures 0 faster (bench/pretrain.py "
                                      "engine.zero_stage=0)")
-    threads: int | None = field(None, help="torch CPU threads per rank (default: OMP_NUM_THREADS / torch default)")
+    threads: int | None = field(None, help="torch CPU threads per rank (default: OMP_NUM_THREADS / torch default)",
+                                 ge=1)
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -215,10 +216,11 @@ class EngineConfig:
 @dataclass
 class TrainConfig:
     epochs: float = field(100.0, help="length of the run; every schedule is laid out over it")
-    seed: int = field(0, help="seed of initialisation, data order, augmentation and drop-path")
+    seed: int = field(0, help="seed of initialisation, data order, augmentation and drop-path", ge=0)
     checkpoint_every: int = field(500, help="save a checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = field(2, help="how many step checkpoints to keep")
-    stop_at_step: int | None = field(None, help="save and stop once this global step is done (time-boxed allocations)")
+    stop_at_step: int | None = field(None, help="save and stop once this global step is done (time-boxed allocations)",
+                                      ge=1)
     progress: bool = field(True, help="progress on rank 0: a bar on a terminal, plain log lines otherwise")
     metrics_every: int = field(0, help="read and log metrics every N steps (a read waits for the GPU); "
                                        "0 = auto: 1 on CPU, 20 on CUDA")

@@ -1,7 +1,9 @@
 """DeepSpeed engine setup of the student, its optimizer groups and schedule, and the teacher EMA."""
 from __future__ import annotations
 
+import logging
 import socket
+import warnings
 from dataclasses import replace
 from typing import Any
 
@@ -13,6 +15,24 @@ from .schedule import Schedule
 
 
 # ------------------------------------------------------------------------------------------- run
+def _deepspeed_noise(record: logging.LogRecord) -> bool:
+    """False for the DeepSpeed log line that says nothing to an icehpc user: "Setting accelerator to
+    CPU" (logged at import when torch sees no GPU; icehpc chose the CPU itself, engine.device)."""
+    return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def import_deepspeed() -> Any:
+    """``import deepspeed`` without the notes every run would print and no user can act on: its
+    CPU-accelerator line, and the FutureWarning (one per rank) of the torch collective it calls,
+    renamed in torch 2.x. Everything else DeepSpeed or torch warns about still shows."""
+    logging.getLogger("DeepSpeed").addFilter(_deepspeed_noise)  # its logger: the same object after import
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+    import deepspeed
+
+    return deepspeed
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -21,10 +41,9 @@ def _free_port() -> int:
 
 def init_distributed(backend: str):
     """Rank facts from the launcher → torch env variables → DeepSpeed/torch.distributed (no MPI_Init)."""
-    import deepspeed
-
     from .. import dist
 
+    deepspeed = import_deepspeed()
     env = dist.from_env()
     if env.world_size == 1 and env.launcher == "none":
         env = replace(env, master_port=_free_port())  # lone process: never collide with another run

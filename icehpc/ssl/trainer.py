@@ -33,7 +33,7 @@ from ..fileio import LockedError, lock_dir, write_atomic
 from .augment import Crops, MultiCrop
 from .checkpoint import PREEMPTED_EXIT, PreemptFlag, checkpoint_root, commit, latest_tag, ResumeError, resume_tag
 from .config import PretrainConfig
-from .engine import apply_schedule, ds_config, ema_update, init_distributed, param_groups
+from .engine import apply_schedule, ds_config, ema_update, import_deepspeed, init_distributed, param_groups
 from .loss import Centres, LossOut, ibot_vmf_loss, resolve_centering
 from .metrics import CollapseGuard, MetricsLog, _as_float, _progress, kappa_stats, prototype_stats
 from .model import build_model, check_model_size, load_backbone_weights
@@ -128,9 +128,7 @@ class Trainer:
         self.teacher.to(self.device).eval()
         self.multicrop = MultiCrop(cfg.augment, student.backbone.patch_size)
 
-        import deepspeed
-
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+        self.engine, self.optimizer, _, _ = import_deepspeed().initialize(
             model=student.to(self.device), model_parameters=param_groups(student),
             config=ds_config(cfg, self.bf16))
         k = cfg.model.n_prototypes
@@ -353,7 +351,7 @@ class Trainer:
         finally:
             metrics.close()
             if bar is not None:
-                bar.close()
+                bar.close(final=self.step >= stop)  # no "done" line after a preemption or an error
         if self.step >= self.total_steps and cfg.train.export and self.rank == 0:
             from .export import export_teacher
 
