@@ -255,8 +255,8 @@ def _framing_cases(shared: Path | None):
 
 
 def test_bbox_framing_is_bit_identical_to_the_reference(shard_dir, request):
-    """Issue 23: the integer box search changes no canvas (random images, the synthetic shards and,
-    when present, ~450 real OAP images of the three archives)."""
+    """Issue 23: the integer box search and the enlargement without Pillow change no canvas (random
+    images, the synthetic shards and, when present, ~450 real OAP images of the three archives)."""
     from tests.conftest import SHARED_DATA
     shared = SHARED_DATA if SHARED_DATA.is_dir() else None
     images = list(_framing_cases(shared))
@@ -266,7 +266,7 @@ def test_bbox_framing_is_bit_identical_to_the_reference(shard_dir, request):
     for a in images:
         for margin in (0.0, 0.1):
             assert np.array_equal(data.frame_particle(a, margin), _reference_frame(a, margin))
-    for a in images[::7]:
+    for a in images:
         ref = Image.fromarray(_reference_frame(a, 0.1))
         s = 224 / max(ref.size)
         ref = np.asarray(ref.resize((max(1, round(ref.width * s)), max(1, round(ref.height * s))),
@@ -275,3 +275,37 @@ def test_bbox_framing_is_bit_identical_to_the_reference(shard_dir, request):
         h, w = ref.shape
         top, left = (224 - h) // 2, (224 - w) // 2
         assert np.array_equal(got[top:top + h, left:left + w], ref)
+
+
+@pytest.mark.parametrize("canvas", [1, 7, 64, 97, 224])
+def test_enlarge_square_is_pillows_bilinear_resize_bit_for_bit(canvas):
+    """Issue 23: the loader's own enlargement equals Pillow's bilinear resize for every window side
+    up to the canvas, on noise, binary (2D-S-like) and extreme-valued windows."""
+    rng = np.random.default_rng(canvas)
+    for n in range(1, canvas + 1):
+        for a in (rng.integers(0, 256, (n, n)), rng.integers(0, 2, (n, n)) * 255,
+                  np.where(np.indices((n, n)).sum(0) % 2, 255, 0)):
+            a = a.astype(np.uint8)
+            ref = np.asarray(Image.fromarray(a).resize((canvas, canvas), Image.Resampling.BILINEAR))
+            assert np.array_equal(data._enlarge_square(a, canvas), ref), (canvas, n)
+    assert data._enlarge_square(np.zeros((canvas + 1, canvas + 1), np.uint8), canvas) is None  # shrinking: Pillow
+    assert data._enlarge_square(np.zeros((3, 2), np.uint8), canvas) is None
+
+
+def test_bbox_framing_enlarges_without_pillows_resize(shard_dir, monkeypatch):
+    """Issue 23 guard: bbox framing of windows up to the canvas never falls back to Pillow's resize
+    (per-pixel loops, ~2× slower); a window larger than the canvas still shrinks through it."""
+    calls = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, *a, **k: calls.append(self.size) or resize(self, *a, **k))
+    pngs = [s["png"] for p in fmt.shard_paths(shard_dir) for _, s in fmt.iter_samples(p, ("png",))]
+    sides = [data.frame_particle(np.asarray(Image.open(io.BytesIO(b))), 0.1).shape for b in pngs]
+    for b in pngs:
+        assert data.decode_image(b, 224, framing="bbox").shape == (1, 224, 224)
+    larger = [(w, h) for h, w in sides if max(h, w) > 224]
+    assert len(larger) < len(pngs) // 2 and calls == larger  # only the larger windows reach Pillow
+    calls.clear()
+    big = np.full((300, 300), 240, np.uint8)
+    big[20:280, 30:290] = 10  # a 260-px particle: its window exceeds a 224 canvas
+    assert data.decode_image(_png(big), 224, framing="bbox").shape == (1, 224, 224)
+    assert len(calls) == 1 and calls[0][0] > 224

@@ -51,20 +51,25 @@ def _border_level(pixels: np.ndarray) -> int:
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     cum = np.bincount(border, minlength=256).cumsum()
     m = border.size
-    return (int(np.searchsorted(cum, (m - 1) // 2 + 1)) + int(np.searchsorted(cum, m // 2 + 1))) // 2
+    lo, hi = cum.searchsorted([(m - 1) // 2 + 1, m // 2 + 1])
+    return (int(lo) + int(hi)) // 2
 
 
 def _bbox_at(pixels: np.ndarray, level: int, min_contrast: float) -> tuple[int, int, int, int] | None:
     """:func:`particle_bbox` of a uint8 image whose border level is known, in integer arithmetic on
-    row and column extremes (no contrast image): |p - level| > t  ⇔  p < level - t or p > level + t."""
-    lo, hi = int(pixels.min()), int(pixels.max())
-    peak = max(level - lo, hi - level)
+    row and column extremes (no contrast image): |p - level| > t  ⇔  p < level - t or p > level + t.
+    Column extremes first (a reduction over rows: contiguous and vectorised), then row extremes of
+    the particle's columns only, transposed so that they reduce the same way."""
+    low, high = pixels.min(axis=0), pixels.max(axis=0)
+    peak = max(level - int(low.min()), int(high.max()) - level)
     if peak < min_contrast:
         return None
     t = peak // 2
-    rows = np.flatnonzero((pixels.min(axis=1) < level - t) | (pixels.max(axis=1) > level + t))
-    cols = np.flatnonzero((pixels.min(axis=0) < level - t) | (pixels.max(axis=0) > level + t))
-    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+    cols = np.flatnonzero((low < level - t) | (high > level + t))
+    left, right = int(cols[0]), int(cols[-1]) + 1
+    band = np.ascontiguousarray(pixels[:, left:right].T)
+    rows = np.flatnonzero((band.min(axis=0) < level - t) | (band.max(axis=0) > level + t))
+    return int(rows[0]), left, int(rows[-1]) + 1, right
 
 
 def particle_bbox(pixels: np.ndarray, min_contrast: float = 16.0) -> tuple[int, int, int, int] | None:
@@ -99,6 +104,62 @@ def frame_particle(pixels: np.ndarray, margin: float) -> np.ndarray:
     return out
 
 
+#: Fixed-point precision of Pillow's 8-bit resampling (its ``PRECISION_BITS``): weights are
+#: integers summing to 2**22, and each pass rounds half up and stores 8 bits.
+_PRECISION = 22
+
+
+@functools.lru_cache(maxsize=1024)
+def _bilinear_plan(n: int, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Pillow's bilinear weights for enlarging ``n`` samples to ``size`` (``n <= size``), as
+    (input repeats, weight of the next sample): output ``i`` reads samples ``j`` and ``j + 1``,
+    ``j`` non-decreasing, with integer weights ``2**22 - w`` and ``w``. The same double arithmetic as
+    Pillow's coefficient set-up (centre ``(i + 0.5) · n / size``, a triangle filter of support 1,
+    normalised, rounded to 22 bits). None when some output does not have that form (Pillow resizes)."""
+    if not 0 < n <= size:
+        return None
+    centre = (np.arange(size) + 0.5) * (n / size)
+    first = np.maximum(((centre - 1.0) + 0.5).astype(np.int64), 0)
+    taps = np.minimum(((centre + 1.0) + 0.5).astype(np.int64), n) - first
+    dist = np.abs(((first[:, None] + np.arange(3)) - centre[:, None]) + 0.5)
+    w = np.where((dist < 1.0) & (np.arange(3) < taps[:, None]), 1.0 - dist, 0.0)
+    total = (0.0 + w[:, 0]) + w[:, 1] + w[:, 2]  # Pillow's summation order
+    fixed = (0.5 + w / np.where(total == 0.0, 1.0, total)[:, None] * (1 << _PRECISION)).astype(np.int64)
+    if (fixed[:, 2] != 0).any() or (fixed[:, 0] + fixed[:, 1] != 1 << _PRECISION).any() \
+            or (total == 0.0).any() or (np.diff(first) < 0).any():
+        return None
+    return np.bincount(first, minlength=n), fixed[:, 1:2].astype(np.int32)
+
+
+def _enlarge_rows(x: np.ndarray, plan: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """uint8 [n, m] → uint8 [size, m]: one bilinear pass of Pillow along axis 0, exactly:
+    ``(a·(2**22 - w) + b·w + 2**21) >> 22 = (a·2**22 + (b - a)·w + 2**21) >> 22`` in int32 (< 2**31,
+    within 0..255 without clipping), vectorised over whole rows instead of per output pixel."""
+    repeats, weight = plan
+    a = x.astype(np.int32)
+    step = np.zeros_like(a)
+    np.subtract(a[1:], a[:-1], out=step[:-1])  # the last row only ever has weight 0 for its successor
+    a <<= _PRECISION
+    a += 1 << (_PRECISION - 1)
+    out = np.repeat(step, repeats, axis=0)
+    out *= weight
+    out += np.repeat(a, repeats, axis=0)
+    out >>= _PRECISION
+    return out.astype(np.uint8)
+
+
+def _enlarge_square(pixels: np.ndarray, size: int) -> np.ndarray | None:
+    """``Image.fromarray(pixels).resize((size, size), BILINEAR)`` of a square uint8 [n, n] with
+    ``n <= size``, bit for bit and about twice as fast (Pillow's horizontal pass, then its vertical
+    pass on the 8-bit intermediate); None when there is no :func:`_bilinear_plan` (a larger or
+    non-square window: the caller resizes with Pillow)."""
+    plan = _bilinear_plan(pixels.shape[0], size) if pixels.shape[0] == pixels.shape[1] else None
+    if plan is None:
+        return None
+    across = _enlarge_rows(np.ascontiguousarray(pixels.T), plan)  # horizontal pass, transposed
+    return _enlarge_rows(np.ascontiguousarray(across.T), plan)
+
+
 def decode_image(png_bytes: bytes, canvas: int, max_upscale: float = 1.0, framing: str = "none",
                  margin: float = 0.1) -> torch.Tensor:
     """PNG bytes → ``uint8 [1, canvas, canvas]``, aspect kept, centred, padded with 255.
@@ -108,15 +169,19 @@ def decode_image(png_bytes: bytes, canvas: int, max_upscale: float = 1.0, framin
     never), so the pixel scale of small crops is kept. ``framing="bbox"``: the particle's bounding
     box plus ``margin`` (fraction of its longest side, each side) is cut out as a square and
     resized to the canvas, up or down (training and embedding see the particle, not the empty
-    field around it; absolute size is then only in the metadata).
+    field around it; absolute size is then only in the metadata). Enlarging uses the same bilinear
+    weights as Pillow, bit for bit, without Pillow (:func:`_enlarge_square`).
     """
     if framing not in FRAMINGS:
         raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
     with Image.open(io.BytesIO(png_bytes), formats=("PNG",)) as im:
         im = im.convert("L") if im.mode != "L" else im
         if framing == "bbox":
-            im = Image.fromarray(frame_particle(np.frombuffer(im.tobytes(), np.uint8).reshape(im.height, im.width),
-                                                margin))
+            framed = frame_particle(np.frombuffer(im.tobytes(), np.uint8).reshape(im.height, im.width), margin)
+            enlarged = _enlarge_square(framed, canvas)
+            if enlarged is not None:
+                return torch.from_numpy(enlarged[None])
+            im = Image.fromarray(framed)
             max_upscale = float("inf")
         w, h = im.size
         scale = min(canvas / max(w, h), max_upscale)
