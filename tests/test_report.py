@@ -589,7 +589,8 @@ def test_trained_within_one_sd_of_random_init_is_a_warning(trained, random_, exp
     if expected is None:
         assert warnings == []
     else:
-        assert len(warnings) == 1 and expected in warnings[0] and warnings[0].startswith("2D-S probe, kNN probe")
+        assert len(warnings) == 1 and warnings[0].startswith(f"2D-S probe: the trained backbone is {expected}")
+        assert f"kNN {trained[0]:.3f} ± {trained[1]:.3f} vs {random_[0]:.3f} ± {random_[1]:.3f}" in warnings[0]
 
 
 def _captured(monkeypatch, module) -> list:

@@ -50,7 +50,7 @@ def fig_pretrain(plt, metrics_path: Path, path: Path) -> list[str]:
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         if len(ks) > 1:
-            ax.legend(fontsize=6, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
+            ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     _save(plt, fig, path)

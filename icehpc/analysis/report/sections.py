@@ -243,26 +243,25 @@ def split_text(pj: dict) -> str:
 
 
 def versus_random(pj: dict, where: str) -> list[str]:
-    """Per method, the trained backbone's balanced accuracy against random init's: a warning when the
-    difference is within one sd over splits (the larger of the two) or when trained is below."""
+    """The trained backbone's balanced accuracy against random init's, per method: a warning when
+    the difference is within one sd over splits (the larger of the two) or trained is below."""
     res = pj.get("results") or {}
     trained, rand = res.get(TRAINED) or {}, res.get(RANDOM) or {}
-    out = []
+    verdicts: dict[str, list[str]] = {}
     for method in [m for m in trained if isinstance(trained[m], dict) and isinstance(rand.get(m), dict)]:
         (a, sa), (b, sb) = _metric(trained[method], "balanced_accuracy"), _metric(rand[method], "balanced_accuracy")
         if a is None or b is None:
             continue
         sd = max(sa or 0.0, sb or 0.0)
-        if a - b < -sd:
-            verdict = "below random init: pretraining made this representation worse for these classes"
-        elif abs(a - b) <= sd:
-            verdict = "not distinguishable from random init: pretraining has not learnt these classes (yet)"
-        else:
-            continue
-        out.append(f"{where}, {METHODS.get(method, method)} probe: the trained backbone's balanced accuracy "
-                   f"{_fmt_ms(a, sa)} vs random init {_fmt_ms(b, sb)} (difference {a - b:+.3f}, one sd "
-                   f"{sd:.3f}) is {verdict}.")
-    return out
+        verdict = "below" if a - b < -sd else "within" if abs(a - b) <= sd else None
+        if verdict:
+            verdicts.setdefault(verdict, []).append(f"{METHODS.get(method, method)} {_fmt_ms(a, sa)} vs {_fmt_ms(b, sb)}")
+    said = {"within": "is not distinguishable from random init (difference within one sd over splits",
+            "below": "is below random init (by more than one sd over splits"}
+    why = {"within": "pretraining has not learnt these classes (yet)",
+           "below": "pretraining made the embeddings worse for these classes"}
+    return [f"{where}: the trained backbone {said[v]}; balanced accuracy trained vs random init: "
+            f"{', '.join(found)}): {why[v]}." for v, found in verdicts.items()]
 
 
 def _confusions(out: Path, pj: dict) -> tuple[list[str], list[tuple[str, str]]]:
