@@ -504,7 +504,7 @@ def test_backbone_summary_at_the_top(probed_report):
     rows = dict((r[0], r[1]) for r in _cells(top, "<b>Backbone</b>")[1:])
     assert rows["backbone"].startswith("vit_small_patch16_224 (patch 4 px, embed dim 64, depth 2, 2 heads)")
     assert "32-px inputs from a 64-px canvas (bbox framing)" in rows["backbone"]
-    assert rows["trained"] == "30 steps (export header) of 30 planned (3 epochs × 10 steps)"
+    assert rows["trained"] == "30 steps of 30 planned (3 epochs × 10 steps each)"
     assert rows["pretrained on"].startswith("240 images from")
     assert rows["recipe"] == ("iBOT-vMF, K = 256 prototypes, KoLeo weight 0.1, batch 16 per rank, seed 7, "
                               "lr 0.004 per 256 images")

@@ -115,7 +115,7 @@ def _shards_text(shards: str) -> str:
     sources = ", ".join(f"{i.get('name')} ({i.get('files', 0):,} files)" for i in inputs if isinstance(i, dict))
     written = totals.get("written")
     return (f"{written:,} images" if isinstance(written, int) else "images") + (f" from {sources}" if sources else "") \
-        + f" (shards {shards})"
+        + f"; shards {shards}"
 
 
 def summary_rows(header: dict[str, str], spec: dict[str, Any], cfg: dict[str, Any],
@@ -149,11 +149,10 @@ def summary_rows(header: dict[str, str], spec: dict[str, Any], cfg: dict[str, An
     train, data = cfg.get("train") or {}, cfg.get("data") or {}
     if step or last_step is not None:
         planned = (f" of {float(train['epochs']) * int(data['batches_per_epoch']):g} planned "
-                   f"({train['epochs']:g} epochs × {data['batches_per_epoch']} steps)"
+                   f"({train['epochs']:g} epochs × {data['batches_per_epoch']} steps each)"
                    if _finite(train.get("epochs")) and isinstance(data.get("batches_per_epoch"), int) else
                    (f" ({train['epochs']:g} epochs configured)" if _finite(train.get("epochs")) else ""))
-        rows.append({"item": "trained", "value": (f"{int(step):,} steps (export header)" if step else
-                                                  f"{last_step + 1:,} steps logged") + planned})
+        rows.append({"item": "trained", "value": f"{int(step) if step else last_step + 1:,} steps" + planned})
     if data.get("shards"):
         rows.append({"item": "pretrained on", "value": _shards_text(str(data["shards"]))})
     model, loss, optim = cfg.get("model") or {}, cfg.get("loss") or {}, cfg.get("optim") or {}
