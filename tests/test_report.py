@@ -143,9 +143,23 @@ def full_run(tmp_path_factory, icehpc_cmd_module) -> dict[str, Path]:
     (pre / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5 - 0.1 * s, "loss_cls": 3 - 0.05 * s,
                                                            "teacher_proto_perplexity": 2.0, "lr": 1e-3}) + "\n"
                                                for s in range(20)))
-    (pre / "config.yaml").write_text("model:\n  arch: vit_tiny\n")
-    (tmp / "backbone.safetensors").write_bytes(b"stand-in backbone bytes")
+    (pre / "config.yaml").write_text(
+        f"data:\n  shards: {tmp / 'shards'}\n  batch_size: 16\n  batches_per_epoch: 10\n"
+        "model:\n  arch: vit_small_patch16_224\n  n_prototypes: 256\nloss:\n  lambda_koleo: 0.1\n  vmf: true\n"
+        "optim:\n  lr: 0.004\ntrain:\n  epochs: 3\n  seed: 7\n")
+    write_backbone(tmp / "backbone.safetensors", step=30)
     return out
+
+
+def write_backbone(path: Path, step: int) -> Path:
+    """A stand-in export: one tensor and the header `icehpc export` writes."""
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(3, dtype=np.float32)}, str(path), metadata={
+        "format": "timm", "arch": "vit_small_patch16_224", "step": str(step), "input_size": "32",
+        "input_canvas": "64", "input_framing": "bbox",
+        "timm_kwargs": json.dumps({"in_chans": 1, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2})})
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +186,7 @@ def test_full_report_has_every_section(full_report, full_run):
     for text in ("Warnings", "random-init control", "planted habit entropy", "Embedding map", "Example images",
                  "Probe results", "0.800 ± 0.050", "Pretraining curves", "teacher_proto_perplexity = 2.00",
                  "per-class recall", "Provenance", "Downloads",
-                 hashlib.sha256(b"stand-in backbone bytes").hexdigest()):
+                 hashlib.sha256((full_run["tmp"] / "backbone.safetensors").read_bytes()).hexdigest()):
         assert text in page, text
     thumbs = re.search(r"<table class='thumbs'>.*?</table>", page, re.S).group(0)
     assert thumbs.count("data:image/png;base64,") >= 2 * 8  # nearest and farthest per habit at least
@@ -422,3 +436,233 @@ def test_7_report_escapes_every_string_from_data(tmp_path):
     assert "<svg" not in text and "<b>x" not in text
     assert "&lt;svg onload=alert(1)&gt;" in text
     assert all(p.parent == tmp_path / "r" for p in (tmp_path / "r").rglob("*"))  # no file outside the report
+
+
+# ------------------------------------------------------------ what was trained, and how well (issue 21.7)
+def _cells(page: str, heading: str) -> list[list[str]]:
+    """The rows (cell texts) of the first table after ``heading`` in the page."""
+    table = re.search(re.escape(heading) + r".*?<table>(.*?)</table>", page, re.S).group(1)
+    return [re.findall(r"<t[dh]>(.*?)</t[dh]>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)]
+
+
+@pytest.fixture(scope="module")
+def probed(full_run, tmp_path_factory) -> dict[str, Path]:
+    """`icehpc probe` itself (3 splits) on the full run's stores: the probe of this store, and the
+    same output standing in for a real archive's probe."""
+    from icehpc.analysis.probe import ProbeSettings, run_probes
+
+    tmp = tmp_path_factory.mktemp("probed")
+    for name in ("probe", "real"):
+        run_probes(full_run["store_trained"], tmp / name, random_store=full_run["store_random"],
+                   images=full_run["shards"], settings=ProbeSettings(splits=3, min_class_count=2))
+    return {"probe": tmp / "probe", "real": tmp / "real"}
+
+
+@pytest.fixture(scope="module")
+def probed_report(full_run, probed, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("probed_report")
+    r = full_run
+    build_report(r["kappa_trained"], out, random=r["kappa_random"], store=r["store_trained"], probe=probed["probe"],
+                 pretrain=r["tmp"] / "pretrain", backbone=r["tmp"] / "backbone.safetensors",
+                 real_probes={"2D-S": probed["real"]}, map_sample=100)
+    return (out / "index.html").read_text()
+
+
+def test_probe_table_splits_column_says_what_probe_summary_says(probed, probed_report):
+    import csv
+
+    summary = list(csv.DictReader(open(probed["probe"] / "summary.csv")))
+    rows = _cells(probed_report, "<h2 id='probe'>")
+    assert rows[0] == ["representation", "method", "accuracy", "balanced accuracy", "splits"]
+    assert [(r[0], r[1], r[4]) for r in rows[1:]] == [(s["representation"], s["method"], s["splits"]) for s in summary]
+    assert {s["splits"] for s in summary} == {"3"}
+    # the heading names the splits in words, not as raw JSON
+    heading = re.search(r"<h2 id='probe'>.*?<p>(.*?)</p>", probed_report, re.S).group(1)
+    assert "3 stratified train/test splits (seeds 0–2), 80% / 20%" in heading and "{" not in heading
+
+
+def test_real_archive_probe_results_are_a_table_in_the_report(probed, probed_report):
+    pj = json.loads((probed["real"] / "probe.json").read_text())
+    rows = _cells(probed_report, "<h3>2D-S</h3>")
+    assert rows[0] == ["representation", "kNN accuracy", "kNN balanced accuracy", "LR accuracy",
+                       "LR balanced accuracy", "n", "classes"]
+    by_rep = {r[0]: r for r in rows[1:]}
+    assert set(by_rep) == set(pj["results"]) == {"pretrained", "random_init", "geometric", "geometric_shape"}
+    knn = pj["results"]["pretrained"]["knn"]
+    assert by_rep["pretrained"][2] == f"{knn['balanced_accuracy']:.3f} ± {knn['balanced_accuracy_sd']:.3f}"
+    geo = pj["results"]["geometric"]["logreg"]
+    assert by_rep["geometric"][1:5] == ["–", "–", f"{geo['accuracy']:.3f} ± {geo['accuracy_sd']:.3f}",
+                                        f"{geo['balanced_accuracy']:.3f} ± {geo['balanced_accuracy_sd']:.3f}"]
+    assert by_rep["pretrained"][5] == f"{pj['split']['n_train'] + pj['split']['n_test']:,}"
+    assert by_rep["pretrained"][6] == str(len(pj["classes"]))
+    assert "href='probe_summary_2D-S.csv'" in probed_report and "href='#real'" in probed_report
+
+
+def test_backbone_summary_at_the_top(probed_report):
+    top = probed_report[:probed_report.index("<div class='warn'>") if "<div class='warn'>" in probed_report
+                        else probed_report.index("<div class='ok'>")]
+    rows = dict((r[0], r[1]) for r in _cells(top, "<b>Backbone</b>")[1:])
+    assert rows["backbone"].startswith("vit_small_patch16_224 (patch 4 px, embed dim 64, depth 2, 2 heads)")
+    assert "32-px inputs from a 64-px canvas (bbox framing)" in rows["backbone"]
+    assert rows["trained"] == "30 steps of 30 planned (3 epochs × 10 steps each)"
+    assert rows["pretrained on"].startswith("240 images from")
+    assert rows["recipe"] == ("iBOT-vMF, K = 256 prototypes, KoLeo weight 0.1, batch 16 per rank, seed 7, "
+                              "lr 0.004 per 256 images")
+    headline = _cells(top, "How well")
+    assert [r[0] for r in headline[1:]] == ["this store (habit)", "2D-S"]
+
+
+def test_backbone_summary_of_a_random_init_store_and_a_backbone_that_did_not_embed_it(full_run, tmp_path, capsys):
+    from icehpc.analysis.embed import contract
+
+    r = full_run
+    store = tmp_path / "store"
+    shutil.copytree(r["store_random"].parent, store)
+    marker = contract(store / "store.h5").marker_path(store)
+    marker.write_text(json.dumps({"backbone": {"arch": "vit_small_patch16_224", "timm_kwargs": {"embed_dim": 16},
+                                               "weights": "random-init(seed=0)", "weights_sha256": ""}}))
+    kappa = tmp_path / "k"
+    run_kappa(store / "store.h5", kappa, cfgmod.load(KappaConfig, None, ["bootstrap=0", "groupings=[habit]"]))
+    build_report(kappa, tmp_path / "r", store=store / "store.h5", map_sample=50)
+    rows = dict((c[0], c[1]) for c in _cells((tmp_path / "r" / "index.html").read_text(), "<b>Backbone</b>")[1:])
+    assert rows["backbone"].startswith("vit_small_patch16_224 (embed dim 16)")
+    assert rows["weights"].startswith("random-init(seed=0): random initialisation, no pretraining")
+    # --backbone that did not embed --store: one line
+    rc, err = _report(capsys, kappa, "--out", tmp_path / "r2", "--store", store / "store.h5",
+                      "--backbone", r["tmp"] / "backbone.safetensors")
+    _one_line(rc, err)
+    assert "embedded by another backbone (random-init(seed=0))" in err
+
+
+def test_real_probe_inputs_are_checked(full_run, probed, tmp_path, capsys):
+    r = full_run
+    base = [r["kappa_trained"], "--out", tmp_path / "r"]
+    for bad, why in (("2D-S", "give NAME=DIR"), (f"2D-S={tmp_path / 'none'}", "no probe.json there")):
+        rc, err = _report(capsys, *base, "--real-probe", bad)
+        _one_line(rc, err)
+        assert why in err, err
+    rc, err = _report(capsys, *base, "--real-probe", f"A={probed['real']}", "--real-probe", f"A={probed['real']}")
+    _one_line(rc, err)
+    assert "given twice" in err
+    edited = tmp_path / "edited"
+    shutil.copytree(probed["real"], edited)
+    (edited / "summary.csv").write_text("edited")
+    rc, err = _report(capsys, *base, "--real-probe", f"2D-S={edited}")
+    _one_line(rc, err)
+    assert "does not verify" in err
+    # the archive's store embedded by another backbone than --backbone
+    other = write_backbone_sha_record(r["store_trained"], tmp_path)
+    try:
+        rc, err = _report(capsys, *base, "--backbone", r["tmp"] / "backbone.safetensors",
+                          "--real-probe", f"2D-S={probed['real']}")
+    finally:
+        other.unlink()
+    _one_line(rc, err)
+    assert "--real-probe 2D-S=" in err and "another backbone" in err
+    rc, err = _report(capsys, *base, "--backbone", r["tmp"] / "backbone.safetensors",
+                      "--real-probe", f"2D-S={probed['real']}")
+    assert rc == 0, err
+
+
+def write_backbone_sha_record(store: Path, tmp: Path) -> Path:
+    """The embedding run's record beside ``store``, naming weights other than the test backbone."""
+    from icehpc.analysis.embed import contract
+
+    marker = contract(store).marker_path(store.parent)
+    assert not marker.exists()
+    marker.write_text(json.dumps({"backbone": {"arch": "vit_small_patch16_224", "weights": str(tmp / "other"),
+                                               "weights_sha256": "0" * 64}}))
+    return marker
+
+
+@pytest.mark.parametrize("trained, random_, expected", [
+    ((0.50, 0.02), (0.49, 0.02), "not distinguishable from random init"),   # within one sd
+    ((0.49, 0.00), (0.49, 0.00), "not distinguishable from random init"),   # equal, one split
+    ((0.40, 0.02), (0.49, 0.02), "below random init"),
+    ((0.60, 0.02), (0.49, 0.02), None)])
+def test_trained_within_one_sd_of_random_init_is_a_warning(trained, random_, expected):
+    from icehpc.analysis.report.sections import versus_random
+
+    m = lambda mean, sd: {"balanced_accuracy": mean, "balanced_accuracy_sd": sd}  # noqa: E731
+    warnings = versus_random({"results": {"pretrained": {"dim": 8, "knn": m(*trained)},
+                                          "random_init": {"dim": 8, "knn": m(*random_)}}}, "2D-S probe")
+    if expected is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith(f"2D-S probe: the trained backbone is {expected}")
+        assert f"kNN {trained[0]:.3f} ± {trained[1]:.3f} vs {random_[0]:.3f} ± {random_[1]:.3f}" in warnings[0]
+
+
+def _captured(monkeypatch, module) -> list:
+    figs = []
+    monkeypatch.setattr(module, "_save", lambda plt, fig, path: figs.append(fig))
+    return figs
+
+
+def test_empty_bins_are_not_drawn_and_the_legend_is_off_the_data(monkeypatch, tmp_path):
+    from icehpc.analysis.report import kappa_figures
+    from icehpc.plotting import pyplot
+
+    plt = pyplot()
+    figs = _captured(monkeypatch, kappa_figures)
+    rows = [{"grouping": "temperature_c", "group": f"[{lo}, {lo + 10})", "n": n, "kappa": k, "kappa_debiased": k,
+             "ci_low": k - 1, "ci_high": k + 1,
+             "levels": {"temperature_c": {"label": f"[{lo}, {lo + 10})", "low": lo, "high": lo + 10}}}
+            for lo, n, k in ((-40, 50, 10.0), (-30, 0, float("nan")), (-20, 80, 12.0))]
+    kappa_figures.fig_binned(plt, None, "temperature_c", rows, [], tmp_path / "k.png", min_count=20)
+    fig = figs[0]
+    ax, axn = fig.axes[:2]
+    counts = [line for line in axn.get_lines() if len(line.get_xdata()) == 3]
+    assert len(counts) == 1
+    y = np.asarray(counts[0].get_ydata(), dtype=float)
+    assert np.isnan(y[1]) and list(y[[0, 2]]) == [50, 80]  # the empty bin is masked, not drawn at n ≈ 0.8
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert not legend.overlaps(ax.get_window_extent())
+    plt.close(fig)
+
+
+def test_pretraining_panels_have_y_labels_and_lr_apart_from_momentum(monkeypatch, tmp_path):
+    from icehpc.analysis.report import pretraining
+    from icehpc.plotting import pyplot
+
+    figs = _captured(monkeypatch, pretraining)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(
+        {"step": s, "loss": 5 - 0.1 * s, "loss_cls": 2.0, "cls_teacher_entropy": 1.0, "cls_proto_used": 40,
+         "lr": 0.004, "momentum": 0.996, "wd": 0.04}) + "\n" for s in range(5)))
+    pretraining.fig_pretrain(pyplot(), tmp_path / "m.jsonl", tmp_path / "p.png")
+    axes = [a for a in figs[0].axes if a.get_visible()]
+    plotted = {line.get_label(): a for a in axes for line in a.get_lines()}
+    assert plotted["lr"] is not plotted["momentum"] and plotted["lr"] is not plotted["wd"]
+    assert all(a.get_ylabel() for a in axes)
+    assert {plotted[k].get_ylabel() for k in ("loss", "lr", "momentum")} == {"loss", "learning rate", "momentum"}
+
+
+def test_small_group_warning_names_the_column_and_unit():
+    from icehpc.analysis.report.sections import kappa_warnings
+
+    row = {"grouping": "campaign:temperature_c", "group": "arctic | [-40, -30)", "n": 3,
+           "levels": {"campaign": {"label": "arctic"},
+                      "temperature_c": {"label": "[-40, -30)", "low": -40.0, "high": -30.0}}}
+    res = {"rows": [row], "run": {"config": {"min_count": 20}}}
+    (warning,) = kappa_warnings(res).warnings
+    assert "campaign = arctic, temperature_c [-40, -30) °C: 3 samples" in warning
+
+
+def test_pipeline_passes_every_real_archive_probe_to_the_report(tmp_path):
+    from icehpc import config as cfglib
+    from icehpc.run import plan as planlib
+
+    (tmp_path / "a.zip").write_bytes(b"")
+    (tmp_path / "b.zip").write_bytes(b"")
+    cfg = cfglib.load(planlib.PipelineConfig, None, [
+        f"real.data_dir={tmp_path}", "real.archives=[{name: x, file: a.zip, probe: 2D-S}, "
+                                     "{name: y, file: b.zip, probe: PIP}]"])
+    steps = planlib.plan(cfg, tmp_path / "o")
+    names = [s.name for s in steps]
+    report = steps[names.index("report")]
+    assert names.index("report") > max(names.index("real-x-probe"), names.index("real-y-probe"))
+    assert {"real-x-probe", "real-y-probe", "probe"} <= set(report.after)
+    given = [report.argv[i + 1] for i, a in enumerate(report.argv) if a == "--real-probe"]
+    by_name = {s.name: s for s in steps}
+    assert given == [f"2D-S={by_name['real-x-probe'].done.parent}", f"PIP={by_name['real-y-probe'].done.parent}"]

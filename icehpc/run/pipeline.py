@@ -18,9 +18,9 @@ synth changed``). Before a step with another record runs, only its stage's own f
 
 Plan of the synthetic demo (:func:`plan`): synth → shards → pretrain (N DeepSpeed processes via torch.distributed.run) →
 export → embed with the trained and a random-init backbone (N MPI ranks each) → κ of both (N MPI
-ranks) → report → probe (trained vs random-init vs geometric baseline); then, for each real probe
+ranks) → probe (trained vs random-init vs geometric baseline); then, for each real probe
 archive present under ``real.data_dir`` (the Jaffeux et al. 2022 2D-S and PIP images): shards →
-embed (trained, random-init) → probe. A step whose output is complete (with a matching fingerprint) is
+embed (trained, random-init) → probe; last the report (every probe, a table per real archive). A step whose output is complete (with a matching fingerprint) is
 skipped, so a killed run restarted with the same command continues; each marker is written last and
 atomically by its stage. Layout: :mod:`.plan` (config, steps in order), :mod:`.steps` (a step, its
 record, "must it run?"), :mod:`.runner` (local run, submission, ``--plan``); the science checks are

@@ -3,8 +3,9 @@
 With ``--data`` (config key ``data.inputs``) the plan starts from the user's images instead of
 ``synth``: shards → pretrain → export → embed (trained, random init) → κ of both → probe → report.
 Plan of the synthetic demo: synth → shards → pretrain → export → embed with the trained and a
-random-init backbone → κ of both → report → probe; then, for each real probe archive present under
-``real.data_dir``: shards → embed (trained, random-init) → probe.
+random-init backbone → κ of both → probe; then, for each real probe archive present under
+``real.data_dir``: shards → embed (trained, random-init) → probe; last the report, which shows every
+probe (``--real-probe PROBE=OUT/real/NAME/probe`` per archive).
 
 Each step's marker and files come from its stage's contract (:func:`icehpc.run.stages.contract`,
 ``icehpc.analysis.embed.contract``), never spelled here. Every nested config (pretraining and κ
@@ -260,8 +261,7 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
               "--probe", str(o / "probe"), "--pretrain", str(o / "pretrain"), "--backbone", str(backbone)]
     if not user_data:
         report += ["--planted", str(planted)]
-    steps.append(Step("report", "report", report, after=("kappa-trained", "kappa-random", "probe"),
-                      **_made("report", o / "report")))
+    report_after = ["kappa-trained", "kappa-random", "probe"]
 
     for archive in ([] if user_data else cfg.real.archives):
         source = data_dir / archive.file
@@ -275,6 +275,9 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
                           **_made("shards", base / "shards")))
         steps += embed_pair(prefix, base / "shards", base / "embed", (f"{prefix}shards",))
         steps.append(probe(prefix, base / "embed", base / "shards", base / "probe", cfg.probe.label))
+        report += ["--real-probe", f"{archive.probe}={base / 'probe'}"]  # the report's table of this archive
+        report_after.append(steps[-1].name)
+    steps.append(Step("report", "report", report, after=tuple(report_after), **_made("report", o / "report")))
     fingerprint_steps(steps, o)
     return steps
 

@@ -22,6 +22,7 @@ from ...contract import Contract, Status
 from ...fileio import file_sha256, lock_dir
 from ...fileio import write_atomic
 from ..joins import kappa_store_mismatch
+from . import backbone as backbone_summary
 from . import sections
 from .common import CSS, MAP_SAMPLE, Page, ReportError
 
@@ -33,7 +34,7 @@ CONTRACT = Contract("report.json", (
     "embedding_map.png", "embedding_map.svg", "embedding_map.pdf", "embedding_map.csv", "examples.csv",
     "confusion_*.png", "confusion_*.svg", "confusion_*.pdf", "pretrain_curves.png", "pretrain_curves.svg",
     "pretrain_curves.pdf", "kappa.csv", "similarity.csv", "kappa.json", "kappa_random_init.csv", "kappa.nc",
-    "probe_summary.csv", "metrics.jsonl", ".report.tmp-*"))
+    "probe_summary.csv", "probe_summary_*.csv", "metrics.jsonl", ".report.tmp-*"))
 TMP_PREFIX = ".report.tmp-"
 
 
@@ -66,6 +67,36 @@ def load_json(path: Path, what: str, hint: str) -> dict:
     if not isinstance(data, dict):
         raise ReportError(f"{what} {path} is not a JSON object; {hint}")
     return data
+
+
+def parse_real_probes(values: list[str] | None) -> dict[str, Path]:
+    """``--real-probe NAME=DIR`` (repeatable) → {NAME: DIR}, or one line saying what is wrong."""
+    out: dict[str, Path] = {}
+    for value in values or []:
+        name, sep, folder = value.partition("=")
+        if not sep or not name.strip() or not folder:
+            raise ReportError(f"--real-probe {value}: give NAME=DIR, e.g. --real-probe 2D-S=runs/demo/real/2ds/probe")
+        if name in out:
+            raise ReportError(f"--real-probe {name} is given twice")
+        out[name] = Path(folder)
+    return out
+
+
+def load_real_probes(folders: dict[str, Path]) -> dict[str, tuple[Path, dict]]:
+    """Each real archive's probe.json (the folder must hold one: these are not optional inputs)."""
+    from ..probe import CONTRACT as PROBE_CONTRACT
+
+    loaded = {}
+    for name, folder in folders.items():
+        marker = PROBE_CONTRACT.marker_path(folder)
+        if not marker.is_file():
+            raise ReportError(f"--real-probe {name}={folder}: no {marker.name} there; run `icehpc probe STORE "
+                              f"--out {folder}` first")
+        pj = load_json(marker, f"--real-probe {name}", "give the output folder of `icehpc probe`")
+        if not isinstance(pj.get("results"), dict):
+            raise ReportError(f"--real-probe {name}: {marker} is not the output of `icehpc probe` (no results)")
+        loaded[name] = (folder, pj)
+    return loaded
 
 
 def check_joins(res: dict, ctl_res: dict | None, *, store: Path | None, pj: dict | None, probe: Path | None) -> None:
@@ -102,9 +133,12 @@ def _sha(path: Path | None) -> str:
 
 def inputs_sha256(kappa_dir: Path, *, random: Path | None, planted: Path | None, store: Path | None,
                   shards: Path | None, probe: Path | None, pretrain: Path | None,
-                  backbone: Path | None) -> dict[str, str]:
+                  backbone: Path | None, real_probes: dict[str, Path] | None = None) -> dict[str, str]:
     """The content of every input file the report reads, by sha256 ("" when not given or absent)."""
-    return {"kappa": _sha(kappa_dir / "kappa.json"), "random": _sha(random / "kappa.json") if random else "",
+    from ..probe import CONTRACT as PROBE_CONTRACT
+
+    real = {f"real_probe {name}": _sha(PROBE_CONTRACT.marker_path(folder)) for name, folder in (real_probes or {}).items()}
+    return {**real, "kappa": _sha(kappa_dir / "kappa.json"), "random": _sha(random / "kappa.json") if random else "",
             "planted": _sha(planted), "store": _sha(store),
             "shards": _sha(shards / "index.json") if shards else "",
             "probe": _sha(probe / "probe.json") if probe else "",
@@ -123,6 +157,7 @@ def assemble(out: Path, res: dict, ctl: bool, parts: dict[str, sections.Section]
     rows, run, sim = res["rows"], res["run"], res.get("similarity")
     min_count = run["config"]["min_count"]
     page = Page(out)
+    page.add(parts["backbone"].html)
     warnings = [w for s in parts.values() for w in s.warnings]
     groupings = {r["grouping"] for r in rows}
     flagged = [r for r in rows if r.get("flag")]
@@ -139,7 +174,8 @@ def assemble(out: Path, res: dict, ctl: bool, parts: dict[str, sections.Section]
     titled = [("kappa", "κ per group", "kappa"),
               ("similarity", f"Inter-class similarity ({(sim or {}).get('column')})", "similarity"),
               ("map", "Embedding map", "map"), ("examples", "Example images", "examples"),
-              ("probe", "Probe results", "probe"), ("pretraining", "Pretraining curves", "pretraining")]
+              ("probe", "Probe results", "probe"), ("real", "Probes on real archives", "real"),
+              ("pretraining", "Pretraining curves", "pretraining")]
     for key, title, anchor in titled:
         sec = parts.get(key)
         if sec is not None and (sec.html or key == "kappa"):
@@ -168,14 +204,18 @@ def assemble(out: Path, res: dict, ctl: bool, parts: dict[str, sections.Section]
 
 def _sections(tmp: Path, res: dict, ctl_res: dict | None, *, src: Path, random: Path | None,
               planted_data: dict | None, store: Path | None, shards: Path | None, pj: dict | None,
-              probe: Path | None, pretrain: Path | None, backbone: Path | None, map_sample: int,
+              probe: Path | None, pretrain: Path | None, header: dict[str, str], spec: dict,
+              real: dict[str, tuple[Path, dict]], backbone: Path | None, map_sample: int,
               examples: int) -> dict[str, sections.Section]:
     from .common import _plt
 
     plt = _plt()
     run, sim = res["run"], res.get("similarity")
     label = (sim or {}).get("column") or run["config"].get("similarity_by") or "habit"
-    parts = {"warnings": sections.kappa_warnings(res),
+    probes = {**({f"this store ({pj.get('label', '')})": pj} if pj is not None else {}),
+              **{name: rpj for name, (_, rpj) in real.items()}}
+    parts = {"backbone": backbone_summary.section(header, spec, pretrain, probes),
+             "warnings": sections.kappa_warnings(res),
              "kappa": sections.kappa_figures(plt, tmp, res, ctl_res, planted_data),
              "copies": sections.kappa_copies(tmp, src, random, ctl_res),
              "netcdf": sections.netcdf(tmp, res, ctl_res),
@@ -188,6 +228,8 @@ def _sections(tmp: Path, res: dict, ctl_res: dict | None, *, src: Path, random: 
                                                   run.get("bins", {}).get("temperature_c"), examples)
     if pj is not None and probe is not None:
         parts["probe"] = sections.probe(tmp, probe, pj)
+    if real:
+        parts["real"] = sections.real_probes(tmp, real)
     if pretrain is not None and (pretrain / "metrics.jsonl").exists():
         parts["pretraining"] = sections.pretraining(plt, tmp, pretrain)
     parts["provenance"] = sections.provenance(run, store=store, shards=shards, pretrain=pretrain, backbone=backbone)
@@ -198,9 +240,11 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
                  planted: str | os.PathLike | None = None, store: str | os.PathLike | None = None,
                  shards: str | os.PathLike | None = None, probe: str | os.PathLike | None = None,
                  pretrain: str | os.PathLike | None = None, backbone: str | os.PathLike | None = None,
+                 real_probes: dict[str, str | os.PathLike] | None = None,
                  map_sample: int = MAP_SAMPLE, examples: int = 5) -> Path:
     """Read ``kappa_dir``/kappa.json (+ the optional inputs), check that they belong together, and
-    write figures, CSVs, kappa.nc, index.html and report.json into ``out_dir`` as one set."""
+    write figures, CSVs, kappa.nc, index.html and report.json into ``out_dir`` as one set.
+    ``real_probes``: name of a real archive (e.g. 2D-S) → its `icehpc probe` folder."""
     src, out = Path(kappa_dir), Path(out_dir)
     given = lambda p: Path(p) if p and Path(p).exists() else None  # noqa: E731 (absent inputs: sections left out)
     random_p, planted_p, store_p, shards_p = (Path(random) if random else None), given(planted), given(store), given(shards)
@@ -212,9 +256,15 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
     if probe_p is not None and (probe_p / "probe.json").exists():
         pj = load_json(probe_p / "probe.json", "--probe", "give the output folder of `icehpc probe`")
     check_joins(res, ctl_res, store=store_p, pj=pj, probe=probe_p)
+    real_p = {name: Path(folder) for name, folder in (real_probes or {}).items()}
+    real = load_real_probes(real_p)
     options = {"map_sample": map_sample, "examples": examples}
     inputs = inputs_sha256(src, random=random_p, planted=planted_p, store=store_p, shards=shards_p, probe=probe_p,
-                           pretrain=pretrain_p, backbone=backbone_p)
+                           pretrain=pretrain_p, backbone=backbone_p, real_probes=real_p)
+    header, spec = backbone_summary.read_header(backbone_p), backbone_summary.store_backbone(store_p)
+    backbone_summary.check_backbone(spec, backbone_p, inputs["backbone"], f"--store {store_p}")
+    for name, (folder, rpj) in real.items():
+        backbone_summary.check_real_probe(name, folder, rpj, backbone_p, inputs["backbone"])
     with lock_dir(out, "report folder"):
         for stale in out.glob(TMP_PREFIX + "*"):  # left by a killed report (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
@@ -223,7 +273,8 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
         try:
             parts = _sections(tmp, res, ctl_res, src=src, random=random_p, planted_data=planted_data,
                               store=store_p, shards=shards_p, pj=pj, probe=probe_p, pretrain=pretrain_p,
-                              backbone=backbone_p, map_sample=map_sample, examples=examples)
+                              header=header, spec=spec, real=real, backbone=backbone_p, map_sample=map_sample,
+                              examples=examples)
             write_atomic(tmp / PAGE, assemble(tmp, res, ctl_res is not None, parts), durable=False)
             _commit(out, tmp, {"report": {"fingerprint": fingerprint(inputs, options), "inputs_sha256": inputs,
                                           "options": options, "kappa_dir": str(src)}})
@@ -256,7 +307,8 @@ def status(args: argparse.Namespace) -> Status:
     p = lambda v: Path(v) if v and Path(v).exists() else None  # noqa: E731
     want = fingerprint(inputs_sha256(Path(args.kappa_dir), random=Path(args.random) if args.random else None,
                                      planted=p(args.planted), store=p(args.store), shards=p(args.shards),
-                                     probe=p(args.probe), pretrain=p(args.pretrain), backbone=p(args.backbone)),
+                                     probe=p(args.probe), pretrain=p(args.pretrain), backbone=p(args.backbone),
+                                     real_probes=parse_real_probes(args.real_probe)),
                        {"map_sample": MAP_SAMPLE, "examples": 5})
     if (record.get("report") or {}).get("fingerprint") != want:
         return Status(False, "an input of the report changed since it was written")

@@ -16,6 +16,7 @@ from ...config import UserError
 AXIS_NAMES = {"temperature_c": "temperature (°C)", "particle_width_um": "particle width (µm)",
               "pressure_hpa": "pressure (hPa)", "particle_height_um": "particle height (µm)"}
 UNITS = {"temperature_c": "degC", "particle_width_um": "um", "particle_height_um": "um", "pressure_hpa": "hPa"}
+_UNIT_TEXT = {"degC": "°C", "um": "µm"}  # UNITS (CF spelling, kappa.nc) as a reader writes them
 ESTIMATE = "kappa_debiased"  # the CI brackets this estimator (see icehpc.analysis.kappa)
 COLLAPSE_COS = 0.9  # mean cosine to other classes' centroids above this: the classes are not told apart
 MAP_SAMPLE = 2000  # embedding-map rows (t-SNE is O(n log n) but slow in pure CPU at 10⁵)
@@ -53,6 +54,17 @@ def _group_name(v: Any) -> str:
     """A level label for display: empty or missing labels are named, never blank."""
     text = "" if v is None else str(v)
     return text if text.strip() else "(unknown)"
+
+
+def describe_group(row: dict) -> str:
+    """A κ group as a reader names it: every column with its level, bins with their unit
+    (``campaign = arctic, temperature_c [-40, -30) °C``)."""
+    said = []
+    for col, lev in (row.get("levels") or {}).items():
+        label = _group_name(lev.get("label"))
+        unit = _UNIT_TEXT.get(UNITS.get(col, ""), UNITS.get(col, ""))
+        said.append(f"{col} {label}" + (f" {unit}" if unit else "") if "low" in lev else f"{col} = {label}")
+    return ", ".join(said) or _group_name(row.get("group"))
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:

@@ -70,7 +70,7 @@ def fig_binned(plt, cat: str | None, col: str, rows: list[dict], pooled: list[di
     ``control``: group → row of the random-init run (same line colour, dotted, open markers).
     ``planted``: (level or "all", bin low edge) → planted habit entropy, on an inverted right axis.
     """
-    fig, (ax, axn) = plt.subplots(2, 1, figsize=(8, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(10, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
     series: dict[str, list[dict]] = {}
     for r in rows:
         if _centre(r, col) is not None:
@@ -106,7 +106,9 @@ def fig_binned(plt, cat: str | None, col: str, rows: list[dict], pooled: list[di
                 ax2.plot([p for p, _ in pts], [e for _, e in pts], "+-", color=color, lw=0.8, alpha=0.5, ms=6)
                 drew_planted = True
         xs = [_centre(r, col) for r in rs]
-        axn.plot(xs, [max(r["n"], 0.8) for r in rs], "o-" if not pooled_line else "s--", color=color, ms=3, lw=1)
+        # an empty bin has no point on a log axis: masked (the line breaks there), not drawn at n = 0.8
+        axn.plot(xs, [r["n"] if r["n"] > 0 else np.nan for r in rs], "o-" if not pooled_line else "s--",
+                 color=color, ms=3, lw=1)
         if len(xs) > 1:
             width = np.min(np.diff(sorted(set(xs))))
     ax.set_ylabel("κ̂ (debiased) with CI")
@@ -140,7 +142,9 @@ def fig_binned(plt, cat: str | None, col: str, rows: list[dict], pooled: list[di
     if drew_planted:
         handles.append(Line2D([], [], ls="-", marker="+", color="0.4", lw=0.8))
         labels.append("planted habit entropy (right)")
-    ax.legend(handles, labels, fontsize=8, ncol=2 if len(labels) > 5 else 1)
+    # outside the axes, right of the planted-entropy axis when there is one: never over the points
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.13 if ax2 is not None else 1.02, 1.0),
+              borderaxespad=0, frameon=False)
     if width:
         ax.set_xlim(min(min(_centre(r, col) for r in rs) for rs in series.values() if rs) - width,
                     max(max(_centre(r, col) for r in rs) for rs in series.values() if rs) + width)

@@ -8,8 +8,23 @@ import numpy as np
 
 from .common import _save
 
+#: The curves' panels: (title, y label, which metrics). One quantity per axis: a learning rate of
+#: 0.004 beside an EMA momentum of 0.996 would be a flat line at zero.
+PANELS = (
+    ("losses", "loss", lambda k: k.startswith("loss")),
+    ("teacher entropy", "entropy (nats)", lambda k: "entropy" in k or k.endswith("_kl")),
+    ("prototype usage", "prototypes", lambda k: k.endswith(("proto_used", "proto_perplexity"))),
+    ("prototype κ (‖w‖ / τ)", "κ", lambda k: k.startswith("head_kappa_p")),
+    ("learning rate", "learning rate", lambda k: k == "lr"),
+    ("teacher EMA momentum", "momentum", lambda k: k == "momentum"),
+    ("weight decay", "weight decay", lambda k: k == "wd"),
+    ("teacher temperature", "temperature", lambda k: k == "teacher_temp"),
+)
+
+
 def fig_pretrain(plt, metrics_path: Path, path: Path) -> list[str]:
-    """Losses, teacher entropy / prototype usage and κ of the prototypes against the step."""
+    """One panel per quantity of :data:`PANELS` present in metrics.jsonl, each with its own y label,
+    against the step (legends outside the curves)."""
     records = []
     for line in metrics_path.read_text().splitlines():
         try:
@@ -20,20 +35,24 @@ def fig_pretrain(plt, metrics_path: Path, path: Path) -> list[str]:
         return []
     steps = np.array([r.get("step", i) for i, r in enumerate(records)], dtype=float)
     keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    panels = [("losses", [k for k in keys if k.startswith("loss")]),
-              ("teacher entropy and prototype usage", [k for k in keys if "entropy" in k or "proto" in k]),
-              ("schedule", [k for k in keys if k in ("lr", "teacher_temp", "momentum", "wd")])]
-    panels = [(t, ks) for t, ks in panels if ks]
+    panels = [(t, yl, [k for k in keys if pick(k)]) for t, yl, pick in PANELS]
+    panels = [p for p in panels if p[2]]
     if not panels:
         return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
-    for ax, (title, ks) in zip(axes[0], panels):
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, ylabel, ks) in zip(axes.flat, panels):
         for k in ks[:8]:
             y = np.array([r.get(k, np.nan) for r in records], dtype=float)
             ax.plot(steps, y, lw=1, label=k)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
-        ax.legend(fontsize=6, frameon=False)
+        ax.set_ylabel(ylabel)
+        if len(ks) > 1:
+            ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     _save(plt, fig, path)
     return keys
 

@@ -16,7 +16,7 @@ import numpy as np
 from ...fileio import csv_text, file_sha256, write_atomic
 from ..joins import SOURCE, source_mismatch
 from .common import (COLLAPSE_COS, FORMATS, ReportError, Section, _axis, _b64, _finite, _group_name, _table,
-                     figure_html)
+                     describe_group, figure_html)
 from ..science import planted_entropy
 from .kappa_figures import fig_binned, fig_categorical, fig_similarity, off_diagonal_mean
 
@@ -31,9 +31,9 @@ def kappa_warnings(res: dict) -> Section:
     out = Section()
     small = [r for r in rows if r["n"] and r["n"] < min_count]
     if small:
+        named = "; ".join(f"{describe_group(r)}: {r['n']:,} samples" for r in small[:3])
         out.warnings.append(f"{len(small)} group(s) have fewer than min_count = {min_count} valid rows and are not "
-                            f"estimated (e.g. {', '.join(_group_name(r['group']) for r in small[:3])}); see the "
-                            "flagged table.")
+                            f"estimated (e.g. {named}); see the flagged table.")
     dropped = run.get("groupings_dropped") or {}
     if dropped:
         out.warnings.append(f"groupings left out for lack of data: {', '.join(dropped)} "
@@ -88,7 +88,7 @@ def kappa_figures(plt, out: Path, res: dict, ctl_res: dict | None, planted_data:
         else:
             note = fig_categorical(plt, g.replace(":", " × "), by[g], out / name, ctl)
             figures.append((name, f"κ per {_axis(g.replace(':', ' × '))}",
-                            f"Dots: debiased κ̂ with CI; crosses: exact MLE (biased upward when n is small)."
+                            "Dots: debiased κ̂ with CI; crosses: exact MLE (biased upward when n is small)."
                             + (" Open squares: random-init control." if ctl else "") + f" {note}"))
     sec = Section()
     for name, title, caption in figures:
@@ -208,6 +208,11 @@ def examples(out: Path, shards: Path, x: np.ndarray, meta: dict, label: str, t_e
 
 
 # ------------------------------------------------------------------------------------ probe
+#: How the probe's methods and representations read in a table.
+METHODS = {"knn": "kNN", "logreg": "LR"}
+TRAINED, RANDOM = "pretrained", "random_init"  # the probe's names of the two backbones' representations
+
+
 def _metric(m: dict, key: str) -> tuple[float | None, float | None]:
     """(mean, sd over splits or None) of a probe metric as ``icehpc probe`` writes it."""
     v, sd = m.get(key), m.get(f"{key}_sd")
@@ -220,14 +225,69 @@ def _fmt_ms(mean: float | None, sd: float | None) -> str:
     return f"{mean:.3f} ± {sd:.3f}" if sd is not None else f"{mean:.3f}"
 
 
+def split_text(pj: dict) -> str:
+    """The probe's splits in words: how many, which seeds, train/test sizes, classes left out."""
+    split = pj.get("split") or {}
+    seeds = [int(s) for s in split.get("seeds") or [split.get("seed", 0)]]
+    text = (f"{len(seeds)} stratified train/test splits (seeds {seeds[0]}–{seeds[-1]})" if len(seeds) > 1
+            else f"one stratified train/test split (seed {seeds[0]})")
+    if _finite(split.get("test_fraction")):
+        text += f", {1 - split['test_fraction']:.0%} / {split['test_fraction']:.0%}"
+    if isinstance(split.get("n_train"), int) and isinstance(split.get("n_test"), int):
+        text += f": {split['n_train']:,} train and {split['n_test']:,} test samples each"
+    left = split.get("left_out_classes") or {}
+    if left:
+        text += ("; left out (too few samples or no label): "
+                 + ", ".join(f"{_group_name(c)} ({n:,})" for c, n in left.items()))
+    return text
+
+
+def versus_random(pj: dict, where: str) -> list[str]:
+    """The trained backbone's balanced accuracy against random init's, per method: a warning when
+    the difference is within one sd over splits (the larger of the two) or trained is below."""
+    res = pj.get("results") or {}
+    trained, rand = res.get(TRAINED) or {}, res.get(RANDOM) or {}
+    verdicts: dict[str, list[str]] = {}
+    for method in [m for m in trained if isinstance(trained[m], dict) and isinstance(rand.get(m), dict)]:
+        (a, sa), (b, sb) = _metric(trained[method], "balanced_accuracy"), _metric(rand[method], "balanced_accuracy")
+        if a is None or b is None:
+            continue
+        sd = max(sa or 0.0, sb or 0.0)
+        verdict = "below" if a - b < -sd else "within" if abs(a - b) <= sd else None
+        if verdict:
+            verdicts.setdefault(verdict, []).append(f"{METHODS.get(method, method)} {_fmt_ms(a, sa)} vs {_fmt_ms(b, sb)}")
+    said = {"within": "is not distinguishable from random init (difference within one sd over splits",
+            "below": "is below random init (by more than one sd over splits"}
+    why = {"within": "pretraining has not learnt these classes (yet)",
+           "below": "pretraining made the embeddings worse for these classes"}
+    return [f"{where}: the trained backbone {said[v]}; balanced accuracy trained vs random init: "
+            f"{', '.join(found)}): {why[v]}." for v, found in verdicts.items()]
+
+
+def _confusions(out: Path, pj: dict) -> tuple[list[str], list[tuple[str, str]]]:
+    """Confusion matrices of every representation/method (the probe's own plot_confusion)."""
+    from ..probe import plot_confusion
+
+    classes = [str(c) for c in pj.get("classes", [])]
+    names, downloads = [], []
+    for rep, methods in (pj.get("results") or {}).items():
+        for method, m in methods.items():
+            cm = m.get("confusion_matrix") if isinstance(m, dict) else None
+            if cm is not None and classes and np.asarray(cm).shape == (len(classes), len(classes)):
+                fname = "confusion_" + re.sub(r"[^\w-]+", "_", f"{rep}_{method}", flags=re.ASCII) + ".png"
+                plot_confusion(np.asarray(cm, dtype=float), classes, f"{rep} / {method}", out / fname, FORMATS)
+                names.append(fname)
+                downloads += [(Path(fname).with_suffix(f".{f}").name, f"confusion matrix {rep} / {method}")
+                              for f in FORMATS if f != "png"]
+    return names, downloads
+
+
 def probe(out: Path, probe_dir: Path, pj: dict) -> Section:
     """The probe's table (mean ± sd over splits), per-class recall and confusion matrices (drawn by
     the probe's own :func:`icehpc.analysis.probe.plot_confusion`)."""
-    from ..probe import plot_confusion
-
-    sec = Section()
+    sec = Section(warnings=versus_random(pj, f"probe of this store ({pj.get('label', '')})"))
     classes = [str(c) for c in pj.get("classes", [])]
-    table, best, recall_rows, conf_names = [], {}, [], []
+    table, recall_rows = [], []
     for rep, methods in (pj.get("results") or {}).items():
         for method, m in methods.items():
             if not isinstance(m, dict):
@@ -237,26 +297,13 @@ def probe(out: Path, probe_dir: Path, pj: dict) -> Section:
             table.append({"representation": rep, "method": method, "accuracy": _fmt_ms(acc, acc_sd),
                           "balanced accuracy": _fmt_ms(bal, bal_sd),
                           "splits": len(m.get("accuracy_per_split") or [acc])})
-            if bal is not None:
-                best[rep] = max(best.get(rep, 0.0), bal)
             rec = m.get("per_class_recall")
             if isinstance(rec, dict):
                 recall_rows.append({"representation / method": f"{rep} / {method}", **rec})
-            cm = m.get("confusion_matrix")
-            if cm is not None and classes and np.asarray(cm).shape == (len(classes), len(classes)):
-                fname = "confusion_" + re.sub(r"[^\w-]+", "_", f"{rep}_{method}") + ".png"
-                plot_confusion(np.asarray(cm, dtype=float), classes, f"{rep} / {method}", out / fname, FORMATS)
-                conf_names.append(fname)
-                sec.downloads += [(Path(fname).with_suffix(f".{f}").name, f"confusion matrix {rep} / {method}")
-                                  for f in FORMATS if f != "png"]
-    if "pretrained" in best and "random_init" in best and best["pretrained"] <= best["random_init"]:
-        sec.warnings.append(f"the trained backbone's best probe (balanced accuracy {best['pretrained']:.3f}) does "
-                            f"not beat random init ({best['random_init']:.3f}): pretraining has not learnt habits yet.")
-    split = pj.get("split") or {}
+    conf_names, sec.downloads = _confusions(out, pj)
     sec.html = (f"<p>Class column <code>{html.escape(str(pj.get('label', '')))}</code>, {len(classes)} classes; "
-                f"{html.escape(json.dumps(split, ensure_ascii=False))}. Mean ± sd over splits where the probe "
-                "ran several.</p>" + _table(table, ["representation", "method", "accuracy",
-                                                     "balanced accuracy", "splits"]))
+                f"{html.escape(split_text(pj))}. Mean ± sd over the splits.</p>"
+                + _table(table, ["representation", "method", "accuracy", "balanced accuracy", "splits"]))
     if recall_rows:
         sec.html += ("<details><summary>per-class recall</summary>"
                      + _table(recall_rows, ["representation / method", *classes]) + "</details>")
@@ -267,6 +314,45 @@ def probe(out: Path, probe_dir: Path, pj: dict) -> Section:
     if (probe_dir / "summary.csv").exists():
         shutil.copyfile(probe_dir / "summary.csv", out / "probe_summary.csv")
         sec.downloads.append(("probe_summary.csv", "probe accuracies"))
+    return sec
+
+
+def archive_rows(pj: dict) -> list[dict[str, Any]]:
+    """One row per representation: kNN and LR accuracy and balanced accuracy (mean ± sd over
+    splits), samples and classes."""
+    split = pj.get("split") or {}
+    n = sum(v for v in (split.get("n_train"), split.get("n_test")) if isinstance(v, int))
+    rows = []
+    for rep, methods in (pj.get("results") or {}).items():
+        row: dict[str, Any] = {"representation": rep}
+        for method, name in METHODS.items():
+            m = methods.get(method)
+            m = m if isinstance(m, dict) else {}
+            row[f"{name} accuracy"] = _fmt_ms(*_metric(m, "accuracy"))
+            row[f"{name} balanced accuracy"] = _fmt_ms(*_metric(m, "balanced_accuracy"))
+        rows.append({**row, "n": n, "classes": len(pj.get("classes") or [])})
+    return rows
+
+
+def real_probes(out: Path, probes: dict[str, tuple[Path, dict]]) -> Section:
+    """A table per real archive (``--real-probe NAME=DIR``): the same backbone probed on its images."""
+    sec = Section()
+    cols = ["representation", *(f"{m} {k}" for m in METHODS.values() for k in ("accuracy", "balanced accuracy")),
+            "n", "classes"]
+    for name, (folder, pj) in probes.items():
+        sec.warnings += versus_random(pj, f"{name} probe")
+        classes = ", ".join(_group_name(c) for c in pj.get("classes") or [])
+        sec.html += (f"<h3>{html.escape(name)}</h3><p>Class column <code>{html.escape(str(pj.get('label', '')))}"
+                     f"</code>: {html.escape(classes)}; {html.escape(split_text(pj))}. Mean ± sd over the splits; "
+                     "kNN: cosine k-nearest neighbours, LR: logistic regression.</p>" + _table(archive_rows(pj), cols))
+        if (folder / "summary.csv").exists():
+            dest = "probe_summary_" + re.sub(r"[^\w-]+", "_", name, flags=re.ASCII) + ".csv"
+            shutil.copyfile(folder / "summary.csv", out / dest)
+            sec.downloads.append((dest, f"probe accuracies on {name}"))
+    if sec.html:
+        sec.html = ("<p>The trained and the random-init backbones embedded each real archive, then were probed as "
+                    "above (<code>geometric</code>: contour features of the images, a baseline that needs no "
+                    "network).</p>" + sec.html)
     return sec
 
 

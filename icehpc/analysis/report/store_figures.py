@@ -78,7 +78,8 @@ def fig_embedding_map(plt, x: np.ndarray, meta: dict[str, np.ndarray], label: st
                     sel = v == lev
                     ax.scatter(proj[sel, 0], proj[sel, 1], s=5, color=cmap(k % cmap.N), label=lev)
                 if i == 0:
-                    ax.legend(fontsize=6, markerscale=2, loc="best", ncol=1 + len(levels) // 12, frameon=False)
+                    ax.legend(fontsize=6, markerscale=2, loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                              ncol=1 + len(levels) // 12, frameon=False)  # beside the points, not over them
             ax.set_title(f"{name}" + (f", by {_axis(c)}" if c else ""), fontsize=9)
     _save(plt, fig, path)
     return colourings, pca, tsne
