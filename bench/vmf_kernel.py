@@ -287,11 +287,14 @@ LOSS_CPU = dict(batch=16, n_local=2, patch_rows=2048, k=4096, d=256, reps=5)
 def run_loss_cpu(backend: str) -> None:
     """ibot_vmf_loss forward+backward on the CPU with DINO-vMF's probability centring (vMF on,
     fp32): median ms, dispatched aten ops and matmul GFLOP per step (one step counted after a
-    warm-up). The teacher's statistic comes out of the loss's own teacher pass; before that fold
-    loss.py ran a second fp32 softmax pass over the teacher's [CLS] and patch logits."""
+    warm-up), with log C_p evaluated as the CPU step does (exact torch ops) and as the CUDA step
+    does (the float64 table), and log C_p(κ[K]) alone both ways. The teacher's statistic comes out
+    of the loss's own teacher pass; before that fold loss.py ran a second fp32 softmax pass over the
+    teacher's [CLS] and patch logits."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
+    from icehpc import vmf
     from icehpc.ssl.config import LossConfig
     from icehpc.ssl.loss import Centres, ibot_vmf_loss
     from icehpc.ssl.model import HeadOut
@@ -324,19 +327,34 @@ def run_loss_cpu(backend: str) -> None:
             Ops.n += 1
             return func(*args, **(kwargs or {}))
 
-    step()  # warm-up
-    with Ops(), FlopCounterMode(display=False) as flops:
-        step()
-    times = []
-    for _ in range(c["reps"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    def measure(fn) -> tuple[float, int, float]:
+        """(median ms, aten ops, matmul GFLOP) of fn() after a warm-up call."""
+        fn()
+        Ops.n = 0
+        with Ops(), FlopCounterMode(display=False) as flops:
+            fn()
+        times = []
+        for _ in range(c["reps"]):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times), Ops.n, flops.get_total_flops() / 1e9
+
+    kappa = (torch.rand(k, generator=g) * 900 + 0.5).requires_grad_()
     print(f"# ibot_vmf_loss fwd+bwd on the CPU, probability centring, vmf, fp32, backend={backend}: "
           f"B={b}, {n_local} local crops, {int(masks.sum())} masked patch rows, K={k}, D={d}, "
-          f"{torch.get_num_threads()} threads", flush=True)
-    print(f"loss step: {1e3 * statistics.median(times):.1f} ms (median of {c['reps']}), "
-          f"{Ops.n} aten ops, {flops.get_total_flops() / 1e9:.2f} GFLOP in matmuls", flush=True)
+          f"{torch.get_num_threads()} threads; medians of {c['reps']}", flush=True)
+    by_device = vmf.log_cp_step
+    for name, log_cp in (("exact (CPU step)", vmf.log_cp_torch), ("table (CUDA step)", vmf.log_cp_tabulated)):
+        ms, ops, _ = measure(lambda: torch.autograd.grad(log_cp(kappa, d).sum(), kappa))
+        print(f"log C_p(κ[{k}], {d}) fwd+bwd, {name}: {ms:.2f} ms, {ops} aten ops", flush=True)
+        vmf.log_cp_step = log_cp  # what vmf_bias evaluates
+        try:
+            ms, ops, gflop = measure(step)
+        finally:
+            vmf.log_cp_step = by_device
+        print(f"loss step, log C_p {name}: {ms:.1f} ms, {ops} aten ops, {gflop:.2f} GFLOP in matmuls",
+              flush=True)
 
 
 def fp32_stand_in(zs, ws, zt, wt, center, *args):

@@ -149,8 +149,8 @@ def programs(chunk: int) -> int:
 
 
 def chunk_step(*, k: int, inv_tau_s: float, inv_tau_t: float, acc: torch.dtype, dbp: Tensor,
-               pmp: Tensor, pup: Tensor | None = None, ls: Tensor | None = None, b_s: Tensor | None = None,
-               lt: Tensor | None = None, b_tc: Tensor | None = None,
+               pmp: Tensor, pup: Tensor | None = None, ls: Tensor | None = None,
+               b_s: Tensor | None = None, lt: Tensor | None = None, b_tc: Tensor | None = None,
                centre: Tensor | None = None, pt: Tensor | None = None,
                pairs: Tensor | None = None, a: Tensor | None = None, g: Tensor | None = None,
                row_loss: Tensor | None = None, write_pt: bool = False) -> None:

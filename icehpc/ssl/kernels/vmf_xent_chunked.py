@@ -9,8 +9,8 @@ only (no data-dependent shapes: CUDA-graph friendly). Gradients are formed in th
 is a scalar) and scaled in the backward.
 
 Two implementations of the per-chunk step between the GEMMs: ``fused`` (one Triton launch per
-chunk, ``vmf_xent_chunk_triton``: both softmaxes, the soft-CE, G, Σ G and both Σ P_t; used on CUDA and
-under TRITON_INTERPRET=1) and plain torch ops (any device; the fallback on a CPU without the
+chunk, ``vmf_xent_chunk_triton``: both softmaxes, the soft-CE, G, Σ G and both Σ P_t; used on CUDA
+and under TRITON_INTERPRET=1) and plain torch ops (any device; the fallback on a CPU without the
 interpreter). ``FUSED`` (None = that choice, True / False) overrides it, for tests and benchmarks.
 """
 from __future__ import annotations
