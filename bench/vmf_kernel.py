@@ -399,9 +399,9 @@ def run_aot(first_only: bool) -> int:
                            for a, b, c, d in [(1, 1, 1, 1), (1, 0, 1, 1), (0, 1, 1, 0), (0, 1, 0, 0)])]
     from icehpc.ssl.kernels import vmf_xent_chunk_triton as c
 
-    variants += [("chunk", c._chunk_kernel.fn, c._configs(),
-                  dict(DO_S=a, TEACHER=t, WRITE_PT=w, NEED_G=g, M=mm, ACC=tl.float32, BLOCK_M=c.BLOCK_M))
-                 for a, t, w, g, mm in [(1, 1, 0, 1, 1), (0, 1, 1, 0, 1), (1, 2, 0, 1, 2)]]
+    variants += [("chunk", c._chunk_kernel.fn, c.variant_configs(f), f)
+                 for f in (dict(DO_S=a, TEACHER=t, WRITE_PT=w, NEED_G=g, M=mm, ACC=tl.float32, BLOCK_M=c.BLOCK_M)
+                           for a, t, w, g, mm in [(1, 1, 0, 1, 1), (0, 1, 1, 0, 1), (1, 2, 0, 1, 2)])]
     failed = 0
     for name, fn, configs, flags in variants:
         for cfg in configs[:1] if first_only else configs:

@@ -278,6 +278,13 @@ def test_autotune_keeps_each_variants_spill_free_configs(monkeypatch):
         got = m._prune(cols, {}, DO_S=a, DO_T=t, NEED_DW=dw, DOT=tl.bfloat16)
         assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in got] == want
     assert m._prune(cols, {}, DO_S=1, DO_T=1, NEED_DW=1, DOT=tl.float32) == [m._FP32_CONFIG]
+    from icehpc.ssl.kernels import vmf_xent_chunk_triton as ct
+
+    monkeypatch.setattr(ct, "INTERPRET", False)
+    chunk = ct._configs()
+    for (a, t), want in ct.VARIANT_CONFIGS.items():  # the chunked backend's step likewise
+        got = ct._prune(chunk, {"DO_S": a}, TEACHER=t)
+        assert [(c.kwargs["BLOCK_K"], c.num_warps) for c in got] == want
 
 
 # ----------------------------------------------------------------------------------- GPU only
