@@ -9,6 +9,7 @@ every shape, the compile variants last; every row is printed as it completes.
     python bench/vmf_kernel.py            # CUDA: all three shapes, bf16
     python bench/vmf_kernel.py --small    # CPU smoke: torch backend vs the Triton interpreter
     python bench/vmf_kernel.py --aot      # no GPU: compile for sm_90a, print smem/registers/spills
+    python bench/vmf_kernel.py --loss-cpu # CPU: the whole iBOT-vMF loss step, probability centring
 
 Without CUDA (and without --small) it prints why and exits 0. The vMF bias b[k] = log C_p(‖w_k‖/τ)
 goes through icehpc.vmf.log_cp_torch (float64 torch ops on the device, the same in every backend),
@@ -279,6 +280,83 @@ def run_small(vmf: bool) -> None:
                   f"({grad_verdict(err)})", flush=True)
 
 
+# --loss-cpu: a small step of the whole loss (B images, n_local local crops, masked patch rows)
+LOSS_CPU = dict(batch=16, n_local=2, patch_rows=2048, k=4096, d=256, reps=5)
+
+
+def run_loss_cpu(backend: str) -> None:
+    """ibot_vmf_loss forward+backward on the CPU with DINO-vMF's probability centring (vMF on,
+    fp32): median ms, dispatched aten ops and matmul GFLOP per step (one step counted after a
+    warm-up), with log C_p evaluated as the CPU step does (exact torch ops) and as the CUDA step
+    does (the float64 table), and log C_p(κ[K]) alone both ways. The teacher's statistic comes out
+    of the loss's own teacher pass; before that fold loss.py ran a second fp32 softmax pass over the
+    teacher's [CLS] and patch logits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from icehpc import vmf
+    from icehpc.ssl.config import LossConfig
+    from icehpc.ssl.loss import Centres, ibot_vmf_loss
+    from icehpc.ssl.model import HeadOut
+
+    c = LOSS_CPU
+    b, n_local, k, d = c["batch"], c["n_local"], c["k"], c["d"]
+    g = torch.Generator().manual_seed(0)
+    per_image = -(-c["patch_rows"] // (2 * b))
+    masks = torch.zeros(2 * b, 2 * per_image, dtype=torch.bool)
+    masks[:, :per_image] = True
+
+    def head(n_cls: int, grad: bool) -> HeadOut:
+        def unit(n: int) -> torch.Tensor:
+            return F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(grad)
+        w = torch.randn(k, d, generator=g).requires_grad_(grad)
+        return HeadOut(unit(n_cls), unit(int(masks.sum())), w, w)
+
+    student, teacher = head((2 + n_local) * b, True), head(2 * b, False)
+    centres = Centres(k, 0.9, mode="probability")
+    cfg = LossConfig(backend=backend, vmf=True)
+
+    def step() -> None:
+        out = ibot_vmf_loss(student, teacher, masks, b, n_local, centres, 0.1, 0.04, cfg)
+        torch.autograd.grad(out.loss, (student.cls_z, student.patch_z, student.cls_prototypes))
+
+    class Ops(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def measure(fn) -> tuple[float, int, float]:
+        """(median ms, aten ops, matmul GFLOP) of fn() after a warm-up call."""
+        fn()
+        Ops.n = 0
+        with Ops(), FlopCounterMode(display=False) as flops:
+            fn()
+        times = []
+        for _ in range(c["reps"]):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times), Ops.n, flops.get_total_flops() / 1e9
+
+    kappa = (torch.rand(k, generator=g) * 900 + 0.5).requires_grad_()
+    print(f"# ibot_vmf_loss fwd+bwd on the CPU, probability centring, vmf, fp32, backend={backend}: "
+          f"B={b}, {n_local} local crops, {int(masks.sum())} masked patch rows, K={k}, D={d}, "
+          f"{torch.get_num_threads()} threads; medians of {c['reps']}", flush=True)
+    by_device = vmf.log_cp_step
+    for name, log_cp in (("exact (CPU step)", vmf.log_cp_torch), ("table (CUDA step)", vmf.log_cp_tabulated)):
+        ms, ops, _ = measure(lambda: torch.autograd.grad(log_cp(kappa, d).sum(), kappa))
+        print(f"log C_p(κ[{k}], {d}) fwd+bwd, {name}: {ms:.2f} ms, {ops} aten ops", flush=True)
+        vmf.log_cp_step = log_cp  # what vmf_bias evaluates
+        try:
+            ms, ops, gflop = measure(step)
+        finally:
+            vmf.log_cp_step = by_device
+        print(f"loss step, log C_p {name}: {ms:.1f} ms, {ops} aten ops, {gflop:.2f} GFLOP in matmuls",
+              flush=True)
+
+
 def fp32_stand_in(zs, ws, zt, wt, center, *args):
     """The torch backend computing in fp32 from bf16 inputs (as the fused kernel does): the
     stand-in for a correct kernel in the CPU check of ``grad_error``."""
@@ -312,16 +390,18 @@ def run_aot(first_only: bool) -> int:
                 else "constexpr" for a in fn.arg_names}
 
     # each variant with the bf16 configs its autotuner keeps (vmf_xent_triton.*_VARIANT_CONFIGS)
+    # the teacher's row pass (NEED_V) also keeps the uncentred logsumexp (NEED_U)
     variants = [("row", m._row_kernel.fn, m.variant_configs("row", f), f)
-                for f in (dict(SAME_W=s, NEED_O=o, NEED_V=v) for s, o, v in [(1, 1, 0), (0, 1, 1), (0, 0, 0)])]
+                for f in (dict(SAME_W=s, NEED_O=o, NEED_V=v, NEED_U=v)
+                          for s, o, v in [(1, 1, 0), (0, 1, 1), (0, 0, 0)])]
     variants += [("col", m._col_kernel.fn, m.variant_configs("col", f), f)
                  for f in (dict(DO_S=a, DO_T=b, NEED_DW=c, Y_IS_XS=d)
                            for a, b, c, d in [(1, 1, 1, 1), (1, 0, 1, 1), (0, 1, 1, 0), (0, 1, 0, 0)])]
     from icehpc.ssl.kernels import vmf_xent_chunk_triton as c
 
-    variants += [("chunk", c._chunk_kernel.fn, c._configs(),
-                  dict(DO_S=a, TEACHER=t, WRITE_PT=w, NEED_G=g, M=mm, ACC=tl.float32, BLOCK_M=c.BLOCK_M))
-                 for a, t, w, g, mm in [(1, 1, 0, 1, 1), (0, 1, 1, 0, 1), (1, 2, 0, 1, 2)]]
+    variants += [("chunk", c._chunk_kernel.fn, c.variant_configs(f), f)
+                 for f in (dict(DO_S=a, TEACHER=t, WRITE_PT=w, NEED_G=g, M=mm, ACC=tl.float32, BLOCK_M=c.BLOCK_M)
+                           for a, t, w, g, mm in [(1, 1, 0, 1, 1), (0, 1, 1, 0, 1), (1, 2, 0, 1, 2)])]
     failed = 0
     for name, fn, configs, flags in variants:
         for cfg in configs[:1] if first_only else configs:
@@ -357,7 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aot", action="store_true",
                     help="compile the kernels for sm_90a without a GPU; print smem/registers/spills")
     ap.add_argument("--aot-first", action="store_true", help="with --aot: first autotune config only")
+    ap.add_argument("--loss-cpu", choices=["torch", "chunked"], default=None,
+                    help="time the whole loss step (probability centring) on the CPU with this backend")
     args = ap.parse_args(argv)
+    if args.loss_cpu:
+        run_loss_cpu(args.loss_cpu)
+        return 0
     if args.aot:
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise SystemExit("--aot compiles real GPU code: unset TRITON_INTERPRET")

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icehpc.ssl.kernels import crop_pairs, vmf_xent
+from icehpc.ssl.kernels import UNCENTRED, crop_pairs, vmf_xent
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTS = ("loss", "grad_zs", "grad_ws", "teacher_logit_mean", "teacher_prob_mean")
+OUTS = ("loss", "grad_zs", "grad_ws", "teacher_logit_mean", "teacher_prob_mean", UNCENTRED)
 
 
 def make_inputs(ns: int, nt: int, k: int, d: int, seed: int = 0, w_scale: float = 1.0,
@@ -198,19 +198,50 @@ def test_triton_partial_gradients_and_no_grad():
     assert_close(ref, none, 2e-5, names=("loss", *OUTS[3:]))
 
 
+def probability_centre(k: int, seed: int) -> torch.Tensor:
+    """log c of a probability centre c spread over ~30 nats, the ``center`` DINO-vMF's probability
+    centring hands the op (Centres.offset)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(4.0 * torch.randn(k, generator=g, dtype=torch.float64), 0)
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
+def test_triton_uncentred_statistic_from_the_teacher_pass(paired):
+    """The probability-centring statistic mean_j softmax(zt_j·wt/τ_t + b_t), folded into the fused
+    teacher pass (row pass: the logsumexp lse_u of the uncentred logits; column pass:
+    Σ_j exp(l_t + centre − lse_u)), equals the float64 one to 1e-5 although the centre moves it
+    far from the centred mean; loss, gradients and the other statistics as before."""
+    from icehpc.ssl.kernels import vmf_bias
+
+    ns, nt, k, d = (41, 13, 203, 48) if paired else (37, 37, 203, 48)
+    inp = make_inputs(ns, nt, k, d, seed=71 + paired)
+    inp["center"] = probability_centre(k, 71)
+    pairs = make_pairs(ns, nt, 3, seed=71) if paired else None
+    ref = run(inp, "torch", torch.float64, pairs=pairs, tau_t=0.1)
+    want = torch.softmax(inp["zt"] @ inp["wt"].T / 0.1 + vmf_bias(inp["wt"], 0.1, True), 1).mean(0)
+    torch.testing.assert_close(ref[UNCENTRED], want, rtol=1e-6, atol=1e-9)  # the reference's is that
+    assert (want - ref["teacher_prob_mean"]).abs().max() > 0.1 * want.max()  # and not the centred one
+    out = run(inp, "triton", torch.float32, pairs=pairs, tau_t=0.1)
+    assert_close(ref, out, 2e-5)
+    assert_close(ref, out, 1e-5, names=(UNCENTRED,))
+
+
 @pytest.mark.parametrize("split", [1, 3, 8])
 def test_row_pass_k_splits_combine(split):
-    """The row kernel alone (lse, P@W, P·c over K) for 1 split, uneven splits, and 8 splits of
-    which the last holds no prototype (K = 203 in 32-wide tiles) against float64."""
+    """The row kernel alone (lse, P@W, P·c over K, and the lse of the logits + a centre) for 1
+    split, uneven splits, and 8 splits of which the last holds no prototype (K = 203 in 32-wide
+    tiles) against float64."""
     from icehpc.ssl.kernels.vmf_xent_triton import _row_pass
 
     inp = make_inputs(37, 37, 203, 48, seed=13)
     x, w, wv = (inp[n].float() for n in ("zs", "ws", "wt"))
     b, c = inp["center"].float(), torch.randn(203, dtype=torch.float64).float()
-    lse, o, v = _row_pass(x, w, b, 7.0, wv, c, split=split)
+    centre = 5 * torch.randn(203, dtype=torch.float64)
+    lse, o, v, lse_u = _row_pass(x, w, b, 7.0, wv, c, split=split, centre=centre.float())
     logits = inp["zs"] @ inp["ws"].T * 7.0 + inp["center"]
     p = torch.softmax(logits, dim=1)
-    for got, want in ((lse, torch.logsumexp(logits, 1)), (o, p @ inp["wt"]), (v, p @ c.double())):
+    for got, want in ((lse, torch.logsumexp(logits, 1)), (o, p @ inp["wt"]), (v, p @ c.double()),
+                      (lse_u, torch.logsumexp(logits + centre, 1))):
         assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
 
 
@@ -247,6 +278,13 @@ def test_autotune_keeps_each_variants_spill_free_configs(monkeypatch):
         got = m._prune(cols, {}, DO_S=a, DO_T=t, NEED_DW=dw, DOT=tl.bfloat16)
         assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in got] == want
     assert m._prune(cols, {}, DO_S=1, DO_T=1, NEED_DW=1, DOT=tl.float32) == [m._FP32_CONFIG]
+    from icehpc.ssl.kernels import vmf_xent_chunk_triton as ct
+
+    monkeypatch.setattr(ct, "INTERPRET", False)
+    chunk = ct._configs()
+    for (a, t), want in ct.VARIANT_CONFIGS.items():  # the chunked backend's step likewise
+        got = ct._prune(chunk, {"DO_S": a}, TEACHER=t)
+        assert [(c.kwargs["BLOCK_K"], c.num_warps) for c in got] == want
 
 
 # ----------------------------------------------------------------------------------- GPU only
@@ -420,6 +458,59 @@ def test_loss_feeds_the_fused_op_the_training_dtype(monkeypatch):
     assert student.cls_z.grad is not None and student.cls_z.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])
+def test_probability_centring_statistic_needs_no_second_teacher_pass(monkeypatch, backend):
+    """With probability centring, ibot_vmf_loss takes its centre statistics (mean uncentred
+    teacher probabilities, [CLS] and patches) from vmf_xent's own teacher pass: equal to the float64
+    softmax mean to 1e-5, and the only teacher logits loss.py forms itself are the [CLS] rows' (for
+    teacher_entropy), never the patch rows' (they were a second fp32 pass over N×K)."""
+    import icehpc.ssl.loss as loss_mod
+    from icehpc.ssl.config import LossConfig
+    from icehpc.ssl.kernels import vmf_bias
+    from icehpc.ssl.model import HeadOut
+
+    rows = []
+    real = loss_mod.teacher_logits
+    monkeypatch.setattr(loss_mod, "teacher_logits",
+                        lambda zt, *a, **kw: (rows.append(zt.shape[0]), real(zt, *a, **kw))[1])
+    b, n_local, k, p, tau_t = 3, 2, 45, 24, 0.07
+    g = torch.Generator().manual_seed(5)
+    masks = torch.rand(2 * b, 16, generator=g) < 0.5
+
+    def head(n_cls, grad):
+        z = F.normalize(torch.randn(n_cls, p, generator=g), dim=1).requires_grad_(grad)
+        zp = F.normalize(torch.randn(int(masks.sum()), p, generator=g), dim=1).requires_grad_(grad)
+        w = (2 * torch.randn(k, p, generator=g)).requires_grad_(grad)
+        return HeadOut(z, zp, w, (2 * torch.randn(k, p, generator=g)).requires_grad_(grad))
+
+    student, teacher = head((2 + n_local) * b, True), head(2 * b, False)
+    centres = loss_mod.Centres(k, 0.9, mode="probability")
+    centres.cls, centres.patch = probability_centre(k, 1).exp().float(), probability_centre(k, 2).exp().float()
+    out = loss_mod.ibot_vmf_loss(student, teacher, masks, b, n_local, centres, 0.1, tau_t,
+                                 LossConfig(backend=backend, vmf=True))
+    out.loss.backward()
+    assert rows == [2 * b], rows
+    for z, w, got in ((teacher.cls_z, teacher.cls_prototypes, out.centre_stat_cls),
+                      (teacher.patch_z, teacher.patch_prototypes, out.centre_stat_patch)):
+        z64, w64 = z.double(), w.double()
+        want = torch.softmax(z64 @ w64.T / tau_t + vmf_bias(w64, tau_t, True), 1).mean(0)
+        assert (got.double() - want).abs().max() <= 1e-5 * want.max(), backend
+
+
+@pytest.mark.parametrize("backend,fused", [("torch", None), ("chunked", False), ("chunked", True)])
+def test_statistics_of_no_teacher_rows_are_zeros(monkeypatch, backend, fused):
+    """No masked patch on this rank: every statistic is 0 (it is summed across ranks with weight
+    0; 0/0 = NaN would reach the other ranks' centres), and the fused chunked step runs."""
+    from icehpc.ssl.kernels import vmf_xent_chunked
+
+    monkeypatch.setattr(vmf_xent_chunked, "FUSED", fused)
+    inp = make_inputs(0, 0, 9, 8)
+    out = run(inp, backend, torch.float64, weights=False)
+    assert out["loss"] == 0
+    for name in OUTS[3:]:
+        assert torch.equal(out[name], torch.zeros(9, dtype=torch.float64)), name
+
+
 # ------------------------------------------------------------------------------- chunked backend
 
 @pytest.fixture
@@ -460,6 +551,19 @@ def test_chunked_matches_reference(chunked_impl, paired, dtype):
     ref = run(inp, "torch", torch.float64, pairs=pairs)
     out = run(inp, "chunked", dtype, pairs=pairs)
     assert_close(ref, out, 1e-12 if dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])
+def test_chunked_uncentred_statistic_with_a_probability_centre(chunked_impl, paired):
+    """The chunked backend's probability-centring statistic (both per-chunk steps; the fused one
+    keeps the uncentred logsumexp next to the centred one) with a centre spread over ~30 nats."""
+    ns, nt, k, d = (41, 13, 203, 48) if paired else (37, 37, 203, 48)
+    inp = make_inputs(ns, nt, k, d, seed=81 + paired)
+    inp["center"] = probability_centre(k, 81)
+    pairs = make_pairs(ns, nt, 3, seed=81) if paired else None
+    ref = run(inp, "torch", torch.float64, pairs=pairs, tau_t=0.1)
+    assert_close(ref, run(inp, "chunked", torch.float64, pairs=pairs, tau_t=0.1), 1e-12)
+    assert_close(ref, run(inp, "chunked", torch.float32, pairs=pairs, tau_t=0.1), 1e-5, names=(UNCENTRED,))
 
 
 @pytest.mark.parametrize("paired", [False, True], ids=["identity", "pairs"])

@@ -24,7 +24,7 @@ from icehpc.ssl.checkpoint import PREEMPTED_EXIT
 from icehpc.ssl.config import PretrainConfig
 from icehpc.ssl.engine import ema_update
 from icehpc.ssl.loss import (Centres, cls_pairs, ibot_vmf_loss, koleo, patch_weights, resolve_centering,
-                             teacher_targets, uncentred_prob_mean)
+                             teacher_targets)
 from icehpc.ssl.metrics import CollapseGuard, prototype_stats
 from icehpc.ssl.schedule import schedule_at
 from icehpc.ssl.trainer import COLLAPSE_EXIT, NONFINITE_EXIT
@@ -211,8 +211,8 @@ def _targets_after_centring(vmf: bool, mode: str, steps: int = 150) -> torch.Ten
     centres = Centres(k, 0.9, mode=mode)
     centres.cls = centres.cls.double()
     for _ in range(steps):
-        stat = (uncentred_prob_mean(zt, wt, 0.1, vmf).double() if mode == "probability"
-                else teacher_logits(zt, wt, 0.1, vmf).double().mean(0))
+        stat = (teacher_targets(zt, wt, torch.zeros(k), 0.1, vmf).double().mean(0)  # uncentred
+                if mode == "probability" else teacher_logits(zt, wt, 0.1, vmf).double().mean(0))
         centres.update(stat, centres.patch, patch_rows=torch.zeros(()))
     return teacher_targets(zt, wt, centres.offset("cls"), 0.1, vmf)
 
@@ -237,8 +237,7 @@ def test_probability_centre_is_the_ema_of_uncentred_teacher_probabilities():
     wt = torch.randn(6, 4)
     centres = Centres(6, 0.5, mode="probability")
     torch.testing.assert_close(centres.cls, torch.full((6,), 1 / 6))
-    stat = uncentred_prob_mean(zt, wt, 0.2, vmf=True, chunk=3)
-    torch.testing.assert_close(stat, teacher_targets(zt, wt, torch.zeros(6), 0.2, vmf=True).mean(0))
+    stat = teacher_targets(zt, wt, torch.zeros(6), 0.2, vmf=True).mean(0)  # uncentred probabilities
     centres.update(stat, torch.zeros(6), patch_rows=torch.zeros(()))
     torch.testing.assert_close(centres.cls, 0.5 / 6 + 0.5 * stat)
     torch.testing.assert_close(centres.patch, torch.full((6,), 1 / 6))  # no masked patch: unchanged

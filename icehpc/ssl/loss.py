@@ -135,17 +135,6 @@ def teacher_logits(zt: torch.Tensor, wt: torch.Tensor, tau_t: float, vmf: bool,
 
 
 @torch.no_grad()
-def uncentred_prob_mean(zt: torch.Tensor, wt: torch.Tensor, tau_t: float, vmf: bool,
-                        bias: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
-    """Mean over the rows of zt [N, p] of softmax(teacher logits) [K] float32, before any centring
-    (the statistic of probability centring), in row chunks so no N×K tensor is held at once."""
-    total = torch.zeros(wt.shape[0], device=zt.device, dtype=torch.float32)
-    for start in range(0, zt.shape[0], chunk):
-        total += torch.softmax(teacher_logits(zt[start:start + chunk], wt, tau_t, vmf, bias), dim=1).sum(0)
-    return total / max(zt.shape[0], 1)
-
-
-@torch.no_grad()
 def teacher_targets(zt: torch.Tensor, wt: torch.Tensor, offset: torch.Tensor, tau_t: float, vmf: bool) -> torch.Tensor:
     """The teacher's centred targets P_t [N, K] = softmax(logits − offset) (for tests, diagnostics)."""
     return torch.softmax(teacher_logits(zt, wt, tau_t, vmf) - offset.float(), dim=1)
@@ -195,7 +184,7 @@ def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch
     ``dtype``: operand dtype of the loss matmuls (bf16 when training in bf16; the op accumulates in
     fp32). Passed explicitly because F.normalize returns fp32 under CUDA autocast (CPU autocast
     keeps bf16), which would run the fp32 kernel; default: the student rows' dtype."""
-    from .kernels import vmf_xent
+    from .kernels import UNCENTRED, vmf_xent
 
     dtype = dtype or student.cls_z.dtype  # both operands of the fused matmuls match
     pairs = cls_pairs(batch, n_local, student.cls_z.device)
@@ -216,9 +205,7 @@ def ibot_vmf_loss(student: HeadOut, teacher: HeadOut, masks: torch.Tensor, batch
         loss_koleo = koleo(student.cls_tokens[: 2 * batch], views=2)
         total = total + cfg.lambda_koleo * loss_koleo
     entropy = teacher_entropy(teacher.cls_z, teacher.cls_prototypes, off_cls, tau_t, cfg.vmf, b_cls_t)
-    if centres.mode == "probability":
-        stat_cls = uncentred_prob_mean(teacher.cls_z, teacher.cls_prototypes, tau_t, cfg.vmf, b_cls_t)
-        stat_patch = uncentred_prob_mean(teacher.patch_z, teacher.patch_prototypes, tau_t, cfg.vmf, b_patch_t)
-    else:
-        stat_cls, stat_patch = st_cls["teacher_logit_mean"], st_patch["teacher_logit_mean"]
+    # the centre statistic comes out of the loss's own teacher pass (no second pass over N×K)
+    stat = UNCENTRED if centres.mode == "probability" else "teacher_logit_mean"
+    stat_cls, stat_patch = st_cls[stat], st_patch[stat]
     return LossOut(total, loss_cls, loss_patch, loss_koleo, st_cls, st_patch, entropy, stat_cls.float(), stat_patch.float())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .vmf_xent_torch import crop_pairs, vmf_bias, vmf_xent_torch
+from .vmf_xent_torch import UNCENTRED, crop_pairs, vmf_bias, vmf_xent_torch
 
 BACKENDS = ("auto", "torch", "triton", "chunked")
 TRITON_MAX_D = 256  # vmf_xent_triton.MAX_D (not imported here: importing Triton is deferred)
@@ -33,8 +33,11 @@ def vmf_xent(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau
     loss = Σ_i w_i Σ_{j∈pairs(i)} H(P_t[j], P_s[i]) / Σ_i w_i |pairs(i)|  (0 when the denominator is 0);
     gradients flow to zs and ws (through b_s too). stats (float32, no gradient):
     ``teacher_logit_mean`` [K] = mean over all Nt teacher rows of zt·wt/τ_t + b_t (the logits
-    before centring, for the EMA centre), ``teacher_prob_mean`` [K] = mean over all Nt rows of P_t
-    (weights and pairs do not enter the statistics).
+    before centring, for the EMA centre), ``teacher_prob_mean`` [K] = mean over all Nt rows of P_t,
+    ``teacher_prob_mean_uncentred`` (``UNCENTRED``) [K] = mean over all Nt rows of
+    softmax(zt·wt/τ_t + b_t), the probabilities before centring (DINO-vMF's probability centring;
+    from the same teacher pass, no second one). Weights and pairs do not enter the statistics;
+    with Nt = 0 they are zeros.
 
     bias_s / bias_t: the vMF biases b_s, b_t [K] computed once per step by the caller
     (``vmf_bias(w, tau, True)``, differentiable for the student: its gradient −A_p(κ) flows through
@@ -52,14 +55,15 @@ def vmf_xent(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau
         use = zs.is_cuda and zs.shape[1] <= TRITON_MAX_D and _triton_available()
         backend = "triton" if use else "torch"
     if backend == "torch":
-        return vmf_xent_torch(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf, bias_s, bias_t)
-    if backend == "chunked":
-        from .vmf_xent_chunked import vmf_xent_chunked
-
-        return vmf_xent_chunked(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf, bias_s, bias_t)
-    from .vmf_xent_triton import vmf_xent_triton
-
-    return vmf_xent_triton(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf, bias_s, bias_t)
+        fn = vmf_xent_torch
+    elif backend == "chunked":
+        from .vmf_xent_chunked import vmf_xent_chunked as fn
+    else:
+        from .vmf_xent_triton import vmf_xent_triton as fn
+    loss, stats = fn(zs, ws, zt, wt, center, tau_s, tau_t, pairs, weights, vmf, bias_s, bias_t)
+    if zt.shape[0] == 0:  # a mean over no teacher row is 0, not 0/0 (it is summed across ranks)
+        stats = {name: torch.zeros_like(s) for name, s in stats.items()}
+    return loss, stats
 
 
 def _triton_available() -> bool:
@@ -71,4 +75,4 @@ def _triton_available() -> bool:
     return torch.cuda.is_available()
 
 
-__all__ = ["vmf_xent", "vmf_xent_torch", "vmf_bias", "crop_pairs", "BACKENDS"]
+__all__ = ["vmf_xent", "vmf_xent_torch", "vmf_bias", "crop_pairs", "BACKENDS", "UNCENTRED"]

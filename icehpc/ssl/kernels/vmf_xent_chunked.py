@@ -2,14 +2,15 @@
 
 Per chunk of student rows (and, for the identity pairing, the same teacher rows): l_s = zs_c@wsᵀ/τ_s
 + b_s and l_t = zt_c@wtᵀ/τ_t + b_t − centre by GEMM, both softmaxes, the soft-CE, G = a·(c·P_s − T)
-(T = Σ_pairs P_t), then dz_c = G@ws/τ_s and dws += Gᵀ@zs_c/τ_s, db += Σ_rows G; Σ P_t for the
-statistics. Only [chunk, K] tensors exist (chunk·K·4 B ≤ 64 MiB), never N×K for the whole batch;
-chunk sizes depend on shapes only (no data-dependent shapes: CUDA-graph friendly). Gradients are
-formed in the forward (the loss is a scalar) and scaled in the backward.
+(T = Σ_pairs P_t), then dz_c = G@ws/τ_s and dws += Gᵀ@zs_c/τ_s, db += Σ_rows G; Σ P_t and
+Σ softmax(l_t + centre) (the probabilities before centring) for the statistics. Only [chunk, K]
+tensors exist (chunk·K·4 B ≤ 64 MiB), never N×K for the whole batch; chunk sizes depend on shapes
+only (no data-dependent shapes: CUDA-graph friendly). Gradients are formed in the forward (the loss
+is a scalar) and scaled in the backward.
 
 Two implementations of the per-chunk step between the GEMMs: ``fused`` (one Triton launch per
-chunk, ``vmf_xent_chunk_triton``: both softmaxes, the soft-CE, G, Σ G and Σ P_t; used on CUDA and
-under TRITON_INTERPRET=1) and plain torch ops (any device; the fallback on a CPU without the
+chunk, ``vmf_xent_chunk_triton``: both softmaxes, the soft-CE, G, Σ G and both Σ P_t; used on CUDA
+and under TRITON_INTERPRET=1) and plain torch ops (any device; the fallback on a CPU without the
 interpreter). ``FUSED`` (None = that choice, True / False) overrides it, for tests and benchmarks.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import torch
 from torch import Tensor
 
-from .vmf_xent_torch import check_pairs, vmf_bias
+from .vmf_xent_torch import UNCENTRED, check_pairs, vmf_bias
 
 MAX_CHUNK_BYTES = 64 * 2**20
 FUSED: bool | None = None  # None: the fused Triton step on CUDA / under the interpreter
@@ -72,31 +73,36 @@ def mm_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
 
 class _ChunkedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, zs, ws, b_s, zt, wt, b_tc, w, pairs, tau_s, tau_t, chunk, fused):
+    def forward(ctx, zs, ws, b_s, zt, wt, b_tc, centre, w, pairs, tau_s, tau_t, chunk, fused):
         ns, d = zs.shape
         nt, k = zt.shape[0], ws.shape[0]
         acc = torch.promote_types(zs.dtype, torch.float32)
         f = dict(dtype=acc, device=zs.device)
         its, itt = 1.0 / tau_s, 1.0 / tau_t
-        b_s, b_tc, w = b_s.detach().to(acc), b_tc.to(acc), w.to(acc)
+        b_s, b_tc, centre, w = b_s.detach().to(acc), b_tc.to(acc), centre.to(acc), w.to(acc)
         need_z, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         if fused:
-            loss, pm, dz, dw, db = _forward_fused(zs, ws, b_s, zt, wt, b_tc, w, pairs, its, itt,
-                                                  chunk, need_z, need_w)
+            loss, pm, pu, dz, dw, db = _forward_fused(zs, ws, b_s, zt, wt, b_tc, centre, w, pairs,
+                                                      its, itt, chunk, need_z, need_w)
             ctx.save_for_backward(dz, dw, db)
             ctx.dtypes = (zs.dtype, ws.dtype, b_s.dtype)
             ctx.its = 1.0  # the fused step writes G·inv_tau_s: dz and dw are already scaled
-            ctx.mark_non_differentiable(pm)
-            return loss, pm
+            ctx.mark_non_differentiable(pm, pu)
+            return loss, pm, pu
         dz = torch.empty(ns, d, **f) if need_z else None
         dw = torch.zeros(k, d, **f)
         db = torch.zeros(k, **f)
         pm = torch.zeros(k, **f)
+        pu = torch.zeros(k, **f)
         loss = torch.zeros((), **f)
 
         def teacher_probs(lo, hi):
+            """Centred P_t of rows lo:hi; Σ P_t and Σ softmax(uncentred logits) into pm, pu."""
             lt = (zt[lo:hi] @ wt.T).to(acc) * itt + b_tc
-            return torch.softmax(lt, dim=1)
+            pu.add_(torch.softmax(lt + centre, dim=1).sum(0))
+            p = torch.softmax(lt, dim=1)
+            pm.add_(p.sum(0))
+            return p
 
         if pairs is None:
             count = torch.ones(ns, **f)
@@ -108,7 +114,6 @@ class _ChunkedFn(torch.autograd.Function):
             p_t_all = torch.empty(nt, k, **f) if nt * k * 4 <= 4 * MAX_CHUNK_BYTES else None
             for lo in range(0, nt, chunk):  # teacher rows (few for the [CLS] loss) once each
                 p = teacher_probs(lo, min(lo + chunk, nt))
-                pm += p.sum(0)
                 if p_t_all is None:
                     raise ValueError(f"chunked backend with pairs: Nt·K = {nt}·{k} too large")
                 p_t_all[lo:lo + p.shape[0]] = p
@@ -121,7 +126,6 @@ class _ChunkedFn(torch.autograd.Function):
             lse = torch.logsumexp(ls, dim=1)
             if pairs is None:
                 target = teacher_probs(lo, hi)
-                pm += target.sum(0)
             else:
                 target = torch.einsum("im,imk->ik", valid[lo:hi], p_t_all[idx[lo:hi]])
             a_c, c_c = a[lo:hi], count[lo:hi]
@@ -136,24 +140,24 @@ class _ChunkedFn(torch.autograd.Function):
         ctx.save_for_backward(dz, dw if need_w else None, db if need_w else None)
         ctx.dtypes = (zs.dtype, ws.dtype, b_s.dtype)
         ctx.its = its
-        ctx.mark_non_differentiable(pm)
-        return loss, pm
+        ctx.mark_non_differentiable(pm, pu)
+        return loss, pm, pu
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_loss, _g_pm):
+    def backward(ctx, g_loss, _g_pm, _g_pu):
         dz, dw, db = ctx.saved_tensors
         tz, tw, _ = ctx.dtypes
         gz = (g_loss * dz).to(tz) if ctx.needs_input_grad[0] else None
         gw = (g_loss * ctx.its * dw).to(tw) if ctx.needs_input_grad[1] else None
         gb = g_loss * db if ctx.needs_input_grad[2] else None
-        return gz, gw, gb, None, None, None, None, None, None, None, None, None
+        return gz, gw, gb, None, None, None, None, None, None, None, None, None, None
 
 
-def _forward_fused(zs, ws, b_s, zt, wt, b_tc, w, pairs, its, itt, chunk, need_z, need_w):
+def _forward_fused(zs, ws, b_s, zt, wt, b_tc, centre, w, pairs, its, itt, chunk, need_z, need_w):
     """The chunk loop with the fused Triton step: per chunk two logits GEMMs into fixed [chunk, K]
     buffers, one launch, then dz_c = G@ws and dws += Gᵀ@zs_c (G already carries 1/τ_s). Returns
-    loss, Σ P_t, dz, dws, db (dz / dws / db None when not needed)."""
+    loss, Σ P_t, Σ softmax(uncentred), dz, dws, db (dz / dws / db None when not needed)."""
     from . import vmf_xent_chunk_triton as ct
 
     ns, d = zs.shape
@@ -161,10 +165,11 @@ def _forward_fused(zs, ws, b_s, zt, wt, b_tc, w, pairs, its, itt, chunk, need_z,
     acc = b_s.dtype
     f = dict(dtype=acc, device=zs.device)
     need_g = need_z or need_w
-    chunk = min(chunk, max(ns, nt))
+    chunk = min(chunk, max(ns, nt, 1))  # no rows (no masked patch on this rank): one empty chunk
     n_prog = ct.programs(chunk)
     dbp = torch.zeros(n_prog, k, **f)  # per-program partial column sums (no atomics)
     pmp = torch.zeros(n_prog, k, **f)
+    pup = torch.zeros(n_prog, k, **f)
     ls_buf = torch.empty(chunk, k, **f)
     g_buf = torch.empty(chunk, k, dtype=zs.dtype, device=zs.device) if need_g else None
     row_loss = torch.empty(ns, **f)
@@ -184,8 +189,8 @@ def _forward_fused(zs, ws, b_s, zt, wt, b_tc, w, pairs, its, itt, chunk, need_z,
         pt = torch.empty(nt, k, **f)  # teacher rows (2·batch for the [CLS] loss) once each
         for lo in range(0, nt, chunk):
             lt = mm_into(zt[lo:lo + chunk], wt_t, pt[lo:lo + chunk])
-            ct.chunk_step(k=k, inv_tau_s=its, inv_tau_t=itt, acc=acc, dbp=dbp, pmp=pmp, lt=lt,
-                          b_tc=b_tc, pt=lt, write_pt=True)
+            ct.chunk_step(k=k, inv_tau_s=its, inv_tau_t=itt, acc=acc, dbp=dbp, pmp=pmp, pup=pup,
+                          centre=centre, lt=lt, b_tc=b_tc, pt=lt, write_pt=True)
         pairs = pairs.contiguous()
     a = w * torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
     for lo in range(0, ns, chunk):
@@ -196,8 +201,9 @@ def _forward_fused(zs, ws, b_s, zt, wt, b_tc, w, pairs, its, itt, chunk, need_z,
         g = g_buf[:c] if need_g else None
         if pairs is None:
             lt = mm_into(zt[lo:hi], wt_t, lt_buf[:c])
-            ct.chunk_step(k=k, inv_tau_s=its, inv_tau_t=itt, acc=acc, dbp=dbp, pmp=pmp, ls=ls,
-                          b_s=b_s, lt=lt, b_tc=b_tc, a=a[lo:hi], g=g, row_loss=row_loss[lo:hi])
+            ct.chunk_step(k=k, inv_tau_s=its, inv_tau_t=itt, acc=acc, dbp=dbp, pmp=pmp, pup=pup,
+                          centre=centre, ls=ls, b_s=b_s, lt=lt, b_tc=b_tc, a=a[lo:hi], g=g,
+                          row_loss=row_loss[lo:hi])
         else:
             ct.chunk_step(k=k, inv_tau_s=its, inv_tau_t=itt, acc=acc, dbp=dbp, pmp=pmp, ls=ls,
                           b_s=b_s, pt=pt, pairs=pairs[lo:hi], a=a[lo:hi], g=g,
@@ -210,7 +216,7 @@ def _forward_fused(zs, ws, b_s, zt, wt, b_tc, w, pairs, its, itt, chunk, need_z,
             else:
                 dw += mm_into(g.T, zc, dw_c)
     db = dbp.sum(0) if need_w else None
-    return row_loss.sum(), pmp.sum(0), dz, dw, db
+    return row_loss.sum(), pmp.sum(0), pup.sum(0), dz, dw, db
 
 
 def vmf_xent_chunked(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
@@ -237,12 +243,14 @@ def vmf_xent_chunked(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Ten
         logit_mean = (zt.to(acc).mean(0) @ wt.detach().to(acc).T) / tau_t + b_t
         w = (torch.ones(ns, dtype=acc, device=zs.device) if weights is None
              else weights.detach().to(device=zs.device, dtype=acc))
-        b_tc = b_t - center.detach().to(acc)
+        centre = center.detach().to(acc)
+        b_tc = b_t - centre
     fused = use_fused(zs)
     if fused:
         zs, ws, zt, wt = (t.contiguous() for t in (zs, ws, zt, wt))
         row_bytes = 8 + zs.element_size() if acc == torch.float32 else 24
         chunk = chunk or fused_chunk_rows(k, row_bytes)
-    loss, pm = _ChunkedFn.apply(zs, ws, b_s, zt.detach(), wt.detach(), b_tc, w, pairs, tau_s, tau_t,
-                                chunk or chunk_rows(k), fused)
-    return loss, {"teacher_logit_mean": logit_mean.float(), "teacher_prob_mean": (pm / nt).float()}
+    loss, pm, pu = _ChunkedFn.apply(zs, ws, b_s, zt.detach(), wt.detach(), b_tc, centre, w, pairs,
+                                    tau_s, tau_t, chunk or chunk_rows(k), fused)
+    return loss, {"teacher_logit_mean": logit_mean.float(), "teacher_prob_mean": (pm / nt).float(),
+                  UNCENTRED: (pu / nt).float()}

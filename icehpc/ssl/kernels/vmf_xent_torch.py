@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# stats key of the mean teacher probabilities BEFORE centring, softmax(zt·wt/τ_t + b_t): the
+# statistic of DINO-vMF's probability centring (every backend returns it)
+UNCENTRED = "teacher_prob_mean_uncentred"
+
 
 def vmf_bias(w: Tensor, tau: float, vmf: bool, given: Tensor | None = None) -> Tensor | None:
     """b[k] = log C_p(‖w_k‖/τ) with p = D (the vMF normaliser of prototype k), or None without vMF.
@@ -92,7 +96,8 @@ def vmf_xent_torch(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tenso
         if b_t is not None:
             lt_raw = lt_raw + b_t.to(acc)
         p_t = torch.softmax(lt_raw - center.to(acc), dim=1)
-        stats = {"teacher_logit_mean": lt_raw.mean(0).float(), "teacher_prob_mean": p_t.mean(0).float()}
+        stats = {"teacher_logit_mean": lt_raw.mean(0).float(), "teacher_prob_mean": p_t.mean(0).float(),
+                 UNCENTRED: torch.softmax(lt_raw, dim=1).mean(0).float()}
         a = pair_matrix(pairs, ns, nt, acc, zs.device)
         target = p_t if a is None else a @ p_t  # Σ_{j∈pairs(i)} P_t[j], linear in P_t
         count = torch.ones(ns, dtype=acc, device=zs.device) if a is None else a.sum(1)

@@ -11,11 +11,15 @@ So a *row* pass per side (online softmax over K tiles, like flash attention with
 as values; K split over programs when there are few rows) gives lse_s, O and lse_t, U, v for every
 row, hence the loss and ∂zs; one *column* pass (logits recomputed tile by tile from the saved
 per-row lse, student and teacher in the same program for the identity pairing so that G·zs is one
-product) gives ∂ws, ∂b_s and Σ_j P_t[j] (the teacher_prob_mean statistic). The loss is linear in
+product) gives ∂ws, ∂b_s and Σ_j P_t[j] (the teacher_prob_mean statistic). Probability centring
+needs the probabilities BEFORE centring, softmax(l_t + centre): the teacher row pass also keeps
+their logsumexp lse_u (a second online max/sum over the same logit tiles, one more exp per logit)
+and the column pass sums exp(l_t + centre − lse_u) next to P_t, so that statistic costs no second
+pass over the N×K teacher logits (one more exp per logit there too). The loss is linear in
 P_t, so with ``pairs`` the teacher rows are processed once each and their U_j, v_j (and, for the
 column pass, the paired student rows summed per teacher row) are combined by an O(N·m·D) gather,
 never per pair over K. Both passes run in the forward (the loss is a scalar, so the backward only
-scales the saved fp32 gradients); the column pass is needed there anyway for teacher_prob_mean.
+scales the saved fp32 gradients); the column pass is needed there anyway for the statistics.
 Student and teacher row passes are separate launches: fused, two [BLOCK_N, D] fp32 accumulators
 spill registers on sm_90 (ptxas, D = 256), while the prototype tiles re-read come from L2.
 Matmul count per step: 4 N×K×D in the row passes, 3 in the column pass (plain autograd: 4).
@@ -29,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .vmf_xent_torch import check_pairs, vmf_bias
+from .vmf_xent_torch import UNCENTRED, check_pairs, vmf_bias
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The D axis is one tile: the row kernel holds a [BLOCK_N, D] fp32 accumulator in registers and the
@@ -48,17 +52,18 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on sm_90
 # folder: `pip install --target DIR triton==3.6.0`, PYTHONPATH=DIR); 3.6 spilled 12–1,264 B/thread
 # in 10 of the 20 configs kept for 3.8 alone (teacher row 836 B, identity column 260 B). Larger
 # tiles (128×128, 8 warps, 3 stages) where they fit that rule. Row variants are
-# (SAME_W, NEED_O, NEED_V), column variants (DO_S, DO_T, NEED_DW). A variant whose launch still
-# runs out of resources falls back to _SAFE_CONFIG (_launch).
+# (SAME_W, NEED_O, NEED_V; the teacher's, NEED_V, also has NEED_U), column variants (DO_S, DO_T,
+# NEED_DW). A variant whose launch still runs out of resources falls back to _SAFE_CONFIG (_launch).
 ROW_VARIANT_CONFIGS = {
     (1, 1, 0): [(32, 64, 4, 2), (32, 64, 4, 3)],  # student: lse_s, O = P_s@ws
-    (0, 1, 1): [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)],  # teacher: lse_t, U = P_t@ws, v = P_t·b_s
+    # teacher: lse_t, U = P_t@ws, v = P_t·b_s, lse_u ((16, 64, 8, 2) spilled 36 B with lse_u, 3.6)
+    (0, 1, 1): [(32, 32, 8, 2), (16, 32, 4, 2)],
     (0, 0, 0): [(32, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 3), (128, 128, 8, 3)],
 }
 COL_VARIANT_CONFIGS = {
     (1, 1, 1): [(16, 16, 4, 2)],  # identity pairing: student and teacher in one program
     (1, 0, 1): [(32, 32, 4, 2)],
-    (0, 1, 1): [(16, 32, 8, 2)],
+    (0, 1, 1): [(16, 16, 4, 2)],  # (16, 32, 8, 2) spilled 24 B with Σ softmax(uncentred) (3.6)
     (0, 1, 0): [(32, 64, 4, 2), (64, 128, 8, 3)],
 }
 
@@ -159,18 +164,19 @@ def n_bucket(n: int) -> int:
 # Keys: what changes the best config (K, D tile, flags, precision, a log2 bucket of N; the
 # autotuner adds every tensor argument's dtype itself), never N: N varies step to step.
 @triton.autotune(configs=_row_configs(),
-                 key=["N_BUCKET", "K", "BLOCK_D", "SAME_W", "NEED_O", "NEED_V", "PRECISION"],
+                 key=["N_BUCKET", "K", "BLOCK_D", "SAME_W", "NEED_O", "NEED_V", "NEED_U", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _row_kernel(x_ptr, wl_ptr, bl_ptr, wv_ptr, c_ptr, lse_ptr, o_ptr, v_ptr,
+def _row_kernel(x_ptr, wl_ptr, bl_ptr, wv_ptr, c_ptr, cu_ptr, lse_ptr, o_ptr, v_ptr, lse_u_ptr,
                 N, K, D, inv_tau, N_BUCKET,
                 SAME_W: tl.constexpr, NEED_O: tl.constexpr, NEED_V: tl.constexpr,
-                DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                NEED_U: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per row block and K split (grid axis 1), online softmax over the split's K tiles of the
     logits l = x@wlᵀ·inv_tau + bl; writes lse, O = P@wv [D] (NEED_O; wv = wl when SAME_W) and
     v = P·c (NEED_V), each normalised within the split, to [split, N(, D)] fp32 (the host combines
-    several splits; an empty split writes lse = −inf and zeros)."""
+    several splits; an empty split writes lse = −inf and zeros). NEED_U: also lse_u, the
+    logsumexp of the logits before centring, l + cu (cu = the centre; for probability centring)."""
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
     chunk = tl.cdiv(tl.cdiv(K, n_split), BLOCK_K) * BLOCK_K
@@ -188,6 +194,9 @@ def _row_kernel(x_ptr, wl_ptr, bl_ptr, wv_ptr, c_ptr, lse_ptr, o_ptr, v_ptr,
         o = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if NEED_V:
         v = tl.zeros([BLOCK_N], tl.float32)
+    if NEED_U:
+        m_u = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_u = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         kmask = ks < k_hi
@@ -200,6 +209,11 @@ def _row_kernel(x_ptr, wl_ptr, bl_ptr, wv_ptr, c_ptr, lse_ptr, o_ptr, v_ptr,
         alpha = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
+        if NEED_U:  # its own running max (the centre shifts each prototype differently); first,
+            zu = z + tl.load(cu_ptr + ks, mask=kmask, other=0.0)[None, :]  # so z dies before the dot
+            mu_new = tl.maximum(m_u, tl.max(zu, axis=1))
+            l_u = l_u * tl.exp(m_u - mu_new) + tl.sum(tl.exp(zu - mu_new[:, None]), axis=1)
+            m_u = mu_new
         if NEED_O:
             if SAME_W:
                 w_v = w_l
@@ -217,6 +231,9 @@ def _row_kernel(x_ptr, wl_ptr, bl_ptr, wv_ptr, c_ptr, lse_ptr, o_ptr, v_ptr,
         tl.store(o_ptr + out_row[:, None] * D + cols[None, :], o / l1[:, None], mask=xmask)
     if NEED_V:
         tl.store(v_ptr + out_row, v / l1, mask=rmask)
+    if NEED_U:
+        tl.store(lse_u_ptr + out_row, tl.where(l_u > 0, m_u + tl.log(tl.where(l_u > 0, l_u, 1.0)),
+                                               float("-inf")), mask=rmask)
 
 
 # restore_value, not reset_to_zero: the outputs ACCUMULATE (in pairs mode the second launch adds
@@ -225,19 +242,20 @@ def _row_kernel(x_ptr, wl_ptr, bl_ptr, wv_ptr, c_ptr, lse_ptr, o_ptr, v_ptr,
 # first call per key; restore_value snapshots them before each benchmark run and copies them back.
 @triton.autotune(configs=_col_configs(),
                  key=["N_BUCKET", "K", "BLOCK_D", "DO_S", "DO_T", "NEED_DW", "Y_IS_XS", "PRECISION"],
-                 restore_value=["dw_ptr", "db_ptr", "pm_ptr"],
+                 restore_value=["dw_ptr", "db_ptr", "pm_ptr", "pu_ptr"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
-                xt_ptr, wt_ptr, bt_ptr, lse_t_ptr, atw_ptr, atb_ptr,
-                y_ptr, dw_ptr, db_ptr, pm_ptr,
+                xt_ptr, wt_ptr, bt_ptr, lse_t_ptr, atw_ptr, atb_ptr, cu_ptr, lse_u_ptr,
+                y_ptr, dw_ptr, db_ptr, pm_ptr, pu_ptr,
                 N, K, D, inv_tau_s, inv_tau_t, N_BUCKET,
                 DO_S: tl.constexpr, DO_T: tl.constexpr, NEED_DW: tl.constexpr, Y_IS_XS: tl.constexpr,
                 DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per K tile and row split, recompute P tiles from the saved lse and reduce over rows:
     G = as·P_s − atw·P_t;  dw += Gᵀ@y (y = the student rows xs when Y_IS_XS);
-    db += Σ_rows (as·P_s − atb·P_t);  pm += Σ_rows P_t.
+    db += Σ_rows (as·P_s − atb·P_t);  pm += Σ_rows P_t;  pu += Σ_rows softmax(l_t + cu), the
+    teacher's probabilities before centring (cu = the centre, lse_u their row logsumexp).
     Outputs are fp32 and accumulated with atomics across the row splits (grid axis 1)."""
     pid_k = tl.program_id(0)
     n_split = tl.num_programs(1)
@@ -255,7 +273,9 @@ def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
         b_s = tl.load(bs_ptr + ks, mask=kmask, other=float("-inf"))
     if DO_T:
         b_t = tl.load(bt_ptr + ks, mask=kmask, other=float("-inf"))
+        c_u = tl.load(cu_ptr + ks, mask=kmask, other=0.0)
         pm = tl.zeros([BLOCK_K], tl.float32)
+        pu = tl.zeros([BLOCK_K], tl.float32)
     db = tl.zeros([BLOCK_K], tl.float32)
     if NEED_DW:
         dw = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
@@ -284,6 +304,8 @@ def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
             xt = tl.load(xt_ptr + xoff, mask=xmask, other=0.0).to(DOT)
             lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=float("inf"))
             tt = tl.dot(w_t, tl.trans(xt), input_precision=PRECISION) * inv_tau_t + b_t[:, None]
+            lse_u = tl.load(lse_u_ptr + rows, mask=rmask, other=float("inf"))
+            pu += tl.sum(tl.exp(tt + c_u[:, None] - lse_u[None, :]), axis=1)
             qt = tl.exp(tt - lse_t[None, :])
             pm += tl.sum(qt, axis=1)
             if NEED_DW:
@@ -302,6 +324,7 @@ def _col_kernel(xs_ptr, ws_ptr, bs_ptr, lse_s_ptr, as_ptr,
         tl.atomic_add(db_ptr + ks, db, mask=kmask)
     if DO_T:
         tl.atomic_add(pm_ptr + ks, pm, mask=kmask)
+        tl.atomic_add(pu_ptr + ks, pu, mask=kmask)
 
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -355,35 +378,41 @@ def _combine(lse: Tensor, *vals: Tensor) -> tuple[Tensor, ...]:
 
 
 def _row_pass(x: Tensor, w_logit: Tensor, b_logit: Tensor, inv_tau: float, w_value: Tensor | None,
-              c_value: Tensor | None, split: int | None = None
-              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+              c_value: Tensor | None, split: int | None = None, centre: Tensor | None = None
+              ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Softmax over K of x@w_logitᵀ·inv_tau + b_logit per row, never stored: returns lse [N],
-    P@w_value [N, D] (or None) and P·c_value [N] (or None), fp32. split: K splits (default: by
-    occupancy, see _k_splits)."""
+    P@w_value [N, D] (or None), P·c_value [N] (or None) and, with ``centre`` [K], the logsumexp of
+    the logits + centre [N] (or None), fp32. split: K splits (default: by occupancy, see
+    _k_splits)."""
     n, d = x.shape
     k = w_logit.shape[0]
     split = split or _k_splits(n, k, x.device)
     f32 = dict(dtype=torch.float32, device=x.device)
     dummy = torch.empty(1, **f32)
-    need_o, need_v = w_value is not None, c_value is not None
+    need_o, need_v, need_u = w_value is not None, c_value is not None, centre is not None
     lse = torch.empty(split, n, **f32)
     o = torch.empty(split, n, d, **f32) if need_o else dummy
     v = torch.empty(split, n, **f32) if need_v else dummy
+    lse_u = torch.empty(split, n, **f32) if need_u else dummy
     dot, prec = _dot_setup(x.dtype)
     _launch(_row_kernel, "row", lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split),
-        x, w_logit, b_logit, w_value if need_o else x, c_value if need_v else dummy, lse, o, v,
-        n, k, d, inv_tau, n_bucket(n), SAME_W=w_value is w_logit, NEED_O=need_o, NEED_V=need_v,
+        x, w_logit, b_logit, w_value if need_o else x, c_value if need_v else dummy,
+        centre if need_u else dummy, lse, o, v, lse_u, n, k, d, inv_tau, n_bucket(n),
+        SAME_W=w_value is w_logit, NEED_O=need_o, NEED_V=need_v, NEED_U=need_u,
         DOT=dot, PRECISION=prec, BLOCK_D=max(16, triton.next_power_of_2(d)))
+    lse_u = torch.logsumexp(lse_u, dim=0) if need_u else None  # the splits' shares of Σ exp
     lse, *rest = _combine(lse, *([o] if need_o else []), *([v] if need_v else []))
-    return lse, (rest.pop(0) if need_o else None), (rest.pop(0) if need_v else None)
+    return lse, (rest.pop(0) if need_o else None), (rest.pop(0) if need_v else None), lse_u
 
 
 def _col_pass(ws: Tensor, wt: Tensor, b_s: Tensor, b_t: Tensor, inv_tau_s: float, inv_tau_t: float,
-              dw: Tensor, db: Tensor, pm: Tensor, *, xs: Tensor | None = None,
+              dw: Tensor, db: Tensor, pm: Tensor, pu: Tensor, *, xs: Tensor | None = None,
               lse_s: Tensor | None = None, a_s: Tensor | None = None, xt: Tensor | None = None,
               lse_t: Tensor | None = None, a_tw: Tensor | None = None, a_tb: Tensor | None = None,
+              centre: Tensor | None = None, lse_u: Tensor | None = None,
               y: Tensor | None = None) -> None:
-    """Launch the column kernel; accumulates into dw [K, D], db [K], pm [K] (fp32, zeroed)."""
+    """Launch the column kernel; accumulates into dw [K, D], db [K], pm [K], pu [K] (fp32,
+    zeroed). The teacher side (xt) needs lse_t and, for pu, the centre and lse_u."""
     x = xs if xs is not None else xt
     n, d = x.shape
     k = ws.shape[0]
@@ -393,19 +422,22 @@ def _col_pass(ws: Tensor, wt: Tensor, b_s: Tensor, b_t: Tensor, inv_tau_s: float
     _launch(_col_kernel, "col", _col_grid(n, k, x.device),
         x, ws, b_s, lse_s if do_s else dummy, a_s if do_s else dummy,
         xt if do_t else x, wt, b_t, lse_t if do_t else dummy, a_tw if do_t else dummy,
-        a_tb if do_t else dummy, y if need_dw else x, dw, db, pm,
+        a_tb if do_t else dummy, centre if do_t else dummy, lse_u if do_t else dummy,
+        y if need_dw else x, dw, db, pm, pu,
         n, k, d, inv_tau_s, inv_tau_t, n_bucket(n),
         DO_S=do_s, DO_T=do_t, NEED_DW=need_dw, Y_IS_XS=do_s and y is xs, DOT=dot, PRECISION=prec,
         BLOCK_D=max(16, triton.next_power_of_2(d)))
 
 
 class _VmfXentFn(torch.autograd.Function):
-    """loss (scalar) and Σ_j P_t[j] (non-differentiable); gradients for zs, ws (matmul part) and
-    b_s are computed in the forward and scaled in the backward."""
+    """loss (scalar), Σ_j P_t[j] and Σ_j softmax(l_t[j] + centre) (the teacher's probabilities
+    before centring; both non-differentiable); gradients for zs, ws (matmul part) and b_s are
+    computed in the forward and scaled in the backward. b_t: the centred bias b_t − centre."""
 
     @staticmethod
     def forward(ctx, zs: Tensor, ws: Tensor, b_s: Tensor, zt: Tensor, wt: Tensor, b_t: Tensor,
-                w: Tensor, pairs: Tensor | None, tau_s: float, tau_t: float) -> tuple[Tensor, Tensor]:
+                centre: Tensor, w: Tensor, pairs: Tensor | None, tau_s: float, tau_t: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
         ns, d = zs.shape
         k = ws.shape[0]
         need_z, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
@@ -415,9 +447,11 @@ class _VmfXentFn(torch.autograd.Function):
         dw = torch.zeros(k, d, **f32) if need_w else torch.empty(1, **f32)
         db = torch.zeros(k, **f32)
         pm = torch.zeros(k, **f32)
-        # student: lse_s and O = P_s@ws; teacher: lse_t, U = P_t@ws, v = P_t·b_s
-        lse_s, o, _ = _row_pass(zs, ws, b_s32, its, ws if need_z else None, None)
-        lse_t, u, v = _row_pass(zt, wt, b_t, itt, ws, b_s32)
+        pu = torch.zeros(k, **f32)
+        # student: lse_s and O = P_s@ws; teacher: lse_t, U = P_t@ws, v = P_t·b_s, lse_u (uncentred)
+        lse_s, o, _, _ = _row_pass(zs, ws, b_s32, its, ws if need_z else None, None)
+        lse_t, u, v, lse_u = _row_pass(zt, wt, b_t, itt, ws, b_s32, centre=centre)
+        teacher = dict(xt=zt, lse_t=lse_t, centre=centre, lse_u=lse_u)
         if pairs is None:
             count = torch.ones(ns, **f32)
             den = w.sum()
@@ -425,10 +459,10 @@ class _VmfXentFn(torch.autograd.Function):
             a = w * inv_den
             u_bar, v_bar = u, v
             if need_w:
-                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xs=zs, lse_s=lse_s, a_s=a, xt=zt,
-                          lse_t=lse_t, a_tw=a, a_tb=a, y=zs)
+                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, pu, xs=zs, lse_s=lse_s, a_s=a,
+                          a_tw=a, a_tb=a, y=zs, **teacher)
             else:
-                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xt=zt, lse_t=lse_t)
+                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, pu, **teacher)
         else:
             valid = pairs >= 0
             idx = pairs.clamp_min(0)
@@ -440,8 +474,8 @@ class _VmfXentFn(torch.autograd.Function):
             u_bar = torch.einsum("im,imd->id", vm, u[idx])
             v_bar = (vm * v[idx]).sum(1)
             if need_w:
-                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xs=zs, lse_s=lse_s, a_s=a * count,
-                          y=zs)
+                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, pu, xs=zs, lse_s=lse_s,
+                          a_s=a * count, y=zs)
                 # per teacher row j: Σ_{i paired with j} a_i (for b_s) and a_i·zs_i (for ws). Fixed
                 # shapes [Ns·m]: −1 entries add 0 to row 0 (no boolean indexing, no host sync)
                 flat_j = idx.reshape(-1)
@@ -449,28 +483,28 @@ class _VmfXentFn(torch.autograd.Function):
                 a_t = torch.zeros(zt.shape[0], **f32).index_add_(0, flat_j, a_pair)
                 z_t = torch.zeros(zt.shape[0], d, **f32).index_add_(
                     0, flat_j, (a_pair.view(ns, -1, 1) * zs.float().unsqueeze(1)).reshape(-1, d))
-                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xt=zt, lse_t=lse_t,
-                          a_tw=torch.ones_like(a_t), a_tb=a_t, y=z_t)
+                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, pu, a_tw=torch.ones_like(a_t),
+                          a_tb=a_t, y=z_t, **teacher)
             else:
-                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, xt=zt, lse_t=lse_t)
+                _col_pass(ws, wt, b_s32, b_t, its, itt, dw, db, pm, pu, **teacher)
         cross = (zs.float() * u_bar).sum(1) * its + v_bar
         loss = (a * (count * lse_s - cross)).sum()
         dz = (a * count * its).unsqueeze(1) * o - (a * its).unsqueeze(1) * u_bar if need_z else None
         ctx.save_for_backward(dz, dw if need_w else None, db if need_w else None)
         ctx.dtypes = (zs.dtype, ws.dtype, b_s.dtype)
         ctx.inv_tau_s = its
-        ctx.mark_non_differentiable(pm)
-        return loss, pm
+        ctx.mark_non_differentiable(pm, pu)
+        return loss, pm, pu
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_loss: Tensor, _g_pm: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx, g_loss: Tensor, _g_pm: Tensor, _g_pu: Tensor) -> tuple[Tensor | None, ...]:
         dz, dw, db = ctx.saved_tensors
         tz, tw, tb = ctx.dtypes
         gz = (g_loss * dz).to(tz) if ctx.needs_input_grad[0] else None
         gw = (g_loss * ctx.inv_tau_s * dw).to(tw) if ctx.needs_input_grad[1] else None
         gb = (g_loss * db).to(tb) if ctx.needs_input_grad[2] else None
-        return gz, gw, gb, None, None, None, None, None, None, None
+        return gz, gw, gb, None, None, None, None, None, None, None, None
 
 
 def vmf_xent_triton(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tensor, tau_s: float,
@@ -510,6 +544,9 @@ def vmf_xent_triton(zs: Tensor, ws: Tensor, zt: Tensor, wt: Tensor, center: Tens
         logit_mean = (zt.float().mean(0) @ wt.detach().float().T) / tau_t + b_t
         w = (torch.ones(ns, dtype=torch.float32, device=zs.device) if weights is None
              else weights.detach().to(device=zs.device, dtype=torch.float32))
-        b_tc = (b_t - center.detach().float()).contiguous()
-    loss, pm = _VmfXentFn.apply(zs, ws, b_s, zt.detach(), wt.detach(), b_tc, w, pairs, tau_s, tau_t)
-    return loss, {"teacher_logit_mean": logit_mean, "teacher_prob_mean": pm / nt}
+        centre = center.detach().float().contiguous()
+        b_tc = (b_t - centre).contiguous()
+    loss, pm, pu = _VmfXentFn.apply(zs, ws, b_s, zt.detach(), wt.detach(), b_tc, centre, w, pairs,
+                                    tau_s, tau_t)
+    return loss, {"teacher_logit_mean": logit_mean, "teacher_prob_mean": pm / nt,
+                  UNCENTRED: pu / nt}
