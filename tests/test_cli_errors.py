@@ -85,7 +85,7 @@ def test_folder_with_manifest_uses_it_and_keeps_metadata(tmp_path, icehpc_cmd):
     res = subprocess.run([*icehpc_cmd, "shards", "build", str(data), "--out", str(tmp_path / "s"), "--no-progress"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    assert f"holds manifest.csv: using it as the manifest" in res.stderr
+    assert "holds manifest.csv: using it as the manifest" in res.stderr
     index = json.loads((tmp_path / "s" / "index.json").read_text())
     assert index["totals"]["written"] == 4 and index["totals"]["rejected"] == 0
     from icehpc.data.format import iter_samples, shard_paths

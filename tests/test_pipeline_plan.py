@@ -158,7 +158,7 @@ def test_pipeline_sh_passes_a_hostile_out_as_data(tmp_path):
     step = first[first.index(str(ROOT / "jobs" / "pipeline.sh")) + 1:]
     assert step[:4] == ["--step", "plain", "synth", str(len(args))] and step[4:4 + len(args)] == args
     assert step[4 + len(args):4 + len(args) + 3] == ["synth", "--out", str(out.resolve() / "synth")]
-    assert any(f"--dependency=afterok:100" == a.decode() for a in submitted[1])  # shards waits on synth
+    assert any("--dependency=afterok:100" == a.decode() for a in submitted[1])  # shards waits on synth
     # the step job itself: prepares its step (records it) then starts the stage through srun, intact
     for f in calls.iterdir():
         f.unlink()
