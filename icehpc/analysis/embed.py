@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ from .. import config as cfglib
 from ..config import field
 from ..data.format import NUMERIC_COLUMNS, STRING_COLUMNS
 from ..contract import Contract, Status
-from ..fileio import LockedError, file_sha256, write_atomic
+from ..fileio import LockedError, file_sha256, check_output_path, write_atomic
 from ..ssl.export import DEFAULT_ARCH, BackboneSpec, backbone_spec, build_backbone
 
 
@@ -380,6 +379,7 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
         raise ValueError("--like only goes with --random-init (a checkpoint's header already says its shape)")
     for flag, path in (("--checkpoint", checkpoint), ("--like", like)):
         check_backbone_file(flag, path)
+    check_output_path(parts_dir(store), f"--out {store}: its parts folder")  # every rank alike, no collective yet
     comm = dist.mpi_comm()
     rank, world = comm.Get_rank(), comm.Get_size()
     env = dist.from_env()
@@ -427,7 +427,7 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
                    "ranks": world, "device": device,
                    "shards": len(counts), "shards_reused": sum(s["shards_done"] for s in all_stats),
                    "images_computed": computed, "seconds": wall,
-                   "images_per_s": computed / wall if wall > 0 else math.nan, "backbone": asdict(spec),
+                   "images_per_s": computed / wall if computed and wall > 0 else None, "backbone": asdict(spec),
                    "framing": framing, "canvas": canvas,
                    "fingerprint": store_fingerprint(manifest, index_sha256),
                    "shards_index_sha256": index_sha256, "shards_fingerprint": index.get("fingerprint"),
@@ -461,7 +461,8 @@ def run(args: argparse.Namespace) -> int:
                         num_workers=cfg.workers, seed=cfg.seed, like=args.like, framing=cfg.framing,
                         provenance=cfglib.provenance(args, cfg))
     if summary is not None:
+        rate = summary["images_per_s"]
         print(f"embedded {summary['rows']} samples ({summary['dim']}-d, {summary['shards']} shards, "
               f"{summary['shards_reused']} reused) on {summary['ranks']} rank(s): "
-              f"{summary['images_per_s']:.1f} img/s → {summary['store']}")
+              f"{f'{rate:.1f} img/s' if rate is not None else 'nothing to compute'} → {summary['store']}")
     return 0
