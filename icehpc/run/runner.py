@@ -2,9 +2,11 @@
 
 Locally (:func:`run_pipeline`) each pending step (:func:`icehpc.run.steps.evaluate`) is prepared
 (its own stale files removed, its record written) and run; a step that ends without its stage
-saying "done" stops the pipeline. ``--plan`` (:func:`print_plan`) only prints: the pending steps
-with the reason each would run, as text or as NUL-separated fields for ``jobs/pipeline.sh``, whose
-step jobs each call ``icehpc pipeline … --prepare-step NAME`` (:func:`prepare_step`) when they start.
+saying "done" stops the pipeline; a Ctrl-C stops the running step and the pipeline in one line
+(:func:`run_step`), and the same command resumes. ``--plan`` (:func:`print_plan`) only prints: the
+pending steps with the reason each would run, as text or as NUL-separated fields for
+``jobs/pipeline.sh``, whose step jobs each call ``icehpc pipeline … --prepare-step NAME``
+(:func:`prepare_step`) when they start.
 """
 from __future__ import annotations
 

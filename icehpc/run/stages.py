@@ -133,9 +133,10 @@ def stop_signal(exc: KeyboardInterrupt) -> int:
 
 def run_stage(name: str, argv: Sequence[str]) -> int:
     """``icehpc NAME ARGV`` in this process; returns the exit code. A user's mistake is one line on
-    stderr (config errors, a missing input, ``--out`` naming a file, checked before the stage runs: 2); Ctrl-C or SIGTERM is one
-    line saying that finished outputs are kept and a rerun resumes (130, 143). Of a parallel job's
-    ranks only rank 0 prints those lines: the ranks agree on them, the others exit silently."""
+    stderr (config errors, a missing input, ``--out`` naming a file: checked before the stage runs;
+    exit 2); Ctrl-C or SIGTERM is one line saying that finished outputs are kept and that the same
+    command resumes (exit 130, 143). Of a parallel job's ranks only rank 0 prints these lines: the
+    ranks agree on them (rank 0 decides and broadcasts), the others exit silently."""
     import sys
     import threading
 
