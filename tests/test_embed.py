@@ -291,7 +291,10 @@ def test_ctrl_c_is_one_line_keeps_finished_parts_and_the_rerun_resumes(launcher,
     assert 0 < len(kept) < len(parts), f"stopped at {len(kept)}/{len(parts)} parts; cannot test resume"
     assert not list(parts_dir(store).glob(".*.tmp")) and not Path(f"{store}.json").exists()
 
+    stale = parts_dir(store) / f".{parts[0].name}.killed.tmp"  # what a SIGKILL would leave: the rerun drops it
+    stale.write_bytes(b"partial")
     res = _run(cmd)  # the lock was released: the same command resumes
+    assert not stale.exists()
     assert f"{len(kept)} reused" in res.stdout and "nan" not in res.stdout, res.stdout
     from icehpc.run.cli import main  # once more, in this process (torch is loaded): all reused, no rate
 

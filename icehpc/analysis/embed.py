@@ -12,7 +12,8 @@ total and that no key occurs twice. ``STORE.parts/embed.json`` pins the model of
 of a different model are never mixed into one store, and each part records the sha256 of its shard
 (from ``index.json``) and the model's digest: a part whose shard was rebuilt since, or that another
 model wrote, is recomputed, never reused. Rank 0 holds the lock of ``STORE.parts`` for the whole job:
-a second job on the same store stops at once naming the holder.
+a second job on the same store stops at once naming the holder, and the temporaries a killed job
+left there are removed. Ctrl-C keeps the finished parts (one line: :func:`icehpc.run.stages.run_stage`).
 """
 from __future__ import annotations
 
@@ -179,6 +180,13 @@ def _pin_run(store: Path, manifest: dict[str, Any]) -> None:
             return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(manifest, indent=2) + "\n")
+
+
+def _drop_temporaries(store: Path) -> None:
+    """Remove the temporaries a killed job left in STORE.parts (SIGKILL: no cleanup ran). Rank 0
+    holds the lock, so no other job is writing them."""
+    for tmp in parts_dir(store).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def part_is_current(part: Path, shard_sha256: str, model: str) -> bool:
@@ -395,6 +403,7 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
         # one job per store: rank 0 holds the lock of STORE.parts until the end
         dist.lock_on_root(comm, held, parts_dir(store_path), "embedding store")
         dist.run_on_root(comm, lambda: _pin_run(store_path, manifest))
+        dist.run_on_root(comm, lambda: _drop_temporaries(store_path))
         device = f"cuda:{env.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             _torch_threads(env.local_world_size)
