@@ -270,7 +270,8 @@ def test_ctrl_c_is_one_line_keeps_finished_parts_and_the_rerun_resumes(launcher,
     from icehpc.analysis.embed import parts_dir
 
     store = tmp_path / "s.h5"
-    big = ["--random-init", "--model", "vit_small_patch16_224", "--img-size", "64", "--batch-size", "5"]
+    side = "128" if launcher == "mpi" else "64"  # slow enough that mpiexec's SIGTERM comes before the last part
+    big = ["--random-init", "--model", "vit_small_patch16_224", "--img-size", side, "--batch-size", "5"]
     cmd = [*icehpc_cmd, "embed", str(shards), *big, "--out", str(store)]
     prefix = [*request.getfixturevalue("mpiexec"), "-n", "2"] if launcher == "mpi" else []
     proc = subprocess.Popen([*prefix, *cmd], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
