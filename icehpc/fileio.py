@@ -99,6 +99,25 @@ def lock_dir(folder: str | os.PathLike, what: str = "output folder") -> Iterator
         os.close(fd)  # releases the flock
 
 
+def check_output_path(path: str | os.PathLike, what: str = "--out", folder: bool = True) -> None:
+    """Raise a one-line :class:`~icehpc.config.UserError` when ``path`` (named ``what`` in the
+    message) cannot be an output folder (``folder``) or output file: it, or a folder above it, is
+    an existing file; or a file's path is a folder. Called before anything is written."""
+    from .config import UserError
+
+    p = Path(path)
+    above = next((a for a in reversed(p.parents) if a.exists() and not a.is_dir()), None)
+    if above is not None:
+        problem = f"is inside {above}, which is a file, not a folder"
+    elif folder and os.path.lexists(p) and not p.is_dir():
+        problem = "is a file, not a folder"
+    elif not folder and p.is_dir():
+        problem = "is a folder, not a file"
+    else:
+        return
+    raise UserError(f"{what} {path} {problem}; choose " + ("a folder" if folder else "a file name"))
+
+
 #: First characters that make a spreadsheet read a cell as a formula (CSV/formula injection).
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 

@@ -177,3 +177,70 @@ def test_refused_pickle_checkpoint_is_one_line_and_runs_nothing(tmp_path):
                "vit_tiny_patch16_224", "--img-size", "16", "--out", str(tmp_path / "e.h5")], 2,
               f"checkpoint {tmp_path / 'evil.pth'}: refused", "GLOBAL posix.system")
     assert not (ROOT / "pwned").exists() and not (tmp_path / "pwned").exists()
+
+
+# ------------------------------------------------------------------ --out naming a file (issue #21)
+#: every stage that writes an --out, with arguments that would otherwise start it ({out}: the path)
+OUT_CASES = {
+    "synth": ["synth", "--out", "{out}", "--n", "20"],
+    "shards": ["shards", "build", "{d}/empty", "--out", "{out}"],
+    "pretrain": ["pretrain", "--out", "{out}"],
+    "kappa": ["kappa", "{store}", "--out", "{out}", "--by", "habit"],
+    "curate": ["curate", "{store}", "--out", "{out}"],
+    "outliers": ["outliers", "{store}", "--out", "{out}"],
+    "report": ["report", "{d}/run", "--out", "{out}"],
+    "probe": ["probe", "{store}", "--out", "{out}", "--label", "habit"],
+    "pipeline": ["pipeline", "--out", "{out}"],
+    "pipeline --plan": ["pipeline", "--out", "{out}", "--plan"],
+    "export": ["export", "{d}/run", "--out", "{out}"],  # a file: a folder is refused
+    "embed": ["embed", "{d}/empty", "--random-init", "--out", "{out}"],
+}
+
+
+def test_out_cases_cover_every_stage_that_writes():
+    from icehpc.run.stages import STAGES
+
+    assert {argv[0] for argv in OUT_CASES.values()} == set(STAGES) - {"submit"}  # submit: its stage's --out
+
+
+@pytest.mark.parametrize("case", list(OUT_CASES))
+def test_out_naming_a_file_is_one_line_and_touches_nothing(case, files, tmp_path):
+    from icehpc.run.stages import stage
+
+    argv = OUT_CASES[case]
+    file_out = stage(argv[0]).out_file
+    target = tmp_path / "there"
+    if file_out:
+        target.mkdir()
+        (target / "note.txt").write_text("mine\n")
+    else:
+        target.write_text("mine\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    line = _cli_line([a.format(d=files, store=_store(files), out=target) for a in argv], 2,
+                     f"icehpc {argv[0]}: error: --out {target} is a ")
+    assert line.endswith("a file name" if file_out else "is a file, not a folder; choose a folder"), line
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (target / "note.txt" if file_out else target).read_text() == "mine\n"
+
+
+def test_out_inside_a_file_and_a_store_parts_path_taken_by_a_file(files, tmp_path):
+    (tmp_path / "f").write_text("mine\n")
+    _cli_line(["kappa", _store(files), "--out", str(tmp_path / "f" / "k"), "--by", "habit"], 2,
+              f"--out {tmp_path / 'f' / 'k'} is inside {tmp_path / 'f'}, which is a file, not a folder")
+    (tmp_path / "e.h5.parts").write_text("mine\n")
+    _cli_line(["embed", str(files / "empty"), "--random-init", "--out", str(tmp_path / "e.h5")], 2,
+              f"its parts folder {tmp_path / 'e.h5.parts'} is a file, not a folder")
+    _cli_line(["pretrain", f"out={tmp_path / 'f'}", "data.shards=" + str(files / "empty")], 2,
+              f"icehpc pretrain: error: out {tmp_path / 'f'} is a file, not a folder")  # the config key
+    assert (tmp_path / "e.h5.parts").read_text() == (tmp_path / "f").read_text() == "mine\n"
+
+
+@pytest.mark.mpi
+def test_out_naming_a_file_under_mpiexec_is_said_once(files, tmp_path, mpiexec):
+    (tmp_path / "f").write_text("mine\n")
+    proc = subprocess.run([*mpiexec, "-n", "2", sys.executable, "-m", "icehpc", "kappa", _store(files), "--out",
+                           str(tmp_path / "f"), "--by", "habit"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if ln.startswith("icehpc kappa: error: ")]
+    assert said == [f"icehpc kappa: error: --out {tmp_path / 'f'} is a file, not a folder; choose a folder"]

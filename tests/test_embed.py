@@ -267,6 +267,51 @@ def test_embed_two_mpi_ranks_equal_one_and_survive_sigkill(shards, backbone, tra
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["plain", pytest.param("mpi", marks=pytest.mark.mpi)])
+def test_ctrl_c_is_one_line_keeps_finished_parts_and_the_rerun_resumes(launcher, shards, tmp_path, icehpc_cmd,
+                                                                        request, capsys):
+    """Ctrl-C (SIGINT to the foreground process group, as a terminal sends it) once the first part
+    exists: one line, no traceback, exit 130; under mpiexec (which stops its ranks with SIGTERM)
+    rank 0's line only. Finished parts stay, no temporary or lock is left, and the rerun resumes."""
+    from cli_helpers import one_clear_line
+    from icehpc.analysis.embed import parts_dir
+
+    store = tmp_path / "s.h5"
+    side = "128" if launcher == "mpi" else "64"  # slow enough that mpiexec's SIGTERM comes before the last part
+    big = ["--random-init", "--model", "vit_small_patch16_224", "--img-size", side, "--batch-size", "5"]
+    cmd = [*icehpc_cmd, "embed", str(shards), *big, "--out", str(store)]
+    prefix = [*request.getfixturevalue("mpiexec"), "-n", "2"] if launcher == "mpi" else []
+    proc = subprocess.Popen([*prefix, *cmd], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = [part_path(store, p) for p in shard_paths(shards)]
+    deadline = time.monotonic() + 240
+    while not any(p.exists() for p in parts) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    ended = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if launcher == "plain":
+        one_clear_line(ended, "icehpc embed: interrupted; finished outputs are kept, rerun the same command to "
+                              "resume", code=130)
+    else:  # mpiexec's own exit code; its ranks got SIGTERM
+        one_clear_line(ended, "icehpc embed: stopped by SIGTERM; finished outputs are kept")
+    kept = [p for p in parts if p.exists()]
+    assert 0 < len(kept) < len(parts), f"stopped at {len(kept)}/{len(parts)} parts; cannot test resume"
+    assert not list(parts_dir(store).glob(".*.tmp")) and not Path(f"{store}.json").exists()
+
+    stale = parts_dir(store) / f".{parts[0].name}.killed.tmp"  # what a SIGKILL would leave: the rerun drops it
+    stale.write_bytes(b"partial")
+    res = _run(cmd)  # the lock was released: the same command resumes
+    assert not stale.exists()
+    assert f"{len(kept)} reused" in res.stdout and "nan" not in res.stdout, res.stdout
+    from icehpc.run.cli import main  # once more, in this process (torch is loaded): all reused, no rate
+
+    assert main(cmd[len(icehpc_cmd):]) == 0
+    said = capsys.readouterr().out
+    assert f"{len(parts)} reused" in said and "nothing to compute" in said and "nan" not in said, said
+
+
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.mpi
 def test_embed_sbatch_and_submit_on_slurm(shards, backbone, trained, tmp_path, slurm_cluster, icehpc_cmd):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,36 @@ def test_pipeline_local_outputs_and_resume(local_run, real_dir, icehpc_cmd):
                if m.parent not in (out / "probe", out / "report"))  # the two steps that ran
     again = json.loads((out / "probe" / "probe.json").read_text())
     assert again["results"] == probe["results"]
+
+
+def test_ctrl_c_stops_the_pipeline_in_one_line_and_the_rerun_resumes(tmp_path):
+    """Ctrl-C while the pretraining step (torch.distributed.run, 2 ranks) starts: the pipeline passes
+    it on, drops what the launcher and its ranks print about it, and says one line naming the step
+    (exit 130); the finished steps stay done and the plan resumes at that step."""
+    from cli_helpers import one_clear_line
+
+    out = tmp_path / "run"
+    args = ["--config", "configs/demo.yaml", "--out", str(out),
+            *[o for o in tiny_overrides(None) if not o.startswith("synth.n=")], "synth.n=40"]
+    proc = subprocess.Popen([sys.executable, "-m", "icehpc", "pipeline", *args], cwd=ROOT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if line.startswith("[pipeline] pretrain: /"):
+            break
+    time.sleep(4)  # the launcher has started its ranks
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the foreground process group
+    rest, err = proc.communicate(timeout=120)
+    ended = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(said) + rest, err)
+    one_clear_line(ended, "icehpc pipeline: interrupted during step pretrain; finished outputs are kept, rerun the "
+                          "same command to resume", code=130)
+    plan = subprocess.run([sys.executable, "-m", "icehpc", "pipeline", *args, "--plan"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    pending = [line.split("\t")[0] for line in plan.stdout.splitlines()[1:]]
+    assert pending[0] == "pretrain" and "synth" not in pending and "shards" not in pending, plan.stdout
 
 
 def _compare_runs(a: Path, b: Path) -> None:

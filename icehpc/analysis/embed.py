@@ -12,7 +12,8 @@ total and that no key occurs twice. ``STORE.parts/embed.json`` pins the model of
 of a different model are never mixed into one store, and each part records the sha256 of its shard
 (from ``index.json``) and the model's digest: a part whose shard was rebuilt since, or that another
 model wrote, is recomputed, never reused. Rank 0 holds the lock of ``STORE.parts`` for the whole job:
-a second job on the same store stops at once naming the holder.
+a second job on the same store stops at once naming the holder, and the temporaries a killed job
+left there are removed. Ctrl-C keeps the finished parts (one line: :func:`icehpc.run.stages.run_stage`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -35,7 +35,7 @@ from .. import config as cfglib
 from ..config import field
 from ..data.format import NUMERIC_COLUMNS, STRING_COLUMNS
 from ..contract import Contract, Status
-from ..fileio import LockedError, file_sha256, write_atomic
+from ..fileio import LockedError, file_sha256, check_output_path, write_atomic
 from ..ssl.export import DEFAULT_ARCH, BackboneSpec, backbone_spec, build_backbone
 
 
@@ -176,6 +176,13 @@ def _pin_run(store: Path, manifest: dict[str, Any]) -> None:
             return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(manifest, indent=2) + "\n")
+
+
+def _drop_temporaries(store: Path) -> None:
+    """Remove the temporaries a killed job left in STORE.parts (SIGKILL: no cleanup ran). Rank 0
+    holds the lock, so no other job is writing them."""
+    for tmp in parts_dir(store).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def part_is_current(part: Path, shard_sha256: str, model: str) -> bool:
@@ -376,6 +383,7 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
         raise ValueError("--like only goes with --random-init (a checkpoint's header already says its shape)")
     for flag, path in (("--checkpoint", checkpoint), ("--like", like)):
         check_backbone_file(flag, path)
+    check_output_path(parts_dir(store), f"--out {store}: its parts folder")  # every rank alike, no collective yet
     comm = dist.mpi_comm()
     rank, world = comm.Get_rank(), comm.Get_size()
     env = dist.from_env()
@@ -391,6 +399,7 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
         # one job per store: rank 0 holds the lock of STORE.parts until the end
         dist.lock_on_root(comm, held, parts_dir(store_path), "embedding store")
         dist.run_on_root(comm, lambda: _pin_run(store_path, manifest))
+        dist.run_on_root(comm, lambda: _drop_temporaries(store_path))
         device = f"cuda:{env.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             _torch_threads(env.local_world_size)
@@ -423,7 +432,7 @@ def _run_embed(shard_dir: str, store: str, *, checkpoint: str | None, random_ini
                    "ranks": world, "device": device,
                    "shards": len(counts), "shards_reused": sum(s["shards_done"] for s in all_stats),
                    "images_computed": computed, "seconds": wall,
-                   "images_per_s": computed / wall if wall > 0 else math.nan, "backbone": asdict(spec),
+                   "images_per_s": computed / wall if computed and wall > 0 else None, "backbone": asdict(spec),
                    "framing": framing, "canvas": canvas,
                    "fingerprint": store_fingerprint(manifest, index_sha256),
                    "shards_index_sha256": index_sha256, "shards_fingerprint": index.get("fingerprint"),
@@ -457,7 +466,8 @@ def run(args: argparse.Namespace) -> int:
                         num_workers=cfg.workers, seed=cfg.seed, like=args.like, framing=cfg.framing,
                         provenance=cfglib.provenance(args, cfg))
     if summary is not None:
+        rate = summary["images_per_s"]
         print(f"embedded {summary['rows']} samples ({summary['dim']}-d, {summary['shards']} shards, "
               f"{summary['shards_reused']} reused) on {summary['ranks']} rank(s): "
-              f"{summary['images_per_s']:.1f} img/s → {summary['store']}")
+              f"{f'{rate:.1f} img/s' if rate is not None else 'nothing to compute'} → {summary['store']}")
     return 0

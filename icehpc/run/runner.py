@@ -2,32 +2,79 @@
 
 Locally (:func:`run_pipeline`) each pending step (:func:`icehpc.run.steps.evaluate`) is prepared
 (its own stale files removed, its record written) and run; a step that ends without its stage
-saying "done" stops the pipeline. ``--plan`` (:func:`print_plan`) only prints: the pending steps
-with the reason each would run, as text or as NUL-separated fields for ``jobs/pipeline.sh``, whose
-step jobs each call ``icehpc pipeline … --prepare-step NAME`` (:func:`prepare_step`) when they start.
+saying "done" stops the pipeline; a Ctrl-C stops the running step and the pipeline in one line
+(:func:`run_step`), and the same command resumes. ``--plan`` (:func:`print_plan`) only prints: the
+pending steps with the reason each would run, as text or as NUL-separated fields for
+``jobs/pipeline.sh``, whose step jobs each call ``icehpc pipeline … --prepare-step NAME``
+(:func:`prepare_step`) when they start.
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..analysis.science import print_science, write_science
 from ..config import UserError
+from ..progress import use_bar
 from .plan import PipelineConfig, plan
-from .stages import stage as stage_info
+from .stages import Stopped, stage as stage_info, stop_signal
 from .steps import Step, evaluate
 
 
 def _step_env(step: Step) -> dict[str, str]:
-    """Threads: the cores shared among the step's processes (mpiexec/torchrun leave this unset)."""
+    """Threads: the cores shared among the step's processes (mpiexec/torchrun leave this unset).
+    Progress: bars when this process writes to a terminal (the step's stderr is a pipe to it)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // max(step.ranks, 1))))
+    if use_bar():
+        env.setdefault("ICEHPC_PROGRESS", "1")
     return env
+
+
+def _relay(src: Any, muted: threading.Event) -> None:
+    """Copy a step's stderr to ours as it comes (bars' carriage returns too), dropping it once muted."""
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for chunk in iter(lambda: os.read(src.fileno(), 1 << 16), b""):
+        if not muted.is_set():
+            sys.stderr.write(text.decode(chunk))
+            sys.stderr.flush()
+
+
+def run_step(step: Step) -> int:
+    """Run a step's command; its exit code. The step runs in a session of its own, its stderr
+    relayed through this process, so a Ctrl-C (or SIGTERM) reaches this process only: it passes the
+    signal on to the step, drops what the step prints from then on (each launcher's and rank's
+    account of the stop: tracebacks, torchrun's warnings), waits for it to end (a second Ctrl-C
+    kills it) and raises :class:`~icehpc.run.stages.Stopped` naming the step: one line in all."""
+    proc = subprocess.Popen(step.command(), env=_step_env(step), stderr=subprocess.PIPE, start_new_session=True)
+    muted = threading.Event()
+    relay = threading.Thread(target=_relay, args=(proc.stderr, muted), daemon=True)
+    relay.start()
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt as exc:
+        muted.set()
+        signum = stop_signal(exc)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+        while proc.poll() is None:
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        raise Stopped(signum, f"during step {step.name}") from None
+    relay.join(timeout=10)  # EOF once the step and its ranks are gone
+    return code
 
 
 def _say_removed(step: Step, gone: list[Path]) -> None:
@@ -53,7 +100,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | os.PathLike, min_count: int = 2
         cmd = step.command()
         print(f"[pipeline] {step.name}: {shlex.join(cmd)}", flush=True)
         t = time.perf_counter()
-        code = subprocess.run(cmd, env=_step_env(step)).returncode
+        code = run_step(step)
         if code != 0:
             raise UserError(f"step {step.name} failed with exit code {code} (its messages are above); fix and "
                             f"rerun the same command to continue from this step. Command: {shlex.join(cmd)}")

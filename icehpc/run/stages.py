@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -33,6 +34,8 @@ class Stage:
     submittable: bool = True  # a job of its own (pipeline and submit submit others instead)
     #: where the stage's output contract is declared ("module:NAME"), beside its writer
     contract: str = ""
+    #: its ``--out`` names a file (else a folder)
+    out_file: bool = False
 
 
 #: name → stage, in the pipeline's order.
@@ -43,9 +46,10 @@ STAGES: dict[str, Stage] = {
                     contract="icehpc.data.format:CONTRACT"),
     "pretrain": Stage("icehpc.ssl.pretrain", "iBOT-vMF pretraining on DeepSpeed (CPU or GPU, 1..N nodes)",
                       "torch", gpu=True, contract="icehpc.ssl.pretrain:CONTRACT"),
-    "export": Stage("icehpc.ssl.export", "export the teacher backbone of a checkpoint as .safetensors"),
+    "export": Stage("icehpc.ssl.export", "export the teacher backbone of a checkpoint as .safetensors",
+                    out_file=True),
     "embed": Stage("icehpc.analysis.embed", "MPI-parallel [CLS] embedding of shards into an HDF5 store",
-                   "mpi", gpu=True),  # one contract per store: icehpc.analysis.embed.contract(STORE)
+                   "mpi", gpu=True, out_file=True),  # one contract per store: icehpc.analysis.embed.contract(STORE)
     "kappa": Stage("icehpc.analysis.kappa", "MPI-parallel vMF concentration (kappa) per group, with CIs", "mpi",
                    contract="icehpc.analysis.kappa:CONTRACT"),
     "curate": Stage("icehpc.analysis.curate", "MPI hierarchical k-means and balanced sampling of a store "
@@ -108,31 +112,72 @@ def parse_stage_args(name: str, argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+class Stopped(KeyboardInterrupt):
+    """A signal that stops a stage, raised like Ctrl-C's KeyboardInterrupt so that the same
+    cleanups run (temporaries removed, locks released): SIGTERM from a launcher stopping its ranks,
+    ``kill`` or Slurm's ``scancel``; or a step of the pipeline stopped by a signal (``where``)."""
+
+    def __init__(self, signum: int = signal.SIGINT, where: str = "") -> None:
+        super().__init__(signum, where)
+        self.signum, self.where = signum, where
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+def stop_signal(exc: KeyboardInterrupt) -> int:
+    """The signal behind ``exc``: its own, else SIGINT (Ctrl-C's KeyboardInterrupt)."""
+    return exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+
+
 def run_stage(name: str, argv: Sequence[str]) -> int:
-    """``icehpc NAME ARGV`` in this process; returns the exit code (config errors: one line, 2)."""
+    """``icehpc NAME ARGV`` in this process; returns the exit code. A user's mistake is one line on
+    stderr (config errors, a missing input, ``--out`` naming a file: checked before the stage runs;
+    exit 2); Ctrl-C or SIGTERM is one line saying that finished outputs are kept and that the same
+    command resumes (exit 130, 143). Of a parallel job's ranks only rank 0 prints these lines: the
+    ranks agree on them (rank 0 decides and broadcasts), the others exit silently."""
     import sys
+    import threading
 
     from ..config import ConfigError, UserError
-    from ..fileio import LockedError
+    from ..dist import from_env
+    from ..fileio import LockedError, check_output_path
 
-    args = parse_stage_args(name, argv)
+    def say(line: str) -> None:
+        if from_env().rank == 0:
+            print(f"icehpc {name}: {line}", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _stop)  # for the rest of the process; not where submitit handles it
+    out = None
     try:
+        args = parse_stage_args(name, argv)  # imports the stage (torch: seconds a Ctrl-C may fall in)
+        out = getattr(args, "out", None)
+        if out is not None:
+            check_output_path(out, folder=not stage(name).out_file)
         return int(args._run(args) or 0)
+    except KeyboardInterrupt as exc:
+        signum = stop_signal(exc)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        where = f" {exc.where}" if isinstance(exc, Stopped) and exc.where else ""
+        say(f"{what}{where}; finished outputs are kept, rerun the same command to resume")
+        return 128 + signum
     except ConfigError as exc:
-        print(f"icehpc {name}: config error: {exc}", file=sys.stderr)
+        say(f"config error: {exc}")
         return 2
     except LockedError as exc:  # another job writes the same output folder
-        print(f"icehpc {name}: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 1
     except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         # a path the user gave that is not there or not a file: one line, not a traceback
-        print(f"icehpc {name}: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 2
     except OSError as exc:
-        line = storage_error(exc, getattr(args, "out", None))
+        line = storage_error(exc, out)
         if line is None:
             raise
-        print(f"icehpc {name}: error: {line}", file=sys.stderr)  # disk full, quota, read-only: one line
+        say(f"error: {line}")  # disk full, quota, read-only: one line
         return 1
 
 

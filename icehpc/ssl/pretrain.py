@@ -8,6 +8,7 @@ import argparse
 
 from .. import config as cfglib
 from ..contract import Contract
+from ..fileio import check_output_path
 from .config import PretrainConfig
 
 #: The run folder: the exported teacher backbone is its marker (written last by the trainer); the
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = cfglib.from_args(PretrainConfig, args)
+    check_output_path(cfg.out, "--out" if getattr(args, "_flag_out", None) else "out")  # the flag or config key
     from .trainer import pretrain
 
     return pretrain(cfg, cfglib.provenance(args))
