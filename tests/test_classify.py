@@ -198,7 +198,7 @@ def test_rerun_skips_when_done_and_reruns_when_the_labels_change(labeled, tmp_pa
     changed[0] = "habit_2" if changed[0] != "habit_2" else "habit_0"
     write_labels(labels, meta["key"][rows], changed)
     st = cls.status(args)
-    assert not st.done and "changed" in st.why
+    assert not st.done and f"--labels {labels} changed since" in st.why
     third = icehpc("classify", *argv)
     assert third.returncode == 0 and "up to date" not in third.stdout
     assert json.loads((out / cls.CONTRACT.marker).read_text())["inputs_sha256"]["labels"] == sha256_of(labels)

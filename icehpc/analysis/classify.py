@@ -438,7 +438,11 @@ def status(args: argparse.Namespace) -> Status:
         extra = fingerprint_extra(args.labels)
     except (cfglib.UserError, OSError) as exc:
         return Status(False, f"--labels cannot be read yet ({exc})")
-    return storestage.status(STAGE, args.store, args.out, cfglib.from_args(ClassifyConfig, args), extra)
+    st = storestage.status(STAGE, args.store, args.out, cfglib.from_args(ClassifyConfig, args), extra)
+    old = ((CONTRACT.read(args.out) or {}).get("inputs_sha256") or {}).get("labels")
+    if not st.done and old and old != extra["labels"]["sha256"]:
+        return Status(False, f"--labels {args.labels} changed since {CONTRACT.marker_path(args.out)} was written")
+    return st
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -472,4 +476,7 @@ def run(args: argparse.Namespace) -> int:
               f"{cv['balanced_accuracy_sd']:.4f} → {Path(args.out) / PREDICTIONS}")
         if res["left_out_classes"]:
             print(f"  left out (fewer labeled rows than --folds): {res['left_out_classes']}")
+        if res["convergence_warnings"]:
+            print(f"  {res['convergence_warnings']} fit(s) stopped at max_iter={cfg.max_iter} before converging; "
+                  "raise --max-iter if the chosen C is among them")
     return 0

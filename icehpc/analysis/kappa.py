@@ -504,7 +504,12 @@ def status(args: argparse.Namespace) -> Status:
         extra = fingerprint_extra(cfg)
     except KappaError as exc:
         return Status(False, str(exc))
-    return storestage.status(STAGE, args.store, args.out, cfg, extra, force=getattr(args, "force", False))
+    st = storestage.status(STAGE, args.store, args.out, cfg, extra, force=getattr(args, "force", False))
+    old = [c.get("sha256") for c in ((CONTRACT.read(args.out) or {}).get("run") or {}).get("columns") or []]
+    changed = [p for p, a, b in zip(cfg.columns, old, extra.get("columns_sha256", [])) if a != b]
+    if not st.done and changed:
+        return Status(False, f"columns file {changed[0]} changed since {CONTRACT.marker_path(args.out)} was written")
+    return st
 
 
 # --------------------------------------------------------------------------------------- CLI
