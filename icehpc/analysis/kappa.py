@@ -22,7 +22,7 @@ the same estimator over the Poisson bootstrap (Û_b = (|Σwx̂|² − Σw²)/((�
 
 Columns from outside the store: ``--columns FILE`` (a CSV with a ``key`` column: a classify run's
 predictions.csv, a table of flight-level environment) joins the file's other columns onto the
-rows by key (:class:`~icehpc.analysis.joins.JoinedStore`), to group by like the store's own. Every
+rows by key (:class:`~icehpc.analysis.keycolumns.JoinedStore`), to group by like the store's own. Every
 file must hold the keys of at least ``columns_min_match`` (default half) of the store's rows, else
 one line and exit 2; how many matched is printed and recorded (``run.columns``); rows without a
 match get empty text or a missing number. Each file's sha256 is part of the fingerprint.
@@ -48,7 +48,7 @@ from .. import dist
 from ..contract import Contract, Status
 from ..dist import mpi_comm
 from . import storestage
-from .joins import JoinedStore, KeyTable
+from .keycolumns import JoinedStore, KeyTable
 from .store import Store, StoreError
 from ..vmf import kappa_closed_form, kappa_mle
 from ..fileio import LockedError, csv_text, run_facts, write_atomic
