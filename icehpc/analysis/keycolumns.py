@@ -3,7 +3,7 @@
 :class:`KeyTable` reads a CSV with a ``key`` column (a classify run's ``predictions.csv``, a user's
 table of flight-level environment per particle, ...); :class:`JoinedStore` shows a store with those
 columns added, so a stage that groups by metadata columns groups by them the same way. Bad files
-are one-line :class:`~icehpc.config.UserError`\ s.
+are refused with one line (:class:`~icehpc.config.UserError`).
 """
 from __future__ import annotations
 
