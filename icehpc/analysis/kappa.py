@@ -51,7 +51,7 @@ from . import storestage
 from .keycolumns import JoinedStore, KeyTable
 from .store import Store, StoreError
 from ..vmf import kappa_closed_form, kappa_mle
-from ..fileio import LockedError, csv_text, run_facts, write_atomic
+from ..fileio import LockedError, csv_text, file_sha256, run_facts, write_atomic
 
 RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
 READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)
@@ -461,8 +461,6 @@ def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> list[Pa
 def fingerprint_extra(cfg: KappaConfig) -> dict[str, Any]:
     """What shapes κ beyond the config and the store: the RNG block of the bootstrap weights, and
     the content (sha256) of each columns file, so a changed table reruns."""
-    from ..fileio import file_sha256
-
     extra: dict[str, Any] = {"block": RNG_BLOCK}
     if cfg.columns:
         gone = [p for p in cfg.columns if not Path(p).is_file()]
