@@ -358,3 +358,122 @@ def test_enospc_leaves_no_temporary_file(monkeypatch, tmp_path):
         fileio.write_atomic(target, "new\n")
     assert target.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kappa.csv"]
+
+
+# ------------------------------------------------------------------------- per-key columns (--columns)
+
+def _columns_file(path: Path, keys, **cols) -> Path:
+    names = list(cols)
+    path.write_text("key," + ",".join(names) + "\n" + "".join(
+        f"{k}," + ",".join(str(cols[c][i]) for c in names) + "\n" for i, k in enumerate(keys)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def joined_case(tmp_path_factory):
+    """A store without an `env` column, and a table giving `env` (text) and `altitude_m` (numbers)
+    to 90 % of its keys, in shuffled order."""
+    root = tmp_path_factory.mktemp("columns")
+    n = 600
+    emb, gid = cheap_groups(n, 8, 3, seed=11)
+    meta = paper_meta(n, gid, seed=11)
+    store = write_store(root / "s", emb, meta)
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(n)[:540]
+    env = np.array(["cloud-top", "mid-cloud", "near-base"])[rng.integers(0, 3, n)]
+    alt = rng.uniform(500, 9000, n).round(1)
+    table = _columns_file(root / "env.csv", meta["key"][rows], env=env[rows], altitude_m=alt[rows])
+    return root, store, emb, meta, rows, env, alt, table
+
+
+def test_columns_join_by_key_and_group_like_store_columns(joined_case, icehpc_cmd):
+    """Grouping by a joined column gives exactly what the same column stored in the store gives
+    (unmatched rows: empty text, a missing number), and the run says how many rows matched."""
+    root, store, emb, meta, rows, env, alt, table = joined_case
+    out = root / "k"
+    proc = subprocess.run([*icehpc_cmd, "kappa", str(store), "--out", str(out), "--columns", str(table), "--by",
+                           "env,habit:env,altitude_m", "--bootstrap", "30", "--min-count", "5"],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert f"columns {table}: 540 of 600 rows matched" in proc.stdout
+    res = json.loads((out / "kappa.json").read_text())
+    assert res["run"]["columns"][0]["rows_matched"] == 540
+    assert res["run"]["columns"][0]["columns"] == ["env", "altitude_m"]
+    matched = np.isin(np.arange(600), rows)
+    direct = {**meta, "env": np.where(matched, env, ""), "altitude_m": np.where(matched, alt, np.nan)}
+    same = run_kappa(write_store(root / "direct", emb, direct), root / "kd",
+                     cfg("groupings=[env,habit:env,altitude_m]", "bootstrap=30", "min_count=5"))
+    _assert_same(same, res)
+    assert rows_of(res, "env")[""]["n"] == 60 and rows_of(res, "altitude_m")["missing"]["n"] == 60
+
+
+def test_columns_with_too_few_matching_keys_are_refused(joined_case, icehpc_cmd, tmp_path):
+    root, store, emb, meta, rows, env, alt, table = joined_case
+    few = _columns_file(tmp_path / "few.csv", list(meta["key"][:240]) + ["elsewhere-1"], env=env[:241])
+
+    def kappa(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*icehpc_cmd, "kappa", str(store), "--out", str(tmp_path / "o"), "--bootstrap", "0",
+                               *args], capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+    proc = kappa("--columns", str(few), "--by", "env")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"columns file {few}: only 240 of 600 store rows have their key in it (< columns_min_match=0.5)" in proc.stderr
+    assert not (tmp_path / "o" / "kappa.json").exists()
+    ok = kappa("--columns", str(few), "--by", "env", "--columns-min-match", "0.4")
+    assert ok.returncode == 0 and "240 of 600 rows matched" in ok.stdout
+    clash = _columns_file(tmp_path / "clash.csv", meta["key"], habit=meta["habit"])
+    proc = kappa("--columns", str(clash), "--by", "habit", "--force")
+    assert proc.returncode == 2 and "column 'habit' is also in the store; rename it" in proc.stderr
+    (tmp_path / "nokey.csv").write_text("id,env\n1,a\n")
+    proc = kappa("--columns", str(tmp_path / "nokey.csv"), "--force")
+    assert proc.returncode == 2 and "has no 'key' column" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_columns_file_change_reruns_kappa_and_the_pipeline_step(joined_case, tmp_path):
+    from icehpc.analysis import kappa
+    from icehpc.run import plan as planlib
+    from icehpc.run.stages import parse_stage_args
+
+    root, store, emb, meta, rows, env, alt, _ = joined_case
+    table = _columns_file(tmp_path / "env.csv", meta["key"][rows], env=env[rows])
+    out = tmp_path / "o"
+    argv = [str(store), "--out", str(out), "--columns", str(table), "--by", "env", "--bootstrap", "0"]
+    c = kappa.config_from_args(parse_stage_args("kappa", argv))
+    first = run_kappa(store, out, c)
+    assert kappa.status(parse_stage_args("kappa", argv)).done and run_kappa(store, out, c) is None
+    flipped = env[rows].copy()
+    flipped[:50] = "cloud-top"
+    _columns_file(table, meta["key"][rows], env=flipped)
+    st = kappa.status(parse_stage_args("kappa", argv))
+    assert not st.done and f"columns file {table} changed since" in st.why
+    again = run_kappa(store, out, c)
+    assert again is not None and rows_of(again, "env") != rows_of(first, "env")
+    # the pipeline's kappa steps take kappa.columns as --columns and record the file
+    pcfg = cfgmod.load(planlib.PipelineConfig, "demo.yaml", ["real.archives=[]", f"kappa.columns=[{table}]"])
+    steps = {s.name: s for s in planlib.plan(pcfg, tmp_path / "run")}
+    for name in ("kappa-trained", "kappa-random"):
+        assert f"--columns={table}" in steps[name].argv and str(table) in steps[name].parts["files"]
+    with pytest.raises(cfgmod.UserError, match="kappa.columns=.*does not exist"):
+        planlib.plan(cfgmod.load(planlib.PipelineConfig, "demo.yaml", ["real.archives=[]",
+                                                                       f"kappa.columns=[{tmp_path}/no.csv]"]), tmp_path)
+
+
+@pytest.mark.mpi
+def test_columns_under_two_ranks_equal_one(tmp_path, mpiexec, icehpc_cmd):
+    n = RNG_BLOCK + 904  # rows on both ranks
+    emb, gid = cheap_groups(n, 8, 3, seed=12)
+    meta = paper_meta(n, gid, seed=12)
+    store = write_store(tmp_path / "s", emb, meta, n_parts=2)
+    keep = np.random.default_rng(1).permutation(n)[: n - 700]
+    table = _columns_file(tmp_path / "c.csv", meta["key"][keep], env=np.array(["a", "b"])[keep % 2],
+                          depth=keep * 0.5)
+    args = ["--columns", str(table), "--by", "env,habit:env,depth", "--bootstrap", "20"]
+    serial = run_kappa(store, tmp_path / "o1", cfg(f"columns=[{table}]", "groupings=[env,habit:env,depth]",
+                                                   "bootstrap=20"))
+    proc = subprocess.run([*mpiexec, "-n", "2", *icehpc_cmd, "kappa", str(store), "--out", str(tmp_path / "o2"), *args],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"columns {table}: {n - 700:,} of {n:,} rows matched" in proc.stdout
+    res = json.loads((tmp_path / "o2" / "kappa.json").read_text())
+    assert res["run"]["ranks"] == 2
+    _assert_same(serial, res)

@@ -20,6 +20,13 @@ paper's closed form) each group reports ``kappa_debiased`` = A_p⁻¹(√Û) wit
 the mean pairwise cosine, an unbiased estimate of A_p(κ)²; the CI is the percentile interval of
 the same estimator over the Poisson bootstrap (Û_b = (|Σwx̂|² − Σw²)/((Σw)² − Σw²)).
 
+Columns from outside the store: ``--columns FILE`` (a CSV with a ``key`` column: a classify run's
+predictions.csv, a table of flight-level environment) joins the file's other columns onto the
+rows by key (:class:`~icehpc.analysis.keycolumns.JoinedStore`), to group by like the store's own. Every
+file must hold the keys of at least ``columns_min_match`` (default half) of the store's rows, else
+one line and exit 2; how many matched is printed and recorded (``run.columns``); rows without a
+match get empty text or a missing number. Each file's sha256 is part of the fingerprint.
+
 Crossed groupings (``campaign:temperature_c``) are accumulated once; any grouping whose columns are
 a subset of another's is summed from it on rank 0 instead of accumulated again.
 """
@@ -41,9 +48,10 @@ from .. import dist
 from ..contract import Contract, Status
 from ..dist import mpi_comm
 from . import storestage
+from .keycolumns import JoinedStore, KeyTable
 from .store import Store, StoreError
 from ..vmf import kappa_closed_form, kappa_mle
-from ..fileio import LockedError, csv_text, run_facts, write_atomic
+from ..fileio import LockedError, csv_text, file_sha256, run_facts, write_atomic
 
 RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
 READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)
@@ -221,6 +229,10 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
     rank, size = comm.Get_rank(), comm.Get_size()
     t0, cpu0 = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
+    # per-key columns files: every rank reads them (the same bytes everywhere), joined by the store's key
+    tables = [KeyTable(p) for p in cfg.columns]
+    if tables:
+        store = JoinedStore(store, tables)  # type: ignore[assignment]
     groupings = parse_groupings(cfg.groupings)
     if cfg.similarity_by and (cfg.similarity_by,) not in groupings:
         groupings.append((cfg.similarity_by,))
@@ -246,7 +258,10 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
     err: BaseException | None = None
     local: dict[str, Any] = {}
     meta: dict[str, np.ndarray] = {}
+    matched = np.zeros(len(tables))
     try:
+        if tables:
+            matched[:] = store.matched(lo, hi)
         _, meta = store.read(lo, hi, columns=needed, embeddings=False)
         for c in needed:
             v = meta[c]
@@ -259,6 +274,14 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
     except (StoreError, OSError, ValueError) as exc:
         err = exc
     dist.agree_on_errors(comm, err, KappaError)
+    dist.allreduce_sum(comm, [matched])
+    coverage = [{"file": t.path, "sha256": t.sha256, "columns": list(t.columns), "rows_matched": int(m)}
+                for t, m in zip(tables, matched)]
+    for c in coverage:  # the same totals on every rank: every rank refuses alike
+        if c["rows_matched"] < cfg.columns_min_match * store.n_rows:
+            raise KappaError(f"columns file {c['file']}: only {c['rows_matched']:,} of {store.n_rows:,} store rows have "
+                             f"their key in it (< columns_min_match={cfg.columns_min_match:g}); give the table of this "
+                             "store's samples")
     gathered = comm.allgather(local)
     if cfg.drop_empty_columns:  # every rank sees the same gathered levels: the same groupings survive
         empty = [c for c in needed if (set().union(*(set(g[c]) for g in gathered)) <= {""}
@@ -393,7 +416,7 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
            "ranks": size, "rows_nonfinite": int(bad_rows[0]), "rows_zero_norm": int(bad_rows[1]),
            "rng_block_rows": RNG_BLOCK, "bins": {c: columns[c].edges.tolist() for c in needed
                                                  if columns[c].kind == "bin"},
-           "timings": timings, "groupings_dropped": dropped}
+           "timings": timings, "groupings_dropped": dropped, "columns": coverage}
     return {"rows": rows, "similarity": similarity, "run": run}
 
 
@@ -436,15 +459,23 @@ def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> list[Pa
     return [out / "kappa.csv", out / "similarity.csv"]
 
 
-#: What shapes κ beyond the config and the store: the RNG block of the bootstrap weights.
-FINGERPRINT_EXTRA = {"block": RNG_BLOCK}
+def fingerprint_extra(cfg: KappaConfig) -> dict[str, Any]:
+    """What shapes κ beyond the config and the store: the RNG block of the bootstrap weights, and
+    the content (sha256) of each columns file, so a changed table reruns."""
+    extra: dict[str, Any] = {"block": RNG_BLOCK}
+    if cfg.columns:
+        gone = [p for p in cfg.columns if not Path(p).is_file()]
+        if gone:
+            raise KappaError(f"columns file {gone[0]} does not exist (a CSV with a 'key' column)")
+        extra["columns_sha256"] = [file_sha256(p) for p in cfg.columns]
+    return extra
 
 
 def fingerprint(store: Store, cfg: KappaConfig) -> str:
     """Hash of the config and the store's content: the sha256 of the file opened and the parts'
     checksums its master records (which :func:`open_store` verified against the parts). Sizes
     and mtimes are not content: a part edited in place with both kept must not be "up to date"."""
-    return storestage.fingerprint(store, cfg, FINGERPRINT_EXTRA)
+    return storestage.fingerprint(store, cfg, fingerprint_extra(cfg))
 
 
 def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: KappaConfig,
@@ -461,14 +492,23 @@ def run_kappa(store_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: Ka
         record = jsonable(result)
         return record, files, record
 
-    return storestage.run(STAGE, store_path, out_dir, cfg, extra=FINGERPRINT_EXTRA, compute=compute, write=write,
-                          force=force, comm=comm)
+    return storestage.run(STAGE, store_path, out_dir, cfg, extra=fingerprint_extra(cfg), compute=compute,
+                          write=write, force=force, comm=comm)
 
 
 def status(args: argparse.Namespace) -> Status:
     """Would ``icehpc kappa ARGS`` skip? (read-only; see :func:`storestage.status`)."""
-    return storestage.status(STAGE, args.store, args.out, config_from_args(args), FINGERPRINT_EXTRA,
-                             force=getattr(args, "force", False))
+    cfg = config_from_args(args)
+    try:
+        extra = fingerprint_extra(cfg)
+    except KappaError as exc:
+        return Status(False, str(exc))
+    st = storestage.status(STAGE, args.store, args.out, cfg, extra, force=getattr(args, "force", False))
+    old = [c.get("sha256") for c in ((CONTRACT.read(args.out) or {}).get("run") or {}).get("columns") or []]
+    changed = [p for p, a, b in zip(cfg.columns, old, extra.get("columns_sha256", [])) if a != b]
+    if not st.done and changed:
+        return Status(False, f"columns file {changed[0]} changed since {CONTRACT.marker_path(args.out)} was written")
+    return st
 
 
 # --------------------------------------------------------------------------------------- CLI
@@ -480,9 +520,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "(e.g. campaign,habit,campaign:temperature_c); default from config")
     parser.add_argument("--bins", action="append", default=[], metavar="COLUMN=E0,E1,...",
                         help="explicit bin edges of a numeric column (repeatable)")
+    parser.add_argument("--columns", action="append", default=[], metavar="FILE",
+                        help="CSV with a 'key' column whose other columns join the store's by key, to group by "
+                             "with --by (e.g. a classify run's predictions.csv: --by predicted_habit); repeatable; "
+                             "refused when it matches fewer than columns_min_match of the rows")
     parser.add_argument("--force", action="store_true", help="recompute even if --out is up to date")
     cfgmod.add_config_arguments(parser, KappaConfig, {"--min-count": "min_count", "--bootstrap": "bootstrap",
-                                                      "--seed": "seed", "--similarity-by": "similarity_by"})
+                                                      "--seed": "seed", "--similarity-by": "similarity_by",
+                                                      "--columns-min-match": "columns_min_match"})
 
 
 def config_from_args(args: argparse.Namespace) -> KappaConfig:
@@ -490,6 +535,8 @@ def config_from_args(args: argparse.Namespace) -> KappaConfig:
     ov: list[str] = []
     if args.by:
         ov.append("groupings=" + json.dumps([g.strip() for g in args.by.split(",") if g.strip()]))
+    if args.columns:
+        ov.append("columns=" + json.dumps(args.columns))
     for item in args.bins:
         col, _, edges = item.partition("=")
         if not col or not edges:
@@ -508,12 +555,14 @@ def run(args: argparse.Namespace) -> int:
     comm = mpi_comm()
     try:
         res = run_kappa(args.store, args.out, cfg, force=args.force, comm=comm, provenance=cfgmod.provenance(args))
-    except (KappaError, StoreError, LockedError) as exc:
+    except (cfgmod.UserError, LockedError) as exc:  # KappaError, StoreError, a bad columns file
         if comm.Get_rank() == 0:
             print(f"icehpc kappa: error: {exc}", file=sys.stderr)
         return 2
     if res is not None:
         r = res["run"]
+        for c in r.get("columns") or []:
+            print(f"icehpc kappa: columns {c['file']}: {c['rows_matched']:,} of {r['n_rows']:,} rows matched")
         flagged = sum(1 for row in res["rows"] if row["flag"])
         print(f"icehpc kappa: {r['n_rows']} rows × D={r['dim']} on {r['ranks']} rank(s) in "
               f"{r['timings']['total_s']:.1f} s; {len(res['rows'])} groups ({flagged} flagged); "

@@ -69,6 +69,12 @@ class KappaConfig:
     drop_empty_columns: bool = field(False, help="leave out groupings over columns the store lacks or that hold "
                                                  "no known value (data without temperature or campaign) instead "
                                                  "of failing; kappa.json lists what was left out")
+    columns: list[str] = field([], help="CSV files with a 'key' column (a classify run's predictions.csv, a table of "
+                                        "flight-level environment, ...): their other columns join the store's by key "
+                                        "and can be grouped by; the files' content enters the fingerprint")
+    columns_min_match: float = field(0.5, help="refuse a columns file that holds the keys of fewer than this fraction "
+                                               "of the store's rows (unmatched rows: empty text, a missing number)",
+                                     ge=0, le=1)
 
     def validate(self) -> None:
         if not self.groupings:

@@ -75,6 +75,9 @@ class KappaStep:
     ranks: int = field(2, help="MPI ranks of each κ job", ge=1)
     config: str = field("", help="κ YAML (a path or a shipped config name; '': built-in defaults)")
     overrides: list[str] = field([], help="dotted overrides for the κ config")
+    columns: list[str] = field([], help="CSV files with a 'key' column joined onto both stores by key (kappa "
+                                        "--columns; name their columns in groupings through kappa.overrides); a "
+                                        "changed file reruns the κ steps")
 
 
 @dataclass
@@ -250,6 +253,7 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
 
     steps += embed_pair("", o / "shards", o / "embed", ("shards",))
     kappa_config = ["--config", str(cfglib.find_config(cfg.kappa.config))] if cfg.kappa.config else []
+    kappa_config += [f"--columns={_resolve_existing(c, 'kappa.columns')}" for c in cfg.kappa.columns]
     for which, after in (("trained", "embed"), ("random", "embed-random")):
         steps.append(Step(f"kappa-{which}", "kappa", [str(o / "embed" / f"{which}.h5"), "--out",
                                                       str(o / "kappa" / which), *kappa_config, *data_opts,

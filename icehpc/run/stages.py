@@ -56,6 +56,9 @@ STAGES: dict[str, Stage] = {
                     "(a curated pretraining set)", "mpi", contract="icehpc.analysis.curate:CONTRACT"),
     "outliers": Stage("icehpc.analysis.outliers", "MPI kNN rarity and mislabel scores of a store, with an HTML "
                       "page of the top samples", "mpi", contract="icehpc.analysis.outliers:CONTRACT"),
+    "classify": Stage("icehpc.analysis.classify", "MPI label prediction for every row of a store from a few labeled "
+                      "ones (cross-validated logistic regression)", "mpi",
+                      contract="icehpc.analysis.classify:CONTRACT"),
     "report": Stage("icehpc.analysis.report", "offline HTML/PNG/CSV report of a kappa run",
                     contract="icehpc.analysis.report:CONTRACT"),
     "probe": Stage("icehpc.analysis.probe", "kNN / logistic-regression habit probes and baselines",
