@@ -190,6 +190,7 @@ OUT_CASES = {
     "outliers": ["outliers", "{store}", "--out", "{out}"],
     "report": ["report", "{d}/run", "--out", "{out}"],
     "probe": ["probe", "{store}", "--out", "{out}", "--label", "habit"],
+    "classify": ["classify", "{store}", "--labels", "{d}/labels.csv", "--out", "{out}"],
     "pipeline": ["pipeline", "--out", "{out}"],
     "pipeline --plan": ["pipeline", "--out", "{out}", "--plan"],
     "export": ["export", "{d}/run", "--out", "{out}"],  # a file: a folder is refused
