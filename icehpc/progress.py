@@ -4,7 +4,7 @@ A Slurm log (stderr not a TTY) gets no carriage-return bars, only lines such as
 ``[embed] 12,800/1,000,000 images (1.3%), 212.4 images/s, ETA 1h18m``: the first once the loop has
 run :data:`FIRST_S` seconds, then one every ``every_s`` seconds (``ICEHPC_LOG_EVERY``, default
 :data:`EVERY_S`) or every 10 % of the total, whichever comes first (never two within
-:data:`FIRST_S` s), and a last line when the loop ends (``…, done in 0m14s``).
+:data:`FIRST_S` s), and a last line when the loop ends (``…, done in 0m14s``) if it ran that long.
 ``ICEHPC_PROGRESS=0`` silences both, ``=1`` forces the bar. Ranks other than 0 should pass
 ``enabled=False``.
 """
@@ -105,12 +105,15 @@ class Progress:
 
     def close(self, final: bool = True) -> None:
         """End the bar; in a log, a last line with the whole run's rate and time when the loop did
-        any work (``final=False``: none, e.g. the loop stopped on an error)."""
+        work for :data:`FIRST_S` s or more, or logged before (``final=False``: none, e.g. the loop
+        stopped on an error). A loop shorter than that stays silent, as it would have logged nothing."""
+        now = time.perf_counter()
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif final and self.enabled and self.n > self.initial and not self.closed:
-            self._log(time.perf_counter(), final=True)
+        elif (final and self.enabled and self.n > self.initial and not self.closed
+              and (self.lines or now - self.start >= self.gap_s)):
+            self._log(now, final=True)
         self.closed = True  # a second close logs nothing
 
     def __enter__(self) -> "Progress":

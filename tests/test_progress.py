@@ -91,6 +91,8 @@ def test_a_log_gets_a_first_line_within_seconds_then_every_interval_or_tenth_and
     except KeyboardInterrupt:
         pass
     assert len(log.getvalue().splitlines()) == 1 and "done" not in log.getvalue()
+    # a loop done in under 2 s stays silent (no lone "done" line in front of a stage's own message)
+    assert _timed_lines(monkeypatch, 60, [(0.1, 30), (0.2, 30)]) == []
 
 
 def test_kappa_logs_progress_and_a_summary_in_a_slurm_log(tmp_path):
