@@ -54,6 +54,21 @@ def extract(zip_path: Path, out: Path) -> dict[str, tuple[str, str]]:
     return labels
 
 
+def embed_both(zip_path: Path, out: Path, backbone: str | Path, ranks: int) -> dict[str, tuple[str, str]]:
+    """Extract ZIP_PATH into OUT, shard it (OUT/shards) and embed it with BACKBONE (OUT/trained.h5)
+    and with a random-init backbone of its shape (OUT/random.h5); store key → (CNN, human) label.
+    The two stores share keys and metadata. RANKS: of the embeds (0: no mpiexec)."""
+    labels = extract(zip_path, out)
+    icehpc("shards", "build", "--manifest", str(out / "manifest.csv"), "--out", str(out / "shards"), "--no-progress")
+    icehpc("embed", str(out / "shards"), "--checkpoint", str(backbone), "--out", str(out / "trained.h5"), ranks=ranks)
+    icehpc("embed", str(out / "shards"), "--random-init", "--like", str(backbone), "--out", str(out / "random.h5"),
+           ranks=ranks)
+    with open_store(out / "trained.h5") as s:
+        _, meta = s.read(0, s.n_rows, ["key", "source_path"])
+    # source_path ends with the manifest path: images/<probe>/<n>.png
+    return {str(k): labels["/".join(Path(str(src)).parts[-3:])] for k, src in zip(meta["key"], meta["source_path"])}
+
+
 def geometric_store(shards: Path, like: Path, path: Path) -> None:
     """A store of the z-scored geometric features, rows and metadata as in the embedded store LIKE."""
     from icehpc.analysis.probe import geometric_features_from_shards
@@ -81,19 +96,11 @@ def main() -> None:
         sys.exit(f"mislabel_auroc: {args.zip} not found (pass --zip)")
     o = args.out
     o.mkdir(parents=True, exist_ok=True)
-    labels = extract(args.zip, o)
-    icehpc("shards", "build", "--manifest", str(o / "manifest.csv"), "--out", str(o / "shards"), "--no-progress")
-    icehpc("embed", str(o / "shards"), "--checkpoint", str(args.backbone), "--out", str(o / "trained.h5"), ranks=2)
-    icehpc("embed", str(o / "shards"), "--random-init", "--like", str(args.backbone), "--out", str(o / "random.h5"),
-           ranks=2)
+    pairs = embed_both(args.zip, o, args.backbone, ranks=2)
     geometric_store(o / "shards", o / "trained.h5", o / "geometric.h5")
-    wrong = sum(c != h for c, h in labels.values())
-    with open_store(o / "trained.h5") as s:  # the three stores share keys and metadata
-        _, meta = s.read(0, s.n_rows, ["key", "source_path"])
-    # source_path ends with the manifest path: images/<probe>/<n>.png
-    pairs = {k: labels["/".join(Path(str(src)).parts[-3:])] for k, src in zip(meta["key"], meta["source_path"])}
+    wrong = sum(c != h for c, h in pairs.values())
     cnn_wrong = {k: cnn != human for k, (cnn, human) in pairs.items()}
-    result = {"images": len(labels), "cnn_wrong": wrong, "k": args.k, "auroc": {}}
+    result = {"images": len(pairs), "cnn_wrong": wrong, "k": args.k, "auroc": {}}
     for name in ("trained", "random", "geometric"):
         icehpc("outliers", str(o / f"{name}.h5"), "--out", str(o / f"outliers-{name}"), "--label", "habit",
                "--k", str(args.k), ranks=2)
@@ -102,7 +109,7 @@ def main() -> None:
         y = [cnn_wrong[r["key"]] for r in rows]
         result["auroc"][name] = float(roc_auc_score(y, [float(r["mislabel"]) for r in rows]))
         print(f"{name:9s}: mislabel AUROC {result['auroc'][name]:.3f} for CNN != human "
-              f"({wrong} of {len(labels)}, k = {args.k})", flush=True)
+              f"({wrong} of {len(pairs)}, k = {args.k})", flush=True)
     (o / "auroc.json").write_text(json.dumps(result, indent=1) + "\n")
 
 

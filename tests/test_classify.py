@@ -240,3 +240,28 @@ def test_submit_runs_classify_through_submitit(labeled, tmp_path):
                store, "--labels", root / "labels.csv", "--out", tmp_path / "o")
     assert p.returncode == 0, p.stdout + p.stderr
     assert (tmp_path / "o" / cls.PREDICTIONS).read_bytes() == (root / "o" / cls.PREDICTIONS).read_bytes()
+
+
+def test_inspection_bench_tabulates_agreement_with_the_human_and_the_cnn_label(monkeypatch):
+    """bench/classify_inspections.py: shares on a hand-made case, and every image held out once."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    bench = importlib.import_module("classify_inspections")
+    human = ["a", "a", "b", "b", "c", "b", "a"]
+    cnn = ["a", "a", "a", "a", "a", "c", "b"]
+    predicted = ["a", "b", "b", "a", "b", "", "b"]  # "": no prediction (non-finite embedding)
+    fitted = [True, True, True, True, False, True, True]  # class c left out of the fit
+    t = bench.tabulate(human, cnn, predicted, fitted)
+    assert (t["n"], t["not_fitted"]) == (7, 1)
+    assert t["cnn_equals_human"] == pytest.approx(2 / 7)
+    assert t["agrees_human"] == pytest.approx(2 / 7) and t["agrees_cnn"] == pytest.approx(3 / 7)
+    assert t["undisputed"] == {"n": 2, "not_fitted": 0, "agrees": 0.5}
+    d = t["disputed"]
+    assert (d["n"], d["not_fitted"]) == (5, 1)
+    assert (d["human"], d["cnn"], d["neither"]) == pytest.approx((1 / 5, 2 / 5, 2 / 5))
+    none_disputed = bench.tabulate(["a", "b"], ["a", "b"], ["a", "a"], [True, True])
+    assert none_disputed["disputed"]["n"] == 0 and np.isnan(none_disputed["disputed"]["human"])
+    labels = ["x"] * 12 + ["y"] * 7 + ["z"] * 2  # z: fewer images than folds
+    held = bench.folds_of([f"k{i}" for i in range(len(labels))], labels, 5, seed=0)
+    assert len(held) == 5 and sorted(np.concatenate(held).tolist()) == list(range(len(labels)))
