@@ -19,7 +19,8 @@ drawn only when its input is given and holds data (one function each in :mod:`.s
 - **example images** per class and per temperature bin: nearest to and farthest from the group's
   mean direction (``--store`` + ``--shards``);
 - **probe results** (``--probe``) with their spread over splits, per-class recall, confusion
-  matrices; **pretraining curves** (``--pretrain``, from metrics.jsonl);
+  matrices, and the **label-efficiency** curves where the probe ran with ``--label-fractions``
+  (:mod:`.label_efficiency`); **pretraining curves** (``--pretrain``, from metrics.jsonl);
 - **provenance** (backbone file and sha256, pretraining config, shard fingerprint, commands) and
   **downloads**.
 
@@ -28,7 +29,7 @@ Inputs are joined by content (:func:`.build.check_joins`): the κ run must have 
 that store; otherwise one line, exit 2. The report is written as a set (:mod:`.build`).
 
 Modules: :mod:`.common` (shared helpers, :class:`~.common.Section`), :mod:`.kappa_figures`,
-:mod:`.store_figures`, :mod:`.pretraining`, :mod:`.netcdf`, :mod:`.sections`, :mod:`.build`
+:mod:`.store_figures`, :mod:`.pretraining`, :mod:`.netcdf`, :mod:`.sections`, :mod:`.label_efficiency`, :mod:`.build`
 (assembler, :data:`CONTRACT`, :func:`status`) and this CLI.
 """
 from __future__ import annotations
