@@ -403,13 +403,16 @@ def plot_label_efficiency(rows: list[dict], n_classes: int, path: Path, formats:
                 ax.plot(n, mean, "o-", color=colours[rep], label=rep, ms=4)
                 ax.fill_between(n, mean - sd, mean + sd, color=colours[rep], alpha=0.2, lw=0)
             if n_classes > 1:
-                ax.axhline(1.0 / n_classes, color="grey", ls=":", lw=1, label="chance (1 / classes)")
+                ax.axhline(1.0 / n_classes, color="grey", ls=":", lw=1, label="_chance")
             log_axis(ax, "x")
             ax.set_title(f"{METHOD_NAMES[method]}: {what}", fontsize=9)
             ax.set_xlabel("training labels (stratified subset of each split's training rows)", fontsize=8)
             if col == 0:
                 ax.set_ylabel(what)
-    axes[0, 0].legend(fontsize=8)
+    legend = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    if n_classes > 1:
+        legend["chance (1 / classes)"] = axes[0, 0].lines[-1]
+    axes[0, -1].legend(legend.values(), legend.keys(), fontsize=8)  # every representation, the panels may differ
     _save(plt, fig, path, formats)
 
 
