@@ -383,7 +383,8 @@ def test_probe_label_fractions_curves_deterministic_and_fraction_one_is_the_prob
         assert rc == 0, err
         runs[name] = json.loads((tmp_path / name / "probe.json").read_text())
     assert runs["a"]["label_efficiency"] == runs["b"]["label_efficiency"]  # the same seed: the same curves
-    assert (tmp_path / "a" / "label_efficiency.csv").read_bytes() == (tmp_path / "b" / "label_efficiency.csv").read_bytes()
+    csv = {name: (tmp_path / name / "label_efficiency.csv").read_bytes() for name in ("a", "b")}
+    assert csv["a"] == csv["b"]
     assert "label_efficiency" not in runs["plain"] and not (tmp_path / "plain" / "label_efficiency.csv").exists()
     rows = runs["a"]["label_efficiency"]["rows"]
     assert {(r["representation"], r["method"]) for r in rows} == {
@@ -400,16 +401,17 @@ def test_probe_label_fractions_curves_deterministic_and_fraction_one_is_the_prob
                         "accuracy_per_split"):
                 assert full[key] == plain[key] == runs["a"]["results"][rep][method][key], (rep, method, key)
             assert curve[0]["accuracy_per_split"] != full["accuracy_per_split"]  # fewer labels: other numbers
-    trained_small = next(r for r in rows if (r["representation"], r["method"], r["fraction"]) == ("pretrained", "knn", 0.1))
-    random_small = next(r for r in rows if (r["representation"], r["method"], r["fraction"]) == ("random_init", "knn", 0.1))
-    assert trained_small["balanced_accuracy"] > random_small["balanced_accuracy"] + 0.2
+    at = {(r["representation"], r["method"], r["fraction"]): r for r in rows}
+    assert at["pretrained", "knn", 0.1]["balanced_accuracy"] > at["random_init", "knn", 0.1]["balanced_accuracy"] + 0.2
     csv_rows = (tmp_path / "a" / "label_efficiency.csv").read_text().splitlines()
     assert csv_rows[0] == ",".join(probe.LABEL_EFFICIENCY_COLUMNS) and len(csv_rows) == 1 + 16
     sealed = probe.CONTRACT.verify(tmp_path / "a")["outputs"]
     assert {"label_efficiency.csv", "label_efficiency.png"} <= set(sealed)
     assert (tmp_path / "a" / "label_efficiency.png").stat().st_size > 10000
     # the fractions are part of the probe's fingerprint: other fractions recompute
-    args = lambda *extra: stage_parser("probe").parse_args([*common, "--out", str(tmp_path / "a"), *extra])  # noqa: E731
+    def args(*extra: str):
+        return stage_parser("probe").parse_args([*common, "--out", str(tmp_path / "a"), *extra])
+
     assert probe.status(args(*fractions)).done
     assert not probe.status(args("--label-fractions", "0.1,1")).done
     assert not probe.status(args()).done

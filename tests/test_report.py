@@ -446,7 +446,8 @@ def test_report_shows_label_efficiency_when_the_probe_has_it(tmp_path, capsys):
         assert f"{fraction:g} ({n:,} labels)" in section
     first = next(r for r in pj["label_efficiency"]["rows"] if r["fraction"] == 0.05 and r["method"] == "logreg")
     assert f"{first['accuracy']:.3f} ± {first['accuracy_sd']:.3f}" in section
-    assert (tmp_path / "r" / "label_efficiency.csv").read_bytes() == (tmp_path / "p" / "label_efficiency.csv").read_bytes()
+    assert (tmp_path / "r" / "label_efficiency.csv").read_bytes() == \
+        (tmp_path / "p" / "label_efficiency.csv").read_bytes()
     sealed = CONTRACT.verify(tmp_path / "r")["outputs"]
     for name in ("label_efficiency.csv", "label_efficiency.png", "label_efficiency.svg", "label_efficiency.pdf"):
         assert name in sealed and f"href='{name}'" in page, name
