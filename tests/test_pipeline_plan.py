@@ -118,7 +118,8 @@ def test_an_image_replaced_under_a_manifest_reruns_shards_and_everything_after(t
 
 
 @pytest.mark.parametrize("override, says", [("kappa.overrides=[min_cout=5]", "min_cout"),
-                                            ("pretrain.overrides=[train.epochs=many]", "epochs")])
+                                            ("pretrain.overrides=[train.epochs=many]", "epochs"),
+                                            ("probe.label_fractions=[0.5,0.1]", "probe.label_fractions")])
 def test_nested_overrides_are_checked_before_anything_runs(tmp_path, override, says):
     out = tmp_path / "run"
     _finished_run(out)
@@ -129,6 +130,20 @@ def test_nested_overrides_are_checked_before_anything_runs(tmp_path, override, s
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and says in lines[0] and "Traceback" not in res.stderr, res.stderr
         assert _snapshot(out) == before
+
+
+def test_probe_steps_carry_the_label_fractions(tmp_path):
+    from icehpc.analysis.probe import settings_from_args
+    from icehpc.run.stages import stage_parser
+
+    def fractions(*overrides: str) -> list[float] | None:
+        argv = {s.name: s for s in _plan(tmp_path / "run", *overrides)}["probe"].argv
+        return settings_from_args(stage_parser("probe").parse_args(argv)).label_fractions \
+            if "--label-fractions" in argv else None
+
+    assert fractions() == planlib.ProbeStep().label_fractions == [0.01, 0.05, 0.1, 0.25, 1.0]
+    assert fractions("probe.label_fractions=[0.1,0.3]") == [0.1, 0.3]
+    assert fractions("probe.label_fractions=[]") is None
 
 
 def test_pipeline_sh_passes_a_hostile_out_as_data(tmp_path):

@@ -338,3 +338,89 @@ def test_probe_json_seals_the_set_and_status_compares_inputs(tmp_path, capsys):
     _two_class_store(tmp_path / "s.h5", keys, seed=9)  # the store rebuilt in place
     assert "changed" in probe.status(args).why
     assert (tmp_path / "p" / "my_notes.txt").read_text() == "mine"  # a user's file is never removed
+
+
+# --------------------------------------------------------------------------- label efficiency
+def test_label_subsets_are_stratified_nested_and_seeded():
+    from icehpc.analysis.probe import label_subset
+
+    y = np.repeat([0, 1, 2, 3], [400, 150, 40, 10])
+    train, test = stratified_split(y, 0.2, seed=3)
+    per_class = np.bincount(y[train])
+    previous = np.array([], dtype=int)
+    for fraction in (0.01, 0.05, 0.1, 0.25, 0.5):
+        sub = label_subset(y, train, fraction, seed=3)
+        assert np.array_equal(sub, np.sort(sub)) and set(sub) <= set(train)  # training rows only
+        want = np.maximum(1, np.floor(fraction * per_class + 0.5)).astype(int)
+        np.testing.assert_array_equal(np.bincount(y[sub], minlength=4), want)  # stratified, ≥ 1 per class
+        assert set(previous) <= set(sub)  # nested: the smaller subset lies inside the larger
+        np.testing.assert_array_equal(sub, label_subset(y, train, fraction, seed=3))  # deterministic
+        previous = sub
+    assert not np.array_equal(label_subset(y, train, 0.25, seed=3), label_subset(y, train, 0.25, seed=4))
+    np.testing.assert_array_equal(label_subset(y, train, 1.0, seed=3), train)
+
+
+def _four_class_store(path: Path, seed: int, informative: bool = True) -> None:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(["column", "plate", "dendrite", "sphere"], [160, 100, 60, 30])
+    keys = np.array([f"k{i:04d}" for i in range(len(labels))])
+    centres = rng.normal(size=(4, 24)) * (0.7 if informative else 0.0)
+    write_store(path, centres[np.searchsorted(["column", "dendrite", "plate", "sphere"], labels)]
+                + rng.normal(size=(len(labels), 24)), {"key": keys, "habit": labels})
+
+
+def test_probe_label_fractions_curves_deterministic_and_fraction_one_is_the_probe(tmp_path, capsys):
+    from icehpc.analysis import probe
+    from icehpc.run.stages import stage_parser
+
+    _four_class_store(tmp_path / "t.h5", 0)
+    _four_class_store(tmp_path / "r.h5", 1, informative=False)
+    common = [str(tmp_path / "t.h5"), "--random-store", str(tmp_path / "r.h5"), "--splits", "3"]
+    fractions = ["--label-fractions", "0.02,0.1,0.5,1"]
+    runs = {}
+    for name, extra in (("a", fractions), ("b", fractions), ("plain", [])):
+        rc, out, err = _cli(capsys, *common, "--out", str(tmp_path / name), *extra)
+        assert rc == 0, err
+        runs[name] = json.loads((tmp_path / name / "probe.json").read_text())
+    assert runs["a"]["label_efficiency"] == runs["b"]["label_efficiency"]  # the same seed: the same curves
+    csv = {name: (tmp_path / name / "label_efficiency.csv").read_bytes() for name in ("a", "b")}
+    assert csv["a"] == csv["b"]
+    assert "label_efficiency" not in runs["plain"] and not (tmp_path / "plain" / "label_efficiency.csv").exists()
+    rows = runs["a"]["label_efficiency"]["rows"]
+    assert {(r["representation"], r["method"]) for r in rows} == {
+        (rep, m) for rep in ("pretrained", "random_init") for m in ("knn", "logreg")}
+    for rep in ("pretrained", "random_init"):
+        for method in ("knn", "logreg"):
+            curve = sorted((r for r in rows if (r["representation"], r["method"]) == (rep, method)),
+                           key=lambda r: r["fraction"])
+            assert [r["fraction"] for r in curve] == [0.02, 0.1, 0.5, 1.0]
+            labels = [r["n_train_labels"] for r in curve]
+            assert labels == sorted(labels) and labels[0] >= 4 and labels[-1] == runs["a"]["split"]["n_train"]
+            full, plain = curve[-1], runs["plain"]["results"][rep][method]
+            for key in ("accuracy", "accuracy_sd", "balanced_accuracy", "balanced_accuracy_sd",
+                        "accuracy_per_split"):
+                assert full[key] == plain[key] == runs["a"]["results"][rep][method][key], (rep, method, key)
+            assert curve[0]["accuracy_per_split"] != full["accuracy_per_split"]  # fewer labels: other numbers
+    at = {(r["representation"], r["method"], r["fraction"]): r for r in rows}
+    assert at["pretrained", "knn", 0.1]["balanced_accuracy"] > at["random_init", "knn", 0.1]["balanced_accuracy"] + 0.2
+    csv_rows = (tmp_path / "a" / "label_efficiency.csv").read_text().splitlines()
+    assert csv_rows[0] == ",".join(probe.LABEL_EFFICIENCY_COLUMNS) and len(csv_rows) == 1 + 16
+    sealed = probe.CONTRACT.verify(tmp_path / "a")["outputs"]
+    assert {"label_efficiency.csv", "label_efficiency.png"} <= set(sealed)
+    assert (tmp_path / "a" / "label_efficiency.png").stat().st_size > 10000
+    # the fractions are part of the probe's fingerprint: other fractions recompute
+    def args(*extra: str):
+        return stage_parser("probe").parse_args([*common, "--out", str(tmp_path / "a"), *extra])
+
+    assert probe.status(args(*fractions)).done
+    assert not probe.status(args("--label-fractions", "0.1,1")).done
+    assert not probe.status(args()).done
+
+
+@pytest.mark.parametrize("bad", ["0.5,0.1", "0,1", "0.1,1.5", "0.1,0.1", "-0.1", "0.1,x", "nan", ""])
+def test_probe_bad_label_fractions_are_one_line(tmp_path, capsys, bad):
+    _two_class_store(tmp_path / "s.h5", np.array([f"k{i:03d}" for i in range(40)]))
+    rc, out, err = _cli(capsys, str(tmp_path / "s.h5"), "--out", str(tmp_path / "p"), "--label-fractions", bad)
+    _one_line(rc, err)
+    assert "--label-fractions" in err or "label_fractions" in err, err
+    assert not (tmp_path / "p" / "probe.json").exists()

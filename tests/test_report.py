@@ -666,3 +666,38 @@ def test_pipeline_passes_every_real_archive_probe_to_the_report(tmp_path):
     given = [report.argv[i + 1] for i, a in enumerate(report.argv) if a == "--real-probe"]
     by_name = {s.name: s for s in steps}
     assert given == [f"2D-S={by_name['real-x-probe'].done.parent}", f"PIP={by_name['real-y-probe'].done.parent}"]
+
+
+def test_report_shows_label_efficiency_when_the_probe_has_it(tmp_path, capsys):
+    from icehpc.analysis.report import CONTRACT
+    from icehpc.run.cli import main
+
+    emb, gid = cheap_groups(400, 8, 3, seed=5)
+    store = write_store(tmp_path / "s", emb, {"habit": np.array(["column", "plate", "<b>bullet</b>"])[gid],
+                                              "key": np.array([f"k{i:04d}" for i in range(400)])})
+    run_kappa(store, tmp_path / "k", cfgmod.load(KappaConfig, None, ["bootstrap=0", "groupings=[habit]"]))
+    assert main(["probe", str(store), "--out", str(tmp_path / "p"), "--splits", "2",
+                 "--label-fractions", "0.05,0.25,1"]) == 0
+    rc, err = _report(capsys, tmp_path / "k", "--out", tmp_path / "r", "--store", store, "--probe", tmp_path / "p")
+    assert rc == 0, err
+    page = (tmp_path / "r" / "index.html").read_text()
+    section = page[page.index("<h2 id='label-efficiency'>"):]
+    section = section[:section.index("<h2 ", 1)]
+    assert "Label efficiency" in section and "data:image/png;base64," in section
+    pj = json.loads((tmp_path / "p" / "probe.json").read_text())
+    n_labels = {r["fraction"]: r["n_train_labels"] for r in pj["label_efficiency"]["rows"]}
+    for fraction, n in n_labels.items():
+        assert f"{fraction:g} ({n:,} labels)" in section
+    first = next(r for r in pj["label_efficiency"]["rows"] if r["fraction"] == 0.05 and r["method"] == "logreg")
+    assert f"{first['accuracy']:.3f} ± {first['accuracy_sd']:.3f}" in section
+    assert (tmp_path / "r" / "label_efficiency.csv").read_bytes() == \
+        (tmp_path / "p" / "label_efficiency.csv").read_bytes()
+    sealed = CONTRACT.verify(tmp_path / "r")["outputs"]
+    for name in ("label_efficiency.csv", "label_efficiency.png", "label_efficiency.svg", "label_efficiency.pdf"):
+        assert name in sealed and f"href='{name}'" in page, name
+    # a probe without the curves: no section, and the report's old curve files go with the rebuild
+    assert main(["probe", str(store), "--out", str(tmp_path / "p"), "--splits", "2"]) == 0
+    rc, err = _report(capsys, tmp_path / "k", "--out", tmp_path / "r", "--store", store, "--probe", tmp_path / "p")
+    assert rc == 0, err
+    assert "label-efficiency" not in (tmp_path / "r" / "index.html").read_text()
+    assert not list((tmp_path / "r").glob("label_efficiency.*"))

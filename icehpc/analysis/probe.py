@@ -14,9 +14,17 @@ numbers are directly comparable:
   diameter) with logistic regression, and the same without its size feature (``geometric_shape``:
   what an embedding of a size-normalised, bbox-framed crop can know).
 
+Label efficiency (``--label-fractions 0.01,0.05,0.1,0.25,1``): on each split the probes are fitted
+again on a stratified fraction of the training rows (:func:`label_subset`: at least one per class,
+nested across fractions, the test rows unchanged) and scored on the full test set; fraction 1 *is*
+the probe above. The curves (mean ± sd over the splits per fraction) go to probe.json
+(``label_efficiency``), :data:`LABEL_EFFICIENCY_CSV` and :data:`LABEL_EFFICIENCY_FIGURE`
+(accuracy versus number of training labels).
+
 Output in DIR: ``probe.json`` (all metrics, class names, split, inputs), ``summary.csv`` (one row
-per representation × method) and one confusion-matrix PNG per representation × method;
-``probe.json`` is written last and seals the others (:data:`CONTRACT`, with the sha256 of each input
+per representation × method), one confusion-matrix PNG per representation × method and, with
+``--label-fractions``, the label-efficiency CSV and figure; ``probe.json`` is written last and seals
+the others (:data:`CONTRACT`, with the sha256 of each input
 store and shard index: :func:`status` answers "up to date?" without writing).
 
 Joins are checked by content (:mod:`icehpc.analysis.joins`): ``--random-store`` must hold the same
@@ -44,8 +52,16 @@ from ..contract import Contract, Status
 from ..fileio import csv_text, file_sha256, lock_dir, write_atomic
 from .joins import SOURCE, source_mismatch
 
-#: probe.json (written last) seals summary.csv and the confusion figures.
-CONTRACT = Contract("probe.json", ("summary.csv", "confusion_*.png", "confusion_*.svg", "confusion_*.pdf"))
+#: The label-efficiency table and figure (``--label-fractions``); the report shows and copies them.
+LABEL_EFFICIENCY_CSV = "label_efficiency.csv"
+LABEL_EFFICIENCY_FIGURE = "label_efficiency.png"
+#: probe.json (written last) seals summary.csv, the confusion and label-efficiency figures.
+CONTRACT = Contract("probe.json", ("summary.csv", LABEL_EFFICIENCY_CSV, LABEL_EFFICIENCY_FIGURE, "confusion_*.png",
+                                   "confusion_*.svg", "confusion_*.pdf"))
+#: The columns of LABEL_EFFICIENCY_CSV, also the keys of each row of probe.json's ``label_efficiency``.
+LABEL_EFFICIENCY_COLUMNS = ("representation", "method", "fraction", "n_train_labels", "accuracy", "accuracy_sd",
+                            "balanced_accuracy", "balanced_accuracy_sd", "splits")
+METHOD_NAMES = {"knn": "weighted kNN", "logreg": "logistic regression"}
 
 GEOMETRIC_FEATURES = ("aspect_ratio", "area_ratio", "circularity", "solidity", "complexity",
                       "log10_equivalent_diameter_um")
@@ -256,6 +272,30 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.sort(train), np.sort(test)
 
 
+def label_subset(labels: np.ndarray, train: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices: a stratified ``fraction`` of the training rows ``train`` (sorted indices into
+    ``labels``): of each class's n training rows, round(fraction·n) and at least one.
+
+    The rows are the first of one permutation per class seeded by ``seed`` alone, so the subsets of
+    one split are nested (a smaller fraction's rows lie in every larger one's) and fraction 1 gives
+    ``train`` itself."""
+    rng = np.random.default_rng(seed)
+    train = np.asarray(train)
+    picked = []
+    for c in np.unique(labels[train]):
+        rows = train[labels[train] == c]
+        order = rng.permutation(len(rows))  # drawn for every fraction alike: the nesting
+        picked.append(rows[order[:min(len(rows), max(1, int(np.floor(fraction * len(rows) + 0.5))))]])
+    return np.sort(np.concatenate(picked)) if picked else train[:0]
+
+
+def check_label_fractions(fractions: list[float]) -> None:
+    """ValueError naming ``--label-fractions`` unless every fraction is in (0, 1], sorted and unique."""
+    if any(not 0 < f <= 1 for f in fractions) or list(fractions) != sorted(set(fractions)):
+        raise ValueError(f"--label-fractions {','.join(f'{f:g}' for f in fractions)}: need increasing, distinct "
+                         "fractions of the training labels in (0, 1], e.g. 0.01,0.05,0.1,0.25,1")
+
+
 # --------------------------------------------------------------------------- inputs
 def _as_str(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values)
@@ -323,6 +363,11 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Pat
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class (recall on the diagonal)")
+    _save(plt, fig, path, formats)
+
+
+def _save(plt, fig, path: Path, formats: tuple[str, ...]) -> None:
+    """``fig`` as ``path`` (.png) and each other format of ``formats`` beside it, each atomically."""
     fig.tight_layout()
     for fmt in formats:
         target = path.with_suffix(f".{fmt}")
@@ -330,6 +375,45 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Pat
         fig.savefig(tmp, dpi=110, format=fmt)
         os.replace(tmp, target)
     plt.close(fig)
+
+
+def plot_label_efficiency(rows: list[dict], n_classes: int, path: Path, formats: tuple[str, ...] = ("png",)) -> None:
+    """Accuracy (top) and balanced accuracy (bottom) versus the number of training labels (log
+    axis), one panel per method and one line per representation with its ±sd band over the splits;
+    dotted: chance (1 / classes). ``rows``: probe.json's ``label_efficiency`` rows. The one drawing
+    of it: the report calls this too."""
+    from ..plotting import log_axis, pyplot
+
+    plt = pyplot()
+    methods = [m for m in METHOD_NAMES if any(r["method"] == m for r in rows)]
+    reps = list(dict.fromkeys(r["representation"] for r in rows))
+    colours = {rep: f"C{i}" for i, rep in enumerate(reps)}
+    fig, axes = plt.subplots(2, len(methods), figsize=(5.2 * len(methods), 7.0), squeeze=False, sharey="row")
+    for col, method in enumerate(methods):
+        for row, (key, what) in enumerate((("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"))):
+            ax = axes[row, col]
+            for rep in reps:
+                pts = sorted((r for r in rows if r["representation"] == rep and r["method"] == method),
+                             key=lambda r: r["fraction"])
+                if not pts:
+                    continue
+                n = np.array([p["n_train_labels"] for p in pts], dtype=float)
+                mean = np.array([p[key] for p in pts], dtype=float)
+                sd = np.array([p[f"{key}_sd"] for p in pts], dtype=float)
+                ax.plot(n, mean, "o-", color=colours[rep], label=rep, ms=4)
+                ax.fill_between(n, mean - sd, mean + sd, color=colours[rep], alpha=0.2, lw=0)
+            if n_classes > 1:
+                ax.axhline(1.0 / n_classes, color="grey", ls=":", lw=1, label="_chance")
+            log_axis(ax, "x")
+            ax.set_title(f"{METHOD_NAMES[method]}: {what}", fontsize=9)
+            ax.set_xlabel("training labels (stratified subset of each split's training rows)", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(what)
+    legend = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    if n_classes > 1:
+        legend["chance (1 / classes)"] = axes[0, 0].lines[-1]
+    axes[0, -1].legend(legend.values(), legend.keys(), fontsize=8)  # every representation, the panels may differ
+    _save(plt, fig, path, formats)
 
 
 
@@ -343,11 +427,15 @@ class ProbeSettings:
     min_class_count: int = field(5, help="classes with fewer samples are left out and listed", ge=0)
     splits: int = field(5, help="stratified splits, seeds seed … seed+splits−1, the same for every representation; "
                                "metrics are their mean ± sd")
+    label_fractions: list[float] = field([], help="label-efficiency curve: on each split, the probes fitted again on "
+                                                  "these stratified fractions of the training labels (increasing, in "
+                                                  "(0, 1]; [] = none)")
 
     def validate(self) -> None:
         if self.k < 1 or self.temperature <= 0 or not 0 < self.test_fraction < 1 or self.logreg_c <= 0 \
                 or self.splits < 1:
             raise ValueError("need k >= 1, temperature > 0, 0 < test_fraction < 1, logreg_c > 0 and splits >= 1")
+        check_label_fractions(self.label_fractions)
 
 
 def _inputs_sha256(store: str | Path, random_store: str | Path | None, images: str | Path | None) -> dict[str, str]:
@@ -387,7 +475,8 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
     Rows whose label is empty and classes with fewer than ``settings.min_class_count`` samples are
     left out (listed in the JSON) because a stratified split cannot place them in both halves; rows
     with a non-finite embedding in any store are skipped and counted. Inputs that are not of the
-    same samples (by key and source image) are refused with a :class:`UserError`.
+    same samples (by key and source image) are refused with a :class:`UserError`. With
+    ``settings.label_fractions`` also the label-efficiency curves (:func:`label_subset` per split).
     """
     out = Path(out_dir)
     keys, labels, features, sources, store_sha = read_store(store, label, with_sources=True)
@@ -454,23 +543,31 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
         results: dict[str, dict] = {}
         rows = []
         written = []
+        curves: list[dict] = []
+        fractions = sorted({*settings.label_fractions, 1.0})  # 1: the probe itself, fitted once
         for rep, (x, methods) in representations.items():
             results[rep] = {"dim": int(x.shape[1])}
             for method in methods:
-                per_split = []
-                for seed, (tr, te) in zip(seeds, splits):
-                    if method == "knn":
-                        pred = knn_predict(x[tr], y[tr], x[te], len(classes), settings.k, settings.temperature)
-                    else:
-                        pred = logreg_predict(x[tr], y[tr], x[te], seed, settings.logreg_c)
-                    per_split.append(score(y[te], pred, classes))
-                metrics = dict(per_split[0])  # per-class recall and confusion matrix: the first split
-                for key in ("accuracy", "balanced_accuracy"):
-                    values = np.array([m[key] for m in per_split])
-                    metrics[key] = float(values.mean())
-                    metrics[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-                    metrics[f"{key}_per_split"] = values.tolist()
-                results[rep][method] = metrics
+                by_fraction: dict[float, dict] = {}
+                for fraction in fractions:
+                    per_split, n_labels = [], []
+                    for seed, (tr, te) in zip(seeds, splits):
+                        sub = tr if fraction == 1.0 else label_subset(y, tr, fraction, seed)
+                        if method == "knn":
+                            pred = knn_predict(x[sub], y[sub], x[te], len(classes), settings.k, settings.temperature)
+                        else:
+                            pred = logreg_predict(x[sub], y[sub], x[te], seed, settings.logreg_c)
+                        per_split.append(score(y[te], pred, classes))
+                        n_labels.append(len(sub))
+                    by_fraction[fraction] = _over_splits(per_split)
+                    if fraction in settings.label_fractions:
+                        m = by_fraction[fraction]
+                        curves.append({"representation": rep, "method": method, "fraction": fraction,
+                                       "n_train_labels": int(round(float(np.mean(n_labels)))),
+                                       **{k: m[k] for k in LABEL_EFFICIENCY_COLUMNS[4:-1]}, "splits": len(seeds),
+                                       "accuracy_per_split": m["accuracy_per_split"],
+                                       "balanced_accuracy_per_split": m["balanced_accuracy_per_split"]})
+                metrics = results[rep][method] = by_fraction[1.0]
                 fig = out / f"confusion_{rep}_{method}.png"
                 plot_confusion(np.asarray(metrics["confusion_matrix"]), classes,
                                f"{rep} / {method}: acc {metrics['accuracy']:.3f}, "
@@ -495,8 +592,27 @@ def run_probes(store: str | Path, out_dir: str | Path, *, label: str = "habit", 
             [(r, m, f"{a:.4f}", f"{results[r][m]['accuracy_sd']:.4f}", f"{b:.4f}",
               f"{results[r][m]['balanced_accuracy_sd']:.4f}", len(seeds)) for r, m, a, b in rows]))
         written.append("summary.csv")
+        if curves:
+            report["label_efficiency"] = {"fractions": list(settings.label_fractions), "rows": curves}
+            write_atomic(out / LABEL_EFFICIENCY_CSV, csv_text(list(LABEL_EFFICIENCY_COLUMNS), [
+                [c[k] if isinstance(c[k], (str, int)) else f"{c[k]:.4g}" if k == "fraction" else f"{c[k]:.4f}"
+                 for k in LABEL_EFFICIENCY_COLUMNS] for c in curves]))
+            plot_label_efficiency(curves, len(classes), out / LABEL_EFFICIENCY_FIGURE)
+            written += [LABEL_EFFICIENCY_CSV, LABEL_EFFICIENCY_FIGURE]
         report = CONTRACT.seal(out, report, written)  # last: marks completion, lists every file
     return report
+
+
+def _over_splits(per_split: list[dict]) -> dict:
+    """The metrics of several splits as one: accuracy and balanced accuracy as mean, sd (ddof 1; 0
+    for one split) and per split; per-class recall and confusion matrix of the first split."""
+    metrics = dict(per_split[0])
+    for key in ("accuracy", "balanced_accuracy"):
+        values = np.array([m[key] for m in per_split])
+        metrics[key] = float(values.mean())
+        metrics[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        metrics[f"{key}_per_split"] = values.tolist()
+    return metrics
 
 
 def status(args: argparse.Namespace) -> Status:
@@ -508,7 +624,7 @@ def status(args: argparse.Namespace) -> Status:
     if record is None:
         return Status(False, f"{out / CONTRACT.marker} missing, incomplete or changed")
     try:
-        settings = cfglib.from_args(ProbeSettings, args)
+        settings = settings_from_args(args)
         want = _fingerprint(args.label, args.name, settings,
                             _inputs_sha256(args.store, args.random_store, args.images))
     except (UserError, OSError, ValueError) as exc:
@@ -528,13 +644,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", help="shard folder of the same samples: adds the geometric baseline")
     parser.add_argument("--workers", type=cfglib.at_least(1), default=len(os.sched_getaffinity(0)),
                         help="processes for the geometric features (default: CPUs available)")
+    parser.add_argument("--label-fractions", metavar="F1,F2,...",
+                        help="label-efficiency curve over these fractions of the training labels, e.g. "
+                             "0.01,0.05,0.1,0.25,1 (= config key label_fractions)")
     cfglib.add_config_arguments(parser, ProbeSettings, {
         "--k": "k", "--temperature": "temperature", "--test-fraction": "test_fraction", "--seed": "seed",
         "--splits": "splits", "--logreg-c": "logreg_c", "--min-class-count": "min_class_count"})
 
 
+def settings_from_args(args: argparse.Namespace) -> ProbeSettings:
+    """Config file, dotted overrides, then the flags (``--label-fractions`` included; flags win)."""
+    ov = list(args.overrides)
+    if args.label_fractions is not None:
+        try:
+            ov.append("label_fractions=" + json.dumps([float(f) for f in args.label_fractions.split(",")]))
+        except ValueError:
+            raise cfglib.ConfigError(f"--label-fractions {args.label_fractions!r}: expected numbers like "
+                                     "0.01,0.05,0.1,0.25,1") from None
+    return cfglib.from_args(ProbeSettings, argparse.Namespace(**{**vars(args), "overrides": ov}))
+
+
 def run(args: argparse.Namespace) -> int:
-    settings = cfglib.from_args(ProbeSettings, args)
+    settings = settings_from_args(args)
     report = run_probes(args.store, args.out, label=args.label, name=args.name,
                         random_store=args.random_store, images=args.images, settings=settings,
                         workers=args.workers, provenance=cfglib.provenance(args, settings))
@@ -550,5 +681,8 @@ def run(args: argparse.Namespace) -> int:
                 m = res[method]
                 print(f"  {rep:<16} {method:<7} accuracy {m['accuracy']:.4f} ± {m['accuracy_sd']:.4f}  "
                       f"balanced {m['balanced_accuracy']:.4f} ± {m['balanced_accuracy_sd']:.4f}")
+    if "label_efficiency" in report:
+        print(f"label efficiency over {len(settings.label_fractions)} fractions of the training labels: "
+              f"{Path(args.out) / LABEL_EFFICIENCY_CSV}, {Path(args.out) / LABEL_EFFICIENCY_FIGURE}")
     print(f"results: {Path(args.out) / 'probe.json'}")
     return 0

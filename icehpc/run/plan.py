@@ -85,6 +85,14 @@ class ProbeStep:
     label: str = field("habit", help="meta column holding the class")
     seed: int = field(0, help="seed of the first stratified split", ge=0)
     splits: int = field(5, help="stratified 80/20 splits (seeds seed … seed+splits−1); mean ± sd reported", ge=1)
+    label_fractions: list[float] = field([0.01, 0.05, 0.1, 0.25, 1.0],
+                                         help="label-efficiency curve: the probes refitted on these stratified "
+                                              "fractions of each split's training labels ([] = none)")
+
+    def validate(self) -> None:
+        from ..analysis.probe import check_label_fractions
+
+        check_label_fractions(self.label_fractions)
 
 
 @dataclass
@@ -243,11 +251,14 @@ def plan(cfg: PipelineConfig, out: str | os.PathLike) -> list[Step]:
                  ranks=cfg.embed.ranks, after=("export", *after), **_store(dest / "random.h5")),
         ]
 
+    fractions = (["--label-fractions", ",".join(map(str, cfg.probe.label_fractions))]
+                 if cfg.probe.label_fractions else [])
+
     def probe(prefix: str, store_dir: Path, shards: Path, dest: Path, label: str) -> Step:
         return Step(f"{prefix}probe", "probe", [str(store_dir / "trained.h5"), "--random-store",
                                                 str(store_dir / "random.h5"), "--images", str(shards),
                                                 "--label", label, "--seed", str(cfg.probe.seed),
-                                                "--splits", str(cfg.probe.splits),
+                                                "--splits", str(cfg.probe.splits), *fractions,
                                                 "--out", str(dest)],
                     after=(f"{prefix}embed", f"{prefix}embed-random"), **_made("probe", dest))
 

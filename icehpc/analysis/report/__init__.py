@@ -25,8 +25,10 @@ drawn only when its input is given and holds data (one function each in :mod:`.s
 - **example images** per class and per temperature bin: nearest to and farthest from the group's
   mean direction (``--store`` + ``--shards``);
 - **probe results** (``--probe``) with their spread over splits, per-class recall, confusion
-  matrices; **probes on real archives** (``--real-probe NAME=DIR``, repeatable: the pipeline passes
-  each 2D-S/PIP archive it probed), a table each; **pretraining curves** (``--pretrain``, from metrics.jsonl);
+  matrices, and the **label-efficiency** curves where the probe ran with ``--label-fractions``
+  (:mod:`.label_efficiency`); **probes on real archives** (``--real-probe NAME=DIR``, repeatable: the
+  pipeline passes each 2D-S/PIP archive it probed), a table each; **pretraining curves** (``--pretrain``,
+  from metrics.jsonl);
 - **provenance** (backbone file and sha256, pretraining config, shard fingerprint, commands) and
   **downloads**.
 
@@ -36,7 +38,7 @@ that store, ``--backbone`` must be the backbone that embedded ``--store`` and ev
 store (each probe sealed and of its store as it is now); otherwise one line, exit 2. The report is written as a set (:mod:`.build`).
 
 Modules: :mod:`.common` (shared helpers, :class:`~.common.Section`), :mod:`.backbone`, :mod:`.kappa_figures`,
-:mod:`.store_figures`, :mod:`.pretraining`, :mod:`.netcdf`, :mod:`.sections`, :mod:`.build`
+:mod:`.store_figures`, :mod:`.pretraining`, :mod:`.netcdf`, :mod:`.sections`, :mod:`.label_efficiency`, :mod:`.build`
 (assembler, :data:`CONTRACT`, :func:`status`) and this CLI.
 """
 from __future__ import annotations

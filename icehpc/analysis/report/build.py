@@ -23,7 +23,7 @@ from ...fileio import file_sha256, lock_dir
 from ...fileio import write_atomic
 from ..joins import kappa_store_mismatch
 from . import backbone as backbone_summary
-from . import sections
+from . import label_efficiency, sections
 from .common import CSS, MAP_SAMPLE, Page, ReportError
 
 #: The page a user opens.
@@ -34,7 +34,7 @@ CONTRACT = Contract("report.json", (
     "embedding_map.png", "embedding_map.svg", "embedding_map.pdf", "embedding_map.csv", "examples.csv",
     "confusion_*.png", "confusion_*.svg", "confusion_*.pdf", "pretrain_curves.png", "pretrain_curves.svg",
     "pretrain_curves.pdf", "kappa.csv", "similarity.csv", "kappa.json", "kappa_random_init.csv", "kappa.nc",
-    "probe_summary.csv", "probe_summary_*.csv", "metrics.jsonl", ".report.tmp-*"))
+    "probe_summary.csv", "probe_summary_*.csv", "metrics.jsonl", *label_efficiency.FILES, ".report.tmp-*"))
 TMP_PREFIX = ".report.tmp-"
 
 
@@ -174,7 +174,8 @@ def assemble(out: Path, res: dict, ctl: bool, parts: dict[str, sections.Section]
     titled = [("kappa", "κ per group", "kappa"),
               ("similarity", f"Inter-class similarity ({(sim or {}).get('column')})", "similarity"),
               ("map", "Embedding map", "map"), ("examples", "Example images", "examples"),
-              ("probe", "Probe results", "probe"), ("real", "Probes on real archives", "real"),
+              ("probe", "Probe results", "probe"), ("label_efficiency", "Label efficiency", "label-efficiency"),
+              ("real", "Probes on real archives", "real"),
               ("pretraining", "Pretraining curves", "pretraining")]
     for key, title, anchor in titled:
         sec = parts.get(key)
@@ -228,6 +229,7 @@ def _sections(tmp: Path, res: dict, ctl_res: dict | None, *, src: Path, random: 
                                                   run.get("bins", {}).get("temperature_c"), examples)
     if pj is not None and probe is not None:
         parts["probe"] = sections.probe(tmp, probe, pj)
+        parts["label_efficiency"] = label_efficiency.section(tmp, probe, pj)
     if real:
         parts["real"] = sections.real_probes(tmp, real)
     if pretrain is not None and (pretrain / "metrics.jsonl").exists():
