@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from .. import dist
 from ..config import field
 from ..contract import Contract, Status
 from ..dist import mpi_comm, run_on_root
-from ..fileio import LockedError, csv_text, file_sha256, run_facts, write_atomic
+from ..fileio import csv_text, file_sha256, run_facts, write_atomic
 from . import storestage
 from .joins import SOURCE, source_mismatch
 from .store import Store, StoreError, open_store
@@ -461,13 +460,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = cfglib.from_args(ClassifyConfig, args)
     comm = mpi_comm()
-    try:
-        res = run_classify(args.store, args.labels, args.out, cfg, force=args.force, comm=comm,
-                           provenance=cfglib.provenance(args, cfg))
-    except (cfglib.UserError, LockedError, FileNotFoundError) as exc:
-        if comm.Get_rank() == 0:
-            print(f"icehpc classify: error: {exc}", file=sys.stderr)
-        return 2
+    res = run_classify(args.store, args.labels, args.out, cfg, force=args.force, comm=comm,
+                       provenance=cfglib.provenance(args, cfg))
     if res is not None:
         cv = res["cv"]
         print(f"icehpc classify: {res['n_rows']:,} rows on {res['ranks']} rank(s); fitted on {res['n_fit']:,} "

@@ -40,7 +40,6 @@ import csv
 import io
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ from ..config import field
 from .. import dist
 from ..contract import Contract, Status
 from ..dist import SerialComm, mpi_comm
-from ..fileio import LockedError, run_facts, write_atomic
+from ..fileio import run_facts, write_atomic
 from . import storestage
 from .store import Store, StoreError, _atomic_h5
 
@@ -523,13 +522,7 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     comm = mpi_comm()
-    try:
-        res = run_curate(args.store, args.out, cfg, force=args.force, comm=comm,
-                         provenance=cfglib.provenance(args, cfg))
-    except (cfglib.UserError, LockedError) as exc:
-        if comm.Get_rank() == 0:
-            print(f"icehpc curate: error: {exc}", file=sys.stderr)
-        return 2
+    res = run_curate(args.store, args.out, cfg, force=args.force, comm=comm, provenance=cfglib.provenance(args, cfg))
     if res is not None:
         l1 = res["levels"][0]
         ent = (f"; label entropy {res['label_entropy_bits_before']:.3f} → {res['label_entropy_bits_after']:.3f} bits"

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from . import storestage
 from .keycolumns import JoinedStore, KeyTable
 from .store import Store, StoreError
 from ..vmf import kappa_closed_form, kappa_mle
-from ..fileio import LockedError, csv_text, file_sha256, run_facts, write_atomic
+from ..fileio import csv_text, file_sha256, run_facts, write_atomic
 
 RNG_BLOCK = 4096  # rows per bootstrap RNG block; part of the result's definition, not a tuning knob
 READ_BLOCKS = 4  # RNG blocks per read (16384 rows ≈ 25 MB of float32 at D = 384)
@@ -553,12 +552,8 @@ def config_from_args(args: argparse.Namespace) -> KappaConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     comm = mpi_comm()
-    try:
-        res = run_kappa(args.store, args.out, cfg, force=args.force, comm=comm, provenance=cfgmod.provenance(args))
-    except (cfgmod.UserError, LockedError) as exc:  # KappaError, StoreError, a bad columns file
-        if comm.Get_rank() == 0:
-            print(f"icehpc kappa: error: {exc}", file=sys.stderr)
-        return 2
+    # a user's mistake (KappaError, StoreError, a bad columns file) is run_stage's one line, rank 0's
+    res = run_kappa(args.store, args.out, cfg, force=args.force, comm=comm, provenance=cfgmod.provenance(args))
     if res is not None:
         r = res["run"]
         for c in r.get("columns") or []:

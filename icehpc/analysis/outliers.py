@@ -28,7 +28,6 @@ import argparse
 import base64
 import html
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from .. import config as cfglib
 from ..config import field
 from ..contract import Contract, Status
 from ..dist import mpi_comm
-from ..fileio import LockedError, csv_text, run_facts, write_atomic
+from ..fileio import csv_text, run_facts, write_atomic
 from .curate import block_range, normalise
 from . import storestage
 from .store import Store
@@ -290,13 +289,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = cfglib.from_args(OutliersConfig, args)
     comm = mpi_comm()
-    try:
-        res = run_outliers(args.store, args.out, cfg, images=args.images, force=args.force, comm=comm,
-                           provenance=cfglib.provenance(args, cfg))
-    except (cfglib.UserError, LockedError, FileNotFoundError) as exc:
-        if comm.Get_rank() == 0:
-            print(f"icehpc outliers: error: {exc}", file=sys.stderr)
-        return 2
+    res = run_outliers(args.store, args.out, cfg, images=args.images, force=args.force, comm=comm,
+                       provenance=cfglib.provenance(args, cfg))
     if res is not None:
         print(f"icehpc outliers: {res['rows']} rows × D={res['dim']} on {res['ranks']} rank(s), k = {res['k']}, "
               f"{res['timings']['total_s']:.1f} s → {args.out}")
