@@ -17,3 +17,12 @@ def one_clear_line(proc: subprocess.CompletedProcess, *words: str, code: int | N
     for w in words:
         assert w in lines[0], (w, lines[0])
     return lines[0]
+
+
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a command a test will Ctrl-C: SIGINT back at its default. A background job
+    of a non-interactive shell (``make test &``, some CI runners) starts with SIGINT ignored; children
+    inherit that and Python then never raises KeyboardInterrupt, unlike a terminal's foreground job."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

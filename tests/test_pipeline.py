@@ -112,13 +112,14 @@ def test_ctrl_c_stops_the_pipeline_in_one_line_and_the_rerun_resumes(tmp_path):
     """Ctrl-C while the pretraining step (torch.distributed.run, 2 ranks) starts: the pipeline passes
     it on, drops what the launcher and its ranks print about it, and says one line naming the step
     (exit 130); the finished steps stay done and the plan resumes at that step."""
-    from cli_helpers import one_clear_line
+    from cli_helpers import one_clear_line, sigint_as_in_a_terminal
 
     out = tmp_path / "run"
     args = ["--config", "configs/demo.yaml", "--out", str(out),
             *[o for o in tiny_overrides(None) if not o.startswith("synth.n=")], "synth.n=40"]
     proc = subprocess.Popen([sys.executable, "-m", "icehpc", "pipeline", *args], cwd=ROOT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            preexec_fn=sigint_as_in_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     said = []
     for line in proc.stdout:
