@@ -35,3 +35,12 @@ def png(seed: int, w: int = 12, h: int = 10) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a, "L").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def png_tree(root, classes: dict[str, int], seed: int = 0):
+    """ROOT/CLASS/i.png: ``classes[CLASS]`` seeded random PNGs per class folder; returns ROOT."""
+    for k, (label, n) in enumerate(classes.items()):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / label / f"{i}.png").write_bytes(png(seed * 1000 + k * 100 + i))
+    return root

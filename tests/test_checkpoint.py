@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from backbone_helpers import png
+from backbone_helpers import png_tree
 from icehpc import config as cfglib
 from icehpc.data import shards
 from icehpc.run.cli import main
@@ -86,14 +86,6 @@ def test_export_refuses_a_tag_without_manifest_or_a_foreign_latest(tmp_path, cap
 
 
 # ------------------------------------------------------------------ hostile: damaged checkpoints, foreign `latest`
-def _tree(root: Path, classes: dict[str, int], seed: int = 0) -> Path:
-    for k, (label, n) in enumerate(classes.items()):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            (root / label / f"{i}.png").write_bytes(png(seed * 1000 + k * 100 + i))
-    return root
-
-
 def _fake_run(tmp_path: Path, steps=(3, 6)) -> Path:
     from icehpc.ssl.checkpoint import checkpoint_root, write_manifest
 
@@ -169,7 +161,7 @@ def test_6_no_intact_checkpoint_is_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_6_flipped_block_in_a_real_checkpoint_resumes_from_the_older_one_exactly(tmp_path):
-    tree = _tree(tmp_path / "tree", {"plate": 20, "column": 20})
+    tree = png_tree(tmp_path / "tree", {"plate": 20, "column": 20})
     sh = tmp_path / "shards"
     shards.build([str(tree)], sh, shards.BuildConfig(), **BUILD)
     out = tmp_path / "run"

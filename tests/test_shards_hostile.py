@@ -14,32 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from icehpc import fileio
 from icehpc.config import ConfigError
 from icehpc.data import shards
 from icehpc.data import inputs
+from backbone_helpers import png, png_tree
 from cli_helpers import one_clear_line
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 BUILD = dict(progress=False)
-
-
-def _png(seed: int, w: int = 12, h: int = 10) -> bytes:
-    a = np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(a, "L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _tree(root: Path, classes: dict[str, int], seed: int = 0) -> Path:
-    for k, (label, n) in enumerate(classes.items()):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            (root / label / f"{i}.png").write_bytes(_png(seed * 1000 + k * 100 + i))
-    return root
 
 
 def _rejected(out: Path) -> dict[str, dict]:
@@ -52,7 +37,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def test_1_second_build_into_a_locked_folder_stops_naming_the_holder(tmp_path):
-    tree = _tree(tmp_path / "tree", {"plate": 3, "column": 2})
+    tree = png_tree(tmp_path / "tree", {"plate": 3, "column": 2})
     out = tmp_path / "out"
     with fileio.lock_dir(out):  # stands in for a first build (e.g. the old job of a Slurm requeue)
         proc = _cli("shards", "build", str(tree), "--out", str(out), "--no-progress", "--workers", "1")
@@ -65,7 +50,7 @@ def test_1_second_build_into_a_locked_folder_stops_naming_the_holder(tmp_path):
 
 @pytest.mark.slow
 def test_1_concurrent_build_pairs_never_corrupt(tmp_path):
-    tree = _tree(tmp_path / "tree", {"plate": 40, "column": 40})
+    tree = png_tree(tmp_path / "tree", {"plate": 40, "column": 40})
     for trial in range(2):
         out = tmp_path / f"out{trial}"
         cmd = [sys.executable, "-m", "icehpc", "shards", "build", str(tree), "--out", str(out), "--no-progress",
@@ -80,9 +65,9 @@ def test_1_concurrent_build_pairs_never_corrupt(tmp_path):
 
 
 def test_4_symlinked_class_folders_are_followed_once_or_rejected_visibly(tmp_path):
-    store = _tree(tmp_path / "elsewhere", {"plate": 3, "column": 2}, seed=1)
+    store = png_tree(tmp_path / "elsewhere", {"plate": 3, "column": 2}, seed=1)
     tree = tmp_path / "tree"
-    _tree(tree, {"needle": 2}, seed=2)
+    png_tree(tree, {"needle": 2}, seed=2)
     (tree / "plate").symlink_to(store / "plate")            # outside the input folder
     (tree / "column").symlink_to(store / "column")
     (tree / "inner").symlink_to(tree / "needle")            # inside: followed (its files are duplicates)
@@ -101,7 +86,7 @@ def test_4_symlinked_class_folders_are_followed_once_or_rejected_visibly(tmp_pat
 
 
 def test_5_devices_fifos_and_sockets_are_not_regular_and_never_hang(tmp_path):
-    tree = _tree(tmp_path / "tree", {"plate": 2})
+    tree = png_tree(tmp_path / "tree", {"plate": 2})
     (tree / "plate" / "zero.png").symlink_to("/dev/zero")
     os.mkfifo(tree / "plate" / "fifo.png")
     (tree / "plate" / "broken.png").symlink_to(tmp_path / "nowhere.png")
@@ -139,10 +124,10 @@ def test_5_reads_are_capped_even_when_a_zip_member_lies_about_its_size(tmp_path,
 
 
 def test_8_manifest_paths_are_confined_to_the_manifest_folder(tmp_path):
-    (tmp_path / "outside.png").write_bytes(_png(3))
+    (tmp_path / "outside.png").write_bytes(png(3))
     data = tmp_path / "data"
     (data / "img").mkdir(parents=True)
-    (data / "img" / "ok.png").write_bytes(_png(4))
+    (data / "img" / "ok.png").write_bytes(png(4))
     (data / "img" / "link.png").symlink_to(tmp_path / "outside.png")
     rows = ["img/ok.png", "../outside.png", "/etc/passwd", "/dev/zero", "img/link.png"]
     (data / "m.csv").write_text("path,habit\n" + "".join(f"{r},plate\n" for r in rows))
@@ -161,7 +146,7 @@ def test_8_manifest_paths_are_confined_to_the_manifest_folder(tmp_path):
 @pytest.mark.parametrize("column", ["a/b", ".", "key", "shard", "source_path", "__key__", "<svg onload=alert(1)>",
                                     "", "x.y"])
 def test_7_unsafe_or_reserved_manifest_columns_are_a_config_error(tmp_path, column):
-    (tmp_path / "0.png").write_bytes(_png(0))
+    (tmp_path / "0.png").write_bytes(png(0))
     (tmp_path / "m.csv").write_text(f'path,habit,"{column}"\n0.png,plate,v\n')
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="column name"):
@@ -170,7 +155,7 @@ def test_7_unsafe_or_reserved_manifest_columns_are_a_config_error(tmp_path, colu
 
 
 def test_7_plain_column_names_pass(tmp_path):
-    (tmp_path / "0.png").write_bytes(_png(0))
+    (tmp_path / "0.png").write_bytes(png(0))
     (tmp_path / "m.csv").write_text("path,habit,Temperature (C),flight-id\n0.png,plate,-3,F1\n")
     index = shards.build([str(tmp_path / "m.csv")], tmp_path / "out", shards.BuildConfig(), **BUILD)
     assert index["totals"]["written"] == 1
@@ -180,14 +165,14 @@ def test_truncated_zip_names_the_archive_and_what_to_do(tmp_path):
     zpath = tmp_path / "cut.zip"
     with zipfile.ZipFile(zpath, "w") as z:
         for i in range(4):
-            z.writestr(f"plate/{i}.png", _png(i))
+            z.writestr(f"plate/{i}.png", png(i))
     zpath.write_bytes(zpath.read_bytes()[:-40])
     proc = _cli("shards", "build", str(zpath), "--out", str(tmp_path / "out"), "--no-progress")
     one_clear_line(proc, "cut.zip", "truncated or corrupt", "re-download")
 
 
 def test_finished_build_rerun_rebuilds_a_deleted_or_altered_shard(tmp_path):
-    tree = _tree(tmp_path / "tree", {"plate": 6, "column": 5})
+    tree = png_tree(tmp_path / "tree", {"plate": 6, "column": 5})
     out = tmp_path / "out"
     c = shards.BuildConfig(shard_samples=4)
     first = shards.build([str(tree)], out, c, **BUILD)
@@ -207,10 +192,10 @@ def test_real_archives_hostile(shared_data, tmp_path):
     """2D-S + PIP archives in one build beside a hostile tree (links in and out, a loop, a FIFO, a
     device, a truncated image) and a hostile manifest; every input is accounted for, the real
     images lose nothing but byte-identical duplicates, and a second writer is refused."""
-    tree = _tree(tmp_path / "tree", {"plate": 3})
+    tree = png_tree(tmp_path / "tree", {"plate": 3})
     (tree / "plate" / "zero.png").symlink_to("/dev/zero")
     os.mkfifo(tree / "plate" / "fifo.png")
-    (tree / "plate" / "cut.png").write_bytes(_png(99)[:40])
+    (tree / "plate" / "cut.png").write_bytes(png(99)[:40])
     (tree / "plate" / "loop").symlink_to(tree / "plate")
     (tree / "outside").symlink_to(shared_data)
     (tmp_path / "m.csv").write_text("path,habit\n../../etc/passwd,x\n/dev/zero,x\ntree/plate/0.png,plate\n")
