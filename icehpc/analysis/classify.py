@@ -12,8 +12,8 @@ Empty labels mean "unlabeled". Every label key must be a row of STORE: otherwise
 counts and a few of the keys, exit 2. When both LABELS and STORE know each sample's source image
 (``source_sha256``), a key naming another image is refused too (:mod:`.joins`).
 
-The model is the probe's (:mod:`.probe`): logistic regression on standardised features
-(scikit-learn ``StandardScaler`` + ``LogisticRegression``). Its inverse regularisation C is chosen
+The model is the probe's (:func:`.probe.logreg_model`): logistic regression on standardised
+features (scikit-learn pipeline). Its inverse regularisation C is chosen
 from ``c_grid`` by stratified ``folds``-fold cross-validation on the labeled rows only (shuffled
 with ``seed``; highest mean balanced accuracy, ties to the smaller C), then the model is refitted on
 every labeled row. Classes with fewer labeled rows than ``folds`` cannot be cross-validated: they
@@ -55,6 +55,7 @@ from ..dist import mpi_comm, run_on_root
 from ..fileio import csv_text, file_sha256, run_facts, write_atomic
 from . import storestage
 from .joins import SOURCE, source_mismatch
+from .probe import as_text, logreg_model
 from .store import Store, StoreError, open_store
 
 #: Rows per ownership / prediction block: ranks own whole blocks and every block is predicted as one
@@ -133,10 +134,6 @@ def labels_fact(path: str | os.PathLike) -> dict[str, str]:
     return {"kind": kind, "sha256": sha}
 
 
-def _text(values: Any) -> np.ndarray:
-    return np.array([v.decode() if isinstance(v, bytes) else "" if v is None else str(v) for v in values], dtype=str)
-
-
 def read_labels(path: str | os.PathLike, column: str) -> Labels:
     """The labeled keys of LABELS (rows with an empty label are unlabeled and left out); a key given
     twice is a :class:`ClassifyError`."""
@@ -156,7 +153,7 @@ def read_labels(path: str | os.PathLike, column: str) -> Labels:
                 rows = [(r["key"] or "", r[name] or "") for r in reader]
         except (UnicodeDecodeError, csv.Error) as exc:
             raise ClassifyError(f"--labels {path} is not a readable CSV ({exc})") from None
-        keys, labels = _text([k for k, _ in rows]), _text([v for _, v in rows])
+        keys, labels = as_text([k for k, _ in rows]), as_text([v for _, v in rows])
     elif kind == "store":
         with open_store(path) as st:
             missing = [c for c in ("key", column) if c not in st.columns]
@@ -165,9 +162,9 @@ def read_labels(path: str | os.PathLike, column: str) -> Labels:
                                     "choose the class column with --label-column")
             _, meta = st.read(0, st.n_rows, ["key", column] + ([SOURCE] if SOURCE in st.columns else []),
                               embeddings=False)
-        keys, labels = _text(meta["key"]), _text(meta[column])
+        keys, labels = as_text(meta["key"]), as_text(meta[column])
         if SOURCE in meta:
-            sources = dict(zip(keys.tolist(), _text(meta[SOURCE]).tolist()))
+            sources = dict(zip(keys.tolist(), as_text(meta[SOURCE]).tolist()))
     else:
         from ..data.format import iter_samples, shard_paths
 
@@ -178,7 +175,7 @@ def read_labels(path: str | os.PathLike, column: str) -> Labels:
                 ks.append(key)
                 ls.append(meta.get(column))
                 sources[key] = str(meta.get(SOURCE) or "")
-        keys, labels = _text(ks), _text(ls)
+        keys, labels = as_text(ks), as_text(ls)
     uniq, counts = np.unique(keys, return_counts=True)
     if (counts > 1).any():
         dup = uniq[counts > 1]
@@ -194,13 +191,10 @@ def read_labels(path: str | os.PathLike, column: str) -> Labels:
 def fit(x: np.ndarray, y: np.ndarray, cfg: ClassifyConfig) -> dict[str, Any]:
     """Choose C by stratified cross-validation on (x, y), refit on all of it. Returns the fitted
     pipeline (``model``), the chosen C and the per-fold scores."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=cfg.max_iter, random_state=cfg.seed))
+    pipe = logreg_model(cfg.seed, max_iter=cfg.max_iter)
     search = GridSearchCV(pipe, {"logisticregression__C": list(cfg.c_grid)},
                           scoring={"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy"},
                           refit="balanced_accuracy", cv=StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed),
@@ -278,7 +272,7 @@ def compute(store: Store, cfg: ClassifyConfig, comm: Any, labels_path: str) -> d
     try:
         cols = ["key"] + ([SOURCE] if SOURCE in store.columns else [])
         _, meta = store.read(lo, hi, cols, embeddings=False)
-        keys = _text(meta["key"])
+        keys = as_text(meta["key"])
         idx = np.fromiter((position.get(k, -1) for k in keys.tolist()), dtype=np.int64, count=len(keys))
         rows = np.flatnonzero(idx >= 0)
         xs = []
@@ -289,7 +283,7 @@ def compute(store: Store, cfg: ClassifyConfig, comm: Any, labels_path: str) -> d
                 xs.append(x[sel - (start - lo)])
         mine = {"rows": rows + lo, "label_index": idx[rows],
                 "x": np.concatenate(xs) if xs else np.zeros((0, store.dim), np.float32),
-                "sources": _text(meta[SOURCE])[rows] if SOURCE in meta else None}
+                "sources": as_text(meta[SOURCE])[rows] if SOURCE in meta else None}
     except (StoreError, OSError, ValueError) as exc:
         err = exc
     dist.agree_on_errors(comm, err, ClassifyError)

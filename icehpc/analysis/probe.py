@@ -41,7 +41,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -231,18 +231,24 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_
     return out
 
 
-def logreg_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
-                   c: float = 1.0, max_iter: int = 2000) -> np.ndarray:
-    """Logistic regression on standardised features (missing values → training median)."""
+def logreg_model(seed: int, c: float = 1.0, max_iter: int = 2000) -> Any:
+    """The project's linear probe (also ``icehpc classify``'s model): logistic regression on
+    standardised features, missing values → training median (scikit-learn pipeline, unfitted)."""
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    return make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
+                         LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
+
+
+def logreg_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
+                   c: float = 1.0, max_iter: int = 2000) -> np.ndarray:
+    """Fit :func:`logreg_model` on the training rows, predict the test rows."""
     from threadpoolctl import threadpool_limits
 
-    model = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
-                          LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
+    model = logreg_model(seed, c, max_iter)
     # One BLAS thread: these matrices are small, and spinning BLAS threads slow a busy node badly.
     with threadpool_limits(limits=1):
         model.fit(np.asarray(train_x, dtype=np.float64), train_y)
@@ -297,10 +303,12 @@ def check_label_fractions(fractions: list[float]) -> None:
 
 
 # --------------------------------------------------------------------------- inputs
-def _as_str(values: np.ndarray) -> np.ndarray:
-    values = np.asarray(values)
+def as_text(values: Any) -> np.ndarray:
+    """A str array of metadata values: bytes decoded as UTF-8, None as ""."""
+    values = np.asarray(values, dtype=object if isinstance(values, list) else None)
     if values.dtype.kind in "SO":
-        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=str)
+        return np.array([v.decode() if isinstance(v, bytes) else "" if v is None else str(v) for v in values],
+                        dtype=str)
     return values.astype(str)
 
 
@@ -315,11 +323,11 @@ def read_store(path: str | Path, label: str, with_sources: bool = False):
             hint = "choose the class column with --label" if column == label else "was it written by `icehpc embed`?"
             raise UserError(f"store {path} has no meta column '{column}' (columns: {sorted(store.columns)}); {hint}")
     embeddings, meta = store.read(0, store.n_rows)
-    keys = _as_str(meta["key"])
-    out = keys, _as_str(meta[label]), np.asarray(embeddings, dtype=np.float32)
+    keys = as_text(meta["key"])
+    out = keys, as_text(meta[label]), np.asarray(embeddings, dtype=np.float32)
     if not with_sources:
         return out
-    src = _as_str(meta[SOURCE]) if SOURCE in meta else np.full(len(keys), "")
+    src = as_text(meta[SOURCE]) if SOURCE in meta else np.full(len(keys), "")
     return (*out, dict(zip(keys.tolist(), src.tolist())), store.sha256)
 
 
