@@ -259,9 +259,9 @@ def compute(store: Store, cfg: KappaConfig, comm: Any = None) -> dict[str, Any] 
     meta: dict[str, np.ndarray] = {}
     matched = np.zeros(len(tables))
     try:
-        if tables:
-            matched[:] = store.matched(lo, hi)
-        _, meta = store.read(lo, hi, columns=needed, embeddings=False)
+        _, meta = store.read(lo, hi, columns=needed + (["key"] if tables and "key" not in needed else []),
+                             embeddings=False)
+        matched[:] = [(t.positions(meta["key"].tolist()) >= 0).sum() for t in tables]
         for c in needed:
             v = meta[c]
             if store.column_kinds[c] == "str":

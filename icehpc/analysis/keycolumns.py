@@ -99,13 +99,6 @@ class JoinedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    def matched(self, start: int, stop: int) -> list[int]:
-        """Per table, how many of rows [start, stop) have their key in it."""
-        if not self.tables:
-            return []
-        _, meta = self._store.read(start, stop, ["key"], embeddings=False)
-        return [int((t.positions(meta["key"].tolist()) >= 0).sum()) for t in self.tables]
-
     def read(self, start: int, stop: int, columns: Any = None, embeddings: bool = True):
         wanted = list(self.columns if columns is None else columns)
         joined = [c for c in wanted if c in self._owner]
