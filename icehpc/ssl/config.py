@@ -12,6 +12,11 @@ from typing import Any
 
 from ..config import field
 
+#: The files a pretraining run writes beside its checkpoints (``out``): the resolved config and the
+#: per-step metrics (the trainer writes them; the report reads them).
+RUN_CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+
 
 def _check_finite(section: Any) -> None:
     """Every float (and list of floats) of a section is finite: NaN passes every ``<`` test silently."""

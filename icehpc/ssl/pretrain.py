@@ -9,11 +9,11 @@ import argparse
 from .. import config as cfglib
 from ..contract import Contract
 from ..fileio import check_output_path
-from .config import PretrainConfig
+from .config import METRICS, RUN_CONFIG, PretrainConfig
 
 #: The run folder: the exported teacher backbone is its marker (written last by the trainer); the
 #: checkpoints carry their own sha256 manifest (:mod:`icehpc.ssl.checkpoint`, the layout's owner).
-CONTRACT = Contract("backbone.safetensors", ("checkpoints/*", "config.yaml", "metrics.jsonl"))
+CONTRACT = Contract("backbone.safetensors", ("checkpoints/*", RUN_CONFIG, METRICS))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

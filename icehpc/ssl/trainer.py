@@ -32,7 +32,7 @@ from .. import config as cfglib
 from ..fileio import LockedError, lock_dir, write_atomic
 from .augment import Crops, MultiCrop
 from .checkpoint import PREEMPTED_EXIT, PreemptFlag, checkpoint_root, commit, latest_tag, ResumeError, resume_tag
-from .config import PretrainConfig
+from .config import METRICS, RUN_CONFIG, PretrainConfig
 from .engine import apply_schedule, ds_config, ema_update, import_deepspeed, init_distributed, param_groups
 from .loss import Centres, LossOut, ibot_vmf_loss, resolve_centering
 from .metrics import CollapseGuard, MetricsLog, _as_float, _progress, kappa_stats, prototype_stats
@@ -309,8 +309,8 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             head = f"# resolved config; source: {json.dumps(self.source)}\n" if self.source else ""
-            write_atomic(self.out / "config.yaml", head + yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
-        metrics = MetricsLog(self.out / "metrics.jsonl", self.rank == 0, start)
+            write_atomic(self.out / RUN_CONFIG, head + yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+        metrics = MetricsLog(self.out / METRICS, self.rank == 0, start)
         if resumed:
             log.info("resumed %s at step %d / %d", self.out, start, self.total_steps)
         stop = min(self.total_steps, cfg.train.stop_at_step or self.total_steps)
@@ -370,7 +370,7 @@ def where_line(out: Path, step: int, total: int) -> str:
     ckpt = checkpoint_root(out) / tag if tag else "none saved"
     backbone = out / "backbone.safetensors"
     bb = backbone if backbone.exists() else f"not exported yet (step {step} < {total}; `icehpc export {out}`)"
-    return f"icehpc pretrain: step {step}/{total}; checkpoint: {ckpt}; backbone: {bb}; metrics: {out / 'metrics.jsonl'}"
+    return f"icehpc pretrain: step {step}/{total}; checkpoint: {ckpt}; backbone: {bb}; metrics: {out / METRICS}"
 
 
 

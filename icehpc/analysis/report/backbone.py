@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ...data.format import INDEX
+from ...ssl.config import METRICS, RUN_CONFIG
 from .common import ReportError, Section, _finite, _table
 from .sections import METHODS, RANDOM, TRAINED, _fmt_ms, _metric
 
@@ -84,18 +86,18 @@ def read_pretrain(pretrain: Path | None) -> tuple[dict[str, Any], int | None]:
     if pretrain is None:
         return {}, None
     cfg: dict[str, Any] = {}
-    if (pretrain / "config.yaml").exists():
+    if (pretrain / RUN_CONFIG).exists():
         import yaml
 
         try:
-            loaded = yaml.safe_load((pretrain / "config.yaml").read_text())
+            loaded = yaml.safe_load((pretrain / RUN_CONFIG).read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ReportError(f"--pretrain {pretrain}/config.yaml is not valid YAML ({exc}); give the run folder "
                               "of `icehpc pretrain`") from None
         cfg = loaded if isinstance(loaded, dict) else {}
     last = None
-    if (pretrain / "metrics.jsonl").exists():
-        for line in (pretrain / "metrics.jsonl").read_text().splitlines():
+    if (pretrain / METRICS).exists():
+        for line in (pretrain / METRICS).read_text().splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
@@ -106,11 +108,11 @@ def read_pretrain(pretrain: Path | None) -> tuple[dict[str, Any], int | None]:
 
 
 def _shards_text(shards: str) -> str:
-    """What a pretraining shard set holds, from its index.json (images, sources, label column)."""
+    """What a pretraining shard set holds, from its shard index (images, sources, label column)."""
     try:
-        index = json.loads((Path(shards) / "index.json").read_text())
+        index = json.loads((Path(shards) / INDEX).read_text())
     except (OSError, ValueError):
-        return f"{shards} (index.json not readable here)"
+        return f"{shards} ({INDEX} not readable here)"
     totals, inputs = index.get("totals") or {}, index.get("inputs") or []
     sources = ", ".join(f"{i.get('name')} ({i.get('files', 0):,} files)" for i in inputs if isinstance(i, dict))
     written = totals.get("written")

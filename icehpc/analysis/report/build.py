@@ -21,6 +21,8 @@ from typing import Any
 from ...contract import Contract, Status
 from ...fileio import file_sha256, lock_dir
 from ...fileio import write_atomic
+from ...data.format import INDEX
+from ...ssl.config import METRICS, RUN_CONFIG
 from ..joins import kappa_store_mismatch
 from . import backbone as backbone_summary
 from . import label_efficiency, sections
@@ -34,7 +36,7 @@ CONTRACT = Contract("report.json", (
     "embedding_map.png", "embedding_map.svg", "embedding_map.pdf", "embedding_map.csv", "examples.csv",
     "confusion_*.png", "confusion_*.svg", "confusion_*.pdf", "pretrain_curves.png", "pretrain_curves.svg",
     "pretrain_curves.pdf", "kappa.csv", "similarity.csv", "kappa.json", "kappa_random_init.csv", "kappa.nc",
-    "probe_summary.csv", "probe_summary_*.csv", "metrics.jsonl", *label_efficiency.FILES, ".report.tmp-*"))
+    "probe_summary.csv", "probe_summary_*.csv", METRICS, *label_efficiency.FILES, ".report.tmp-*"))
 TMP_PREFIX = ".report.tmp-"
 
 
@@ -140,10 +142,10 @@ def inputs_sha256(kappa_dir: Path, *, random: Path | None, planted: Path | None,
     real = {f"real_probe {name}": _sha(PROBE_CONTRACT.marker_path(folder)) for name, folder in (real_probes or {}).items()}
     return {**real, "kappa": _sha(kappa_dir / "kappa.json"), "random": _sha(random / "kappa.json") if random else "",
             "planted": _sha(planted), "store": _sha(store),
-            "shards": _sha(shards / "index.json") if shards else "",
+            "shards": _sha(shards / INDEX) if shards else "",
             "probe": _sha(probe / "probe.json") if probe else "",
-            "metrics": _sha(pretrain / "metrics.jsonl") if pretrain else "",
-            "pretrain_config": _sha(pretrain / "config.yaml") if pretrain else "", "backbone": _sha(backbone)}
+            "metrics": _sha(pretrain / METRICS) if pretrain else "",
+            "pretrain_config": _sha(pretrain / RUN_CONFIG) if pretrain else "", "backbone": _sha(backbone)}
 
 
 def fingerprint(inputs: dict[str, str], options: dict[str, Any]) -> str:
@@ -232,7 +234,7 @@ def _sections(tmp: Path, res: dict, ctl_res: dict | None, *, src: Path, random: 
         parts["label_efficiency"] = label_efficiency.section(tmp, probe, pj)
     if real:
         parts["real"] = sections.real_probes(tmp, real)
-    if pretrain is not None and (pretrain / "metrics.jsonl").exists():
+    if pretrain is not None and (pretrain / METRICS).exists():
         parts["pretraining"] = sections.pretraining(plt, tmp, pretrain)
     parts["provenance"] = sections.provenance(run, store=store, shards=shards, pretrain=pretrain, backbone=backbone)
     return parts

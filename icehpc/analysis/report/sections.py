@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ...data.format import INDEX
+from ...ssl.config import METRICS, RUN_CONFIG
 from ...fileio import csv_text, file_sha256, write_atomic
 from ..joins import SOURCE, source_mismatch
 from .common import (COLLAPSE_COS, FORMATS, ReportError, Section, _axis, _b64, _finite, _group_name, _table,
@@ -360,13 +362,13 @@ def real_probes(out: Path, probes: dict[str, tuple[Path, dict]]) -> Section:
 def pretraining(plt, out: Path, pretrain: Path) -> Section:
     from .pretraining import fig_pretrain, metric_warnings
 
-    mpath = pretrain / "metrics.jsonl"
+    mpath = pretrain / METRICS
     sec = Section(warnings=metric_warnings(mpath))
     if fig_pretrain(plt, mpath, out / "pretrain_curves.png"):
         sec.html, sec.downloads = figure_html(out, "pretrain_curves.png", "pretraining curves",
                                               "From metrics.jsonl of the pretraining run, one point per step.")
-    shutil.copyfile(mpath, out / "metrics.jsonl")
-    sec.downloads.append(("metrics.jsonl", "pretraining metrics, one JSON record per step"))
+    shutil.copyfile(mpath, out / METRICS)
+    sec.downloads.append((METRICS, "pretraining metrics, one JSON record per step"))
     return sec
 
 
@@ -376,10 +378,10 @@ def provenance(run: dict, *, store: Path | None, shards: Path | None, pretrain: 
     prov: list[dict[str, Any]] = []
     if backbone and backbone.exists():
         prov.append({"item": "backbone", "value": f"{backbone.resolve()}  sha256 {file_sha256(backbone)}"})
-    if pretrain and (pretrain / "config.yaml").exists():
+    if pretrain and (pretrain / RUN_CONFIG).exists():
         prov.append({"item": "pretraining config", "value": f"{pretrain.resolve() / 'config.yaml'}"})
-    if shards and (shards / "index.json").exists():
-        index_path = shards / "index.json"
+    if shards and (shards / INDEX).exists():
+        index_path = shards / INDEX
         index = json.loads(index_path.read_text())
         prov.append({"item": "shards", "value": f"{shards.resolve()}  index.json sha256 {file_sha256(index_path)[:16]}; "
                                                 f"{json.dumps(index.get('totals', {}))}"})
@@ -395,9 +397,9 @@ def provenance(run: dict, *, store: Path | None, shards: Path | None, pretrain: 
         if run.get(k) is not None:
             prov.append({"item": f"κ run: {k}", "value": run[k]})
     text = _table(prov, ["item", "value"])
-    if pretrain and (pretrain / "config.yaml").exists():
+    if pretrain and (pretrain / RUN_CONFIG).exists():
         text += ("<details><summary>pretraining config (resolved)</summary><pre>"
-                 + html.escape((pretrain / "config.yaml").read_text()) + "</pre></details>")
+                 + html.escape((pretrain / RUN_CONFIG).read_text()) + "</pre></details>")
     text += ("<details><summary>κ configuration and bin edges</summary><pre>"
              + html.escape(json.dumps({"config": run.get("config"), "config_source": run.get("config_source"),
                                        "bins": run.get("bins"), "timings": run.get("timings")},
