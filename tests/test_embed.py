@@ -290,8 +290,9 @@ def test_ctrl_c_is_one_line_keeps_finished_parts_and_the_rerun_resumes(launcher,
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    # progress lines ("[embed] 10/40 images ...", from 2 s on in a log) may come first: the rest is one line
-    err = "".join(ln for ln in err.splitlines(keepends=True) if not ln.startswith("[embed] "))
+    # progress lines ("[embed] 10/40 images ...", "[embed rank 0/2] ...", from 2 s on in a log) may come
+    # first: the rest is one line
+    err = "".join(ln for ln in err.splitlines(keepends=True) if not ln.startswith(("[embed] ", "[embed rank ")))
     ended = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if launcher == "plain":
         one_clear_line(ended, "icehpc embed: interrupted; finished outputs are kept, rerun the same command to "
