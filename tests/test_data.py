@@ -201,6 +201,87 @@ def test_loaders_pass_the_framing_on(shard_dir):
     assert batch.shape == (8, 1, 64, 64)
 
 
+def _windows_batch(canvas: int, sides: list[int], seed: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """A batch as deferring decode workers send it (window of side n top-left, background elsewhere;
+    side 0: a finished canvas) and the windows themselves."""
+    rng = np.random.default_rng(seed)
+    images = torch.full((len(sides), 1, canvas, canvas), data.BACKGROUND, dtype=torch.uint8)
+    windows = []
+    for i, n in enumerate(sides):
+        a = rng.integers(0, 256, (n or canvas, n or canvas)).astype(np.uint8)
+        if i % 3 == 1:
+            a = (rng.integers(0, 2, a.shape) * 255).astype(np.uint8)  # binary, 2D-S-like
+        images[i, 0, :a.shape[0], :a.shape[1]] = torch.from_numpy(a)
+        windows.append(a)
+    return images, windows
+
+
+@pytest.mark.parametrize("canvas", [1, 7, 64, 224])
+def test_enlarge_windows_is_the_workers_enlargement_bit_for_bit(canvas):
+    """Issue 23: the batched enlargement that finishes deferred bbox windows where the batch lands
+    equals the decode workers' (Pillow's) enlargement for every side up to the canvas, mixed in one
+    batch with finished canvases (side 0), which it leaves untouched."""
+    sides = [0, *range(1, canvas + 1), 0]
+    images, windows = _windows_batch(canvas, sides, canvas)
+    out = data.enlarge_windows(images.clone(), sides)
+    for i, (n, a) in enumerate(zip(sides, windows)):
+        want = a if n == 0 else data._enlarge_square(a, canvas)
+        assert np.array_equal(out[i, 0].numpy(), want), (canvas, n)
+    finished = images[:1]
+    assert data.enlarge_windows(finished, [0]) is finished
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_deferred_enlargement_leaves_the_batches_bit_identical(shard_dir, monkeypatch, num_workers):
+    """Issue 23: with the enlargement deferred to the batch's device (GPU jobs; forced here on the
+    CPU) both loaders give exactly the batches of the workers enlarging, and the decode workers
+    enlarge no window that has a plan (those that do not, larger than the canvas, still shrink)."""
+    paths = fmt.shard_paths(shard_dir)
+    common = dict(batch_size=16, canvas=64, framing="bbox")
+    want = [(b, m) for b, m in data.ordered_loader(paths, num_workers=num_workers, **common)]
+    got = [(b, m) for b, m in data.ordered_loader(paths, num_workers=num_workers, device="cpu",
+                                                  defer_enlarge=True, **common)]
+    assert len(got) == len(want) and all(torch.equal(g, w) and gm == wm for (g, gm), (w, wm) in zip(got, want))
+    train = dict(batch_size=8, canvas=64, num_workers=num_workers, seed=1, rank=0, world_size=1,
+                 batches_per_epoch=3, framing="bbox")
+    assert all(torch.equal(g[0], w[0]) for g, w in zip(data.train_loader(shard_dir, device="cpu",
+                                                                         defer_enlarge=True, **train),
+                                                        data.train_loader(shard_dir, **train)))
+    calls, enlarge = [], data._enlarge_square
+    monkeypatch.setattr(data, "_enlarge_square", lambda a, size: calls.append(a.shape) or enlarge(a, size))
+    sides = []
+    for p in paths:
+        for _, s in fmt.iter_samples(p, ("png", "json")):
+            img, side, _ = data._sample_to_item({**s, "__key__": "k", "__url__": p}, 64, "bbox", 0.1, defer=True)
+            sides.append(side)
+    assert sum(n > 0 for n in sides) > len(sides) // 2 and len(calls) == sides.count(0)
+
+
+def test_enlargement_is_deferred_by_default_only_off_the_cpu():
+    assert data._defers("bbox", torch.device("cuda", 0), None) and data._defers("bbox", "cuda", None)
+    assert not data._defers("bbox", "cpu", None) and not data._defers("bbox", None, None)
+    assert not data._defers("none", "cuda", None) and not data._defers("bbox", "cuda", False)
+    assert data._defers("bbox", "cpu", True)
+    with pytest.raises(ValueError, match="needs the device"):
+        data._defers("bbox", None, True)
+
+
+@pytest.mark.gpu
+def test_enlarge_windows_on_cuda_is_bit_identical_and_reads_nothing_back():
+    """On the GPU the deferred enlargement gives the CPU's bytes and never syncs with the host."""
+    sides = [0, *range(1, 225, 7), 224]
+    images, _ = _windows_batch(224, sides, 5)
+    want = data.enlarge_windows(images.clone(), sides)
+    on_gpu = images.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = data.enlarge_windows(on_gpu, sides)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("override, says", [("data.framing=bbx", "data.framing must be none or bbox"),
                                             ("data.framing_margin=3", "framing_margin must be in"),
                                             ("data.canvas=0", "canvas must be >= 1")])

@@ -200,7 +200,8 @@ def test_gpu_train_steps_2_to_4_have_no_sync(tmp_path, own_environ):
 
 def test_training_loader_pins_memory_when_asked(monkeypatch):
     """The trainer asks for pinned batches on CUDA (so the step's non_blocking copy is async) and
-    the training loader hands that to its DataLoader; off by default (CPU)."""
+    the training loader hands that to its DataLoader; off on the CPU. On CUDA the decode workers
+    also leave the bbox enlargement to the device (issue 23), on the CPU they do it."""
     import icehpc.data.loader as loader_mod
     import icehpc.ssl.trainer as trainer_mod
     from icehpc.ssl.config import PretrainConfig
@@ -220,13 +221,17 @@ def test_training_loader_pins_memory_when_asked(monkeypatch):
     monkeypatch.setattr(loader_mod.wds, "WebLoader", FakeLoader)
     monkeypatch.setattr(loader_mod, "read_index", lambda d: {"totals": {"written": 1000}})
     monkeypatch.setattr(loader_mod, "shard_paths", lambda d: ["/nowhere/shard-000000.tar"])
+    defers, real_defers = [], loader_mod._defers
+    monkeypatch.setattr(loader_mod, "_defers", lambda *a: defers.append(real_defers(*a)) or defers[-1])
     cfg = PretrainConfig()
-    trainer_mod._batches(cfg, 0, 0, 1, 3, 0, pin_memory=True)
-    trainer_mod._batches(cfg, 0, 0, 1, 3, 0)
-    assert [s.get("pin_memory") for s in seen] == [True, False]
+    assert cfg.data.framing == "bbox"
+    trainer_mod._batches(cfg, 0, 0, 1, 3, 0, torch.device("cuda", 0))
+    trainer_mod._batches(cfg, 0, 0, 1, 3, 0, torch.device("cpu"))
+    assert [s.get("pin_memory") for s in seen] == [True, False] and defers == [True, False]
     import inspect
+    import re
 
-    assert 'pin_memory=self.device.type == "cuda"' in inspect.getsource(trainer_mod.Trainer)
+    assert re.search(r"_batches\([^)]*self\.device\)", inspect.getsource(trainer_mod.Trainer))  # its own device
 
 
 # ------------------------------------------------------------------ the shipped production config

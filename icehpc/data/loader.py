@@ -1,7 +1,10 @@
 """Loaders over the WebDataset shards written by :mod:`icehpc.data.shards`.
 
 CPU workers only *decode* (PNG → uint8 grayscale on a fixed square canvas); augmentation runs
-batched on the accelerator later, because per-sample CPU augmentation is ~200× slower.
+batched on the accelerator later, because per-sample CPU augmentation is ~200× slower. For the
+same reason, when the batches go to an accelerator (``device=``) the bbox framing's enlargement of
+each particle window to the canvas runs there too, batched and bit-identical
+(:func:`enlarge_windows`): the workers then pay only the box search on top of framing ``none``.
 Two uses:
 
 - :func:`train_loader`: resampled shards (with replacement, seeded per rank/worker/epoch), a fixed
@@ -133,19 +136,19 @@ def _bilinear_plan(n: int, size: int) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _enlarge_rows(x: np.ndarray, plan: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """uint8 [n, m] → uint8 [size, m]: one bilinear pass of Pillow along axis 0, exactly:
-    ``(a·(2**22 - w) + b·w + 2**21) >> 22 = (a·2**22 + (b - a)·w + 2**21) >> 22`` in int32 (< 2**31,
-    within 0..255 without clipping), vectorised over whole rows instead of per output pixel."""
+    ``(a·(2**22 - w) + b·w + 2**21) >> 22 = a + ((b - a)·w + 2**21) >> 22`` (the shifted term in
+    -255..255, |(b - a)·w| < 2**30), vectorised over whole rows instead of per output pixel. The sum
+    is formed in uint8 modulo 256, exact because the result lies in 0..255."""
     repeats, weight = plan
-    a = x.astype(np.int32)
-    step = np.zeros_like(a)
-    np.subtract(a[1:], a[:-1], out=step[:-1])  # the last row only ever has weight 0 for its successor
-    a <<= _PRECISION
-    a += 1 << (_PRECISION - 1)
-    out = np.repeat(step, repeats, axis=0)
-    out *= weight
-    out += np.repeat(a, repeats, axis=0)
-    out >>= _PRECISION
-    return out.astype(np.uint8)
+    step = np.zeros(x.shape, np.int32)
+    np.subtract(x[1:], x[:-1], out=step[:-1], dtype=np.int32)  # the last row only ever has weight 0 for its successor
+    term = np.repeat(step, repeats, axis=0)
+    term *= weight
+    term += 1 << (_PRECISION - 1)
+    term >>= _PRECISION
+    out = np.repeat(x, repeats, axis=0)
+    out += term.astype(np.uint8)
+    return out
 
 
 def _enlarge_square(pixels: np.ndarray, size: int) -> np.ndarray | None:
@@ -172,15 +175,29 @@ def decode_image(png_bytes: bytes, canvas: int, max_upscale: float = 1.0, framin
     field around it; absolute size is then only in the metadata). Enlarging uses the same bilinear
     weights as Pillow, bit for bit, without Pillow (:func:`_enlarge_square`).
     """
+    pixels, _ = _decode(png_bytes, canvas, framing, margin, max_upscale)
+    return torch.from_numpy(pixels)
+
+
+def _decode(png_bytes: bytes, canvas: int, framing: str, margin: float, max_upscale: float = 1.0,
+            defer: bool = False) -> tuple[np.ndarray, int]:
+    """(uint8 [1, canvas, canvas], side): :func:`decode_image`'s canvas and side 0, or with ``defer``
+    a bbox window of side n that still has to be enlarged, in the canvas's top-left n × n corner
+    (the rest background) and side n, for :func:`enlarge_windows` to finish where the batch lands."""
     if framing not in FRAMINGS:
         raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
     with Image.open(io.BytesIO(png_bytes), formats=("PNG",)) as im:
         im = im.convert("L") if im.mode != "L" else im
         if framing == "bbox":
             framed = frame_particle(np.frombuffer(im.tobytes(), np.uint8).reshape(im.height, im.width), margin)
+            n = framed.shape[0]
+            if defer and _bilinear_plan(n, canvas) is not None and framed.shape[1] == n:
+                out = np.full((1, canvas, canvas), BACKGROUND, dtype=np.uint8)
+                out[0, :n, :n] = framed
+                return out, n
             enlarged = _enlarge_square(framed, canvas)
             if enlarged is not None:
-                return torch.from_numpy(enlarged[None])
+                return enlarged[None], 0
             im = Image.fromarray(framed)
             max_upscale = float("inf")
         w, h = im.size
@@ -192,19 +209,93 @@ def decode_image(png_bytes: bytes, canvas: int, max_upscale: float = 1.0, framin
     out = np.full((1, canvas, canvas), BACKGROUND, dtype=np.uint8)
     top, left = (canvas - h) // 2, (canvas - w) // 2
     out[0, top:top + h, left:left + w] = pixels
-    return torch.from_numpy(out)
+    return out, 0
 
 
-def _sample_to_item(sample: dict, canvas: int, framing: str = "none",
-                    margin: float = 0.1) -> tuple[torch.Tensor, dict]:
+@functools.lru_cache(maxsize=1024)
+def _taps(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_bilinear_plan` per output sample: (first input sample int64 [size], weight of the
+    next one int32 [size])."""
+    repeats, weight = _bilinear_plan(n, size)
+    return np.repeat(np.arange(n), repeats), weight[:, 0]
+
+
+def _enlarge_lead(x: torch.Tensor, first: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_enlarge_rows` along axis 1 of uint8 [R, N, M], one plan per leading index (``first``,
+    ``weight``: [R, S]) → uint8 [R, S, M], in int32 on any device, gathering whole rows. A next row
+    past the window has weight 0, so what lies there never counts; past the canvas it is clamped."""
+    r, n, m = x.shape
+    base = torch.arange(r, device=x.device)[:, None] * n
+    a = x.reshape(r * n, m).to(torch.int32)
+    lo = a.index_select(0, (first + base).flatten()).view(r, -1, m)
+    hi = a.index_select(0, ((first + 1).clamp(max=n - 1) + base).flatten()).view(r, -1, m)
+    hi -= lo
+    hi *= weight[:, :, None]
+    hi += 1 << (_PRECISION - 1)
+    hi.bitwise_right_shift_(_PRECISION)
+    hi += lo
+    return hi.to(torch.uint8)
+
+
+def enlarge_windows(images: torch.Tensor, sides: list[int]) -> torch.Tensor:
+    """Finish a batch decoded with deferred enlargement, on the batch's device: ``images`` uint8
+    [B, 1, C, C] where ``sides[i] = n > 0`` marks an n × n bbox window in image i's top-left corner.
+    Each such window is enlarged to C × C in place, batched, with integer arithmetic bit-identical to
+    the decode workers' :func:`_enlarge_square` (and Pillow); images of side 0 are left as they are.
+    Only host data steers it: no device value is read back (no host sync on a GPU)."""
+    rows = [i for i, n in enumerate(sides) if n]
+    if not rows:
+        return images
+    size = images.shape[-1]
+    taps = [_taps(sides[i], size) for i in rows]
+    first = torch.from_numpy(np.stack([t[0] for t in taps])).to(images.device, non_blocking=True)
+    weight = torch.from_numpy(np.stack([t[1] for t in taps])).to(images.device, non_blocking=True)
+    sel = torch.tensor(rows).to(images.device, non_blocking=True)
+    m = max(sides[i] for i in rows)  # nothing past the largest window is read
+    columns = images[sel, 0, :m, :m].transpose(1, 2).contiguous()  # [R, column, row]
+    across = _enlarge_lead(columns, first, weight)  # the horizontal pass, as Pillow does first
+    images[sel, 0] = _enlarge_lead(across.transpose(1, 2).contiguous(), first, weight)
+    return images
+
+
+def _sample_to_item(sample: dict, canvas: int, framing: str = "none", margin: float = 0.1,
+                    defer: bool = False) -> tuple[torch.Tensor, int, dict]:
     meta = json.loads(sample["json"])
     meta["__key__"] = sample["__key__"]
     meta["__shard__"] = os.path.basename(sample["__url__"])
-    return decode_image(sample["png"], canvas, framing=framing, margin=margin), meta
+    pixels, side = _decode(sample["png"], canvas, framing, margin, defer=defer)
+    return torch.from_numpy(pixels), side, meta
 
 
-def _collate(items: list[tuple[torch.Tensor, dict]]) -> Batch:
-    return torch.stack([img for img, _ in items]), [meta for _, meta in items]
+def _collate(items: list[tuple[torch.Tensor, int, dict]]) -> tuple[torch.Tensor, list[int], list[dict]]:
+    return torch.stack([img for img, _, _ in items]), [side for _, side, _ in items], [m for _, _, m in items]
+
+
+class _Landed:
+    """The loader's batches as ``(images, metas)``, images on ``device`` (None: where the workers
+    left them, pinned with ``pin`` when no worker pinned them) with every deferred window enlarged."""
+
+    def __init__(self, batches: Iterable, device: torch.device | None, pin: bool) -> None:
+        self.batches, self.device, self.pin = batches, device, pin
+
+    def __iter__(self) -> Iterator[Batch]:
+        for images, sides, metas in self.batches:
+            if self.pin:
+                images = images.pin_memory()
+            if self.device is not None:
+                images = images.to(self.device, non_blocking=True)
+            yield enlarge_windows(images, sides), metas
+
+
+def _defers(framing: str, device: torch.device | str | None, defer_enlarge: bool | None) -> bool:
+    """Whether the decode workers leave bbox windows for :func:`enlarge_windows` on the batch's
+    device: by default when that device is an accelerator (the workers' cost then is that of framing
+    none plus the box search), never on the CPU, where the workers are the cheaper place."""
+    if defer_enlarge and device is None:
+        raise ValueError("defer_enlarge needs the device the batches go to")
+    if defer_enlarge is None:
+        defer_enlarge = device is not None and torch.device(device).type != "cpu"
+    return framing == "bbox" and defer_enlarge
 
 
 def _worker_seed(rank: int) -> int:
@@ -227,7 +318,8 @@ class _SeededShuffle:
 def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, num_workers: int,
                  seed: int, rank: int, world_size: int, epoch: int = 0,
                  batches_per_epoch: int | None = None, shuffle_buffer: int = 2000, framing: str = "none",
-                 margin: float = 0.1, pin_memory: bool = False) -> Iterable[Batch]:
+                 margin: float = 0.1, pin_memory: bool = False, device: torch.device | str | None = None,
+                 defer_enlarge: bool | None = None) -> Iterable[Batch]:
     """Training batches from an infinite resampled stream, exactly ``batches_per_epoch`` of them.
 
     Build one loader per epoch and iterate it once: ``epoch`` (with ``seed``) decides the draw.
@@ -236,7 +328,7 @@ def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, 
     are fewer shards than ranks); each DataLoader worker draws with its own seed derived from
     (seed, epoch, rank, worker). Default ``batches_per_epoch`` = total samples // (batch_size ×
     world_size), identical on all ranks. Deterministic for a given (seed, epoch, rank, world_size,
-    num_workers).
+    num_workers). ``device``, ``defer_enlarge``: as in :func:`ordered_loader`.
     """
     index = read_index(shard_dir)
     urls = shard_paths(shard_dir)
@@ -253,22 +345,26 @@ def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, 
                             worker_seed=functools.partial(_worker_seed, rank)),
         wds.tarfile_to_samples(),
         _SeededShuffle(shuffle_buffer, seed, epoch, rank),
-        wds.map(functools.partial(_sample_to_item, canvas=canvas, framing=framing, margin=margin)),
+        wds.map(functools.partial(_sample_to_item, canvas=canvas, framing=framing, margin=margin,
+                                  defer=_defers(framing, device, defer_enlarge))),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
                            prefetch_factor=4 if num_workers else None, pin_memory=pin_memory)  # GPU: pinned
-    return loader.with_epoch(batches_per_epoch)
+    return _Landed(loader.with_epoch(batches_per_epoch), device, pin=False)
 
 
 def ordered_loader(paths: list[str], *, batch_size: int, canvas: int, num_workers: int = 0,
-                   framing: str = "none", margin: float = 0.1,
-                   pin_memory: bool = False) -> Iterable[Batch]:
+                   framing: str = "none", margin: float = 0.1, pin_memory: bool = False,
+                   device: torch.device | str | None = None, defer_enlarge: bool | None = None) -> Iterable[Batch]:
     """Every sample of ``paths`` exactly once, batches never mixing shards of different workers.
 
-    ``pin_memory`` (GPU jobs): image batches arrive in pinned host memory, so that
-    ``.to("cuda", non_blocking=True)`` is a real asynchronous copy (the loader's pinning thread
-    with workers, in place here without).
+    ``pin_memory`` (GPU jobs): image batches are pinned in host memory, so that the copy to the
+    device is a real asynchronous one (the loader's pinning thread with workers, in place here
+    without). ``device``: where the images of each batch arrive (None: stay on the host).
+    ``defer_enlarge`` (default: when ``device`` is not the CPU): with bbox framing the decode workers
+    send each particle's window un-enlarged and :func:`enlarge_windows` enlarges the batch on
+    ``device``, bit-identical, so a GPU job's workers pay only the box search on top of framing none.
 
     With ``num_workers <= 1`` the order is exactly shard order, then sample order. With more
     workers shard ``i`` goes to worker ``i % num_workers`` and batches arrive worker-interleaved
@@ -278,15 +374,13 @@ def ordered_loader(paths: list[str], *, batch_size: int, canvas: int, num_worker
         wds.SimpleShardList(list(paths)),
         wds.split_by_worker,
         wds.tarfile_to_samples(),
-        wds.map(functools.partial(_sample_to_item, canvas=canvas, framing=framing, margin=margin)),
+        wds.map(functools.partial(_sample_to_item, canvas=canvas, framing=framing, margin=margin,
+                                  defer=_defers(framing, device, defer_enlarge))),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
     if num_workers == 0:
-        return (_pinned(b) for b in dataset) if pin_memory else dataset
-    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
-                         prefetch_factor=4, pin_memory=pin_memory)
+        return _Landed(dataset, device, pin=pin_memory)
+    return _Landed(wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4,
+                                 pin_memory=pin_memory), device, pin=False)
 
 
-def _pinned(batch: Batch) -> Batch:
-    images, metas = batch
-    return images.pin_memory(), metas

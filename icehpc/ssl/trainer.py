@@ -62,14 +62,14 @@ class Preempted(Exception):
 
 
 def _batches(cfg: PretrainConfig, epoch: int, rank: int, world: int, steps_per_epoch: int,
-             skip: int, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, list]]:
-    """``pin_memory`` (CUDA): batches arrive pinned, so the step's non_blocking copy is async."""
+             skip: int, device: torch.device) -> Iterator[tuple[torch.Tensor, list]]:
+    """Batches on ``device``; on CUDA pinned first, so the copy is async, and bbox windows enlarged there."""
     from ..data.loader import train_loader
 
     loader = train_loader(cfg.data.shards, batch_size=cfg.data.batch_size, canvas=cfg.data.canvas,
                           num_workers=cfg.data.num_workers, seed=cfg.train.seed, rank=rank, world_size=world,
                           epoch=epoch, batches_per_epoch=steps_per_epoch, framing=cfg.data.framing,
-                          margin=cfg.data.framing_margin, pin_memory=pin_memory)
+                          margin=cfg.data.framing_margin, pin_memory=device.type == "cuda", device=device)
     it = iter(loader)
     for _ in range(skip):  # resume mid-epoch: the loader is deterministic per epoch, replay its prefix
         next(it)
@@ -323,7 +323,7 @@ class Trainer:
                 epoch, index = divmod(self.step, self.steps_per_epoch)
                 if batches is None or index == 0:
                     batches = _batches(cfg, epoch, self.rank, self.world, self.steps_per_epoch, index,
-                                       pin_memory=self.device.type == "cuda")
+                                       self.device)
                 images, _ = next(batches)
                 sched = schedule_at(self.step, cfg, self.steps_per_epoch, self.world)
                 # read the device every metrics_every steps, and always before a checkpoint / the end
