@@ -63,7 +63,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 # ---- imports, one by one (in one interpreter); each step names the modules it needs
-MODULES="torch triton timm yaml h5py deepspeed hjson pydantic webdataset braceexpand submitit pytest
+MODULES="torch triton timm yaml h5py deepspeed hjson pydantic webdataset braceexpand zlib_ng submitit pytest
 icehpc.ssl.kernels icehpc.ssl.augment icehpc.ssl.trainer icehpc.analysis.embed"
 "$PY" - $MODULES >"$PRIV/imports.txt" 2>&1 <<'PYEOF'
 import importlib, sys
@@ -107,7 +107,7 @@ if [ "$DRY" = 1 ]; then
     step pretrain 120 "torch timm triton yaml deepspeed hjson pydantic icehpc.ssl.trainer" \
         "$PY" bench/pretrain.py --cpu-smoke
     step augment 60 "torch yaml icehpc.ssl.augment" "$PY" bench/augment.py --dry-run
-    step embed 90 "torch timm h5py yaml webdataset icehpc.analysis.embed" "$PY" bench/embed.py --gpu-only --dry-run
+    step embed 90 "torch timm h5py yaml webdataset zlib_ng icehpc.analysis.embed" "$PY" bench/embed.py --gpu-only --dry-run
     step pytest_gpu 60 "torch triton pytest" "$PY" -m pytest -q -p no:cacheprovider -m gpu \
         -o addopts="-ra --strict-markers" tests/test_kernels.py tests/test_vmf.py
 else
@@ -115,9 +115,9 @@ else
     step pretrain 80 "torch timm triton yaml deepspeed hjson pydantic icehpc.ssl.trainer" \
         "$PY" bench/pretrain.py --batch 256 --steps 8 --warmup 2
     step augment 20 "torch yaml icehpc.ssl.augment" "$PY" bench/augment.py --batch 256 --canvas 256
-    step embed 55 "torch timm h5py yaml webdataset icehpc.analysis.embed" "$PY" bench/embed.py --gpu-only --n 20480 --workers 12
+    step embed 55 "torch timm h5py yaml webdataset zlib_ng icehpc.analysis.embed" "$PY" bench/embed.py --gpu-only --n 20480 --workers 12
     TO=""; "$PY" -c "import pytest_timeout" 2>/dev/null && TO="--timeout=45"
-    TESTS="tests/test_kernels.py tests/test_vmf.py tests/test_gpu_readiness.py"
+    TESTS="tests/test_kernels.py tests/test_vmf.py tests/test_gpu_readiness.py tests/test_data.py"
     grep -q "^deepspeed ok" "$PRIV/imports.txt" && TESTS="$TESTS tests/test_pretrain.py::test_gpu_train_step_has_no_sync"
     step pytest_gpu 60 "torch triton pytest" "$PY" -m pytest -q -p no:cacheprovider -m gpu $TO \
         -o addopts="-ra --strict-markers" $TESTS

@@ -25,7 +25,7 @@ ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$DEST" \
     --implementation cp --python-version "$GPU_PY" --abi "cp$GPU_PY" \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    "pydantic-core==$(ver pydantic-core)" "msgpack==$(ver msgpack)"
+    "pydantic-core==$(ver pydantic-core)" "msgpack==$(ver msgpack)" "zlib-ng==$(ver zlib-ng)"
 # pure Python (DeepSpeed's own imports first, then the data/launch packages)
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$DEST" --python-version "$GPU_PY" \
     "hjson==$(ver hjson)" "pydantic==$(ver pydantic)" "annotated-types==$(ver annotated-types)" \

@@ -32,10 +32,11 @@ from .fileio import file_sha256, write_atomic
 LOCK = ".lock"
 
 
-def file_fact(path: Path) -> dict[str, Any]:
-    """What a marker records of one output file: size, mtime (ns) and sha256."""
+def file_fact(path: Path, sha256: str | None = None) -> dict[str, Any]:
+    """What a marker records of one output file: size, mtime (ns) and sha256 (``sha256``: already
+    computed by the writer from the very bytes it wrote, so the file is not read again)."""
     st = path.stat()
-    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256 or file_sha256(path)}
 
 
 def fact_matches(path: Path, fact: dict[str, Any], full: bool = False) -> bool:
@@ -97,9 +98,11 @@ class Contract:
             return None
         return record if isinstance(record, dict) else None
 
-    def seal(self, folder: str | os.PathLike, record: dict[str, Any], files: Iterable[str | os.PathLike]) -> dict:
+    def seal(self, folder: str | os.PathLike, record: dict[str, Any], files: Iterable[str | os.PathLike],
+             digests: dict[str, str] | None = None) -> dict:
         """Write the marker last: ``record`` plus ``outputs`` = {relative name: size, mtime, sha256}
-        of every file in ``files`` (paths inside ``folder``, already written). Returns the record."""
+        of every file in ``files`` (paths inside ``folder``, already written). ``digests``: {relative
+        name: sha256} of files this writer hashed as it wrote them in this run. Returns the record."""
         root = Path(folder).resolve()
         outputs = {}
         for f in files:
@@ -110,7 +113,7 @@ class Contract:
             rel = p.relative_to(root).as_posix()
             if not self.owns(rel):
                 raise ValueError(f"{rel} is not among this stage's outputs {self.patterns}")
-            outputs[rel] = file_fact(p)
+            outputs[rel] = file_fact(p, (digests or {}).get(rel))
         record = {**record, "outputs": outputs}
         write_atomic(self.marker_path(root), json.dumps(record, indent=1, ensure_ascii=False, default=str) + "\n")
         return record

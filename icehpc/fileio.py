@@ -34,8 +34,9 @@ class LockedError(RuntimeError):
     """Another live process holds the output folder's lock; the message names it (host, PID)."""
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str, durable: bool = True) -> None:
-    """Write ``data`` (str as UTF-8) to ``.NAME.tmp`` beside ``path``, then rename over ``path``.
+def write_atomic(path: str | os.PathLike, data: bytes | str | list[bytes], durable: bool = True) -> None:
+    """Write ``data`` (str as UTF-8, a list of bytes in order) to ``.NAME.tmp`` beside ``path``, then
+    rename over ``path``.
 
     The temporary name carries the writer's PID (``.NAME.PID.tmp``), so two processes never write
     one temporary file; a write cut by a kill leaves a ``.*.tmp`` file that cleanup can glob. Each
@@ -46,7 +47,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, durable: bool = Tru
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if isinstance(data, list):
+                fh.writelines(data)
+            else:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())

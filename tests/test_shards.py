@@ -519,7 +519,8 @@ def test_each_input_is_opened_read_and_inflated_once_with_no_stat_per_file(tmp_p
         names.append(str(path))
     opens, reads, stats, inflates, pil_opens = Counter(), Counter(), Counter(), [0], [0]
     real_os_open, real_open, real_lstat, real_stat = os.open, open, os.lstat, os.stat
-    real_inflater, real_pil_open = zlib.decompressobj, Image.open
+    from icehpc.data.images import zlib_ng  # the inflate check_png uses
+    real_inflater, real_pil_open = zlib_ng.decompressobj, Image.open
 
     class CountingFile:
         def __init__(self, f, name):
@@ -571,6 +572,7 @@ def test_each_input_is_opened_read_and_inflated_once_with_no_stat_per_file(tmp_p
     monkeypatch.setattr(os, "lstat", lstat)
     monkeypatch.setattr(os, "stat", os_stat)
     monkeypatch.setattr(zlib, "decompressobj", inflater)
+    monkeypatch.setattr(zlib_ng, "decompressobj", inflater)
     monkeypatch.setattr(Image, "open", pil_open)
     index = shards.build([str(tree)], tmp_path / "out", shards.BuildConfig(), workers=1, progress=False)
     monkeypatch.undo()
@@ -581,6 +583,37 @@ def test_each_input_is_opened_read_and_inflated_once_with_no_stat_per_file(tmp_p
     assert inflates[0] == len(names) and pil_opens[0] == 0
     inverted = [m for m, _ in _samples(tmp_path / "out").values() if m["conversion"]]
     assert len(inverted) == 2 and all(m["conversion"] == ["inverted_auto_dark_border"] for m in inverted)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shard_pass_reads_each_spooled_run_once_and_seals_without_rereading(tmp_path, monkeypatch, shuffle):
+    """Issue 23 guard of the shard pass: samples that lie back to back in a spool are read with one
+    pread (per shard, unshuffled), the shards it writes are not read again to seal them, and the
+    result is the same bytes either way (tar-readable, sha256 as sealed)."""
+    synth.synthesize(tmp_path / "s", synth.SynthConfig(n=90, seed=2), workers=1, progress=False)
+    preads, hashed = [0], []
+    real_pread, real_hash = os.pread, build.CONTRACT.seal.__globals__["file_sha256"]
+
+    def pread(*a):
+        preads[0] += 1
+        return real_pread(*a)
+
+    def file_sha256(path):
+        hashed.append(Path(path).name)
+        return real_hash(path)
+
+    monkeypatch.setattr(build.os, "pread", pread)
+    monkeypatch.setattr("icehpc.contract.file_sha256", file_sha256)
+    cfg = shards.BuildConfig(shard_samples=40, shuffle=shuffle)
+    index = shards.build([str(tmp_path / "s" / "manifest.csv")], tmp_path / "out", cfg, workers=1, progress=False)
+    monkeypatch.undo()
+    names = [s["name"] for s in index["shards"]]
+    assert len(names) == 3 and not set(names) & set(hashed)  # rejected.jsonl / sources.jsonl are hashed
+    assert preads[0] == len(names) if not shuffle else len(names) < preads[0] <= 90
+    for s in index["shards"]:
+        data = (tmp_path / "out" / s["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] == index["outputs"][s["name"]]["sha256"]
+        assert len(tarfile.open(fileobj=io.BytesIO(data)).getnames()) == 2 * s["samples"]
 
 
 def _ztxt_bomb() -> bytes:

@@ -108,7 +108,7 @@ def _check_chunk(out: str, k: int, items: list[Item], c: BuildConfig) -> list[li
         results.append([sha, None, offset, len(blob), *facts])
         offset += len(blob)
     # the spool is scratch: no fsync; a resume re-checks its size and redoes the chunk if short
-    write_atomic(spool, b"".join(blobs), durable=False)
+    write_atomic(spool, blobs, durable=False)
     write_atomic(work / f"check-{k:06d}.json", json.dumps({"key": key, "bytes": offset, "items": results}).encode(),
                  durable=False)
     return results
@@ -137,26 +137,36 @@ def _plan_shards(candidates: list[Item], c: BuildConfig) -> list[list[Item]]:
 
 def _write_shard(out: str, index: int, entries: list[tuple[int, int, int]], labels: dict[str, int],
                  fingerprint: str) -> dict:
-    """Concatenate spooled samples ``(chunk, offset, length)`` into one shard, atomically."""
+    """Concatenate spooled samples ``(chunk, offset, length)`` into one shard, atomically: one read
+    per run of samples that lie back to back in a spool (all of them unless shuffled), no joins."""
     work = Path(out) / WORK
+    runs: list[list[int]] = []
+    for chunk, offset, length in entries:
+        if runs and runs[-1][0] == chunk and runs[-1][1] + runs[-1][2] == offset:
+            runs[-1][2] += length
+        else:
+            runs.append([chunk, offset, length])
     files: dict[int, Any] = {}
     parts = []
     try:
-        for chunk, offset, length in entries:
+        for chunk, offset, length in runs:
             if chunk not in files:
                 files[chunk] = open(work / f"check-{chunk:06d}.bin", "rb")
             parts.append(os.pread(files[chunk].fileno(), length, offset))
     finally:
         for f in files.values():
             f.close()
-    body = b"".join(parts)
-    data = body + tar_end(len(body))
-    summary = {"name": shard_name(index), "samples": len(entries), "bytes": len(data),
-               "sha256": hashlib.sha256(data).hexdigest(), "labels": labels, "fingerprint": fingerprint}
+    size = sum(map(len, parts))
+    parts.append(tar_end(size))
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    summary = {"name": shard_name(index), "samples": len(entries), "bytes": size + len(parts[-1]),
+               "sha256": digest.hexdigest(), "labels": labels, "fingerprint": fingerprint}
     root = Path(out)
     # scratch like the spool (no fsync): a summary cut by a crash reads as absent and the shard is redone
     write_atomic(work / f"{shard_name(index)}.json", json.dumps(summary).encode(), durable=False)
-    write_atomic(root / shard_name(index), data)  # the rename commits the shard
+    write_atomic(root / shard_name(index), parts)  # the rename commits the shard
     return summary
 
 
@@ -387,7 +397,8 @@ def _build(inputs: list[str], out: str | os.PathLike, c: BuildConfig, *, manifes
     if len(items) != written + len(rejected):
         raise RuntimeError(f"accounting broken: {len(items)} inputs != {written} written + {len(rejected)} rejected")
     # the marker last, sealing every shard, the rejection log and the sources (size, mtime, sha256)
-    index = CONTRACT.seal(root, index, [root / s["name"] for s in shards] + [root / REJECTED, root / SOURCES])
+    index = CONTRACT.seal(root, index, [root / s["name"] for s in shards] + [root / REJECTED, root / SOURCES],
+                          digests={summaries[k]["name"]: summaries[k]["sha256"] for k in pending})
     shutil.rmtree(work, ignore_errors=True)
     _report(index, root)
     return index

@@ -153,9 +153,10 @@ MAX_CELL = 128 * 1024
 
 
 def _parse_float(column: str, text: str) -> float | None:
-    if text.strip().lower() in MISSING_TEXT:
+    """A stripped cell of a float column → its value, None when missing, or :class:`Reject`."""
+    if text.lower() in MISSING_TEXT:
         return None
-    if not _NUMBER_RE.fullmatch(text.strip()):
+    if not _NUMBER_RE.fullmatch(text):
         raise Reject("bad_metadata", f"column {column}: {text!r} is not a number")
     value = float(text)
     if not math.isfinite(value):
@@ -182,7 +183,8 @@ def _row_meta(row: dict[str, str], label_column: str) -> dict[str, Any]:
         if column is None:  # csv.DictReader's bin for cells beyond the header
             raise Reject("bad_metadata", f"{len(raw)} more cell(s) than the header has columns")
         column, text = printable(column), printable((raw or "").strip())  # CSV bytes that are not UTF-8
-        _check_cell(column, text)
+        if len(text) > MAX_CELL or "\0" in text:
+            _check_cell(column, text)
         if column in FLOAT_KEYS:
             meta[column] = _parse_float(column, text)
         elif not text:  # strings: only an empty cell is missing ("NA", "none" are kept as written)
