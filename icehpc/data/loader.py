@@ -272,8 +272,8 @@ def _collate(items: list[tuple[torch.Tensor, int, dict]]) -> tuple[torch.Tensor,
 
 
 class _Landed:
-    """The loader's batches as ``(images, metas)``, images on ``device`` (None: where the workers
-    left them, pinned with ``pin`` when no worker pinned them) with every deferred window enlarged."""
+    """The loader's batches as ``(images, metas)``: images pinned here when ``pin`` (no DataLoader
+    worker pinned them), moved to ``device`` (None: left on the host), every deferred window enlarged."""
 
     def __init__(self, batches: Iterable, device: torch.device | None, pin: bool) -> None:
         self.batches, self.device, self.pin = batches, device, pin
