@@ -252,7 +252,7 @@ def embed_shards(shard_paths: list[str], shard_counts: dict[str, int], store: Pa
             Progress(total, progress or "embed", "images", enabled=progress is not None) as bar:
         for images, metas in ordered_loader(todo, batch_size=batch_size, canvas=canvas, num_workers=num_workers,
                                             framing=framing or spec.framing, margin=spec.framing_margin,
-                                            pin_memory=on_gpu, device=device):
+                                            device=device):  # on a GPU: pinned, windows enlarged there
             x = eval_transform(images, spec.img_size, spec.mean, spec.std, torch.float32)  # on the device
             cls = model.forward_features(x)[:, 0].float()
             event = None

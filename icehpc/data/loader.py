@@ -151,12 +151,17 @@ def _enlarge_rows(x: np.ndarray, plan: tuple[np.ndarray, np.ndarray]) -> np.ndar
     return out
 
 
+def _square_plan(pixels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The :func:`_bilinear_plan` of a window: None unless it is square and has one."""
+    return _bilinear_plan(pixels.shape[0], size) if pixels.shape[0] == pixels.shape[1] else None
+
+
 def _enlarge_square(pixels: np.ndarray, size: int) -> np.ndarray | None:
     """``Image.fromarray(pixels).resize((size, size), BILINEAR)`` of a square uint8 [n, n] with
     ``n <= size``, bit for bit and about twice as fast (Pillow's horizontal pass, then its vertical
     pass on the 8-bit intermediate); None when there is no :func:`_bilinear_plan` (a larger or
     non-square window: the caller resizes with Pillow)."""
-    plan = _bilinear_plan(pixels.shape[0], size) if pixels.shape[0] == pixels.shape[1] else None
+    plan = _square_plan(pixels, size)
     if plan is None:
         return None
     across = _enlarge_rows(np.ascontiguousarray(pixels.T), plan)  # horizontal pass, transposed
@@ -190,8 +195,8 @@ def _decode(png_bytes: bytes, canvas: int, framing: str, margin: float, max_upsc
         im = im.convert("L") if im.mode != "L" else im
         if framing == "bbox":
             framed = frame_particle(np.frombuffer(im.tobytes(), np.uint8).reshape(im.height, im.width), margin)
-            n = framed.shape[0]
-            if defer and _bilinear_plan(n, canvas) is not None and framed.shape[1] == n:
+            if defer and _square_plan(framed, canvas) is not None:
+                n = framed.shape[0]
                 out = np.full((1, canvas, canvas), BACKGROUND, dtype=np.uint8)
                 out[0, :n, :n] = framed
                 return out, n
@@ -287,6 +292,10 @@ class _Landed:
             yield enlarge_windows(images, sides), metas
 
 
+def _on_accelerator(device: torch.device | str | None) -> bool:
+    return device is not None and torch.device(device).type != "cpu"
+
+
 def _defers(framing: str, device: torch.device | str | None, defer_enlarge: bool | None) -> bool:
     """Whether the decode workers leave bbox windows for :func:`enlarge_windows` on the batch's
     device: by default when that device is an accelerator (the workers' cost then is that of framing
@@ -294,7 +303,7 @@ def _defers(framing: str, device: torch.device | str | None, defer_enlarge: bool
     if defer_enlarge and device is None:
         raise ValueError("defer_enlarge needs the device the batches go to")
     if defer_enlarge is None:
-        defer_enlarge = device is not None and torch.device(device).type != "cpu"
+        defer_enlarge = _on_accelerator(device)
     return framing == "bbox" and defer_enlarge
 
 
@@ -318,7 +327,7 @@ class _SeededShuffle:
 def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, num_workers: int,
                  seed: int, rank: int, world_size: int, epoch: int = 0,
                  batches_per_epoch: int | None = None, shuffle_buffer: int = 2000, framing: str = "none",
-                 margin: float = 0.1, pin_memory: bool = False, device: torch.device | str | None = None,
+                 margin: float = 0.1, pin_memory: bool | None = None, device: torch.device | str | None = None,
                  defer_enlarge: bool | None = None) -> Iterable[Batch]:
     """Training batches from an infinite resampled stream, exactly ``batches_per_epoch`` of them.
 
@@ -328,7 +337,7 @@ def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, 
     are fewer shards than ranks); each DataLoader worker draws with its own seed derived from
     (seed, epoch, rank, worker). Default ``batches_per_epoch`` = total samples // (batch_size ×
     world_size), identical on all ranks. Deterministic for a given (seed, epoch, rank, world_size,
-    num_workers). ``device``, ``defer_enlarge``: as in :func:`ordered_loader`.
+    num_workers). ``pin_memory``, ``device``, ``defer_enlarge``: as in :func:`ordered_loader`.
     """
     index = read_index(shard_dir)
     urls = shard_paths(shard_dir)
@@ -349,19 +358,21 @@ def train_loader(shard_dir: str | os.PathLike, *, batch_size: int, canvas: int, 
                                   defer=_defers(framing, device, defer_enlarge))),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
+    pin = _on_accelerator(device) if pin_memory is None else pin_memory
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
-                           prefetch_factor=4 if num_workers else None, pin_memory=pin_memory)  # GPU: pinned
+                           prefetch_factor=4 if num_workers else None, pin_memory=pin)
     return _Landed(loader.with_epoch(batches_per_epoch), device, pin=False)
 
 
 def ordered_loader(paths: list[str], *, batch_size: int, canvas: int, num_workers: int = 0,
-                   framing: str = "none", margin: float = 0.1, pin_memory: bool = False,
+                   framing: str = "none", margin: float = 0.1, pin_memory: bool | None = None,
                    device: torch.device | str | None = None, defer_enlarge: bool | None = None) -> Iterable[Batch]:
     """Every sample of ``paths`` exactly once, batches never mixing shards of different workers.
 
-    ``pin_memory`` (GPU jobs): image batches are pinned in host memory, so that the copy to the
-    device is a real asynchronous one (the loader's pinning thread with workers, in place here
-    without). ``device``: where the images of each batch arrive (None: stay on the host).
+    ``pin_memory`` (default: when ``device`` is not the CPU): image batches are pinned in host
+    memory, so that the copy to the device is a real asynchronous one (the loader's pinning thread
+    with workers, in place here without). ``device``: where the images of each batch arrive (None:
+    stay on the host).
     ``defer_enlarge`` (default: when ``device`` is not the CPU): with bbox framing the decode workers
     send each particle's window un-enlarged and :func:`enlarge_windows` enlarges the batch on
     ``device``, bit-identical, so a GPU job's workers pay only the box search on top of framing none.
@@ -378,9 +389,10 @@ def ordered_loader(paths: list[str], *, batch_size: int, canvas: int, num_worker
                                   defer=_defers(framing, device, defer_enlarge))),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
+    pin = _on_accelerator(device) if pin_memory is None else pin_memory
     if num_workers == 0:
-        return _Landed(dataset, device, pin=pin_memory)
+        return _Landed(dataset, device, pin=pin)
     return _Landed(wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4,
-                                 pin_memory=pin_memory), device, pin=False)
+                                 pin_memory=pin), device, pin=False)
 
 

@@ -69,7 +69,7 @@ def _batches(cfg: PretrainConfig, epoch: int, rank: int, world: int, steps_per_e
     loader = train_loader(cfg.data.shards, batch_size=cfg.data.batch_size, canvas=cfg.data.canvas,
                           num_workers=cfg.data.num_workers, seed=cfg.train.seed, rank=rank, world_size=world,
                           epoch=epoch, batches_per_epoch=steps_per_epoch, framing=cfg.data.framing,
-                          margin=cfg.data.framing_margin, pin_memory=device.type == "cuda", device=device)
+                          margin=cfg.data.framing_margin, device=device)
     it = iter(loader)
     for _ in range(skip):  # resume mid-epoch: the loader is deterministic per epoch, replay its prefix
         next(it)
