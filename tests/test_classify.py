@@ -150,8 +150,12 @@ def test_labels_from_a_store_and_from_a_shard_set(labeled, tmp_path):
     """A labeled store (here the store itself: every row labeled) and a shard set's sample JSON; a
     shard set whose images differ under the same keys is refused (another data set)."""
     root, store, x, meta, rows, res = labeled
-    own = cls.run_classify(store, store, tmp_path / "self", config("folds=3"))
+    verified, real_open = [], cls.open_store
+    with pytest.MonkeyPatch.context() as mp:  # LABELS = the store: read from the store already verified
+        mp.setattr(cls, "open_store", lambda p, verify=True: verified.append(verify) or real_open(p, verify=verify))
+        own = cls.run_classify(store, store, tmp_path / "self", config("folds=3"))
     assert own["n_labeled"] == own["n_fit"] == 900 and own["labels"]["kind"] == "store"
+    assert True not in verified
 
     def shard_set(folder: Path, keys, labels, sources) -> Path:
         folder.mkdir()

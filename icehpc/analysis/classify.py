@@ -91,7 +91,6 @@ class ClassifyConfig:
 class Labels:
     """key → label (non-empty) of one LABELS input, with each key's source sha256 where it gives one."""
 
-    path: str
     kind: str  # csv | store | shards
     keys: np.ndarray  # str
     labels: np.ndarray  # str
@@ -134,10 +133,14 @@ def labels_fact(path: str | os.PathLike) -> dict[str, str]:
     return {"kind": kind, "sha256": sha}
 
 
-def read_labels(path: str | os.PathLike, column: str) -> Labels:
+def read_labels(path: str | os.PathLike, column: str, store: Store | None = None) -> Labels:
     """The labeled keys of LABELS (rows with an empty label are unlabeled and left out); a key given
-    twice is a :class:`ClassifyError`."""
+    twice is a :class:`ClassifyError`. ``store``: the store being classified, already verified, read
+    in place when LABELS names it too (its parts are not hashed again)."""
+    import contextlib
     import json
+
+    from .store import MASTER_NAME
 
     kind = labels_kind(path)
     sources: dict[str, str] = {}
@@ -155,7 +158,9 @@ def read_labels(path: str | os.PathLike, column: str) -> Labels:
             raise ClassifyError(f"--labels {path} is not a readable CSV ({exc})") from None
         keys, labels = as_text([k for k, _ in rows]), as_text([v for _, v in rows])
     elif kind == "store":
-        with open_store(path) as st:
+        master = Path(path) / MASTER_NAME if Path(path).is_dir() else Path(path)
+        same = store is not None and master.resolve() == Path(store.path).resolve()
+        with contextlib.nullcontext(store) if same else open_store(path) as st:
             missing = [c for c in ("key", column) if c not in st.columns]
             if missing:
                 raise ClassifyError(f"--labels {path}: the store has no meta column {missing} (columns: {st.columns}); "
@@ -184,7 +189,7 @@ def read_labels(path: str | os.PathLike, column: str) -> Labels:
     keep = np.char.str_len(np.char.strip(labels)) > 0
     if not keep.any():
         raise ClassifyError(f"--labels {path}: no key has a non-empty '{column}' label")
-    return Labels(str(path), kind, keys[keep], labels[keep], sources)
+    return Labels(kind, keys[keep], labels[keep], sources)
 
 
 # ------------------------------------------------------------------------------------------ the fit
@@ -262,7 +267,7 @@ def compute(store: Store, cfg: ClassifyConfig, comm: Any, labels_path: str) -> d
     if "key" not in store.columns:
         raise ClassifyError(f"store {store.path} has no meta column 'key' (columns: {store.columns}): labels are "
                             "matched by key; was it written by `icehpc embed`?")
-    labels = run_on_root(comm, lambda: read_labels(labels_path, cfg.label_column))
+    labels = run_on_root(comm, lambda: read_labels(labels_path, cfg.label_column, store))
     position = {k: i for i, k in enumerate(labels.keys.tolist())}
     lo, hi = dist.block_range(store.n_rows, rank, size, BLOCK)
 

@@ -8,6 +8,8 @@ are refused with one line (:class:`~icehpc.config.UserError`).
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import os
 from collections import Counter
 from pathlib import Path
@@ -16,7 +18,6 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..config import UserError
-from ..fileio import file_sha256
 
 
 class KeyTable:
@@ -31,12 +32,12 @@ class KeyTable:
         self.path = str(path)
         if not Path(path).is_file():
             raise UserError(f"columns file {path} does not exist (a CSV with a 'key' column)")
-        self.sha256 = file_sha256(path)
+        data = Path(path).read_bytes()  # read once: the sha256 is of the very bytes parsed
+        self.sha256 = hashlib.sha256(data).hexdigest()
         try:
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                reader = csv.reader(fh)
-                header = next(reader, [])
-                rows = list(reader)
+            reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""))
+            header = next(reader, [])
+            rows = list(reader)
         except (UnicodeDecodeError, csv.Error) as exc:
             raise UserError(f"columns file {path} is not a readable CSV ({exc})") from None
         if "key" not in header:
@@ -83,9 +84,9 @@ class JoinedStore:
     them (rows without a match: NaN or ""). Everything else is the store's."""
 
     def __init__(self, store: Any, tables: list[KeyTable]) -> None:
-        if tables and "key" not in store.column_kinds:
+        if "key" not in store.column_kinds:
             raise UserError(f"{store.path}: no meta column 'key' to join the columns files on (have {store.columns})")
-        self._store, self.tables = store, tables
+        self._store = store
         self._owner: dict[str, KeyTable] = {}
         for t in tables:
             for name in t.columns:
