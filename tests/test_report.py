@@ -630,7 +630,7 @@ def test_pretraining_panels_have_y_labels_and_lr_apart_from_momentum(monkeypatch
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(
         {"step": s, "loss": 5 - 0.1 * s, "loss_cls": 2.0, "cls_teacher_entropy": 1.0, "cls_proto_used": 40,
          "lr": 0.004, "momentum": 0.996, "wd": 0.04}) + "\n" for s in range(5)))
-    pretraining.fig_pretrain(pyplot(), tmp_path / "m.jsonl", tmp_path / "p.png")
+    pretraining.fig_pretrain(pyplot(), pretraining.read_metrics(tmp_path / "m.jsonl"), tmp_path / "p.png")
     axes = [a for a in figs[0].axes if a.get_visible()]
     plotted = {line.get_label(): a for a in axes for line in a.get_lines()}
     assert plotted["lr"] is not plotted["momentum"] and plotted["lr"] is not plotted["wd"]

@@ -41,6 +41,21 @@ def source_mismatch(what: str, mine: Mapping[str, str], theirs: Mapping[str, str
     return None
 
 
+def probe_store_mismatch(probe_json: Mapping[str, Any], store_path: str | os.PathLike, what: str) -> str | None:
+    """Why the probe (``probe.json``) did not score the store at ``store_path`` as it is now: the
+    store's sha256 differs from the one it recorded. None when they match or nothing is recorded."""
+    from .store import open_store
+
+    recorded = (probe_json.get("inputs_sha256") or {}).get("store")
+    if not recorded or not Path(store_path).exists():
+        return None
+    with open_store(store_path, verify=False) as store:
+        if store.sha256 == recorded:
+            return None
+        return (f"{what} scored another store than {store_path} is now (store sha256 {recorded[:12]}… then, "
+                f"{store.sha256[:12]}… now): rerun `icehpc probe` on it")
+
+
 def kappa_store_mismatch(kappa_run: Mapping[str, Any], store_path: str | os.PathLike, what: str = "--store") -> str | None:
     """Why the κ run (``kappa.json``'s ``run`` section) was not computed from the store at
     ``store_path``: another row count or dimension, or another file whose content does not give the

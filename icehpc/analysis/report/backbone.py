@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...data.format import INDEX
+from ...data.format import INDEX, read_index
 from ...ssl.config import METRICS, RUN_CONFIG
 from .common import ReportError, Section, _finite, _table
 from .sections import METHODS, RANDOM, TRAINED, _fmt_ms, _metric
@@ -28,11 +28,7 @@ def store_backbone(store: Path | None) -> dict[str, Any]:
     from ..store import MASTER_NAME
 
     path = store / MASTER_NAME if store.is_dir() else store
-    try:
-        record = json.loads(contract(path).marker_path(path.parent).read_text())
-    except (OSError, ValueError):
-        return {}
-    found = record.get("backbone") if isinstance(record, dict) else None
+    found = (contract(path).read(path.parent) or {}).get("backbone")
     return found if isinstance(found, dict) else {}
 
 
@@ -63,21 +59,19 @@ def check_backbone(spec: dict[str, Any], backbone: Path | None, backbone_sha: st
 def check_real_probe(name: str, folder: Path, pj: dict, backbone: Path | None, backbone_sha: str) -> None:
     """A real archive's probe must be complete (its seal verifies), of the store as it is now, and of
     embeddings by ``--backbone``."""
+    from ..joins import probe_store_mismatch
     from ..probe import CONTRACT as PROBE_CONTRACT
-    from ..store import open_store
 
     what = f"--real-probe {name}={folder}"
     if PROBE_CONTRACT.verify(folder) is None:
         raise ReportError(f"{what}: {PROBE_CONTRACT.marker} does not verify (incomplete or changed); rerun "
                           "`icehpc probe` there")
     store = (pj.get("inputs") or {}).get(TRAINED)
-    recorded = (pj.get("inputs_sha256") or {}).get("store")
     if not store or not Path(store).exists():
         return
-    with open_store(store, verify=False) as s:
-        if recorded and s.sha256 != recorded:
-            raise ReportError(f"{what} scored {store} before it changed (store sha256 {recorded[:12]}… then, "
-                              f"{s.sha256[:12]}… now): rerun `icehpc probe` on it")
+    why = probe_store_mismatch(pj, store, what)
+    if why:
+        raise ReportError(why)
     check_backbone(store_backbone(Path(store)), backbone, backbone_sha, f"{what} (store {store})")
 
 
@@ -95,22 +89,17 @@ def read_pretrain(pretrain: Path | None) -> tuple[dict[str, Any], int | None]:
             raise ReportError(f"--pretrain {pretrain}/config.yaml is not valid YAML ({exc}); give the run folder "
                               "of `icehpc pretrain`") from None
         cfg = loaded if isinstance(loaded, dict) else {}
-    last = None
-    if (pretrain / METRICS).exists():
-        for line in (pretrain / METRICS).read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                last = rec["step"]
-    return cfg, last
+    from .pretraining import read_metrics
+
+    steps = [r["step"] for r in read_metrics(pretrain / METRICS) if isinstance(r.get("step"), int)] \
+        if (pretrain / METRICS).exists() else []
+    return cfg, (steps[-1] if steps else None)
 
 
 def _shards_text(shards: str) -> str:
     """What a pretraining shard set holds, from its shard index (images, sources, label column)."""
     try:
-        index = json.loads((Path(shards) / INDEX).read_text())
+        index = read_index(shards)
     except (OSError, ValueError):
         return f"{shards} ({INDEX} not readable here)"
     totals, inputs = index.get("totals") or {}, index.get("inputs") or []

@@ -23,7 +23,7 @@ from ...fileio import file_sha256, lock_dir
 from ...fileio import write_atomic
 from ...data.format import INDEX
 from ...ssl.config import METRICS, RUN_CONFIG
-from ..joins import kappa_store_mismatch
+from ..joins import kappa_store_mismatch, probe_store_mismatch
 from . import backbone as backbone_summary
 from . import label_efficiency, sections
 from .common import CSS, MAP_SAMPLE, Page, ReportError
@@ -112,15 +112,10 @@ def check_joins(res: dict, ctl_res: dict | None, *, store: Path | None, pj: dict
     if ctl_res is not None and ctl_res["run"].get("n_rows") != run.get("n_rows"):
         raise ReportError(f"--random κ run covers {ctl_res['run'].get('n_rows')} rows but the κ run "
                           f"{run.get('n_rows')}: the control must embed the same samples")
-    recorded = ((pj or {}).get("inputs_sha256") or {}).get("store")
     reference = store if store is not None else (Path(str(run["store"])) if run.get("store") else None)
-    if recorded and reference is not None and reference.exists():
-        from ..store import open_store
-
-        with open_store(reference, verify=False) as s:
-            if s.sha256 != recorded:
-                raise ReportError(f"--probe {probe} scored another store than {reference} (store sha256 "
-                                  f"{recorded[:12]}… vs {s.sha256[:12]}…): rerun `icehpc probe` on this store")
+    why = probe_store_mismatch(pj or {}, reference, f"--probe {probe}") if reference is not None else None
+    if why:
+        raise ReportError(why)
 
 
 def _sha(path: Path | None) -> str:
@@ -208,7 +203,7 @@ def assemble(out: Path, res: dict, ctl: bool, parts: dict[str, sections.Section]
 def _sections(tmp: Path, res: dict, ctl_res: dict | None, *, src: Path, random: Path | None,
               planted_data: dict | None, store: Path | None, shards: Path | None, pj: dict | None,
               probe: Path | None, pretrain: Path | None, header: dict[str, str], spec: dict,
-              real: dict[str, tuple[Path, dict]], backbone: Path | None, map_sample: int,
+              real: dict[str, tuple[Path, dict]], backbone: Path | None, backbone_sha256: str, map_sample: int,
               examples: int) -> dict[str, sections.Section]:
     from .common import _plt
 
@@ -236,7 +231,8 @@ def _sections(tmp: Path, res: dict, ctl_res: dict | None, *, src: Path, random: 
         parts["real"] = sections.real_probes(tmp, real)
     if pretrain is not None and (pretrain / METRICS).exists():
         parts["pretraining"] = sections.pretraining(plt, tmp, pretrain)
-    parts["provenance"] = sections.provenance(run, store=store, shards=shards, pretrain=pretrain, backbone=backbone)
+    parts["provenance"] = sections.provenance(run, store=store, shards=shards, pretrain=pretrain, backbone=backbone,
+                                              backbone_sha256=backbone_sha256)
     return parts
 
 
@@ -277,7 +273,8 @@ def build_report(kappa_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
         try:
             parts = _sections(tmp, res, ctl_res, src=src, random=random_p, planted_data=planted_data,
                               store=store_p, shards=shards_p, pj=pj, probe=probe_p, pretrain=pretrain_p,
-                              header=header, spec=spec, real=real, backbone=backbone_p, map_sample=map_sample,
+                              header=header, spec=spec, real=real, backbone=backbone_p,
+                              backbone_sha256=inputs["backbone"], map_sample=map_sample,
                               examples=examples)
             write_atomic(tmp / PAGE, assemble(tmp, res, ctl_res is not None, parts), durable=False)
             _commit(out, tmp, {"report": {"fingerprint": fingerprint(inputs, options), "inputs_sha256": inputs,

@@ -22,15 +22,23 @@ PANELS = (
 )
 
 
-def fig_pretrain(plt, metrics_path: Path, path: Path) -> list[str]:
-    """One panel per quantity of :data:`PANELS` present in metrics.jsonl, each with its own y label,
-    against the step (legends outside the curves)."""
+def read_metrics(metrics_path: Path) -> list[dict]:
+    """The records of a pretraining run's metrics.jsonl, in order (a line that is not a JSON object,
+    e.g. one cut by a kill, is skipped)."""
     records = []
     for line in metrics_path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            rec = json.loads(line)
         except ValueError:
             continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def fig_pretrain(plt, records: list[dict], path: Path) -> list[str]:
+    """One panel per quantity of :data:`PANELS` present in the metrics ``records``, each with its
+    own y label, against the step (legends outside the curves)."""
     if not records:
         return []
     steps = np.array([r.get("step", i) for i, r in enumerate(records)], dtype=float)
@@ -57,16 +65,11 @@ def fig_pretrain(plt, metrics_path: Path, path: Path) -> list[str]:
     return keys
 
 
-def metric_warnings(metrics_path: Path) -> list[str]:
-    """What a pretraining run's last records flag: collapse of the teacher or of prototype usage."""
-    last = None
-    for line in metrics_path.read_text().splitlines():
-        try:
-            last = json.loads(line)
-        except ValueError:
-            continue
-    if not last:
+def metric_warnings(records: list[dict]) -> list[str]:
+    """What a pretraining run's last record flags: collapse of the teacher or of prototype usage."""
+    if not records:
         return []
+    last = records[-1]
     out = []
     for k, v in last.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool):

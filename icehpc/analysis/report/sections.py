@@ -360,11 +360,12 @@ def real_probes(out: Path, probes: dict[str, tuple[Path, dict]]) -> Section:
 
 # -------------------------------------------------------------------------------- pretraining
 def pretraining(plt, out: Path, pretrain: Path) -> Section:
-    from .pretraining import fig_pretrain, metric_warnings
+    from .pretraining import fig_pretrain, metric_warnings, read_metrics
 
     mpath = pretrain / METRICS
-    sec = Section(warnings=metric_warnings(mpath))
-    if fig_pretrain(plt, mpath, out / "pretrain_curves.png"):
+    records = read_metrics(mpath)
+    sec = Section(warnings=metric_warnings(records))
+    if fig_pretrain(plt, records, out / "pretrain_curves.png"):
         sec.html, sec.downloads = figure_html(out, "pretrain_curves.png", "pretraining curves",
                                               "From metrics.jsonl of the pretraining run, one point per step.")
     shutil.copyfile(mpath, out / METRICS)
@@ -374,12 +375,13 @@ def pretraining(plt, out: Path, pretrain: Path) -> Section:
 
 # ---------------------------------------------------------------------------------- provenance
 def provenance(run: dict, *, store: Path | None, shards: Path | None, pretrain: Path | None,
-               backbone: Path | None) -> Section:
+               backbone: Path | None, backbone_sha256: str) -> Section:
+    """``backbone_sha256``: the backbone file's, as the report's inputs recorded it (not hashed again)."""
     prov: list[dict[str, Any]] = []
     if backbone and backbone.exists():
-        prov.append({"item": "backbone", "value": f"{backbone.resolve()}  sha256 {file_sha256(backbone)}"})
+        prov.append({"item": "backbone", "value": f"{backbone.resolve()}  sha256 {backbone_sha256}"})
     if pretrain and (pretrain / RUN_CONFIG).exists():
-        prov.append({"item": "pretraining config", "value": f"{pretrain.resolve() / 'config.yaml'}"})
+        prov.append({"item": "pretraining config", "value": f"{pretrain.resolve() / RUN_CONFIG}"})
     if shards and (shards / INDEX).exists():
         index_path = shards / INDEX
         index = json.loads(index_path.read_text())
